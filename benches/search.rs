@@ -1,0 +1,158 @@
+//! Search latency: `vector_search` through SQL against a bare usearch index on the same
+//! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count).
+//!
+//! Both hold the same 384-dimensional unit vectors with the same HNSW settings; both answer the
+//! same 500 queries for k = 10. The SQL path includes parsing, planning, the search, gathering
+//! rows and collecting the result.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use mkflow::index::{IndexSettings, KnowledgeIndex, Quantization};
+use mkflow::{Engine, EngineConfig, assets};
+use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
+
+const DIMS: usize = 384;
+
+struct Rng(u64);
+
+impl Rng {
+    fn unit_vector(&mut self) -> Vec<f32> {
+        let mut v: Vec<f32> = (0..DIMS)
+            .map(|_| {
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((self.0 >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn summary(name: &str, mut micros: Vec<f64>) -> (f64, f64) {
+    micros.sort_by(f64::total_cmp);
+    let (p50, p99) = (percentile(&micros, 0.5), percentile(&micros, 0.99));
+    println!("{name:<38} p50 {p50:>8.0} µs   p99 {p99:>8.0} µs");
+    (p50, p99)
+}
+
+#[tokio::main]
+async fn main() {
+    let count: usize = std::env::var("MKFLOW_BENCH_VECTORS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let mut rng = Rng(42);
+    let vectors: Vec<Vec<f32>> = (0..count).map(|_| rng.unit_vector()).collect();
+    let queries: Vec<Vec<f32>> = (0..500).map(|_| rng.unit_vector()).collect();
+    println!("search benchmark: {count} vectors x {DIMS} dims, 500 queries, k = 10");
+
+    // Bare usearch.
+    let bare = usearch::Index::new(&IndexOptions {
+        dimensions: DIMS,
+        metric: MetricKind::Cos,
+        quantization: ScalarKind::F32,
+        connectivity: 0,
+        expansion_add: 0,
+        expansion_search: 0,
+        multi: false,
+    })
+    .unwrap();
+    bare.reserve(count).unwrap();
+    let started = Instant::now();
+    for (key, v) in vectors.iter().enumerate() {
+        bare.add(key as u64, v).unwrap();
+    }
+    let bare_build = started.elapsed().as_secs_f64();
+
+    // mkflow index, built through upsert.
+    let data = tempfile::tempdir().unwrap();
+    let columns = Schema::new(vec![
+        Field::new("doc_id", DataType::Utf8, false),
+        Field::new("category", DataType::Int64, false),
+    ]);
+    let settings = IndexSettings {
+        model: "bench".into(),
+        dimensions: DIMS,
+        quantization: Quantization::F32,
+        key_column: "doc_id".into(),
+        vector_column: "embedding".into(),
+    };
+    let index = KnowledgeIndex::open_or_create(data.path().join("bench"), &columns, &settings).unwrap();
+    let flat: Vec<f32> = vectors.iter().flatten().copied().collect();
+    let batch = RecordBatch::try_new(
+        index.schema(),
+        vec![
+            Arc::new(StringArray::from((0..count).map(|i| format!("doc-{i}")).collect::<Vec<_>>())) as ArrayRef,
+            Arc::new(Int64Array::from((0..count as i64).map(|i| i % 100).collect::<Vec<_>>())),
+            Arc::new(
+                FixedSizeListArray::try_new(
+                    Arc::new(Field::new("item", DataType::Float32, false)),
+                    DIMS as i32,
+                    Arc::new(Float32Array::from(flat)),
+                    None,
+                )
+                .unwrap(),
+            ),
+        ],
+    )
+    .unwrap();
+    let started = Instant::now();
+    index.upsert(&[batch]).unwrap();
+    let index_build = started.elapsed().as_secs_f64();
+    println!(
+        "build: bare usearch {:.0} vectors/s | mkflow upsert+commit {:.0} vectors/s",
+        count as f64 / bare_build,
+        count as f64 / index_build
+    );
+    let index = Arc::new(index);
+
+    let engine = Engine::new(EngineConfig {
+        data_dir: tempfile::tempdir().unwrap().keep(),
+        home: assets::home_dir(),
+        default_model: None,
+    })
+    .await
+    .unwrap();
+    engine.register_index("bench", index.clone()).unwrap();
+
+    let literal = |q: &[f32]| format!("[{}]", q.iter().map(|x| format!("{x:.7}")).collect::<Vec<_>>().join(","));
+    let mut bare_us = Vec::new();
+    let mut sql_us = Vec::new();
+    let mut filtered_us = Vec::new();
+    let mut agree = 0;
+    for q in &queries {
+        let started = Instant::now();
+        let matches = bare.search(q, 10).unwrap();
+        bare_us.push(started.elapsed().as_secs_f64() * 1e6);
+
+        let sql = format!("SELECT doc_id, score FROM vector_search(bench, {}, 10)", literal(q));
+        let started = Instant::now();
+        let rows = engine.sql(&sql).await.unwrap();
+        sql_us.push(started.elapsed().as_secs_f64() * 1e6);
+        let ids: Vec<String> = rows
+            .iter()
+            .flat_map(|b| {
+                let a = datafusion::arrow::array::AsArray::as_string::<i32>(b.column(0)).clone();
+                (0..a.len()).map(move |i| a.value(i).to_string()).collect::<Vec<_>>()
+            })
+            .collect();
+        agree += matches.keys.iter().filter(|k| ids.contains(&format!("doc-{k}"))).count();
+
+        let sql = format!("SELECT doc_id, score FROM vector_search(bench, {}, 10) WHERE category = 7", literal(q));
+        let started = Instant::now();
+        let rows = engine.sql(&sql).await.unwrap();
+        filtered_us.push(started.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 10);
+    }
+    use datafusion::arrow::array::Array;
+    let (bare50, bare99) = summary("bare usearch search", bare_us);
+    let (sql50, sql99) = summary("SQL vector_search", sql_us);
+    summary("SQL vector_search WHERE (1% of rows)", filtered_us);
+    println!("SQL / bare: p50 {:.1}x, p99 {:.1}x", sql50 / bare50, sql99 / bare99);
+    println!("top-10 agreement SQL vs bare: {:.3}", agree as f64 / (10.0 * queries.len() as f64));
+}

@@ -1,0 +1,209 @@
+//! The engine: one DataFusion session with mkflow's functions, table formats and knowledge
+//! indexes registered, and a way to run SQL scripts statement by statement.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::ScalarUDF;
+use datafusion::prelude::SessionConfig;
+use datafusion::sql::parser::{DFParser, Statement};
+use mkflow_udfs::EmbedUdf;
+
+use crate::assets;
+use crate::index::{KnowledgeIndex, MANIFEST_FILE};
+use crate::models::ModelRegistry;
+use crate::sources::TextFilesFactory;
+use crate::sql::kb_factory::KB_FORMAT;
+use crate::sql::kb_table::IngestProgress;
+use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction};
+
+/// Where an engine keeps and finds things.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Knowledge indexes live here: every subdirectory with a manifest is registered as a table
+    /// named after it, and relative `LOCATION`s of `STORED AS KB` resolve here.
+    pub data_dir: PathBuf,
+    /// The mkflow home with models and the ONNX Runtime library.
+    pub home: PathBuf,
+    /// Model `embed()` uses (the catalog default when `None`).
+    pub default_model: Option<String>,
+}
+
+impl EngineConfig {
+    /// Data in `data_dir`, assets in the default home.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            home: assets::home_dir(),
+            default_model: std::env::var("MKFLOW_MODEL").ok(),
+        }
+    }
+}
+
+/// The result of one statement of a script.
+#[derive(Debug)]
+pub struct StatementResult {
+    /// The statement, as SQL.
+    pub sql: String,
+    /// Its output rows.
+    pub batches: Vec<RecordBatch>,
+}
+
+/// A DataFusion session with mkflow's extensions.
+pub struct Engine {
+    ctx: SessionContext,
+    config: EngineConfig,
+    models: Arc<ModelRegistry>,
+    kbs: Arc<KbRegistry>,
+    progress: Arc<IngestProgress>,
+}
+
+impl Engine {
+    /// Builds the session: registers `embed`, `vector_search`, the `KB` and `TEXT_FILES`
+    /// formats, and every knowledge index found in the data directory.
+    pub async fn new(config: EngineConfig) -> Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| DataFusionError::Execution(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
+        let models = Arc::new(
+            ModelRegistry::discover(&config.home, assets::onnx_runtime_path(&config.home), config.default_model.as_deref())
+                .map_err(DataFusionError::Configuration)?,
+        );
+        let kbs = Arc::new(KbRegistry::default());
+        let progress = Arc::new(IngestProgress::default());
+        let session_config = SessionConfig::new().with_information_schema(true);
+        let ctx = SessionContext::new_with_config(session_config);
+        {
+            let state_ref = ctx.state_ref();
+            let mut state = state_ref.write();
+            let factories = state.table_factories_mut();
+            factories.insert(
+                KB_FORMAT.into(),
+                Arc::new(KbTableFactory::new(config.data_dir.clone(), models.clone(), kbs.clone(), progress.clone())),
+            );
+            factories.insert(crate::sources::TEXT_FILES_FORMAT.into(), Arc::new(TextFilesFactory));
+        }
+        ctx.register_udf(ScalarUDF::new_from_impl(EmbedUdf::new("embed", models.default_model())));
+        ctx.register_udtf("vector_search", Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone())));
+        let engine = Engine {
+            ctx,
+            config,
+            models,
+            kbs,
+            progress,
+        };
+        engine.register_data_dir().await?;
+        Ok(engine)
+    }
+
+    /// Registers every knowledge index under the data directory as a table named after its
+    /// directory.
+    async fn register_data_dir(&self) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.config.data_dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
+            if path.join(MANIFEST_FILE).is_file() {
+                let index = tokio::task::spawn_blocking(move || KnowledgeIndex::open(path))
+                    .await
+                    .map_err(|e| DataFusionError::External(Box::new(e)))?
+                    .map_err(crate::sql::kb_table::index_error)?;
+                self.register_index(&name, Arc::new(index))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `index` queryable as table `name` and by `vector_search`.
+    pub fn register_index(&self, name: &str, index: Arc<KnowledgeIndex>) -> Result<()> {
+        self.kbs.insert(name, index.clone());
+        self.ctx
+            .register_table(name, Arc::new(KbTable::new(index, self.progress.clone())))?;
+        Ok(())
+    }
+
+    /// The DataFusion session.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The engine's configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The embedding models.
+    pub fn models(&self) -> &Arc<ModelRegistry> {
+        &self.models
+    }
+
+    /// The knowledge index registered as `name`.
+    pub fn index(&self, name: &str) -> Option<Arc<KnowledgeIndex>> {
+        self.kbs.get(name)
+    }
+
+    /// Rows received by knowledge-index inserts so far (for progress display).
+    pub fn ingested_rows(&self) -> u64 {
+        self.progress.rows()
+    }
+
+    /// Runs one or more `;`-separated statements and returns the last one's rows.
+    pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let mut results = self.run_script(sql, |_| {}).await?;
+        Ok(results.pop().map(|r| r.batches).unwrap_or_default())
+    }
+
+    /// Runs a script statement by statement; `before` is told each statement before it runs.
+    /// Stops at the first failing statement, naming it in the error.
+    pub async fn run_script(&self, script: &str, mut before: impl FnMut(&str)) -> Result<Vec<StatementResult>> {
+        let statements = DFParser::parse_sql(script)?;
+        let mut results = Vec::with_capacity(statements.len());
+        let count = statements.len();
+        for (i, statement) in statements.into_iter().enumerate() {
+            let sql = statement_sql(&statement);
+            before(&sql);
+            let batches = self.execute(statement).await.map_err(|e| {
+                if count > 1 {
+                    e.context(format!("statement {} of {count}: {}", i + 1, abbreviate(&sql)))
+                } else {
+                    e
+                }
+            })?;
+            results.push(StatementResult { sql, batches });
+        }
+        Ok(results)
+    }
+
+    async fn execute(&self, statement: Statement) -> Result<Vec<RecordBatch>> {
+        let plan = self.ctx.state().statement_to_plan(statement).await?;
+        let frame = self.ctx.execute_logical_plan(plan).await?;
+        frame.collect().await
+    }
+
+    /// Runs the SQL file at `path` (see [`Engine::run_script`]).
+    pub async fn run_file(&self, path: &Path, before: impl FnMut(&str)) -> Result<Vec<StatementResult>> {
+        let script = std::fs::read_to_string(path)
+            .map_err(|e| DataFusionError::Execution(format!("cannot read pipeline {}: {e}", path.display())))?;
+        self.run_script(&script, before).await
+    }
+}
+
+fn statement_sql(statement: &Statement) -> String {
+    statement.to_string()
+}
+
+/// The first line of a statement, shortened for messages.
+pub fn abbreviate(sql: &str) -> String {
+    let line = sql.lines().next().unwrap_or("").trim();
+    if line.chars().count() > 80 {
+        format!("{}…", line.chars().take(79).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}

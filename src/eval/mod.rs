@@ -1,0 +1,247 @@
+//! `mkflow eval`: retrieval quality of each retrieval mode on a BEIR dataset, measured through
+//! the normal paths (the ingestion pipeline builds the index, SQL answers every query).
+//!
+//! Modes:
+//! - `doc`: `vector_search` over document vectors (HNSW);
+//! - `exact`: brute-force cosine ranking in plain SQL (`ORDER BY cosine_distance(…)`), the
+//!   reference the ANN search is checked against.
+//!
+//! Reports nDCG@10, Recall@100, MRR@10 per mode, ANN-vs-exact recall@10, index build
+//! throughput and query latency, and writes `eval.json`, one TREC run file per mode and
+//! `chart.svg`.
+
+pub mod dataset;
+pub mod metrics;
+mod report;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use dataset::BeirDataset;
+pub use metrics::Scores;
+pub use report::{EvalReport, ModeReport};
+
+use crate::Engine;
+
+/// How many results each query retrieves (enough for Recall@100).
+pub const RUN_DEPTH: usize = 100;
+
+/// A retrieval mode `eval` can measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// HNSW search over document vectors (`vector_search`).
+    Doc,
+    /// Exact cosine ranking over document vectors, in plain SQL.
+    Exact,
+}
+
+impl Mode {
+    /// Every mode, in report order.
+    pub const ALL: [Mode; 2] = [Mode::Doc, Mode::Exact];
+
+    /// The mode's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Doc => "doc",
+            Mode::Exact => "exact",
+        }
+    }
+
+    /// Parses a mode name.
+    pub fn parse(name: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    /// The SQL answering `query` in this mode over index `kb`.
+    fn sql(self, kb: &str, query: &str) -> String {
+        let q = sql_string(query);
+        match self {
+            Mode::Doc => format!("SELECT doc_id, score FROM vector_search({kb}, {q}, {RUN_DEPTH})"),
+            Mode::Exact => format!(
+                "SELECT doc_id, CAST(1 - cosine_distance(embedding, embed({q})) AS FLOAT) AS score \
+                 FROM {kb} ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
+            ),
+        }
+    }
+}
+
+/// What to evaluate.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    /// The BEIR dataset directory.
+    pub dataset: PathBuf,
+    /// Judgement split (`test`).
+    pub split: String,
+    /// Modes to measure.
+    pub modes: Vec<Mode>,
+    /// Where reports go.
+    pub out_dir: PathBuf,
+    /// Evaluate only the first N judged queries.
+    pub max_queries: Option<usize>,
+}
+
+/// SQL string literal.
+fn sql_string(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A table name made of the dataset name's letters and digits.
+pub fn index_name(dataset: &str) -> String {
+    let clean: String = dataset
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .collect();
+    format!("eval_{clean}")
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Builds (or reuses) the dataset's index through the ingestion pipeline; returns documents
+/// indexed and build seconds (0 when reused).
+async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str) -> Result<(usize, f64)> {
+    let documents = std::fs::read_to_string(&dataset.corpus)
+        .map_err(|e| DataFusionError::Execution(format!("{}: {e}", dataset.corpus.display())))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    if let Some(index) = engine.index(kb)
+        && index.len() == documents
+    {
+        return Ok((documents, 0.0));
+    }
+    let spinner = ProgressBar::new_spinner();
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    spinner.set_message(format!("embedding {documents} documents of {}", dataset.name));
+    let started = Instant::now();
+    let script = format!(
+        "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
+         CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+           STORED AS KB LOCATION '{kb}';
+         INSERT INTO {kb} SELECT CAST(\"_id\" AS VARCHAR), title, text, embed(trim(concat_ws(' ', title, text)))
+           FROM {kb}_corpus;",
+        corpus = sql_string(&dataset.corpus.to_string_lossy()),
+    );
+    engine.run_script(&script, |_| {}).await?;
+    spinner.finish_and_clear();
+    Ok((documents, started.elapsed().as_secs_f64()))
+}
+
+/// Runs every query of `dataset` in `mode`; returns rankings and per-query latencies (ms).
+async fn run_mode(
+    engine: &Engine,
+    kb: &str,
+    queries: &[(String, String)],
+    mode: Mode,
+) -> Result<(HashMap<String, Vec<(String, f32)>>, Vec<f64>)> {
+    let progress = bar(queries.len() as u64, mode.name());
+    let mut runs = HashMap::new();
+    let mut latencies = Vec::with_capacity(queries.len());
+    for (id, text) in queries {
+        let started = Instant::now();
+        let batches = engine.sql(&mode.sql(kb, text)).await?;
+        latencies.push(started.elapsed().as_secs_f64() * 1e3);
+        runs.insert(id.clone(), ranking(&batches));
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok((runs, latencies))
+}
+
+/// (doc_id, score) pairs of a result, in order.
+fn ranking(batches: &[RecordBatch]) -> Vec<(String, f32)> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{DataType, Float32Type};
+    let mut out = Vec::new();
+    for batch in batches {
+        let ids = datafusion::arrow::compute::cast(batch.column(0), &DataType::Utf8).expect("ids cast to text");
+        let scores = datafusion::arrow::compute::cast(batch.column(1), &DataType::Float32).expect("scores are numbers");
+        let (ids, scores) = (ids.as_string::<i32>(), scores.as_primitive::<Float32Type>());
+        for i in 0..ids.len() {
+            out.push((ids.value(i).to_string(), scores.value(i)));
+        }
+    }
+    out
+}
+
+/// Mean overlap of the top 10 of `ann` with the top 10 of `exact`.
+fn recall_at_10(ann: &HashMap<String, Vec<(String, f32)>>, exact: &HashMap<String, Vec<(String, f32)>>) -> f64 {
+    let mut total = 0.0;
+    for (query, reference) in exact {
+        let truth: Vec<&String> = reference.iter().take(10).map(|(d, _)| d).collect();
+        if truth.is_empty() {
+            continue;
+        }
+        let found = ann
+            .get(query)
+            .map(|r| r.iter().take(10).filter(|(d, _)| truth.contains(&d)).count())
+            .unwrap_or(0);
+        total += found as f64 / truth.len() as f64;
+    }
+    total / exact.len().max(1) as f64
+}
+
+/// Evaluates `options.modes` on the dataset with `engine` and writes the reports.
+pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
+    let dataset = BeirDataset::load(&options.dataset, &options.split).map_err(DataFusionError::Execution)?;
+    let kb = index_name(&dataset.name);
+    let (documents, build_seconds) = build_index(engine, &dataset, &kb).await?;
+    let queries: Vec<(String, String)> = match options.max_queries {
+        Some(n) => dataset.queries.iter().take(n).cloned().collect(),
+        None => dataset.queries.clone(),
+    };
+    let qrels: HashMap<String, metrics::Judgements> = queries
+        .iter()
+        .filter_map(|(id, _)| dataset.qrels.get(id).map(|j| (id.clone(), j.clone())))
+        .collect();
+    // The exact ranking is always computed: it anchors the ANN recall check.
+    let mut modes = options.modes.clone();
+    if !modes.contains(&Mode::Exact) {
+        modes.push(Mode::Exact);
+    }
+    let mut mode_runs = Vec::new();
+    for mode in modes {
+        let (runs, latencies) = run_mode(engine, &kb, &queries, mode).await?;
+        mode_runs.push((mode, runs, latencies));
+    }
+    let exact_runs = mode_runs.iter().find(|(m, _, _)| *m == Mode::Exact).map(|(_, r, _)| r.clone()).unwrap_or_default();
+    let ann_recall = mode_runs
+        .iter()
+        .find(|(m, _, _)| *m == Mode::Doc)
+        .map(|(_, r, _)| recall_at_10(r, &exact_runs));
+    let model = engine.index(&kb).map(|i| i.manifest().model).unwrap_or_default();
+    let mode_reports = mode_runs
+        .into_iter()
+        .filter(|(m, _, _)| options.modes.contains(m))
+        .map(|(mode, runs, latencies)| ModeReport::new(mode, runs, latencies, &qrels))
+        .collect();
+    let report = EvalReport {
+        dataset: dataset.name.clone(),
+        model,
+        documents,
+        queries: queries.len(),
+        build_seconds,
+        ann_recall_at_10: ann_recall,
+        modes: mode_reports,
+    };
+    report.write(&options.out_dir).map_err(|e| DataFusionError::Execution(format!("writing reports: {e}")))?;
+    Ok(report)
+}
+
+/// The default report directory for a dataset.
+pub fn default_out_dir(data_dir: &Path, dataset: &str) -> PathBuf {
+    data_dir.join("eval").join(dataset)
+}

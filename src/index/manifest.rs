@@ -1,0 +1,87 @@
+//! `manifest.json`: the one file that says which generation of a knowledge index is current.
+//!
+//! A commit writes new row and ANN files under a fresh generation number, then replaces the
+//! manifest atomically (write to a temporary file, fsync, rename). A crash at any moment leaves
+//! either the old or the new manifest, each naming complete files.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{IndexError, Quantization};
+
+/// The manifest's file name inside an index directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Current on-disk format version.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The persisted description of a knowledge index.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// On-disk format version.
+    pub format_version: u32,
+    /// Commit counter; names this generation's files.
+    pub generation: u64,
+    /// Embedding model whose vectors the index holds.
+    pub model: String,
+    /// Vector length.
+    pub dimensions: usize,
+    /// Storage of vectors inside the ANN graph.
+    pub quantization: Quantization,
+    /// Column holding the document identifier (upserts replace rows by it).
+    pub key_column: String,
+    /// Column holding the vectors.
+    pub vector_column: String,
+    /// Next row key to hand out (keys are never reused).
+    pub next_key: u64,
+    /// Live rows at this generation.
+    pub rows: usize,
+    /// Arrow IPC file holding the rows (and their keys) of this generation.
+    pub rows_file: String,
+    /// usearch file of this generation.
+    pub ann_file: String,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`; `Ok(None)` when the directory holds no index yet.
+    pub fn read(dir: &Path) -> Result<Option<Manifest>, IndexError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(IndexError::io(&path, e)),
+        };
+        let manifest: Manifest = serde_json::from_str(&text)
+            .map_err(|e| IndexError::Invalid(format!("{} is not a valid manifest: {e}", path.display())))?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(IndexError::Invalid(format!(
+                "{} has format version {}, this mkflow reads version {FORMAT_VERSION}",
+                path.display(),
+                manifest.format_version
+            )));
+        }
+        Ok(Some(manifest))
+    }
+
+    /// Writes the manifest atomically: temporary file, fsync, rename, fsync of the directory.
+    pub fn write_atomic(&self, dir: &Path) -> Result<(), IndexError> {
+        let path = dir.join(MANIFEST_FILE);
+        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let text = serde_json::to_string_pretty(self).expect("manifest serialises");
+        let mut file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
+        file.write_all(text.as_bytes()).map_err(|e| IndexError::io(&tmp, e))?;
+        file.sync_all().map_err(|e| IndexError::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| IndexError::io(&path, e))?;
+        sync_dir(dir)
+    }
+}
+
+/// Flushes a directory's entries (renames) to disk.
+pub fn sync_dir(dir: &Path) -> Result<(), IndexError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| IndexError::io(dir, e))
+}

@@ -1,0 +1,171 @@
+//! Vector search over a knowledge index, with row filters evaluated inside the search.
+//!
+//! A filter is evaluated once over the row store into a set of allowed keys. When few rows
+//! pass, the search is exact over those rows (cheaper and exact); otherwise usearch's filtered
+//! HNSW search consults the set at every step. Should the graph walk still come back short of
+//! `k` while at least `k` rows pass, the exact search over the passing rows fills the answer,
+//! so a query asking for `k` rows gets `k` whenever `k` rows match.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Float32Array, RecordBatch};
+use datafusion::arrow::compute::interleave;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+
+use super::{Hit, IndexError, KnowledgeIndex, State, vector_values};
+
+/// A row filter: evaluated on a batch of the index's rows, true where a row passes.
+pub type RowPredicate<'a> = dyn Fn(&RecordBatch) -> Result<BooleanArray, IndexError> + 'a;
+
+/// Below this many passing rows, filtered searches are exact by default.
+pub const DEFAULT_EXACT_SEARCH_MAX_ROWS: usize = 2048;
+
+/// Name of the similarity column search results carry.
+pub const SCORE_COLUMN: &str = "score";
+
+/// A dense set of row keys.
+struct KeySet {
+    bits: Vec<u64>,
+    len: usize,
+}
+
+impl KeySet {
+    fn with_capacity(max_key: u64) -> Self {
+        KeySet {
+            bits: vec![0; (max_key as usize / 64) + 1],
+            len: 0,
+        }
+    }
+
+    fn insert(&mut self, key: u64) {
+        let (word, bit) = ((key / 64) as usize, key % 64);
+        if self.bits[word] & (1 << bit) == 0 {
+            self.bits[word] |= 1 << bit;
+            self.len += 1;
+        }
+    }
+
+    fn contains(&self, key: u64) -> bool {
+        let word = (key / 64) as usize;
+        word < self.bits.len() && self.bits[word] & (1 << (key % 64)) != 0
+    }
+}
+
+impl KnowledgeIndex {
+    /// The schema of search results: the index's columns plus `score` (cosine similarity).
+    pub fn search_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self.schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.push(Field::new(SCORE_COLUMN, DataType::Float32, false));
+        Arc::new(Schema::new(fields))
+    }
+
+    /// The `k` rows nearest to `query` among those passing `filter`, best first, as one batch
+    /// of [`KnowledgeIndex::search_schema`].
+    pub fn search(&self, query: &[f32], k: usize, filter: Option<&RowPredicate<'_>>) -> Result<RecordBatch, IndexError> {
+        let state = self.read_state();
+        state.ann.check_vector(query)?;
+        let hits = match filter {
+            None => {
+                let hits = state.ann.search(query, k, None)?;
+                if hits.len() < k.min(state.ann.len()) {
+                    self.exact_hits(&state, query, k, None)?
+                } else {
+                    hits
+                }
+            }
+            Some(filter) => {
+                let allowed = self.allowed_keys(&state, filter)?;
+                if allowed.len <= self.exact_search_max_rows() || allowed.len <= k {
+                    self.exact_hits(&state, query, k, Some(&allowed))?
+                } else {
+                    let hits = state.ann.search(query, k, Some(&|key| allowed.contains(key)))?;
+                    if hits.len() < k.min(allowed.len) {
+                        self.exact_hits(&state, query, k, Some(&allowed))?
+                    } else {
+                        hits
+                    }
+                }
+            }
+        };
+        self.gather(&state, &hits)
+    }
+
+    /// The exact (brute-force) `k` nearest rows to `query`, best first; the reference that ANN
+    /// recall is measured against.
+    pub fn exact_search(&self, query: &[f32], k: usize) -> Result<RecordBatch, IndexError> {
+        let state = self.read_state();
+        state.ann.check_vector(query)?;
+        let hits = self.exact_hits(&state, query, k, None)?;
+        self.gather(&state, &hits)
+    }
+
+    /// Keys of live rows with a vector that pass `filter`.
+    fn allowed_keys(&self, state: &State, filter: &RowPredicate<'_>) -> Result<KeySet, IndexError> {
+        let mut allowed = KeySet::with_capacity(state.manifest.next_key);
+        for segment in &state.segments {
+            let mask = filter(&segment.batch)?;
+            let vectors = segment.batch.column(self.vector_column);
+            for (row, &key) in segment.keys.iter().enumerate() {
+                if mask.is_valid(row) && mask.value(row) && vectors.is_valid(row) && state.locations.contains_key(&key) {
+                    allowed.insert(key);
+                }
+            }
+        }
+        Ok(allowed)
+    }
+
+    /// Brute-force cosine similarity over live rows (restricted to `allowed` when given).
+    fn exact_hits(&self, state: &State, query: &[f32], k: usize, allowed: Option<&KeySet>) -> Result<Vec<Hit>, IndexError> {
+        let dims = query.len();
+        let query_norm = query.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        let mut hits: Vec<Hit> = Vec::new();
+        for segment in &state.segments {
+            let column = segment.batch.column(self.vector_column);
+            let values = vector_values(column);
+            for (row, &key) in segment.keys.iter().enumerate() {
+                let passes = allowed.map_or(true, |a| a.contains(key));
+                if !passes || !column.is_valid(row) || !state.locations.contains_key(&key) {
+                    continue;
+                }
+                let v = &values[row * dims..(row + 1) * dims];
+                let (dot, norm) = v.iter().zip(query).fold((0.0f32, 0.0f32), |(d, n), (a, b)| (d + a * b, n + a * a));
+                hits.push(Hit {
+                    key,
+                    score: dot / (query_norm * norm.sqrt().max(f32::MIN_POSITIVE)),
+                });
+            }
+        }
+        let by_score = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.key.cmp(&b.key));
+        if hits.len() > k {
+            hits.select_nth_unstable_by(k, by_score);
+            hits.truncate(k);
+        }
+        hits.sort_by(by_score);
+        Ok(hits)
+    }
+
+    /// The rows of `hits`, in order, with their scores.
+    fn gather(&self, state: &State, hits: &[Hit]) -> Result<RecordBatch, IndexError> {
+        let schema = self.search_schema();
+        let positions: Vec<(usize, usize)> = hits
+            .iter()
+            .filter_map(|h| state.locations.get(&h.key).copied())
+            .collect();
+        let scores: Vec<f32> = hits
+            .iter()
+            .filter(|h| state.locations.contains_key(&h.key))
+            .map(|h| h.score)
+            .collect();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        for column in 0..self.schema.fields().len() {
+            let sources: Vec<&dyn Array> = state.segments.iter().map(|s| s.batch.column(column).as_ref()).collect();
+            columns.push(if sources.is_empty() {
+                datafusion::arrow::array::new_empty_array(self.schema.field(column).data_type())
+            } else {
+                interleave(&sources, &positions)?
+            });
+        }
+        columns.push(Arc::new(Float32Array::from(scores)));
+        Ok(RecordBatch::try_new(schema, columns)?)
+    }
+}

@@ -1,0 +1,244 @@
+//! Knowledge-index behaviour on synthetic vectors (no model needed).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
+
+use super::*;
+
+const DIMS: usize = 16;
+
+fn settings() -> IndexSettings {
+    IndexSettings {
+        model: "synthetic".into(),
+        dimensions: DIMS,
+        quantization: Quantization::F32,
+        key_column: "doc_id".into(),
+        vector_column: "embedding".into(),
+    }
+}
+
+fn columns() -> Schema {
+    Schema::new(vec![
+        Field::new("doc_id", DataType::Utf8, false),
+        Field::new("category", DataType::Int64, true),
+    ])
+}
+
+/// A deterministic pseudo-random unit vector for `seed`.
+fn vector(seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut v: Vec<f32> = (0..DIMS)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        })
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+fn batch(index: &KnowledgeIndex, ids: std::ops::Range<u64>, category: impl Fn(u64) -> i64, seed_offset: u64) -> RecordBatch {
+    let doc_ids: StringArray = ids.clone().map(|i| Some(format!("doc-{i}"))).collect();
+    let categories: Int64Array = ids.clone().map(|i| Some(category(i))).collect();
+    let flat: Vec<f32> = ids.clone().flat_map(|i| vector(i + seed_offset)).collect();
+    let vectors = FixedSizeListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        DIMS as i32,
+        Arc::new(Float32Array::from(flat)),
+        None,
+    )
+    .unwrap();
+    let columns: Vec<ArrayRef> = vec![Arc::new(doc_ids), Arc::new(categories), Arc::new(vectors)];
+    RecordBatch::try_new(index.schema(), columns).unwrap()
+}
+
+fn ids_of(batch: &RecordBatch) -> Vec<String> {
+    let ids = batch.column(0).as_string::<i32>();
+    (0..ids.len()).map(|i| ids.value(i).to_string()).collect()
+}
+
+fn scores_of(batch: &RecordBatch) -> Vec<f32> {
+    batch.column(batch.num_columns() - 1).as_primitive::<Float32Type>().values().to_vec()
+}
+
+fn category_filter(wanted: i64) -> impl Fn(&RecordBatch) -> Result<BooleanArray, IndexError> {
+    move |b: &RecordBatch| {
+        Ok(b.column(1)
+            .as_primitive::<Int64Type>()
+            .iter()
+            .map(|c| Some(c == Some(wanted)))
+            .collect())
+    }
+}
+
+#[test]
+fn reopened_index_answers_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..2000, |i| (i % 10) as i64, 0)]).unwrap();
+    let queries: Vec<Vec<f32>> = (0..20).map(|i| vector(10_000 + i)).collect();
+    let before: Vec<RecordBatch> = queries.iter().map(|q| index.search(q, 10, None).unwrap()).collect();
+    drop(index);
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(reopened.len(), 2000);
+    for (q, expected) in queries.iter().zip(&before) {
+        let after = reopened.search(q, 10, None).unwrap();
+        assert_eq!(ids_of(&after), ids_of(expected));
+        assert_eq!(scores_of(&after), scores_of(expected));
+    }
+}
+
+#[test]
+fn upsert_replaces_row_and_vector_and_delete_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..100, |_| 1, 0)]).unwrap();
+    // doc-5 gets a new category and the vector of seed 777.
+    let stats = index.upsert(&[batch(&index, 5..6, |_| 2, 772)]).unwrap();
+    assert_eq!(stats, UpsertStats { rows: 1, replaced: 1 });
+    assert_eq!(index.len(), 100);
+    let hit = index.search(&vector(777), 1, None).unwrap();
+    assert_eq!(ids_of(&hit), vec!["doc-5"]);
+    assert_eq!(hit.column(1).as_primitive::<Int64Type>().value(0), 2);
+    // The old vector no longer finds doc-5 first.
+    let old = index.search(&vector(5), 1, None).unwrap();
+    assert_ne!(ids_of(&old), vec!["doc-5"]);
+
+    let deleted = index
+        .delete(&|b: &RecordBatch| Ok(b.column(0).as_string::<i32>().iter().map(|id| Some(id == Some("doc-5"))).collect()))
+        .unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(index.len(), 99);
+    let after = index.search(&vector(777), 5, None).unwrap();
+    assert!(!ids_of(&after).contains(&"doc-5".to_string()));
+    // Durable: a reopened index agrees.
+    drop(index);
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(reopened.len(), 99);
+    let rows: usize = reopened.snapshot().unwrap().iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 99);
+}
+
+#[test]
+fn filtered_search_returns_k_rows_at_one_percent_selectivity() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..20_000, |i| (i % 100) as i64, 0)]).unwrap();
+    // Both paths: exact over the 200 passing rows, and the filtered HNSW walk.
+    for threshold in [DEFAULT_EXACT_SEARCH_MAX_ROWS, 0] {
+        index.set_exact_search_max_rows(threshold);
+        for q in 0..10 {
+            let query = vector(50_000 + q);
+            let result = index.search(&query, 10, Some(&category_filter(7))).unwrap();
+            assert_eq!(result.num_rows(), 10, "threshold {threshold}");
+            let categories = result.column(1).as_primitive::<Int64Type>();
+            assert!(categories.iter().all(|c| c == Some(7)));
+            let scores = scores_of(&result);
+            assert!(scores.windows(2).all(|w| w[0] >= w[1]), "best first: {scores:?}");
+        }
+    }
+    // Fewer matches than k: all of them.
+    let result = index
+        .search(&vector(1), 10, Some(&|b: &RecordBatch| {
+            Ok(b.column(0).as_string::<i32>().iter().map(|id| Some(id == Some("doc-3") || id == Some("doc-4"))).collect())
+        }))
+        .unwrap();
+    assert_eq!(result.num_rows(), 2);
+}
+
+#[test]
+fn hnsw_agrees_with_exact_search() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..5000, |_| 0, 0)]).unwrap();
+    let mut found = 0;
+    for q in 0..50 {
+        let query = vector(90_000 + q);
+        let ann: std::collections::HashSet<String> = ids_of(&index.search(&query, 10, None).unwrap()).into_iter().collect();
+        let exact = ids_of(&index.exact_search(&query, 10).unwrap());
+        found += exact.iter().filter(|id| ann.contains(*id)).count();
+    }
+    let recall = found as f64 / 500.0;
+    assert!(recall >= 0.95, "recall@10 {recall}");
+}
+
+#[test]
+fn wrong_dimension_is_refused_and_index_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..10, |_| 0, 0)]).unwrap();
+    let short = vec![0.5f32; DIMS - 1];
+    assert!(matches!(
+        index.search(&short, 3, None),
+        Err(IndexError::DimensionMismatch { expected: DIMS, found }) if found == DIMS - 1
+    ));
+    // A batch with 4-float vectors in a variable-length list column.
+    let list = datafusion::arrow::array::ListArray::from_iter_primitive::<Float32Type, _, _>(vec![Some(vec![
+        Some(1.0),
+        Some(2.0),
+        Some(3.0),
+        Some(4.0),
+    ])]);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("doc_id", DataType::Utf8, false),
+        Field::new("category", DataType::Int64, true),
+        Field::new("embedding", list.data_type().clone(), true),
+    ]));
+    let bad = RecordBatch::try_new(
+        schema,
+        vec![Arc::new(StringArray::from(vec!["x"])), Arc::new(Int64Array::from(vec![1])), Arc::new(list)],
+    )
+    .unwrap();
+    let err = index.upsert(&[bad]).unwrap_err();
+    assert!(err.to_string().contains("dimension mismatch"), "{err}");
+    assert_eq!(index.len(), 10);
+}
+
+#[test]
+fn existing_index_with_other_settings_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    let other = IndexSettings {
+        dimensions: 8,
+        ..settings()
+    };
+    let err = KnowledgeIndex::open_or_create(dir.path(), &columns(), &other).unwrap_err();
+    assert!(err.to_string().contains("dimension"), "{err}");
+}
+
+#[test]
+fn interrupted_commit_leaves_last_generation_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..50, |_| 0, 0)]).unwrap();
+    let generation = index.manifest().generation;
+    drop(index);
+    // Simulate a crash after the next generation's files were written but before the rename
+    // of the manifest: stray files must be ignored and cleaned up.
+    std::fs::write(dir.path().join(format!("rows-{}.arrow", generation + 1)), b"partial").unwrap();
+    std::fs::write(dir.path().join("manifest.json.tmp"), b"{").unwrap();
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(reopened.len(), 50);
+    assert!(!dir.path().join(format!("rows-{}.arrow", generation + 1)).exists());
+}
+
+#[test]
+fn null_key_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    let good = batch(&index, 0..1, |_| 0, 0);
+    let mut columns = good.columns().to_vec();
+    columns[0] = Arc::new(StringArray::from(vec![None::<&str>]));
+    let nullable = Arc::new(Schema::new(
+        index.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+    ));
+    let bad = RecordBatch::try_new(nullable, columns).unwrap();
+    let err = index.upsert(&[bad]).unwrap_err();
+    assert!(err.to_string().contains("is null"), "{err}");
+    assert!(index.is_empty());
+}

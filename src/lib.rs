@@ -1,0 +1,16 @@
+//! mkflow: streams of documents into a retrieval knowledge base that answers SQL.
+//!
+//! Documents are read as DataFusion tables ([`sources`]), transformed by UDFs (the
+//! `mkflow-udfs` crate: `embed(text)`, …) and upserted into a persistent [`index`] (Arrow rows +
+//! usearch HNSW). Queries use SQL with [`sql`] extensions such as `vector_search`. The
+//! [`engine`] ties these together; the `mkflow` binary is its command line.
+
+pub mod assets;
+pub mod engine;
+pub mod eval;
+pub mod index;
+pub mod models;
+pub mod sources;
+pub mod sql;
+
+pub use engine::{Engine, EngineConfig};

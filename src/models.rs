@@ -1,0 +1,78 @@
+//! The embedding models a session can use, by name.
+//!
+//! The catalog's default model is always known (its files may still need `mkflow models
+//! pull`); any directory `models/<name>/` under the mkflow home holding a `mkflow-model.json`
+//! adds a model (relative paths in it are resolved against that directory).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mkflow_udfs::{EmbeddingModelSpec, LazyEmbedder};
+
+use crate::assets::{DEFAULT_MODEL, MODEL_SPEC_FILE, catalog_spec};
+
+/// Models by name, loaded lazily.
+#[derive(Debug)]
+pub struct ModelRegistry {
+    models: BTreeMap<String, Arc<LazyEmbedder>>,
+    default: String,
+}
+
+impl ModelRegistry {
+    /// The catalog model plus every model described under `home/models`. `default` names the
+    /// model `embed()` uses (the catalog default when `None`).
+    pub fn discover(home: &Path, onnx_runtime: PathBuf, default: Option<&str>) -> Result<Self, String> {
+        let mut specs = vec![catalog_spec(home, &DEFAULT_MODEL)];
+        if let Ok(entries) = fs::read_dir(home.join("models")) {
+            for entry in entries.flatten() {
+                let path = entry.path().join(MODEL_SPEC_FILE);
+                if path.is_file() {
+                    specs.push(read_spec(&path)?);
+                }
+            }
+        }
+        let models = specs
+            .into_iter()
+            .map(|spec| (spec.name.clone(), Arc::new(LazyEmbedder::new(spec, Some(onnx_runtime.clone())))))
+            .collect::<BTreeMap<_, _>>();
+        let default = default.unwrap_or(DEFAULT_MODEL.name).to_string();
+        if !models.contains_key(&default) {
+            return Err(format!(
+                "unknown model '{default}' (known: {})",
+                models.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        Ok(ModelRegistry { models, default })
+    }
+
+    /// The model called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<LazyEmbedder>> {
+        self.models.get(name).cloned()
+    }
+
+    /// The model `embed()` uses.
+    pub fn default_model(&self) -> Arc<LazyEmbedder> {
+        self.models[&self.default].clone()
+    }
+
+    /// All known models.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<LazyEmbedder>> {
+        self.models.values()
+    }
+}
+
+/// Reads a `mkflow-model.json`, resolving relative file paths against its directory.
+pub fn read_spec(path: &Path) -> Result<EmbeddingModelSpec, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut spec: EmbeddingModelSpec =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not a valid model description: {e}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for file in [&mut spec.model_path, &mut spec.tokenizer_path] {
+        if file.is_relative() {
+            *file = dir.join(&*file);
+        }
+    }
+    Ok(spec)
+}

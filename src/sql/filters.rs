@@ -1,0 +1,91 @@
+//! SQL filters (`WHERE` clauses pushed into a scan) as row predicates over index rows.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::{Transformed, TreeNode};
+use datafusion::common::{Column, DFSchema, Result};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, Volatility, utils::conjunction};
+use datafusion::physical_expr::PhysicalExpr;
+
+use crate::index::IndexError;
+
+/// Whether `filter` only reads columns of `schema` (and so can be evaluated on index rows).
+pub fn is_row_filter(filter: &Expr, schema: &SchemaRef) -> bool {
+    let columns_known = filter
+        .column_refs()
+        .iter()
+        .all(|c| schema.field_with_name(&c.name).is_ok());
+    columns_known && !is_volatile(filter)
+}
+
+fn is_volatile(expr: &Expr) -> bool {
+    expr.exists(|e| {
+        Ok(matches!(e, Expr::ScalarFunction(f) if f.func.signature().volatility == Volatility::Volatile))
+    })
+    .unwrap_or(true)
+}
+
+/// Pushdown support for each filter: exact where it reads only index columns.
+pub fn pushdown_support(filters: &[&Expr], schema: &SchemaRef) -> Vec<TableProviderFilterPushDown> {
+    filters
+        .iter()
+        .map(|f| {
+            if is_row_filter(f, schema) {
+                TableProviderFilterPushDown::Exact
+            } else {
+                TableProviderFilterPushDown::Unsupported
+            }
+        })
+        .collect()
+}
+
+/// A compiled conjunction of filters, evaluated batch by batch.
+#[derive(Debug, Clone)]
+pub struct CompiledFilter {
+    expr: Arc<dyn PhysicalExpr>,
+}
+
+impl CompiledFilter {
+    /// Compiles `filters` (ANDed) against the rows of `schema`; `None` when there are none.
+    pub fn compile(state: &dyn Session, schema: &SchemaRef, filters: &[Expr]) -> Result<Option<Self>> {
+        let unqualified = filters
+            .iter()
+            .cloned()
+            .map(strip_qualifiers)
+            .collect::<Result<Vec<_>>>()?;
+        let Some(predicate) = conjunction(unqualified) else {
+            return Ok(None);
+        };
+        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        let expr = state.create_physical_expr(predicate, &df_schema)?;
+        Ok(Some(CompiledFilter { expr }))
+    }
+
+    /// True where a row of `batch` passes (null counts as not passing).
+    pub fn evaluate(&self, batch: &RecordBatch) -> Result<BooleanArray, IndexError> {
+        let value = self
+            .expr
+            .evaluate(batch)
+            .and_then(|v| v.into_array(batch.num_rows()))
+            .map_err(|e| IndexError::Filter(e.to_string()))?;
+        if value.data_type() != &DataType::Boolean {
+            return Err(IndexError::Filter(format!("filter gives {}, not a boolean", value.data_type())));
+        }
+        Ok(value.as_boolean().clone())
+    }
+}
+
+/// Filters reach a table provider qualified by the query's alias for it; the index's rows are
+/// unqualified.
+fn strip_qualifiers(expr: Expr) -> Result<Expr> {
+    expr.transform(|e| {
+        Ok(match e {
+            Expr::Column(c) if c.relation.is_some() => Transformed::yes(Expr::Column(Column::new_unqualified(c.name))),
+            other => Transformed::no(other),
+        })
+    })
+    .map(|t| t.data)
+}

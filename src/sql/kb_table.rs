@@ -1,0 +1,210 @@
+//! A knowledge index as a DataFusion table: scan, `INSERT` (upsert by key), `DELETE`.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::{DataFusionError, Result, not_impl_err};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::sink::{DataSink, DataSinkExec};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
+use futures::StreamExt;
+
+use super::filters::{CompiledFilter, pushdown_support};
+use crate::index::{IndexError, KnowledgeIndex};
+
+/// Counts rows as they flow into knowledge indexes, for progress display.
+#[derive(Debug, Default)]
+pub struct IngestProgress {
+    rows: AtomicU64,
+}
+
+impl IngestProgress {
+    /// Rows received by index sinks since the process started.
+    pub fn rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, rows: usize) {
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+    }
+}
+
+/// The table over a [`KnowledgeIndex`].
+#[derive(Debug)]
+pub struct KbTable {
+    index: Arc<KnowledgeIndex>,
+    progress: Arc<IngestProgress>,
+}
+
+impl KbTable {
+    /// A table over `index`, reporting ingested rows to `progress`.
+    pub fn new(index: Arc<KnowledgeIndex>, progress: Arc<IngestProgress>) -> Self {
+        KbTable { index, progress }
+    }
+
+    /// The index behind the table.
+    pub fn index(&self) -> &Arc<KnowledgeIndex> {
+        &self.index
+    }
+}
+
+/// Converts an index error into a DataFusion error that keeps its message.
+pub fn index_error(e: IndexError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+#[async_trait]
+impl TableProvider for KbTable {
+    fn schema(&self) -> SchemaRef {
+        self.index.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters prune rows before they are copied out of the store; DataFusion re-checks.
+        Ok(pushdown_support(filters, &self.schema())
+            .into_iter()
+            .map(|s| match s {
+                TableProviderFilterPushDown::Exact => TableProviderFilterPushDown::Inexact,
+                other => other,
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let mut batches = self.index.snapshot().map_err(index_error)?;
+        let pushed: Vec<Expr> = filters
+            .iter()
+            .filter(|f| super::filters::is_row_filter(f, &self.schema()))
+            .cloned()
+            .collect();
+        if let Some(filter) = CompiledFilter::compile(state, &self.schema(), &pushed)? {
+            batches = batches
+                .iter()
+                .map(|b| {
+                    let mask = filter.evaluate(b).map_err(index_error)?;
+                    Ok(datafusion::arrow::compute::filter_record_batch(b, &mask)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+        }
+        let source = MemorySourceConfig::try_new(&[batches], self.schema(), projection.cloned())?.with_limit(limit);
+        Ok(datafusion::datasource::source::DataSourceExec::from_data_source(source))
+    }
+
+    async fn insert_into(
+        &self,
+        _state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        insert_op: InsertOp,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if insert_op != InsertOp::Append {
+            return not_impl_err!(
+                "{insert_op} is not supported by knowledge indexes: INSERT upserts by key; use DELETE FROM first to replace everything"
+            );
+        }
+        let sink = UpsertSink {
+            index: self.index.clone(),
+            progress: self.progress.clone(),
+        };
+        Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
+    }
+
+    async fn delete_from(&self, state: &dyn Session, filters: Vec<Expr>) -> Result<Arc<dyn ExecutionPlan>> {
+        let filter = CompiledFilter::compile(state, &self.schema(), &filters)?;
+        let sink = DeleteSink {
+            index: self.index.clone(),
+            filter,
+            schema: self.schema(),
+        };
+        // The sink ignores its (empty) input and deletes when the plan runs, so planning a
+        // DELETE (e.g. EXPLAIN) changes nothing.
+        let input = Arc::new(EmptyExec::new(self.schema()));
+        Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
+    }
+}
+
+/// Collects an `INSERT`'s rows and upserts them as one commit.
+#[derive(Debug)]
+struct UpsertSink {
+    index: Arc<KnowledgeIndex>,
+    progress: Arc<IngestProgress>,
+}
+
+impl DisplayAs for UpsertSink {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "UpsertSink: index={}", self.index.dir().display())
+    }
+}
+
+#[async_trait]
+impl DataSink for UpsertSink {
+    fn schema(&self) -> &SchemaRef {
+        self.index.schema_ref()
+    }
+
+    async fn write_all(&self, mut data: SendableRecordBatchStream, _context: &Arc<TaskContext>) -> Result<u64> {
+        let mut batches = Vec::new();
+        while let Some(batch) = data.next().await {
+            let batch = batch?;
+            self.progress.add(batch.num_rows());
+            batches.push(batch);
+        }
+        let index = self.index.clone();
+        let stats = tokio::task::spawn_blocking(move || index.upsert(&batches))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .map_err(index_error)?;
+        Ok(stats.rows as u64)
+    }
+}
+
+/// Deletes the rows matching a filter when executed.
+#[derive(Debug)]
+struct DeleteSink {
+    index: Arc<KnowledgeIndex>,
+    filter: Option<CompiledFilter>,
+    schema: SchemaRef,
+}
+
+impl DisplayAs for DeleteSink {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "DeleteSink: index={}", self.index.dir().display())
+    }
+}
+
+#[async_trait]
+impl DataSink for DeleteSink {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    async fn write_all(&self, _data: SendableRecordBatchStream, _context: &Arc<TaskContext>) -> Result<u64> {
+        let index = self.index.clone();
+        let filter = self.filter.clone();
+        let deleted = tokio::task::spawn_blocking(move || match &filter {
+            Some(f) => index.delete(&|batch| f.evaluate(batch)),
+            None => index.delete(&|batch| Ok(vec![true; batch.num_rows()].into())),
+        })
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
+        .map_err(index_error)?;
+        Ok(deleted as u64)
+    }
+}

