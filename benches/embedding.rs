@@ -24,13 +24,21 @@ use tokenizers::TruncationParams;
 fn load_texts(limit: usize) -> Vec<String> {
     let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/beir/scifact/corpus.jsonl");
     let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/scifact-sample.jsonl");
-    let (path, title_key, body_key) = if shared.is_file() { (shared, "title", "text") } else { (sample, "title", "body") };
+    let (path, title_key, body_key) = if shared.is_file() {
+        (shared, "title", "text")
+    } else {
+        (sample, "title", "body")
+    };
     let text = std::fs::read_to_string(&path).expect("corpus readable");
     let docs: Vec<String> = text
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            format!("{}. {}", v[title_key].as_str().unwrap_or(""), v[body_key].as_str().unwrap_or(""))
+            format!(
+                "{}. {}",
+                v[title_key].as_str().unwrap_or(""),
+                v[body_key].as_str().unwrap_or("")
+            )
         })
         .collect();
     docs.iter().cycle().take(limit).cloned().collect()
@@ -41,7 +49,9 @@ fn load_texts(limit: usize) -> Vec<String> {
 fn bare_ort_loop(session: &mut Session, tokenizer: &tokenizers::Tokenizer, texts: &[String]) -> usize {
     let mut produced = 0;
     for chunk in texts.chunks(32) {
-        let encodings = tokenizer.encode_batch_fast(chunk.iter().map(String::as_str).collect::<Vec<_>>(), true).unwrap();
+        let encodings = tokenizer
+            .encode_batch_fast(chunk.iter().map(String::as_str).collect::<Vec<_>>(), true)
+            .unwrap();
         let width = encodings.iter().map(|e| e.get_ids().len()).max().unwrap();
         let rows = encodings.len();
         let mut ids = vec![0i64; rows * width];
@@ -55,9 +65,18 @@ fn bare_ort_loop(session: &mut Session, tokenizer: &tokenizers::Tokenizer, texts
         }
         let shape = [rows, width];
         let inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
-            ("input_ids".into(), TensorRef::from_array_view((shape, &ids[..])).unwrap().into()),
-            ("attention_mask".into(), TensorRef::from_array_view((shape, &mask[..])).unwrap().into()),
-            ("token_type_ids".into(), TensorRef::from_array_view((shape, &types[..])).unwrap().into()),
+            (
+                "input_ids".into(),
+                TensorRef::from_array_view((shape, &ids[..])).unwrap().into(),
+            ),
+            (
+                "attention_mask".into(),
+                TensorRef::from_array_view((shape, &mask[..])).unwrap().into(),
+            ),
+            (
+                "token_type_ids".into(),
+                TensorRef::from_array_view((shape, &types[..])).unwrap().into(),
+            ),
         ];
         let outputs = session.run(inputs).unwrap();
         let (out_shape, hidden) = outputs[0].try_extract_tensor::<f32>().unwrap();
@@ -98,11 +117,18 @@ async fn pipeline_docs_per_second(engine: &Engine, texts: &[String]) -> f64 {
 async fn main() {
     let home = assets::home_dir();
     assets::pull(&home, &mut |l| eprintln!("{l}")).expect("assets");
-    let docs: usize = std::env::var("MKFLOW_BENCH_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let docs: usize = std::env::var("MKFLOW_BENCH_DOCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let texts = load_texts(docs);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let spec = assets::catalog_spec(&home, &assets::DEFAULT_MODEL);
-    println!("embedding benchmark: {} texts, model {}, {threads} intra-op threads", texts.len(), spec.name);
+    println!(
+        "embedding benchmark: {} texts, model {}, {threads} intra-op threads",
+        texts.len(),
+        spec.name
+    );
 
     // Warm both paths once (session creation, allocator warm-up).
     let data = tempfile::tempdir().unwrap();
@@ -110,6 +136,7 @@ async fn main() {
         data_dir: data.path().to_path_buf(),
         home: home.clone(),
         default_model: None,
+        embed_threads: None,
     })
     .await
     .unwrap();
@@ -124,7 +151,10 @@ async fn main() {
     let mut tokenizer = tokenizers::Tokenizer::from_file(&spec.tokenizer_path).unwrap();
     tokenizer.with_padding(None);
     tokenizer
-        .with_truncation(Some(TruncationParams { max_length: spec.max_tokens, ..Default::default() }))
+        .with_truncation(Some(TruncationParams {
+            max_length: spec.max_tokens,
+            ..Default::default()
+        }))
         .unwrap();
     bare_ort_loop(&mut session, &tokenizer, &texts[..64.min(texts.len())]);
 
@@ -149,14 +179,17 @@ async fn main() {
     let mixed: Vec<String> = texts
         .iter()
         .enumerate()
-        .map(|(i, t)| if i % 2 == 0 { t.split('.').next().unwrap_or(t).to_string() } else { t.clone() })
+        .map(|(i, t)| {
+            if i % 2 == 0 {
+                t.split('.').next().unwrap_or(t).to_string()
+            } else {
+                t.clone()
+            }
+        })
         .collect();
     let mixed_refs: Vec<Option<&str>> = mixed.iter().map(|t| Some(t.as_str())).collect();
     let mut rates = Vec::new();
-    for batching in [
-        BatchingStrategy::default(),
-        BatchingStrategy::FixedSize { size: 32 },
-    ] {
+    for batching in [BatchingStrategy::default(), BatchingStrategy::FixedSize { size: 32 }] {
         let mut spec = spec.clone();
         spec.batching = batching;
         let embedder = Embedder::load(spec, None).unwrap();
@@ -167,5 +200,8 @@ async fn main() {
         println!("batching {batching:?}: {rate:.1} docs/s");
         rates.push(rate);
     }
-    println!("token-budget / fixed-size(32) speed-up on mixed lengths: {:.2}x", rates[0] / rates[1]);
+    println!(
+        "token-budget / fixed-size(32) speed-up on mixed lengths: {:.2}x",
+        rates[0] / rates[1]
+    );
 }

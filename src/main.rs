@@ -38,6 +38,9 @@ struct Cli {
     /// Embedding model that embed() uses (default: all-MiniLM-L6-v2).
     #[arg(long, global = true, env = "MKFLOW_MODEL")]
     model: Option<String>,
+    /// Threads ONNX Runtime uses per embedding call (default: one per core).
+    #[arg(long, global = true, env = "MKFLOW_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -113,10 +116,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         data_dir: cli.data_dir.clone(),
         home: assets::home_dir(),
         default_model: cli.model.clone(),
+        embed_threads: cli.threads,
     };
     match cli.command {
-        Command::Models { action: ModelsAction::Pull } => pull_assets(&config.home),
-        Command::Models { action: ModelsAction::List } => list_models(config).await,
+        Command::Models {
+            action: ModelsAction::Pull,
+        } => pull_assets(&config.home),
+        Command::Models {
+            action: ModelsAction::List,
+        } => list_models(config).await,
         Command::Run { pipelines } => {
             ensure_assets(&config.home)?;
             let engine = Engine::new(config).await?;
@@ -149,8 +157,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let modes = modes
                 .iter()
                 .map(|m| {
-                    eval::Mode::parse(m.trim())
-                        .ok_or_else(|| anyhow::anyhow!("unknown mode '{m}' (modes: doc, exact)"))
+                    eval::Mode::parse(m.trim()).ok_or_else(|| anyhow::anyhow!("unknown mode '{m}' (modes: doc, exact)"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             ensure_assets(&config.home)?;
@@ -189,7 +196,10 @@ pub(crate) fn ensure_assets(home: &std::path::Path) -> anyhow::Result<()> {
     if assets::missing_files(home).is_empty() {
         return Ok(());
     }
-    eprintln!("first run: fetching ONNX Runtime and the default embedding model into {}", home.display());
+    eprintln!(
+        "first run: fetching ONNX Runtime and the default embedding model into {}",
+        home.display()
+    );
     pull_assets(home)
 }
 
@@ -204,10 +214,17 @@ async fn list_models(config: EngineConfig) -> anyhow::Result<()> {
             spec.dimensions,
             spec.pooling,
             spec.max_tokens,
-            if present { "installed" } else { "missing (mkflow models pull)" }
+            if present {
+                "installed"
+            } else {
+                "missing (mkflow models pull)"
+            }
         );
     }
-    println!("ONNX Runtime: {}", assets::onnx_runtime_path(&engine.config().home).display());
+    println!(
+        "ONNX Runtime: {}",
+        assets::onnx_runtime_path(&engine.config().home).display()
+    );
     Ok(())
 }
 

@@ -22,8 +22,14 @@ pub struct ModelRegistry {
 
 impl ModelRegistry {
     /// The catalog model plus every model described under `home/models`. `default` names the
-    /// model `embed()` uses (the catalog default when `None`).
-    pub fn discover(home: &Path, onnx_runtime: PathBuf, default: Option<&str>) -> Result<Self, String> {
+    /// model `embed()` uses (the catalog default when `None`); `threads` sets ONNX Runtime's
+    /// intra-op threads for models that do not set their own.
+    pub fn discover(
+        home: &Path,
+        onnx_runtime: PathBuf,
+        default: Option<&str>,
+        threads: Option<usize>,
+    ) -> Result<Self, String> {
         let mut specs = vec![catalog_spec(home, &DEFAULT_MODEL)];
         if let Ok(entries) = fs::read_dir(home.join("models")) {
             for entry in entries.flatten() {
@@ -35,7 +41,18 @@ impl ModelRegistry {
         }
         let models = specs
             .into_iter()
-            .map(|spec| (spec.name.clone(), Arc::new(LazyEmbedder::new(spec, Some(onnx_runtime.clone())))))
+            .map(|mut spec| {
+                if spec.intra_threads == 0 {
+                    spec.intra_threads = threads.unwrap_or(0);
+                }
+                spec
+            })
+            .map(|spec| {
+                (
+                    spec.name.clone(),
+                    Arc::new(LazyEmbedder::new(spec, Some(onnx_runtime.clone()))),
+                )
+            })
             .collect::<BTreeMap<_, _>>();
         let default = default.unwrap_or(DEFAULT_MODEL.name).to_string();
         if !models.contains_key(&default) {
@@ -75,4 +92,31 @@ pub fn read_spec(path: &Path) -> Result<EmbeddingModelSpec, String> {
         }
     }
     Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_models_are_discovered_with_paths_relative_to_their_directory() {
+        let home = tempfile::tempdir().unwrap();
+        let dir = home.path().join("models/tiny");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join(MODEL_SPEC_FILE),
+            r#"{"name": "tiny", "model_path": "model.onnx", "tokenizer_path": "tokenizer.json",
+                "dimensions": 32, "pooling": "cls", "normalize": false, "max_tokens": 64}"#,
+        )
+        .unwrap();
+        let registry =
+            ModelRegistry::discover(home.path(), PathBuf::from("libonnxruntime.so"), Some("tiny"), Some(3)).unwrap();
+        let spec = registry.default_model().spec().clone();
+        assert_eq!(spec.dimensions, 32);
+        assert_eq!(spec.intra_threads, 3);
+        assert_eq!(spec.model_path, dir.join("model.onnx"));
+        assert!(registry.get(DEFAULT_MODEL.name).is_some());
+        let err = ModelRegistry::discover(home.path(), PathBuf::from("x"), Some("nope"), None).unwrap_err();
+        assert!(err.contains("unknown model 'nope'"), "{err}");
+    }
 }

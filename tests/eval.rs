@@ -13,7 +13,11 @@ async fn eval_on_a_tiny_dataset_writes_reports_and_scores_title_queries_high() {
     let dataset = dir.path().join("tiny");
     std::fs::create_dir_all(dataset.join("qrels")).unwrap();
     let sample = std::fs::read_to_string(sample_corpus()).unwrap();
-    let docs: Vec<serde_json::Value> = sample.lines().take(60).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let docs: Vec<serde_json::Value> = sample
+        .lines()
+        .take(60)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let mut corpus = std::fs::File::create(dataset.join("corpus.jsonl")).unwrap();
     let mut queries = std::fs::File::create(dataset.join("queries.jsonl")).unwrap();
     let mut qrels = std::fs::File::create(dataset.join("qrels/test.tsv")).unwrap();
@@ -23,7 +27,12 @@ async fn eval_on_a_tiny_dataset_writes_reports_and_scores_title_queries_high() {
         writeln!(corpus, "{record}").unwrap();
         if i % 3 == 0 {
             // The title as a query; its abstract is the one relevant document.
-            writeln!(queries, "{}", serde_json::json!({"_id": format!("q{i}"), "text": doc["title"]})).unwrap();
+            writeln!(
+                queries,
+                "{}",
+                serde_json::json!({"_id": format!("q{i}"), "text": doc["title"]})
+            )
+            .unwrap();
             writeln!(qrels, "q{i}\t{}\t1", doc["doc_id"].as_str().unwrap()).unwrap();
         }
     }
@@ -51,12 +60,17 @@ async fn eval_on_a_tiny_dataset_writes_reports_and_scores_title_queries_high() {
     assert!(doc.recall_at_100 > 0.95);
     assert!((doc.ndcg_at_10 - report.modes[1].ndcg_at_10).abs() < 0.02);
 
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval.json")).unwrap()).unwrap();
     assert_eq!(json["modes"][0]["mode"], "doc");
     let trec = std::fs::read_to_string(out.join("run-doc.trec")).unwrap();
     let first = trec.lines().next().unwrap();
     assert_eq!(first.split(' ').count(), 6, "{first}");
-    assert!(std::fs::read_to_string(out.join("chart.svg")).unwrap().starts_with("<svg"));
+    assert!(
+        std::fs::read_to_string(out.join("chart.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
 
     // A second run reuses the index.
     let again = mkflow::eval::run(&engine, &options).await.unwrap();

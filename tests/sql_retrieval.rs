@@ -19,7 +19,10 @@ async fn title_queries_find_their_documents() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path()).await;
     ingest(&engine, &sample_corpus()).await;
-    let docs = engine.sql("SELECT doc_id, title FROM kb ORDER BY doc_id").await.unwrap();
+    let docs = engine
+        .sql("SELECT doc_id, title FROM kb ORDER BY doc_id")
+        .await
+        .unwrap();
     let ids = strings(&docs, "doc_id");
     let titles = strings(&docs, "title");
     assert_eq!(ids.len(), 400);
@@ -34,7 +37,10 @@ async fn title_queries_find_their_documents() {
         }
     }
     let rate = found as f64 / ids.len() as f64;
-    eprintln!("known-item retrieval by title: {found}/{} in top 3 ({rate:.3})", ids.len());
+    eprintln!(
+        "known-item retrieval by title: {found}/{} in top 3 ({rate:.3})",
+        ids.len()
+    );
     assert!(rate >= 0.9, "only {rate:.3} of titles find their document in the top 3");
 }
 
@@ -52,7 +58,10 @@ async fn restart_gives_same_answers_and_upsert_delete_work() {
         ingest(&engine, &sample_corpus()).await;
         for q in queries {
             let batches = engine
-                .sql(&format!("SELECT doc_id, score FROM vector_search(kb, {}, 5)", quoted(q)))
+                .sql(&format!(
+                    "SELECT doc_id, score FROM vector_search(kb, {}, 5)",
+                    quoted(q)
+                ))
                 .await
                 .unwrap();
             before.push((strings(&batches, "doc_id"), floats(&batches, "score")));
@@ -62,7 +71,10 @@ async fn restart_gives_same_answers_and_upsert_delete_work() {
     let engine = engine(dir.path()).await;
     for (q, (ids, scores)) in queries.iter().zip(&before) {
         let batches = engine
-            .sql(&format!("SELECT doc_id, score FROM vector_search(kb, {}, 5)", quoted(q)))
+            .sql(&format!(
+                "SELECT doc_id, score FROM vector_search(kb, {}, 5)",
+                quoted(q)
+            ))
             .await
             .unwrap();
         assert_eq!(&strings(&batches, "doc_id"), ids);
@@ -89,7 +101,10 @@ async fn restart_gives_same_answers_and_upsert_delete_work() {
     assert_eq!(strings(&hits, "title"), vec!["Penguins".to_string()]);
 
     // Delete: gone from scans and searches, durably.
-    let deleted = engine.sql(&format!("DELETE FROM kb WHERE doc_id = {}", quoted(target))).await.unwrap();
+    let deleted = engine
+        .sql(&format!("DELETE FROM kb WHERE doc_id = {}", quoted(target)))
+        .await
+        .unwrap();
     assert_eq!(single_int(&deleted), 1);
     assert_eq!(count_rows(&engine).await, 399);
     let hits = engine
@@ -109,14 +124,23 @@ async fn filters_spice_signature_and_embed_in_queries() {
     ingest(&engine, &sample_corpus()).await;
 
     // A filter matching few rows still yields k rows, all matching.
-    let matching = single_int(&engine.sql("SELECT count(*) FROM kb WHERE title ILIKE '%cell%'").await.unwrap());
+    let matching = single_int(
+        &engine
+            .sql("SELECT count(*) FROM kb WHERE title ILIKE '%cell%'")
+            .await
+            .unwrap(),
+    );
     assert!(matching >= 5, "sample has {matching} titles with 'cell'");
     let hits = engine
         .sql("SELECT doc_id, title, score FROM vector_search(kb, 'immune response', 5) WHERE title ILIKE '%cell%'")
         .await
         .unwrap();
     assert_eq!(row_count(&hits), 5);
-    assert!(strings(&hits, "title").iter().all(|t| t.to_lowercase().contains("cell")));
+    assert!(
+        strings(&hits, "title")
+            .iter()
+            .all(|t| t.to_lowercase().contains("cell"))
+    );
     let scores = floats(&hits, "score");
     assert!(scores.windows(2).all(|w| w[0] >= w[1]));
 
@@ -126,7 +150,10 @@ async fn filters_spice_signature_and_embed_in_queries() {
         .await
         .unwrap();
     assert_eq!(row_count(&spice), 4);
-    let default_k = engine.sql("SELECT doc_id FROM vector_search(kb, 'immune response')").await.unwrap();
+    let default_k = engine
+        .sql("SELECT doc_id FROM vector_search(kb, 'immune response')")
+        .await
+        .unwrap();
     assert_eq!(row_count(&default_k), 10);
 
     // The same ranking by brute force in plain SQL with embed().
@@ -202,15 +229,27 @@ async fn bad_input_gives_clear_errors_and_loses_nothing() {
         .to_string();
     assert!(err.contains("dimension mismatch"), "{err}");
     // Unknown index, bad k, bad SQL.
-    let err = engine.sql("SELECT * FROM vector_search(nope, 'q', 3)").await.unwrap_err().to_string();
+    let err = engine
+        .sql("SELECT * FROM vector_search(nope, 'q', 3)")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no knowledge index called 'nope'"), "{err}");
-    let err = engine.sql("SELECT * FROM vector_search(kb, 'q', 0)").await.unwrap_err().to_string();
+    let err = engine
+        .sql("SELECT * FROM vector_search(kb, 'q', 0)")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("positive integer"), "{err}");
     assert!(engine.sql("SELEC * FROM kb").await.is_err());
 
     // A malformed JSON line fails the INSERT and leaves the index as it was.
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"doc_id\": \"n1\", \"title\": \"ok\", \"body\": \"fine\"}\n{\"doc_id\": \"n2\", \"title\": oops}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"doc_id\": \"n1\", \"title\": \"ok\", \"body\": \"fine\"}\n{\"doc_id\": \"n2\", \"title\": oops}\n",
+    )
+    .unwrap();
     let err = engine
         .run_script(
             &format!(
@@ -225,5 +264,8 @@ async fn bad_input_gives_clear_errors_and_loses_nothing() {
         .to_string();
     assert!(err.to_lowercase().contains("json"), "{err}");
     assert_eq!(single_int(&engine.sql("SELECT count(*) FROM kb").await.unwrap()), 400);
-    assert_eq!(row_count(&engine.sql("SELECT * FROM kb WHERE doc_id = 'n1'").await.unwrap()), 0);
+    assert_eq!(
+        row_count(&engine.sql("SELECT * FROM kb WHERE doc_id = 'n1'").await.unwrap()),
+        0
+    );
 }

@@ -42,10 +42,16 @@ pub async fn run(config: EngineConfig) -> anyhow::Result<()> {
     std::fs::write(&corpus, SAMPLE_CORPUS)?;
     let pipeline = config.data_dir.join("scifact_sample.sql");
     let corpus_path = corpus.canonicalize()?;
-    std::fs::write(&pipeline, PIPELINE.replace(PIPELINE_CORPUS_PATH, &corpus_path.to_string_lossy()))?;
+    std::fs::write(
+        &pipeline,
+        PIPELINE.replace(PIPELINE_CORPUS_PATH, &corpus_path.to_string_lossy()),
+    )?;
 
     let engine = Engine::new(config).await?;
-    println!("== Ingesting {} sample SciFact abstracts (pipelines/scifact_sample.sql)", SAMPLE_CORPUS.lines().count());
+    println!(
+        "== Ingesting {} sample SciFact abstracts (pipelines/scifact_sample.sql)",
+        SAMPLE_CORPUS.lines().count()
+    );
     crate::run_pipeline(&engine, &pipeline).await?;
     for (title, sql) in QUERIES {
         println!("\n== {title}\n{sql}");

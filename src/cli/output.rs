@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
+use clap::ValueEnum;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Schema};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::util::pretty::pretty_format_batches;
-use clap::ValueEnum;
 
 /// Output formats of `mkflow sql`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -37,7 +37,9 @@ pub fn render(batches: &[RecordBatch], format: Format) -> Result<String, ArrowEr
         Format::Csv => {
             let mut out = Vec::new();
             {
-                let mut writer = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+                let mut writer = datafusion::arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut out);
                 for batch in batches {
                     writer.write(batch)?;
                 }

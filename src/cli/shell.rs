@@ -22,7 +22,10 @@ Examples:
 pub async fn run(engine: &Engine, history_file: PathBuf) -> anyhow::Result<()> {
     let mut editor = DefaultEditor::new()?;
     let _ = editor.load_history(&history_file);
-    println!("mkflow shell — data in {}. \\help for help, \\q to quit.", engine.config().data_dir.display());
+    println!(
+        "mkflow shell — data in {}. \\help for help, \\q to quit.",
+        engine.config().data_dir.display()
+    );
     let mut buffer = String::new();
     loop {
         let prompt = if buffer.is_empty() { "mkflow> " } else { "     -> " };

@@ -39,21 +39,29 @@ impl BeirDataset {
                 continue;
             }
             let [query, doc, grade] = fields[..] else {
-                return Err(format!("{} line {}: expected 3 tab-separated fields", qrels_path.display(), n + 1));
+                return Err(format!(
+                    "{} line {}: expected 3 tab-separated fields",
+                    qrels_path.display(),
+                    n + 1
+                ));
             };
             let grade: i32 = grade
                 .trim()
                 .parse()
                 .map_err(|_| format!("{} line {}: bad score '{grade}'", qrels_path.display(), n + 1))?;
-            qrels.entry(query.to_string()).or_default().insert(doc.to_string(), grade);
+            qrels
+                .entry(query.to_string())
+                .or_default()
+                .insert(doc.to_string(), grade);
         }
         let queries_path = dir.join("queries.jsonl");
         let queries_text = fs::read_to_string(&queries_path).map_err(|e| format!("{}: {e}", queries_path.display()))?;
         let mut queries = Vec::new();
         for (n, line) in queries_text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let value: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| format!("{} line {}: {e}", queries_path.display(), n + 1))?;
-            let id = json_id(&value["_id"]).ok_or_else(|| format!("{} line {}: no _id", queries_path.display(), n + 1))?;
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{} line {}: {e}", queries_path.display(), n + 1))?;
+            let id =
+                json_id(&value["_id"]).ok_or_else(|| format!("{} line {}: no _id", queries_path.display(), n + 1))?;
             if qrels.contains_key(&id) {
                 queries.push((id, value["text"].as_str().unwrap_or_default().to_string()));
             }

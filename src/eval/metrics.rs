@@ -24,7 +24,12 @@ pub fn ndcg_at_k(ranking: &[String], judgements: &Judgements, k: usize) -> f64 {
         .sum();
     let mut ideal: Vec<f64> = judgements.values().filter(|g| **g > 0).map(|g| *g as f64).collect();
     ideal.sort_by(|a, b| b.total_cmp(a));
-    let idcg: f64 = ideal.iter().take(k).enumerate().map(|(i, g)| g / ((i + 2) as f64).log2()).sum();
+    let idcg: f64 = ideal
+        .iter()
+        .take(k)
+        .enumerate()
+        .map(|(i, g)| g / ((i + 2) as f64).log2())
+        .sum();
     if idcg == 0.0 { 0.0 } else { dcg / idcg }
 }
 

@@ -94,7 +94,13 @@ fn sql_string(text: &str) -> String {
 pub fn index_name(dataset: &str) -> String {
     let clean: String = dataset
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("eval_{clean}")
 }
@@ -217,7 +223,11 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
         let (runs, latencies) = run_mode(engine, &kb, &queries, mode).await?;
         mode_runs.push((mode, runs, latencies));
     }
-    let exact_runs = mode_runs.iter().find(|(m, _, _)| *m == Mode::Exact).map(|(_, r, _)| r.clone()).unwrap_or_default();
+    let exact_runs = mode_runs
+        .iter()
+        .find(|(m, _, _)| *m == Mode::Exact)
+        .map(|(_, r, _)| r.clone())
+        .unwrap_or_default();
     let ann_recall = mode_runs
         .iter()
         .find(|(m, _, _)| *m == Mode::Doc)
@@ -237,7 +247,9 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
         ann_recall_at_10: ann_recall,
         modes: mode_reports,
     };
-    report.write(&options.out_dir).map_err(|e| DataFusionError::Execution(format!("writing reports: {e}")))?;
+    report
+        .write(&options.out_dir)
+        .map_err(|e| DataFusionError::Execution(format!("writing reports: {e}")))?;
     Ok(report)
 }
 

@@ -143,7 +143,10 @@ impl EvalReport {
         std::fs::create_dir_all(dir)?;
         let mut json = serde_json::to_value(self).expect("report serialises");
         json["build_docs_per_second"] = serde_json::json!(self.build_docs_per_second());
-        std::fs::write(dir.join("eval.json"), serde_json::to_string_pretty(&json).expect("json"))?;
+        std::fs::write(
+            dir.join("eval.json"),
+            serde_json::to_string_pretty(&json).expect("json"),
+        )?;
         for mode in &self.modes {
             std::fs::write(dir.join(format!("run-{}.trec", mode.mode)), mode.trec())?;
         }

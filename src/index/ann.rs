@@ -96,7 +96,9 @@ impl AnnIndex {
     /// Loads an index saved by [`AnnIndex::save`], checking its dimensions.
     pub fn load(path: &Path, dimensions: usize, quantization: Quantization) -> Result<Self, IndexError> {
         let ann = AnnIndex::new(dimensions, quantization)?;
-        let path_str = path.to_str().ok_or_else(|| IndexError::Invalid(format!("non-UTF-8 path {}", path.display())))?;
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| IndexError::Invalid(format!("non-UTF-8 path {}", path.display())))?;
         let meta = usearch::Index::metadata(path_str).map_err(ann_error)?;
         if meta.dimensions as usize != dimensions {
             return Err(IndexError::Invalid(format!(
@@ -112,7 +114,9 @@ impl AnnIndex {
 
     /// Writes the index to `path`.
     pub fn save(&self, path: &Path) -> Result<(), IndexError> {
-        let path_str = path.to_str().ok_or_else(|| IndexError::Invalid(format!("non-UTF-8 path {}", path.display())))?;
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| IndexError::Invalid(format!("non-UTF-8 path {}", path.display())))?;
         self.index.save(path_str).map_err(ann_error)
     }
 
@@ -145,13 +149,54 @@ impl AnnIndex {
         self.index.add(key, vector).map_err(ann_error)
     }
 
+    /// Adds many vectors at once, on all cores (usearch inserts concurrently once capacity and
+    /// thread slots are reserved). Every vector is checked before any is added.
+    pub fn add_many(&self, items: &[(u64, &[f32])]) -> Result<(), IndexError> {
+        for (_, vector) in items {
+            self.check_vector(vector)?;
+        }
+        let needed = self.index.size() + items.len();
+        if needed > self.index.capacity() {
+            self.reserve(needed.max(self.index.capacity() * 2))?;
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(search_threads());
+        if threads <= 1 || items.len() < 256 {
+            return items
+                .iter()
+                .try_for_each(|(key, vector)| self.index.add(*key, vector).map_err(ann_error));
+        }
+        let chunk = items.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = items
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .try_for_each(|(key, vector)| self.index.add(*key, vector).map_err(ann_error))
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(IndexError::Ann("insert thread panicked".into())))
+            })
+        })
+    }
+
     /// Removes `key` (no-op when absent).
     pub fn remove(&self, key: u64) -> Result<(), IndexError> {
         self.index.remove(key).map(|_| ()).map_err(ann_error)
     }
 
     /// The `k` nearest vectors to `query` whose keys pass `filter` (all keys when `None`).
-    pub fn search(&self, query: &[f32], k: usize, filter: Option<&dyn Fn(u64) -> bool>) -> Result<Vec<Hit>, IndexError> {
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<Vec<Hit>, IndexError> {
         self.check_vector(query)?;
         if k == 0 || self.index.size() == 0 {
             return Ok(Vec::new());
@@ -165,7 +210,10 @@ impl AnnIndex {
             .keys
             .into_iter()
             .zip(matches.distances)
-            .map(|(key, distance)| Hit { key, score: 1.0 - distance })
+            .map(|(key, distance)| Hit {
+                key,
+                score: 1.0 - distance,
+            })
             .collect())
     }
 

@@ -142,7 +142,10 @@ pub struct KnowledgeIndex {
 
 /// The Arrow type of a vector column of `dimensions` floats.
 pub fn vector_type(dimensions: usize) -> DataType {
-    DataType::FixedSizeList(Arc::new(Field::new("item", DataType::Float32, false)), dimensions as i32)
+    DataType::FixedSizeList(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        dimensions as i32,
+    )
 }
 
 impl KnowledgeIndex {
@@ -150,7 +153,10 @@ impl KnowledgeIndex {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, IndexError> {
         let dir = dir.as_ref();
         let manifest = Manifest::read(dir)?.ok_or_else(|| {
-            IndexError::Invalid(format!("{} holds no knowledge index ({MANIFEST_FILE} missing)", dir.display()))
+            IndexError::Invalid(format!(
+                "{} holds no knowledge index ({MANIFEST_FILE} missing)",
+                dir.display()
+            ))
         })?;
         let (schema, state) = load_state(dir, manifest)?;
         Self::from_parts(dir, schema, state)
@@ -158,7 +164,11 @@ impl KnowledgeIndex {
 
     /// Opens the index in `dir`, or creates it with `columns` (the vector column is appended)
     /// and `settings`. An existing index must match the settings and columns.
-    pub fn open_or_create(dir: impl AsRef<Path>, columns: &Schema, settings: &IndexSettings) -> Result<Self, IndexError> {
+    pub fn open_or_create(
+        dir: impl AsRef<Path>,
+        columns: &Schema,
+        settings: &IndexSettings,
+    ) -> Result<Self, IndexError> {
         let dir = dir.as_ref();
         if Manifest::read(dir)?.is_some() {
             let index = Self::open(dir)?;
@@ -225,12 +235,22 @@ impl KnowledgeIndex {
             return mismatch("model", manifest.model, settings.model.clone());
         }
         if manifest.dimensions != settings.dimensions {
-            return mismatch("dimension", manifest.dimensions.to_string(), settings.dimensions.to_string());
+            return mismatch(
+                "dimension",
+                manifest.dimensions.to_string(),
+                settings.dimensions.to_string(),
+            );
         }
         for field in columns.fields() {
             match self.schema.field_with_name(field.name()) {
                 Ok(_) => {}
-                Err(_) => return mismatch("columns", self.column_names().join(", "), format!("a column '{}'", field.name())),
+                Err(_) => {
+                    return mismatch(
+                        "columns",
+                        self.column_names().join(", "),
+                        format!("a column '{}'", field.name()),
+                    );
+                }
             }
         }
         Ok(())
@@ -318,25 +338,35 @@ impl KnowledgeIndex {
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let applied = (|| {
+            let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
+            let first_new_key = state.manifest.next_key;
             for (batch, doc_ids, vectors) in prepared {
                 let first_key = state.manifest.next_key;
                 let keys: Vec<u64> = (first_key..first_key + batch.num_rows() as u64).collect();
                 state.manifest.next_key += batch.num_rows() as u64;
                 let segment_index = state.segments.len();
-                for (row, (doc_id, &key)) in doc_ids.into_iter().zip(&keys).enumerate() {
+                for (row, ((doc_id, &key), vector)) in doc_ids.into_iter().zip(&keys).zip(vectors).enumerate() {
                     if let Some(old) = state.doc_keys.insert(doc_id, key) {
                         state.locations.remove(&old);
-                        state.ann.remove(old)?;
-                        stats.replaced += 1;
+                        if old >= first_new_key {
+                            // The same document earlier in this upsert: its vector is not in
+                            // the graph yet, so drop it from the pending additions.
+                            additions.retain(|(k, _)| *k != old);
+                        } else {
+                            state.ann.remove(old)?;
+                            stats.replaced += 1;
+                        }
                     }
                     state.locations.insert(key, (segment_index, row));
-                    if let Some(vector) = vectors.get(row).and_then(|v| v.as_deref()) {
-                        state.ann.add(key, vector)?;
+                    if let Some(vector) = vector {
+                        additions.push((key, vector));
                     }
                     stats.rows += 1;
                 }
                 state.segments.push(Segment { batch, keys });
             }
+            let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+            state.ann.add_many(&items)?;
             self.persist(&mut state)
         })();
         if let Err(e) = applied {
@@ -406,23 +436,6 @@ impl KnowledgeIndex {
                 batch.num_columns()
             )));
         }
-        let dims = self.read_state().manifest.dimensions;
-        let vectors = extract_vectors(batch.column(self.vector_column), dims)?;
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
-        for (i, field) in self.schema.fields().iter().enumerate() {
-            let column = batch.column(i);
-            if i == self.vector_column {
-                columns.push(vectors_to_column(&vectors, dims)?);
-            } else if column.data_type() == field.data_type() {
-                columns.push(column.clone());
-            } else {
-                columns.push(cast(column, field.data_type()).map_err(|e| {
-                    IndexError::Invalid(format!("column '{}': {e}", field.name()))
-                })?);
-            }
-        }
-        let batch = RecordBatch::try_new(self.schema.clone(), columns)
-            .map_err(|e| IndexError::Invalid(e.to_string()))?;
         let ids = cast(batch.column(self.key_column), &DataType::Utf8)?;
         let ids: &StringArray = ids.as_string();
         let key_name = self.schema.field(self.key_column).name();
@@ -433,6 +446,24 @@ impl KnowledgeIndex {
                     .ok_or_else(|| IndexError::Invalid(format!("row {row}: key column '{key_name}' is null")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let dims = self.read_state().manifest.dimensions;
+        let vectors = extract_vectors(batch.column(self.vector_column), dims)?;
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+        for (i, field) in self.schema.fields().iter().enumerate() {
+            let column = batch.column(i);
+            if i == self.vector_column {
+                columns.push(vectors_to_column(&vectors, dims)?);
+            } else if column.data_type() == field.data_type() {
+                columns.push(column.clone());
+            } else {
+                columns.push(
+                    cast(column, field.data_type())
+                        .map_err(|e| IndexError::Invalid(format!("column '{}': {e}", field.name())))?,
+                );
+            }
+        }
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| IndexError::Invalid(e.to_string()))?;
         Ok((batch, doc_ids, vectors))
     }
 
@@ -454,7 +485,12 @@ impl KnowledgeIndex {
         manifest.write_atomic(&self.dir)?;
         state.manifest = manifest;
         // Rebuild the in-memory maps around the compacted segment.
-        state.locations = compacted.keys.iter().enumerate().map(|(row, &key)| (key, (0, row))).collect();
+        state.locations = compacted
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(row, &key)| (key, (0, row)))
+            .collect();
         state.segments = vec![compacted];
         for old in old_files.iter().filter(|f| !f.is_empty()) {
             let _ = fs::remove_file(self.dir.join(old));
@@ -481,7 +517,11 @@ fn table_schema(columns: &Schema, settings: &IndexSettings) -> Result<SchemaRef,
         }
         fields.push(field.as_ref().clone());
     }
-    fields.push(Field::new(&settings.vector_column, vector_type(settings.dimensions), true));
+    fields.push(Field::new(
+        &settings.vector_column,
+        vector_type(settings.dimensions),
+        true,
+    ));
     Ok(Arc::new(Schema::new(fields)))
 }
 
@@ -492,9 +532,9 @@ fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), Inde
     let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
     let stored_schema = reader.schema();
     let batches = reader.collect::<Result<Vec<_>, _>>()?;
-    let key_position = stored_schema.index_of(KEY_FIELD).map_err(|_| {
-        IndexError::Invalid(format!("{} lacks the {KEY_FIELD} column", rows_path.display()))
-    })?;
+    let key_position = stored_schema
+        .index_of(KEY_FIELD)
+        .map_err(|_| IndexError::Invalid(format!("{} lacks the {KEY_FIELD} column", rows_path.display())))?;
     let fields: Vec<_> = stored_schema
         .fields()
         .iter()
@@ -503,15 +543,27 @@ fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), Inde
         .map(|(_, f)| f.clone())
         .collect();
     let schema = Arc::new(Schema::new(fields));
-    let ann = AnnIndex::load(&dir.join(&manifest.ann_file), manifest.dimensions, manifest.quantization)?;
+    let ann = AnnIndex::load(
+        &dir.join(&manifest.ann_file),
+        manifest.dimensions,
+        manifest.quantization,
+    )?;
     let key_column = schema.index_of(&manifest.key_column).map_err(|_| {
-        IndexError::Invalid(format!("key column '{}' missing from {}", manifest.key_column, rows_path.display()))
+        IndexError::Invalid(format!(
+            "key column '{}' missing from {}",
+            manifest.key_column,
+            rows_path.display()
+        ))
     })?;
     let mut segments = Vec::new();
     let mut locations = HashMap::new();
     let mut doc_keys = HashMap::new();
     for batch in batches {
-        let keys: Vec<u64> = batch.column(key_position).as_primitive::<datafusion::arrow::datatypes::UInt64Type>().values().to_vec();
+        let keys: Vec<u64> = batch
+            .column(key_position)
+            .as_primitive::<datafusion::arrow::datatypes::UInt64Type>()
+            .values()
+            .to_vec();
         let mut columns = batch.columns().to_vec();
         columns.remove(key_position);
         let batch = RecordBatch::try_new(schema.clone(), columns)?;
@@ -567,7 +619,12 @@ fn compact(schema: &SchemaRef, state: &State) -> Result<Segment, IndexError> {
     let mut batches = Vec::new();
     let mut keys = Vec::new();
     for segment in &state.segments {
-        let live: Vec<u64> = segment.keys.iter().copied().filter(|k| state.locations.contains_key(k)).collect();
+        let live: Vec<u64> = segment
+            .keys
+            .iter()
+            .copied()
+            .filter(|k| state.locations.contains_key(k))
+            .collect();
         if live.is_empty() {
             continue;
         }
@@ -590,14 +647,19 @@ fn write_rows(path: &Path, schema: &SchemaRef, segment: &Segment) -> Result<(), 
     let mut writer = FileWriter::try_new(std::io::BufWriter::new(file), &file_schema)?;
     writer.write(&batch)?;
     writer.finish()?;
-    let file = writer.into_inner()?.into_inner().map_err(|e| IndexError::io(&tmp, e.into_error()))?;
+    let file = writer
+        .into_inner()?
+        .into_inner()
+        .map_err(|e| IndexError::io(&tmp, e.into_error()))?;
     file.sync_all().map_err(|e| IndexError::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| IndexError::io(path, e))?;
     Ok(())
 }
 
 fn fsync_file(path: &Path) -> Result<(), IndexError> {
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| IndexError::io(path, e))?;
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| IndexError::io(path, e))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
@@ -606,20 +668,29 @@ fn fsync_file(path: &Path) -> Result<(), IndexError> {
 fn extract_vectors(column: &ArrayRef, dims: usize) -> Result<Vec<Option<Vec<f32>>>, IndexError> {
     let as_f32 = |values: &ArrayRef| -> Result<Vec<f32>, IndexError> {
         let values = cast(values, &DataType::Float32)?;
-        Ok(values.as_primitive::<datafusion::arrow::datatypes::Float32Type>().values().to_vec())
+        Ok(values
+            .as_primitive::<datafusion::arrow::datatypes::Float32Type>()
+            .values()
+            .to_vec())
     };
     let rows: Vec<Option<ArrayRef>> = match column.data_type() {
         DataType::FixedSizeList(_, _) => {
             let list = column.as_fixed_size_list();
-            (0..list.len()).map(|i| list.is_valid(i).then(|| list.value(i))).collect()
+            (0..list.len())
+                .map(|i| list.is_valid(i).then(|| list.value(i)))
+                .collect()
         }
         DataType::List(_) => {
             let list = column.as_list::<i32>();
-            (0..list.len()).map(|i| list.is_valid(i).then(|| list.value(i))).collect()
+            (0..list.len())
+                .map(|i| list.is_valid(i).then(|| list.value(i)))
+                .collect()
         }
         DataType::LargeList(_) => {
             let list = column.as_list::<i64>();
-            (0..list.len()).map(|i| list.is_valid(i).then(|| list.value(i))).collect()
+            (0..list.len())
+                .map(|i| list.is_valid(i).then(|| list.value(i)))
+                .collect()
         }
         DataType::Null => vec![None; column.len()],
         other => {
@@ -657,12 +728,13 @@ fn vectors_to_column(vectors: &[Option<Vec<f32>>], dims: usize) -> Result<ArrayR
         }
     }
     let present: Vec<bool> = vectors.iter().map(Option::is_some).collect();
-    mkflow_udfs::embedding::vectors_to_array(flat, present, dims)
-        .map_err(|e| IndexError::Invalid(e.to_string()))
+    mkflow_udfs::embedding::vectors_to_array(flat, present, dims).map_err(|e| IndexError::Invalid(e.to_string()))
 }
 
 /// Exposes a vector column's values as a flat slice (nulls are zero vectors).
 fn vector_values(column: &ArrayRef) -> &[f32] {
     let list: &FixedSizeListArray = column.as_fixed_size_list();
-    list.values().as_primitive::<datafusion::arrow::datatypes::Float32Type>().values()
+    list.values()
+        .as_primitive::<datafusion::arrow::datatypes::Float32Type>()
+        .values()
 }

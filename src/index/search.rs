@@ -61,7 +61,12 @@ impl KnowledgeIndex {
 
     /// The `k` rows nearest to `query` among those passing `filter`, best first, as one batch
     /// of [`KnowledgeIndex::search_schema`].
-    pub fn search(&self, query: &[f32], k: usize, filter: Option<&RowPredicate<'_>>) -> Result<RecordBatch, IndexError> {
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        filter: Option<&RowPredicate<'_>>,
+    ) -> Result<RecordBatch, IndexError> {
         let state = self.read_state();
         state.ann.check_vector(query)?;
         let hits = match filter {
@@ -106,7 +111,8 @@ impl KnowledgeIndex {
             let mask = filter(&segment.batch)?;
             let vectors = segment.batch.column(self.vector_column);
             for (row, &key) in segment.keys.iter().enumerate() {
-                if mask.is_valid(row) && mask.value(row) && vectors.is_valid(row) && state.locations.contains_key(&key) {
+                if mask.is_valid(row) && mask.value(row) && vectors.is_valid(row) && state.locations.contains_key(&key)
+                {
                     allowed.insert(key);
                 }
             }
@@ -115,7 +121,13 @@ impl KnowledgeIndex {
     }
 
     /// Brute-force cosine similarity over live rows (restricted to `allowed` when given).
-    fn exact_hits(&self, state: &State, query: &[f32], k: usize, allowed: Option<&KeySet>) -> Result<Vec<Hit>, IndexError> {
+    fn exact_hits(
+        &self,
+        state: &State,
+        query: &[f32],
+        k: usize,
+        allowed: Option<&KeySet>,
+    ) -> Result<Vec<Hit>, IndexError> {
         let dims = query.len();
         let query_norm = query.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
         let mut hits: Vec<Hit> = Vec::new();
@@ -128,7 +140,10 @@ impl KnowledgeIndex {
                     continue;
                 }
                 let v = &values[row * dims..(row + 1) * dims];
-                let (dot, norm) = v.iter().zip(query).fold((0.0f32, 0.0f32), |(d, n), (a, b)| (d + a * b, n + a * a));
+                let (dot, norm) = v
+                    .iter()
+                    .zip(query)
+                    .fold((0.0f32, 0.0f32), |(d, n), (a, b)| (d + a * b, n + a * a));
                 hits.push(Hit {
                     key,
                     score: dot / (query_norm * norm.sqrt().max(f32::MIN_POSITIVE)),

@@ -33,7 +33,9 @@ fn vector(seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut v: Vec<f32> = (0..DIMS)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         })
         .collect();
@@ -42,7 +44,12 @@ fn vector(seed: u64) -> Vec<f32> {
     v
 }
 
-fn batch(index: &KnowledgeIndex, ids: std::ops::Range<u64>, category: impl Fn(u64) -> i64, seed_offset: u64) -> RecordBatch {
+fn batch(
+    index: &KnowledgeIndex,
+    ids: std::ops::Range<u64>,
+    category: impl Fn(u64) -> i64,
+    seed_offset: u64,
+) -> RecordBatch {
     let doc_ids: StringArray = ids.clone().map(|i| Some(format!("doc-{i}"))).collect();
     let categories: Int64Array = ids.clone().map(|i| Some(category(i))).collect();
     let flat: Vec<f32> = ids.clone().flat_map(|i| vector(i + seed_offset)).collect();
@@ -63,7 +70,11 @@ fn ids_of(batch: &RecordBatch) -> Vec<String> {
 }
 
 fn scores_of(batch: &RecordBatch) -> Vec<f32> {
-    batch.column(batch.num_columns() - 1).as_primitive::<Float32Type>().values().to_vec()
+    batch
+        .column(batch.num_columns() - 1)
+        .as_primitive::<Float32Type>()
+        .values()
+        .to_vec()
 }
 
 fn category_filter(wanted: i64) -> impl Fn(&RecordBatch) -> Result<BooleanArray, IndexError> {
@@ -110,7 +121,13 @@ fn upsert_replaces_row_and_vector_and_delete_removes() {
     assert_ne!(ids_of(&old), vec!["doc-5"]);
 
     let deleted = index
-        .delete(&|b: &RecordBatch| Ok(b.column(0).as_string::<i32>().iter().map(|id| Some(id == Some("doc-5"))).collect()))
+        .delete(&|b: &RecordBatch| {
+            Ok(b.column(0)
+                .as_string::<i32>()
+                .iter()
+                .map(|id| Some(id == Some("doc-5")))
+                .collect())
+        })
         .unwrap();
     assert_eq!(deleted, 1);
     assert_eq!(index.len(), 99);
@@ -128,7 +145,9 @@ fn upsert_replaces_row_and_vector_and_delete_removes() {
 fn filtered_search_returns_k_rows_at_one_percent_selectivity() {
     let dir = tempfile::tempdir().unwrap();
     let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
-    index.upsert(&[batch(&index, 0..20_000, |i| (i % 100) as i64, 0)]).unwrap();
+    index
+        .upsert(&[batch(&index, 0..20_000, |i| (i % 100) as i64, 0)])
+        .unwrap();
     // Both paths: exact over the 200 passing rows, and the filtered HNSW walk.
     for threshold in [DEFAULT_EXACT_SEARCH_MAX_ROWS, 0] {
         index.set_exact_search_max_rows(threshold);
@@ -144,9 +163,17 @@ fn filtered_search_returns_k_rows_at_one_percent_selectivity() {
     }
     // Fewer matches than k: all of them.
     let result = index
-        .search(&vector(1), 10, Some(&|b: &RecordBatch| {
-            Ok(b.column(0).as_string::<i32>().iter().map(|id| Some(id == Some("doc-3") || id == Some("doc-4"))).collect())
-        }))
+        .search(
+            &vector(1),
+            10,
+            Some(&|b: &RecordBatch| {
+                Ok(b.column(0)
+                    .as_string::<i32>()
+                    .iter()
+                    .map(|id| Some(id == Some("doc-3") || id == Some("doc-4")))
+                    .collect())
+            }),
+        )
         .unwrap();
     assert_eq!(result.num_rows(), 2);
 }
@@ -159,7 +186,8 @@ fn hnsw_agrees_with_exact_search() {
     let mut found = 0;
     for q in 0..50 {
         let query = vector(90_000 + q);
-        let ann: std::collections::HashSet<String> = ids_of(&index.search(&query, 10, None).unwrap()).into_iter().collect();
+        let ann: std::collections::HashSet<String> =
+            ids_of(&index.search(&query, 10, None).unwrap()).into_iter().collect();
         let exact = ids_of(&index.exact_search(&query, 10).unwrap());
         found += exact.iter().filter(|id| ann.contains(*id)).count();
     }
@@ -191,7 +219,11 @@ fn wrong_dimension_is_refused_and_index_unchanged() {
     ]));
     let bad = RecordBatch::try_new(
         schema,
-        vec![Arc::new(StringArray::from(vec!["x"])), Arc::new(Int64Array::from(vec![1])), Arc::new(list)],
+        vec![
+            Arc::new(StringArray::from(vec!["x"])),
+            Arc::new(Int64Array::from(vec![1])),
+            Arc::new(list),
+        ],
     )
     .unwrap();
     let err = index.upsert(&[bad]).unwrap_err();
@@ -235,10 +267,61 @@ fn null_key_is_an_error() {
     let mut columns = good.columns().to_vec();
     columns[0] = Arc::new(StringArray::from(vec![None::<&str>]));
     let nullable = Arc::new(Schema::new(
-        index.schema().fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect::<Vec<_>>(),
+        index
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
     ));
     let bad = RecordBatch::try_new(nullable, columns).unwrap();
     let err = index.upsert(&[bad]).unwrap_err();
     assert!(err.to_string().contains("is null"), "{err}");
     assert!(index.is_empty());
+}
+
+#[test]
+fn quantized_indexes_search_and_reopen() {
+    for quantization in [Quantization::F16, Quantization::I8] {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = IndexSettings {
+            quantization,
+            ..settings()
+        };
+        let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings).unwrap();
+        index.upsert(&[batch(&index, 0..3000, |_| 0, 0)]).unwrap();
+        // A stored vector finds itself first; scores stay close to exact cosine.
+        let hit = index.search(&vector(123), 1, None).unwrap();
+        assert_eq!(ids_of(&hit), vec!["doc-123"], "{quantization:?}");
+        assert!(
+            (scores_of(&hit)[0] - 1.0).abs() < 0.02,
+            "{quantization:?}: {}",
+            scores_of(&hit)[0]
+        );
+        drop(index);
+        let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+        assert_eq!(reopened.manifest().quantization, quantization);
+        assert_eq!(
+            ids_of(&reopened.search(&vector(123), 1, None).unwrap()),
+            vec!["doc-123"]
+        );
+    }
+}
+
+#[test]
+fn duplicate_keys_within_one_upsert_keep_the_last_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    let first = batch(&index, 0..400, |_| 1, 0);
+    // The same 400 doc ids again with other vectors and category 2, in the same upsert.
+    let second = batch(&index, 0..400, |_| 2, 10_000);
+    let stats = index.upsert(&[first, second]).unwrap();
+    assert_eq!(stats.rows, 800);
+    assert_eq!(stats.replaced, 0);
+    assert_eq!(index.len(), 400);
+    assert_eq!(index.ann_stats().0, 400);
+    let hits = index.search(&vector(10_007), 10, None).unwrap();
+    assert_eq!(hits.num_rows(), 10);
+    assert_eq!(ids_of(&hits)[0], "doc-7");
+    assert!(hits.column(1).as_primitive::<Int64Type>().iter().all(|c| c == Some(2)));
 }

@@ -79,7 +79,11 @@ impl TextFilesTable {
             Field::new("modified", DataType::Timestamp(TimeUnit::Millisecond, None), true),
             Field::new("error", DataType::Utf8, true),
         ]));
-        TextFilesTable { root, extensions, schema }
+        TextFilesTable {
+            root,
+            extensions,
+            schema,
+        }
     }
 
     fn files(&self) -> Vec<PathBuf> {
@@ -154,14 +158,22 @@ impl TextFilesTable {
 
 fn read_text(file: &Path) -> std::result::Result<String, String> {
     let bytes = std::fs::read(file).map_err(|e| format!("cannot read: {e}"))?;
-    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()))
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 /// The first Markdown heading, else the first non-empty line, else the file stem.
 fn title_of(text: &str, file: &Path) -> String {
     let lines = || text.lines().map(str::trim).filter(|l| !l.is_empty());
     lines()
-        .find_map(|l| l.strip_prefix('#').map(|h| h.trim_start_matches('#').trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix('#')
+                .map(|h| h.trim_start_matches('#').trim().to_string())
+        })
         .filter(|h| !h.is_empty())
         .or_else(|| lines().next().map(|l| l.chars().take(200).collect()))
         .unwrap_or_else(|| file.file_stem().unwrap_or_default().to_string_lossy().to_string())
@@ -185,7 +197,8 @@ impl TableProvider for TextFilesTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let batches = self.read_batches()?;
-        let source = MemorySourceConfig::try_new(&[batches], self.schema.clone(), projection.cloned())?.with_limit(limit);
+        let source =
+            MemorySourceConfig::try_new(&[batches], self.schema.clone(), projection.cloned())?.with_limit(limit);
         Ok(DataSourceExec::from_data_source(source))
     }
 }

@@ -22,10 +22,8 @@ pub fn is_row_filter(filter: &Expr, schema: &SchemaRef) -> bool {
 }
 
 fn is_volatile(expr: &Expr) -> bool {
-    expr.exists(|e| {
-        Ok(matches!(e, Expr::ScalarFunction(f) if f.func.signature().volatility == Volatility::Volatile))
-    })
-    .unwrap_or(true)
+    expr.exists(|e| Ok(matches!(e, Expr::ScalarFunction(f) if f.func.signature().volatility == Volatility::Volatile)))
+        .unwrap_or(true)
 }
 
 /// Pushdown support for each filter: exact where it reads only index columns.
@@ -72,7 +70,10 @@ impl CompiledFilter {
             .and_then(|v| v.into_array(batch.num_rows()))
             .map_err(|e| IndexError::Filter(e.to_string()))?;
         if value.data_type() != &DataType::Boolean {
-            return Err(IndexError::Filter(format!("filter gives {}, not a boolean", value.data_type())));
+            return Err(IndexError::Filter(format!(
+                "filter gives {}, not a boolean",
+                value.data_type()
+            )));
         }
         Ok(value.as_boolean().clone())
     }

@@ -37,7 +37,12 @@ pub struct KbTableFactory {
 
 impl KbTableFactory {
     /// A factory placing relative locations under `data_dir`.
-    pub fn new(data_dir: PathBuf, models: Arc<ModelRegistry>, registry: Arc<KbRegistry>, progress: Arc<IngestProgress>) -> Self {
+    pub fn new(
+        data_dir: PathBuf,
+        models: Arc<ModelRegistry>,
+        registry: Arc<KbRegistry>,
+        progress: Arc<IngestProgress>,
+    ) -> Self {
         KbTableFactory {
             data_dir,
             models,
@@ -49,7 +54,11 @@ impl KbTableFactory {
     /// Where a `LOCATION` points.
     pub fn resolve(&self, location: &str) -> PathBuf {
         let path = Path::new(location);
-        if path.is_absolute() { path.to_path_buf() } else { self.data_dir.join(path) }
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.data_dir.join(path)
+        }
     }
 
     fn settings(&self, cmd: &CreateExternalTable) -> Result<IndexSettings> {
@@ -68,11 +77,11 @@ impl KbTableFactory {
         }
         let model = option("model").unwrap_or_else(|| self.models.default_model().spec().name.clone());
         let dimensions = match option("dimensions") {
-            Some(d) => d
-                .parse::<usize>()
-                .ok()
-                .filter(|d| *d > 0)
-                .ok_or_else(|| DataFusionError::Plan(format!("option dimensions: '{d}' is not a positive integer")))?,
+            Some(d) => {
+                d.parse::<usize>().ok().filter(|d| *d > 0).ok_or_else(|| {
+                    DataFusionError::Plan(format!("option dimensions: '{d}' is not a positive integer"))
+                })?
+            }
             None => match self.models.get(&model) {
                 Some(m) => m.spec().dimensions,
                 None => {

@@ -23,7 +23,11 @@ impl KbRegistry {
 
     /// The index called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<KnowledgeIndex>> {
-        self.indexes.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.indexes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Names of all known indexes, sorted.

@@ -57,7 +57,9 @@ fn literal(expr: &Expr) -> Option<&ScalarValue> {
 
 fn string_arg(expr: &Expr) -> Option<String> {
     match literal(expr)? {
-        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => Some(s.clone()),
+        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+            Some(s.clone())
+        }
         _ => None,
     }
 }
@@ -104,7 +106,11 @@ impl TableFunctionImpl for VectorSearchFunction {
         if !(2..=4).contains(&exprs.len()) {
             return plan_err!("vector_search takes 2 to 4 arguments; {USAGE}");
         }
-        let name = table_arg(&exprs[0]).ok_or_else(|| DataFusionError::Plan(format!("vector_search: the first argument must name a knowledge index; {USAGE}")))?;
+        let name = table_arg(&exprs[0]).ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "vector_search: the first argument must name a knowledge index; {USAGE}"
+            ))
+        })?;
         let index = self.registry.get(&name).ok_or_else(|| {
             DataFusionError::Plan(format!(
                 "vector_search: no knowledge index called '{name}' (known: {})",
@@ -114,9 +120,11 @@ impl TableFunctionImpl for VectorSearchFunction {
         let mut k = None;
         let mut rest = &exprs[2..];
         if let Some(first) = rest.first().filter(|e| int_arg(e).is_none()) {
-            let column = string_arg(first)
-                .or_else(|| table_arg(first))
-                .ok_or_else(|| DataFusionError::Plan(format!("vector_search: the third argument must be k or a column name; {USAGE}")))?;
+            let column = string_arg(first).or_else(|| table_arg(first)).ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "vector_search: the third argument must be k or a column name; {USAGE}"
+                ))
+            })?;
             if index.schema().field_with_name(&column).is_err() {
                 return plan_err!("vector_search: '{name}' has no column '{column}'");
             }
@@ -150,7 +158,9 @@ impl VectorSearchFunction {
             ))
         })?;
         let embedder = model.get().map_err(|e| DataFusionError::External(Box::new(e)))?;
-        embedder.embed_one(&text).map_err(|e| DataFusionError::External(Box::new(e)))
+        embedder
+            .embed_one(&text)
+            .map_err(|e| DataFusionError::External(Box::new(e)))
     }
 }
 
@@ -185,7 +195,11 @@ impl TableProvider for VectorSearchTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let k = self.k.or(limit).unwrap_or(DEFAULT_K);
         let row_schema = self.index.schema();
-        let pushed: Vec<Expr> = filters.iter().filter(|f| is_row_filter(f, &row_schema)).cloned().collect();
+        let pushed: Vec<Expr> = filters
+            .iter()
+            .filter(|f| is_row_filter(f, &row_schema))
+            .cloned()
+            .collect();
         let filter = CompiledFilter::compile(state, &row_schema, &pushed)?;
         let batch = match &filter {
             Some(f) => self.index.search(&self.query, k, Some(&|b| f.evaluate(b))),

@@ -24,6 +24,7 @@ pub async fn engine(data_dir: &Path) -> Engine {
         data_dir: data_dir.to_path_buf(),
         home: assets_home(),
         default_model: None,
+        embed_threads: None,
     };
     Engine::new(config).await.expect("engine starts")
 }
@@ -50,9 +51,15 @@ pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
     batches
         .iter()
         .flat_map(|b| {
-            let array = datafusion::arrow::compute::cast(b.column_by_name(column).expect("column exists"), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
+            let array = datafusion::arrow::compute::cast(
+                b.column_by_name(column).expect("column exists"),
+                &datafusion::arrow::datatypes::DataType::Utf8,
+            )
+            .unwrap();
             let array = array.as_string::<i32>().clone();
-            (0..array.len()).map(move |i| array.value(i).to_string()).collect::<Vec<_>>()
+            (0..array.len())
+                .map(move |i| array.value(i).to_string())
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -61,7 +68,13 @@ pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
 pub fn floats(batches: &[RecordBatch], column: &str) -> Vec<f32> {
     batches
         .iter()
-        .flat_map(|b| b.column_by_name(column).expect("column exists").as_primitive::<Float32Type>().values().to_vec())
+        .flat_map(|b| {
+            b.column_by_name(column)
+                .expect("column exists")
+                .as_primitive::<Float32Type>()
+                .values()
+                .to_vec()
+        })
         .collect()
 }
 

@@ -185,8 +185,7 @@ impl Embedder {
             let pooled = self.run_encoded(&batch)?;
             for (row, &i) in call.iter().enumerate() {
                 let slot = slots[i];
-                out.vectors[slot * dims..(slot + 1) * dims]
-                    .copy_from_slice(&pooled[row * dims..(row + 1) * dims]);
+                out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(&pooled[row * dims..(row + 1) * dims]);
                 out.present[slot] = true;
             }
         }
@@ -231,15 +230,19 @@ impl Embedder {
             input_tensor(shape, &ids).map_err(inference_error)?,
         )];
         if let Some(name) = &self.io.attention_mask {
-            inputs.push((Cow::from(name.as_str()), input_tensor(shape, &mask).map_err(inference_error)?));
+            inputs.push((
+                Cow::from(name.as_str()),
+                input_tensor(shape, &mask).map_err(inference_error)?,
+            ));
         }
         if let Some(name) = &self.io.token_type_ids {
-            inputs.push((Cow::from(name.as_str()), input_tensor(shape, &type_ids).map_err(inference_error)?));
+            inputs.push((
+                Cow::from(name.as_str()),
+                input_tensor(shape, &type_ids).map_err(inference_error)?,
+            ));
         }
         let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        let outputs = session
-            .run(inputs)
-            .map_err(|e| inference_error(e.to_string()))?;
+        let outputs = session.run(inputs).map_err(|e| inference_error(e.to_string()))?;
         let (out_shape, hidden) = outputs[self.io.output.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(|e| inference_error(e.to_string()))?;
