@@ -120,6 +120,19 @@ mod tests {
     }
 
     #[test]
+    fn tied_grades_and_tied_positions() {
+        // Two equally relevant documents: either order is ideal.
+        let judgements = judged(&[("a", 1), ("b", 1)]);
+        assert!((ndcg_at_k(&ids(&["a", "b"]), &judgements, 10) - 1.0).abs() < 1e-12);
+        assert!((ndcg_at_k(&ids(&["b", "a"]), &judgements, 10) - 1.0).abs() < 1e-12);
+        // Documents the run scored equally keep the order given: the relevant one second.
+        let value = ndcg_at_k(&ids(&["x", "a"]), &judged(&[("a", 1)]), 10);
+        assert!((value - 1.0 / 3f64.log2()).abs() < 1e-12);
+        // A duplicate in the run is not counted as a second relevant hit by recall.
+        assert_eq!(recall_at_k(&ids(&["a", "a"]), &judgements, 10), 0.5);
+    }
+
+    #[test]
     fn recall_and_mrr() {
         let judgements = judged(&[("a", 1), ("b", 1), ("c", 0)]);
         let ranking = ids(&["c", "x", "b"]);

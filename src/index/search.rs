@@ -135,7 +135,7 @@ impl KnowledgeIndex {
             let column = segment.batch.column(self.vector_column);
             let values = vector_values(column);
             for (row, &key) in segment.keys.iter().enumerate() {
-                let passes = allowed.map_or(true, |a| a.contains(key));
+                let passes = allowed.is_none_or(|a| a.contains(key));
                 if !passes || !column.is_valid(row) || !state.locations.contains_key(&key) {
                     continue;
                 }

@@ -112,9 +112,14 @@ impl TableFunctionImpl for VectorSearchFunction {
             ))
         })?;
         let index = self.registry.get(&name).ok_or_else(|| {
+            let known = self.registry.names();
             DataFusionError::Plan(format!(
-                "vector_search: no knowledge index called '{name}' (known: {})",
-                self.registry.names().join(", ")
+                "vector_search: no knowledge index called '{name}' ({})",
+                if known.is_empty() {
+                    "this data directory has none yet: create one with CREATE EXTERNAL TABLE … STORED AS KB".to_string()
+                } else {
+                    format!("known: {}", known.join(", "))
+                }
             ))
         })?;
         let mut k = None;

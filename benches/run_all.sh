@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The benchmark suite, one command: every comparison runs its baseline in the same run.
+#   benches/run_all.sh            (about 15 minutes on 2 cores)
+# 1. embed() through SQL vs a bare ort loop; token-budget vs fixed-size batching
+# 2. vector_search through SQL vs bare usearch on 100k vectors (p50/p99), plus filtered search
+# 3. ingest: mkflow vs a hand-written Python pipeline (onnxruntime + tokenizers + usearch)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Dependencies are optimised in the dev profile (see Cargo.toml), so benchmarks reuse the test
+# build instead of a separate release build.
+MKFLOW_BENCH_DOCS="${MKFLOW_BENCH_DOCS:-400}" cargo bench --profile dev --bench embedding
+cargo bench --profile dev --bench search
+benches/compare_python.sh data/sample/scifact-sample.jsonl 400
