@@ -43,7 +43,8 @@ pub fn recall_at_k(ranking: &[String], judgements: &Judgements, k: usize) -> f64
         .iter()
         .take(k)
         .filter(|doc| judgements.get(*doc).is_some_and(|g| *g > 0))
-        .count();
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     found as f64 / relevant as f64
 }
 
