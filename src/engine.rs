@@ -186,7 +186,13 @@ impl Engine {
         let mut results = Vec::with_capacity(statements.len());
         let count = statements.len();
         for (i, statement) in statements.into_iter().enumerate() {
-            let sql = statement_sql(&statement);
+            // Rendering a statement back to SQL costs time on large literals: a single
+            // statement is its own script.
+            let sql = if count == 1 {
+                script.trim().to_string()
+            } else {
+                statement_sql(&statement)
+            };
             before(&sql);
             let batches = self.execute(statement).await.map_err(|e| {
                 if count > 1 {
