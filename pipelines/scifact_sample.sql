@@ -2,9 +2,14 @@
 -- Run from the repository root:  mkflow run pipelines/scifact_sample.sql
 -- Then query:  mkflow sql "SELECT doc_id, title, score FROM vector_search(scifact, 'vitamin D and bone health', 5)"
 
--- 1. The source: newline-delimited JSON, one document per line (doc_id, title, body).
-CREATE EXTERNAL TABLE IF NOT EXISTS scifact_docs
-STORED AS JSON
+-- 1. The source: JSON Lines, one document per line. Records that do not fit the declared
+--    columns (bad JSON, wrong types, no doc_id) go to the `dead_letters` table; the rest load.
+CREATE EXTERNAL TABLE IF NOT EXISTS scifact_docs (
+    doc_id VARCHAR NOT NULL,
+    title  VARCHAR,
+    body   VARCHAR
+)
+STORED AS JSONL
 LOCATION 'data/sample/scifact-sample.jsonl';
 
 -- 2. The knowledge index (created in the data directory on first run, reopened after).

@@ -15,7 +15,7 @@ use mkflow_udfs::EmbedUdf;
 use crate::assets;
 use crate::index::{KnowledgeIndex, MANIFEST_FILE};
 use crate::models::ModelRegistry;
-use crate::sources::TextFilesFactory;
+use crate::sources::{DeadLetters, JSONL_FORMAT, JsonlFactory, TEXT_FILES_FORMAT, TextFilesFactory};
 use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
 use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction};
@@ -62,11 +62,13 @@ pub struct Engine {
     models: Arc<ModelRegistry>,
     kbs: Arc<KbRegistry>,
     progress: Arc<IngestProgress>,
+    dead_letters: Arc<DeadLetters>,
 }
 
 impl Engine {
-    /// Builds the session: registers `embed`, `vector_search`, the `KB` and `TEXT_FILES`
-    /// formats, and every knowledge index found in the data directory.
+    /// Builds the session: registers `embed`, `vector_search`, the `KB`, `JSONL` and
+    /// `TEXT_FILES` formats, the `dead_letters` table, and every knowledge index found in the
+    /// data directory.
     pub async fn new(config: EngineConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             DataFusionError::Execution(format!(
@@ -85,6 +87,7 @@ impl Engine {
         );
         let kbs = Arc::new(KbRegistry::default());
         let progress = Arc::new(IngestProgress::default());
+        let dead_letters = Arc::new(DeadLetters::open(Some(&config.data_dir)));
         let session_config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(session_config);
         {
@@ -100,9 +103,11 @@ impl Engine {
                     progress.clone(),
                 )),
             );
-            factories.insert(crate::sources::TEXT_FILES_FORMAT.into(), Arc::new(TextFilesFactory));
+            factories.insert(TEXT_FILES_FORMAT.into(), Arc::new(TextFilesFactory));
+            factories.insert(JSONL_FORMAT.into(), Arc::new(JsonlFactory::new(dead_letters.clone())));
         }
         ctx.register_udf(ScalarUDF::new_from_impl(EmbedUdf::new("embed", models.default_model())));
+        ctx.register_table("dead_letters", dead_letters.clone())?;
         ctx.register_udtf(
             "vector_search",
             Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone())),
@@ -113,6 +118,7 @@ impl Engine {
             models,
             kbs,
             progress,
+            dead_letters,
         };
         engine.register_data_dir().await?;
         Ok(engine)
@@ -166,6 +172,11 @@ impl Engine {
     /// The knowledge index registered as `name`.
     pub fn index(&self, name: &str) -> Option<Arc<KnowledgeIndex>> {
         self.kbs.get(name)
+    }
+
+    /// Records sources refused so far (the `dead_letters` table).
+    pub fn dead_letter_count(&self) -> usize {
+        self.dead_letters.len()
     }
 
     /// Rows received by knowledge-index inserts so far (for progress display).

@@ -235,6 +235,7 @@ pub(crate) async fn run_pipeline(engine: &Engine, path: &std::path::Path) -> any
     bar.enable_steady_tick(Duration::from_millis(120));
     let started = Instant::now();
     let rows_before = engine.ingested_rows();
+    let dead_before = engine.dead_letter_count();
     let ticker = {
         let bar = bar.clone();
         let rows = move || engine.ingested_rows() - rows_before;
@@ -262,6 +263,10 @@ pub(crate) async fn run_pipeline(engine: &Engine, path: &std::path::Path) -> any
         }
     }
     let rows = engine.ingested_rows() - rows_before;
+    let refused = engine.dead_letter_count() - dead_before;
+    if refused > 0 {
+        eprintln!("⚠ {refused} bad records went to the dead_letters table: SELECT * FROM dead_letters");
+    }
     eprintln!(
         "✔ {}: {} statements, {rows} rows ingested in {:.1}s",
         path.display(),

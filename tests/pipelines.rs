@@ -62,3 +62,43 @@ async fn scifact_sample_pipeline_runs_as_shipped() {
     let results = engine.run_script(&script, |_| {}).await.unwrap();
     assert_eq!(single_int(&results.last().unwrap().batches), 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jsonl_records_go_to_dead_letters_and_the_rest_is_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docs.jsonl");
+    std::fs::write(
+        &file,
+        "{\"doc_id\": \"p1\", \"title\": \"Penguins\", \"body\": \"Penguins huddle in the cold.\"}\n\
+         {\"doc_id\": \"p2\", \"title\": \"Broken\", \"body\": \n\
+         {\"title\": \"No id\", \"body\": \"A record without its key.\"}\n\
+         {\"doc_id\": \"p3\", \"title\": \"Bread\", \"body\": \"Sourdough needs a starter.\"}\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let engine = engine(&data).await;
+    let script = format!(
+        "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR) STORED AS JSONL LOCATION '{}';
+         CREATE EXTERNAL TABLE kb (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR) STORED AS KB LOCATION 'kb';
+         INSERT INTO kb SELECT doc_id, title, body, embed(body) FROM docs;",
+        file.display()
+    );
+    engine.run_script(&script, |_| {}).await.unwrap();
+    let ids = engine.sql("SELECT doc_id FROM kb ORDER BY doc_id").await.unwrap();
+    assert_eq!(strings(&ids, "doc_id"), vec!["p1".to_string(), "p3".to_string()]);
+    let dead = engine
+        .sql("SELECT position, payload, error FROM dead_letters ORDER BY position")
+        .await
+        .unwrap();
+    assert_eq!(strings(&dead, "position"), vec!["2".to_string(), "3".to_string()]);
+    assert!(strings(&dead, "payload")[1].contains("No id"));
+    assert!(
+        strings(&dead, "error")[1].contains("doc_id"),
+        "{:?}",
+        strings(&dead, "error")
+    );
+    // They persist for later sessions.
+    drop(engine);
+    let engine = common::engine(&data).await;
+    assert_eq!(row_count(&engine.sql("SELECT * FROM dead_letters").await.unwrap()), 2);
+}

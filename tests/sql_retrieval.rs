@@ -9,6 +9,11 @@ async fn count_rows(engine: &mkflow::Engine) -> i64 {
     single_int(&engine.sql("SELECT count(*) FROM kb").await.unwrap())
 }
 
+/// The error message of a statement that must fail.
+async fn sql_error(engine: &mkflow::Engine, sql: &str) -> String {
+    engine.sql(sql).await.expect_err(sql).to_string()
+}
+
 /// SQL string literal.
 fn quoted(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
@@ -215,31 +220,15 @@ async fn bad_input_gives_clear_errors_and_loses_nothing() {
     ingest(&engine, &sample_corpus()).await;
 
     // Wrong vector dimension into the index.
-    let err = engine
-        .sql("INSERT INTO kb VALUES ('x', 't', 'b', [1.0, 2.0, 3.0])")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = sql_error(&engine, "INSERT INTO kb VALUES ('x', 't', 'b', [1.0, 2.0, 3.0])").await;
     assert!(err.to_lowercase().contains("dimension") || err.contains("384"), "{err}");
     // Wrong query vector dimension.
-    let err = engine
-        .sql("SELECT * FROM vector_search(kb, [0.1, 0.2], 3)")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = sql_error(&engine, "SELECT * FROM vector_search(kb, [0.1, 0.2], 3)").await;
     assert!(err.contains("dimension mismatch"), "{err}");
     // Unknown index, bad k, bad SQL.
-    let err = engine
-        .sql("SELECT * FROM vector_search(nope, 'q', 3)")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = sql_error(&engine, "SELECT * FROM vector_search(nope, 'q', 3)").await;
     assert!(err.contains("no knowledge index called 'nope'"), "{err}");
-    let err = engine
-        .sql("SELECT * FROM vector_search(kb, 'q', 0)")
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = sql_error(&engine, "SELECT * FROM vector_search(kb, 'q', 0)").await;
     assert!(err.contains("positive integer"), "{err}");
     assert!(engine.sql("SELEC * FROM kb").await.is_err());
 

@@ -1,8 +1,13 @@
 //! Document sources as DataFusion tables.
 //!
-//! - JSON Lines: DataFusion's own `STORED AS JSON` reads newline-delimited JSON files.
+//! - JSON Lines with declared columns: [`JsonlFactory`] (`STORED AS JSONL`), bad records go to
+//!   the [`DeadLetters`] table; DataFusion's own `STORED AS JSON` (schema inferred) also works.
 //! - Directories of text and Markdown files: [`TextFilesFactory`] (`STORED AS TEXT_FILES`).
 
+pub mod dead_letters;
+mod jsonl;
 mod text_files;
 
+pub use dead_letters::{DeadLetter, DeadLetters};
+pub use jsonl::{JSONL_FORMAT, JsonlFactory, JsonlTable};
 pub use text_files::{TEXT_FILES_FORMAT, TextFilesFactory, TextFilesTable};

@@ -1,0 +1,241 @@
+//! `CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR, …) STORED AS JSONL
+//! LOCATION 'docs.jsonl'`: JSON Lines with declared, typed columns, where a bad record never
+//! fails the scan. A line that is not a JSON object, has a value of the wrong type, or lacks a
+//! `NOT NULL` column goes to the `dead_letters` table with its line number and error; every
+//! other line becomes a row. Fields not declared are ignored.
+//!
+//! (DataFusion's own `STORED AS JSON` infers the schema instead, and fails the query on the
+//! first malformed line.)
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::json::ReaderBuilder;
+use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
+use datafusion::common::{DataFusionError, Result, plan_err};
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::dead_letters::{DeadLetter, DeadLetters};
+
+/// The `STORED AS` name of validated JSON Lines files.
+pub const JSONL_FORMAT: &str = "JSONL";
+
+/// Lines decoded together when all of them are valid.
+const LINES_PER_BATCH: usize = 4096;
+
+/// Creates [`JsonlTable`]s that report bad records to a dead-letter store.
+#[derive(Debug)]
+pub struct JsonlFactory {
+    dead_letters: Arc<DeadLetters>,
+}
+
+impl JsonlFactory {
+    /// A factory reporting to `dead_letters`.
+    pub fn new(dead_letters: Arc<DeadLetters>) -> Self {
+        JsonlFactory { dead_letters }
+    }
+}
+
+#[async_trait]
+impl TableProviderFactory for JsonlFactory {
+    async fn create(&self, _state: &dyn Session, cmd: &CreateExternalTable) -> Result<Arc<dyn TableProvider>> {
+        let [location] = cmd.locations.as_slice() else {
+            return plan_err!("STORED AS JSONL takes one LOCATION (a .jsonl file)");
+        };
+        if cmd.schema.fields().is_empty() {
+            return plan_err!("STORED AS JSONL needs declared columns, e.g. (doc_id VARCHAR NOT NULL, body VARCHAR)");
+        }
+        if let Some(key) = cmd.options.keys().next() {
+            return plan_err!("STORED AS JSONL takes no options (got '{key}')");
+        }
+        let path = PathBuf::from(location);
+        if !path.is_file() {
+            return plan_err!("JSONL location {} is not a file", path.display());
+        }
+        Ok(Arc::new(JsonlTable {
+            path,
+            schema: Arc::new(cmd.schema.as_arrow().clone()),
+            dead_letters: self.dead_letters.clone(),
+        }))
+    }
+}
+
+/// A JSON Lines file read afresh at every scan; bad lines go to the dead-letter table.
+#[derive(Debug)]
+pub struct JsonlTable {
+    path: PathBuf,
+    schema: SchemaRef,
+    dead_letters: Arc<DeadLetters>,
+}
+
+impl JsonlTable {
+    /// Decodes the file: rows of valid lines, dead letters for the others.
+    fn read(&self) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>)> {
+        let text = std::fs::read(&self.path)
+            .map_err(|e| DataFusionError::Execution(format!("cannot read {}: {e}", self.path.display())))?;
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<(u64, &str)> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (i as u64 + 1, l))
+            .collect();
+        let mut batches = Vec::new();
+        let mut refused = Vec::new();
+        for chunk in lines.chunks(LINES_PER_BATCH) {
+            match self.decode(chunk.iter().map(|(_, l)| *l)) {
+                Ok(batch) => batches.push(batch),
+                Err(_) => {
+                    // Some line is bad: decode one by one to keep the good ones.
+                    for &(number, line) in chunk {
+                        match self.decode(std::iter::once(line)) {
+                            Ok(batch) => batches.push(batch),
+                            Err(e) => refused.push(self.dead_letter(number, line, e)),
+                        }
+                    }
+                }
+            }
+        }
+        Ok((batches, refused))
+    }
+
+    fn decode<'a>(&self, lines: impl Iterator<Item = &'a str>) -> Result<RecordBatch, ArrowError> {
+        let mut decoder = ReaderBuilder::new(self.schema.clone())
+            .with_batch_size(LINES_PER_BATCH)
+            .build_decoder()?;
+        for line in lines {
+            if !line.trim_start().starts_with('{') {
+                return Err(ArrowError::JsonError("not a JSON object".into()));
+            }
+            let mut bytes = line.as_bytes().to_vec();
+            bytes.push(b'\n');
+            let consumed = decoder.decode(&bytes)?;
+            if consumed != bytes.len() {
+                return Err(ArrowError::JsonError("trailing data after the JSON object".into()));
+            }
+        }
+        let batch = decoder
+            .flush()?
+            .unwrap_or_else(|| RecordBatch::new_empty(self.schema.clone()));
+        for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
+            if !field.is_nullable() && column.null_count() > 0 {
+                return Err(ArrowError::JsonError(format!(
+                    "required column '{}' is missing or null",
+                    field.name()
+                )));
+            }
+        }
+        Ok(batch)
+    }
+
+    fn dead_letter(&self, position: u64, line: &str, error: ArrowError) -> DeadLetter {
+        let message = match error {
+            ArrowError::JsonError(m) => m,
+            other => other.to_string(),
+        };
+        DeadLetter {
+            source: self.path.display().to_string(),
+            position,
+            payload: line.to_string(),
+            error: message,
+            recorded_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for JsonlTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let (batches, refused) = self.read()?;
+        let new = self.dead_letters.record(refused);
+        if new > 0 {
+            log::warn!(
+                "{}: {new} bad records went to the dead_letters table",
+                self.path.display()
+            );
+        }
+        let source =
+            MemorySourceConfig::try_new(&[batches], self.schema.clone(), projection.cloned())?.with_limit(limit);
+        Ok(DataSourceExec::from_data_source(source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
+
+    #[test]
+    fn bad_lines_become_dead_letters_and_good_lines_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                "{\"doc_id\": \"a\", \"year\": 2020, \"extra\": true}\n",
+                "{\"doc_id\": \"b\", \"year\": \"soon\"}\n",
+                "\n",
+                "{\"doc_id\": \"c\", \"year\": oops}\n",
+                "[1, 2]\n",
+                "{\"year\": 2021}\n",
+                "{\"doc_id\": \"d\"}\n",
+            ),
+        )
+        .unwrap();
+        let dead_letters = Arc::new(DeadLetters::open(Some(dir.path())));
+        let table = JsonlTable {
+            path: path.clone(),
+            schema: Arc::new(Schema::new(vec![
+                Field::new("doc_id", DataType::Utf8, false),
+                Field::new("year", DataType::Int64, true),
+            ])),
+            dead_letters: dead_letters.clone(),
+        };
+        let (batches, refused) = table.read().unwrap();
+        let ids: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                let a = b.column(0).as_string::<i32>().clone();
+                (0..a.len()).map(move |i| a.value(i).to_string()).collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(ids, vec!["a", "d"]);
+        assert!(
+            batches
+                .iter()
+                .any(|b| b.column(1).as_primitive::<Int64Type>().iter().any(|y| y == Some(2020)))
+        );
+        let positions: Vec<u64> = refused.iter().map(|d| d.position).collect();
+        assert_eq!(positions, vec![2, 4, 5, 6]);
+        assert!(refused[3].error.contains("doc_id"), "{}", refused[3].error);
+        // Recorded once even when the file is read twice, and persisted.
+        assert_eq!(dead_letters.record(refused.clone()), 4);
+        assert_eq!(dead_letters.record(refused), 0);
+        assert_eq!(DeadLetters::open(Some(dir.path())).len(), 4);
+    }
+}
