@@ -15,10 +15,10 @@ use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMill
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Result;
-use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
+
+use crate::sql::memory_scan;
 use serde::{Deserialize, Serialize};
 
 /// File (in the data directory) where dead letters persist.
@@ -156,8 +156,6 @@ impl TableProvider for DeadLetters {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let source = MemorySourceConfig::try_new(&[vec![self.batch()?]], self.schema.clone(), projection.cloned())?
-            .with_limit(limit);
-        Ok(DataSourceExec::from_data_source(source))
+        memory_scan(vec![self.batch()?], self.schema.clone(), projection, limit)
     }
 }

@@ -18,10 +18,10 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{DataFusionError, Result, plan_err};
-use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
+
+use crate::sql::memory_scan;
 
 use super::dead_letters::{DeadLetter, DeadLetters};
 
@@ -178,9 +178,7 @@ impl TableProvider for JsonlTable {
                 self.path.display()
             );
         }
-        let source =
-            MemorySourceConfig::try_new(&[batches], self.schema.clone(), projection.cloned())?.with_limit(limit);
-        Ok(DataSourceExec::from_data_source(source))
+        memory_scan(batches, self.schema.clone(), projection, limit)
     }
 }
 

@@ -18,10 +18,10 @@ use datafusion::arrow::array::{ArrayRef, RecordBatch, StringBuilder, TimestampMi
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{Result, plan_err};
-use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
+
+use crate::sql::memory_scan;
 
 /// The `STORED AS` name of text-file directories.
 pub const TEXT_FILES_FORMAT: &str = "TEXT_FILES";
@@ -197,9 +197,7 @@ impl TableProvider for TextFilesTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let batches = self.read_batches()?;
-        let source =
-            MemorySourceConfig::try_new(&[batches], self.schema.clone(), projection.cloned())?.with_limit(limit);
-        Ok(DataSourceExec::from_data_source(source))
+        memory_scan(batches, self.schema.clone(), projection, limit)
     }
 }
 

@@ -8,7 +8,6 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::{DataFusionError, Result, not_impl_err};
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
@@ -18,6 +17,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use futures::StreamExt;
 
 use super::filters::{CompiledFilter, pushdown_support};
+use super::memory_scan;
 use crate::index::{IndexError, KnowledgeIndex};
 
 /// Counts rows as they flow into knowledge indexes, for progress display.
@@ -104,8 +104,7 @@ impl TableProvider for KbTable {
                 })
                 .collect::<Result<Vec<_>>>()?;
         }
-        let source = MemorySourceConfig::try_new(&[batches], self.schema(), projection.cloned())?.with_limit(limit);
-        Ok(datafusion::datasource::source::DataSourceExec::from_data_source(source))
+        memory_scan(batches, self.schema(), projection, limit)
     }
 
     async fn insert_into(

@@ -10,7 +10,27 @@ pub mod kb_table;
 pub mod registry;
 pub mod vector_search;
 
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::Result;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::physical_plan::ExecutionPlan;
+
 pub use kb_factory::KbTableFactory;
 pub use kb_table::KbTable;
 pub use registry::KbRegistry;
 pub use vector_search::VectorSearchFunction;
+
+/// A scan over batches already in memory (one partition), with the scan's projection and limit.
+pub fn memory_scan(
+    batches: Vec<RecordBatch>,
+    schema: SchemaRef,
+    projection: Option<&Vec<usize>>,
+    limit: Option<usize>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let source = MemorySourceConfig::try_new(&[batches], schema, projection.cloned())?.with_limit(limit);
+    Ok(DataSourceExec::from_data_source(source))
+}

@@ -18,14 +18,12 @@ use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{DataType, Float32Type, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{DataFusionError, Result, ScalarValue, plan_err};
-use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::source::DataSourceExec;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
-use super::KbRegistry;
 use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
 use super::kb_table::index_error;
+use super::{KbRegistry, memory_scan};
 use crate::index::KnowledgeIndex;
 use crate::models::ModelRegistry;
 
@@ -211,7 +209,6 @@ impl TableProvider for VectorSearchTable {
             None => self.index.search(&self.query, k, None),
         }
         .map_err(index_error)?;
-        let source = MemorySourceConfig::try_new(&[vec![batch]], self.schema(), projection.cloned())?;
-        Ok(DataSourceExec::from_data_source(source))
+        memory_scan(vec![batch], self.schema(), projection, None)
     }
 }
