@@ -379,19 +379,20 @@ impl KnowledgeIndex {
     /// Deletes the rows for which `predicate` is true and commits; returns how many.
     pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<usize, IndexError> {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let mut doomed = Vec::new();
+        let key_name = &state.manifest.key_column;
+        let mut doomed: Vec<(u64, String)> = Vec::new();
         for segment in &state.segments {
             let mask = predicate(&segment.batch)?;
-            for (row, &key) in segment.keys.iter().enumerate() {
+            if mask.true_count() == 0 {
+                continue;
+            }
+            let ids = doc_ids(&segment.batch, self.key_column, key_name)?;
+            for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
                 if mask.is_valid(row) && mask.value(row) && state.locations.contains_key(&key) {
-                    doomed.push((key, row, segment));
+                    doomed.push((key, id));
                 }
             }
         }
-        let doomed: Vec<(u64, String)> = doomed
-            .into_iter()
-            .map(|(key, row, segment)| (key, doc_id_at(&segment.batch, self.key_column, row)))
-            .collect();
         if doomed.is_empty() {
             return Ok(0);
         }
@@ -436,16 +437,7 @@ impl KnowledgeIndex {
                 batch.num_columns()
             )));
         }
-        let ids = cast(batch.column(self.key_column), &DataType::Utf8)?;
-        let ids: &StringArray = ids.as_string();
-        let key_name = self.schema.field(self.key_column).name();
-        let doc_ids = (0..ids.len())
-            .map(|row| {
-                ids.is_valid(row)
-                    .then(|| ids.value(row).to_string())
-                    .ok_or_else(|| IndexError::Invalid(format!("row {row}: key column '{key_name}' is null")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let doc_ids = doc_ids(batch, self.key_column, self.schema.field(self.key_column).name())?;
         let dims = self.read_state().manifest.dimensions;
         let vectors = extract_vectors(batch.column(self.vector_column), dims)?;
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
@@ -567,9 +559,10 @@ fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), Inde
         let mut columns = batch.columns().to_vec();
         columns.remove(key_position);
         let batch = RecordBatch::try_new(schema.clone(), columns)?;
-        for (row, &key) in keys.iter().enumerate() {
+        let ids = doc_ids(&batch, key_column, &manifest.key_column)?;
+        for (row, (&key, id)) in keys.iter().zip(ids).enumerate() {
             locations.insert(key, (segments.len(), row));
-            doc_keys.insert(doc_id_at(&batch, key_column, row), key);
+            doc_keys.insert(id, key);
         }
         segments.push(Segment { batch, keys });
     }
@@ -600,9 +593,17 @@ fn remove_stray_files(dir: &Path, manifest: &Manifest) {
     }
 }
 
-fn doc_id_at(batch: &RecordBatch, key_column: usize, row: usize) -> String {
-    let ids = cast(&batch.column(key_column).slice(row, 1), &DataType::Utf8).expect("key column casts to text");
-    ids.as_string::<i32>().value(0).to_string()
+/// The key column of `batch` as text, one id per row; a null key is an error naming the row.
+fn doc_ids(batch: &RecordBatch, key_column: usize, key_name: &str) -> Result<Vec<String>, IndexError> {
+    let ids = cast(batch.column(key_column), &DataType::Utf8)?;
+    let ids: &StringArray = ids.as_string();
+    (0..ids.len())
+        .map(|row| {
+            ids.is_valid(row)
+                .then(|| ids.value(row).to_string())
+                .ok_or_else(|| IndexError::Invalid(format!("row {row}: key column '{key_name}' is null")))
+        })
+        .collect()
 }
 
 /// The rows of `segment` whose keys are still live.
