@@ -202,7 +202,7 @@ impl Engine {
             let sql = if count == 1 {
                 script.trim().to_string()
             } else {
-                statement_sql(&statement)
+                statement.to_string()
             };
             before(&sql);
             let batches = self.execute(statement).await.map_err(|e| {
@@ -229,10 +229,6 @@ impl Engine {
             .map_err(|e| DataFusionError::Execution(format!("cannot read pipeline {}: {e}", path.display())))?;
         self.run_script(&script, before).await
     }
-}
-
-fn statement_sql(statement: &Statement) -> String {
-    statement.to_string()
 }
 
 /// The first line of a statement, shortened for messages.
