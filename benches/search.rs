@@ -141,7 +141,7 @@ async fn main() {
     })
     .await
     .unwrap();
-    engine.register_index("bench", index.clone()).unwrap();
+    engine.register_index("bench", index.clone()).await.unwrap();
 
     let literal = |q: &[f32]| {
         format!(

@@ -7,17 +7,22 @@ use std::sync::Arc;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::context::SessionContext;
-use datafusion::logical_expr::ScalarUDF;
+use datafusion::logical_expr::async_udf::AsyncScalarUDF;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
 use datafusion::prelude::SessionConfig;
 use datafusion::sql::parser::{DFParser, Statement};
 use mkflow_udfs::EmbedUdf;
+use mkflow_udfs::mk::{ClusterUdf, GeneratorRegistry, MkOptions, PrepareUdf, PreparedPart, Preparer, SummaryUdaf};
 
 use crate::assets;
 use crate::index::{KnowledgeIndex, MANIFEST_FILE};
+use crate::mk::{ClustersTable, MkServices};
 use crate::models::ModelRegistry;
 use crate::sources::{DeadLetters, JSONL_FORMAT, JsonlFactory, TEXT_FILES_FORMAT, TextFilesFactory};
 use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
+use crate::sql::mk_search::MkSearchFunction;
+use crate::sql::vector_search::SearchTarget;
 use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction};
 
 /// Where an engine keeps and finds things.
@@ -61,14 +66,20 @@ pub struct Engine {
     config: EngineConfig,
     models: Arc<ModelRegistry>,
     kbs: Arc<KbRegistry>,
+    kb_factory: Arc<KbTableFactory>,
     progress: Arc<IngestProgress>,
     dead_letters: Arc<DeadLetters>,
+    mk_services: Arc<MkServices>,
 }
 
+/// Subdirectory of the data directory where LLM answers are cached.
+pub const GENERATION_CACHE_DIR: &str = "cache";
+
 impl Engine {
-    /// Builds the session: registers `embed`, `vector_search`, the `KB`, `JSONL` and
-    /// `TEXT_FILES` formats, the `dead_letters` table, and every knowledge index found in the
-    /// data directory.
+    /// Builds the session: registers `embed`, the Meta-Knowledge functions, `vector_search`,
+    /// `qa_search`, `mk_search`, the `KB`, `JSONL` and `TEXT_FILES` formats, the
+    /// `dead_letters` table, and every knowledge index found in the data directory.
+    /// Meta-Knowledge settings start from `MKFLOW_*` environment variables.
     pub async fn new(config: EngineConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             DataFusionError::Execution(format!(
@@ -88,40 +99,113 @@ impl Engine {
         let kbs = Arc::new(KbRegistry::default());
         let progress = Arc::new(IngestProgress::default());
         let dead_letters = Arc::new(DeadLetters::open(Some(&config.data_dir)));
-        let session_config = SessionConfig::new().with_information_schema(true);
+        let mk_services = Arc::new(MkServices {
+            models: models.clone(),
+            generators: Arc::new(GeneratorRegistry::new(
+                models.default_model(),
+                Some(&config.data_dir.join(GENERATION_CACHE_DIR)),
+            )),
+            failures: dead_letters.clone(),
+        });
+        let mk_options = MkOptions::from_env().map_err(DataFusionError::Configuration)?;
+        let session_config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_option_extension(mk_options);
         let ctx = SessionContext::new_with_config(session_config);
+        let kb_factory = Arc::new(KbTableFactory::new(
+            config.data_dir.clone(),
+            kbs.clone(),
+            progress.clone(),
+            mk_services.clone(),
+        ));
         {
             let state_ref = ctx.state_ref();
             let mut state = state_ref.write();
             let factories = state.table_factories_mut();
-            factories.insert(
-                KB_FORMAT.into(),
-                Arc::new(KbTableFactory::new(
-                    config.data_dir.clone(),
-                    models.clone(),
-                    kbs.clone(),
-                    progress.clone(),
-                )),
-            );
+            factories.insert(KB_FORMAT.into(), kb_factory.clone());
             factories.insert(TEXT_FILES_FORMAT.into(), Arc::new(TextFilesFactory));
             factories.insert(JSONL_FORMAT.into(), Arc::new(JsonlFactory::new(dead_letters.clone())));
         }
         ctx.register_udf(ScalarUDF::new_from_impl(EmbedUdf::new("embed", models.default_model())));
         ctx.register_table("dead_letters", dead_letters.clone())?;
-        ctx.register_udtf(
-            "vector_search",
-            Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone())),
-        );
+        for (name, target) in [
+            ("vector_search", SearchTarget::Documents),
+            ("qa_search", SearchTarget::Questions),
+        ] {
+            ctx.register_udtf(
+                name,
+                Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone(), target)),
+            );
+        }
+        ctx.register_udtf("mk_search", Arc::new(MkSearchFunction::new(kbs.clone())));
         let engine = Engine {
             ctx,
             config,
             models,
             kbs,
+            kb_factory,
             progress,
             dead_letters,
+            mk_services,
         };
+        engine.register_mk_functions()?;
         engine.register_data_dir().await?;
         Ok(engine)
+    }
+
+    /// The session's Meta-Knowledge settings.
+    pub fn mk_options(&self) -> MkOptions {
+        self.ctx
+            .state()
+            .config_options()
+            .extensions
+            .get::<MkOptions>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// (Re)registers `mk_metadata`, `mk_qa`, `mk_cluster` and `mk_summary` for the session's
+    /// current settings (their result types follow the metadata schema).
+    fn register_mk_functions(&self) -> Result<()> {
+        let options = self.mk_options();
+        let generators = &self.mk_services.generators;
+        let schema = generators.schema(&options).map_err(DataFusionError::Configuration)?;
+        let generator = generators.generator(&options).map_err(DataFusionError::Configuration)?;
+        let preparer = Arc::new(Preparer::new(
+            generator.clone(),
+            schema.clone(),
+            self.mk_services.failures.clone(),
+        ));
+        for part in [PreparedPart::Metadata, PreparedPart::Questions] {
+            let udf = PrepareUdf::new(part, preparer.clone());
+            self.ctx
+                .register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
+        }
+        self.ctx.register_udf(ScalarUDF::new_from_impl(ClusterUdf::new(schema)));
+        self.ctx
+            .register_udaf(AggregateUDF::new_from_impl(SummaryUdaf::new(generator)));
+        Ok(())
+    }
+
+    /// Registers `<kb>_questions` and `<kb>_clusters` for every Meta-Knowledge index not
+    /// registered yet.
+    fn register_mk_tables(&self) -> Result<()> {
+        for name in self.kbs.mk_names() {
+            let Some((_, Some(mk))) = self.kbs.entry(&name) else {
+                continue;
+            };
+            let questions = format!("{name}_questions");
+            if !self.ctx.table_exist(questions.as_str())? {
+                let table = KbTable::new(mk.index.questions().clone(), self.progress.clone(), None);
+                self.ctx.register_table(questions.as_str(), Arc::new(table))?;
+            }
+            let clusters = format!("{name}_clusters");
+            if !self.ctx.table_exist(clusters.as_str())? {
+                self.ctx
+                    .register_table(clusters.as_str(), Arc::new(ClustersTable::new(mk.index.clone())))?;
+            }
+        }
+        Ok(())
     }
 
     /// Registers every knowledge index under the data directory as a table named after its
@@ -140,18 +224,20 @@ impl Engine {
                     .await
                     .map_err(|e| DataFusionError::External(Box::new(e)))?
                     .map_err(crate::sql::kb_table::index_error)?;
-                self.register_index(&name, Arc::new(index))?;
+                self.register_index(&name, Arc::new(index)).await?;
             }
         }
         Ok(())
     }
 
-    /// Makes `index` queryable as table `name` and by `vector_search`.
-    pub fn register_index(&self, name: &str, index: Arc<KnowledgeIndex>) -> Result<()> {
-        self.kbs.insert(name, index.clone());
+    /// Makes `index` queryable as table `name` and by the search functions (with its
+    /// questions and clusters when it has a Meta-Knowledge side).
+    pub async fn register_index(&self, name: &str, index: Arc<KnowledgeIndex>) -> Result<()> {
+        let mk = self.kb_factory.attach_mk(&index, false).await?;
+        self.kbs.insert(name, index.clone(), mk.clone());
         self.ctx
-            .register_table(name, Arc::new(KbTable::new(index, self.progress.clone())))?;
-        Ok(())
+            .register_table(name, Arc::new(KbTable::new(index, self.progress.clone(), mk)))?;
+        self.register_mk_tables()
     }
 
     /// The DataFusion session.
@@ -218,9 +304,35 @@ impl Engine {
     }
 
     async fn execute(&self, statement: Statement) -> Result<Vec<RecordBatch>> {
+        let sets_mk_option = matches!(
+            &statement,
+            Statement::Statement(s) if matches!(s.as_ref(), datafusion::sql::sqlparser::ast::Statement::Set(_))
+                && s.to_string().to_lowercase().contains("mkflow.")
+        );
+        let previous = sets_mk_option.then(|| self.mk_options());
         let plan = self.ctx.state().statement_to_plan(statement).await?;
         let frame = self.ctx.execute_logical_plan(plan).await?;
-        frame.collect().await
+        let batches = frame.collect().await?;
+        if let Some(previous) = previous
+            && let Err(e) = self.register_mk_functions()
+        {
+            // Refused settings do not stay in force.
+            self.ctx
+                .state_ref()
+                .write()
+                .config_mut()
+                .options_mut()
+                .extensions
+                .insert(previous);
+            return Err(e);
+        }
+        self.register_mk_tables()?;
+        Ok(batches)
+    }
+
+    /// The Meta-Knowledge services (generators, failure log).
+    pub fn mk_services(&self) -> &Arc<MkServices> {
+        &self.mk_services
     }
 
     /// Runs the SQL file at `path` (see [`Engine::run_script`]).

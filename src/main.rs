@@ -78,7 +78,9 @@ enum Command {
         /// BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
         #[arg(long)]
         dataset: PathBuf,
-        /// Comma-separated modes: doc (HNSW vector_search), exact (brute force in SQL).
+        /// Comma-separated modes: doc (HNSW vector_search), exact (brute force in SQL),
+        /// qa (qa_search over synthetic questions), mk (mk_search). qa and mk run the
+        /// Meta-Knowledge prepare stage while building the index.
         #[arg(long, default_value = "doc,exact", value_delimiter = ',')]
         modes: Vec<String>,
         /// Judgement split.
@@ -157,7 +159,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let modes = modes
                 .iter()
                 .map(|m| {
-                    eval::Mode::parse(m.trim()).ok_or_else(|| anyhow::anyhow!("unknown mode '{m}' (modes: doc, exact)"))
+                    eval::Mode::parse(m.trim())
+                        .ok_or_else(|| anyhow::anyhow!("unknown mode '{m}' (modes: doc, exact, qa, mk)"))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             ensure_assets(&config.home)?;

@@ -4,7 +4,14 @@
 //! Modes:
 //! - `doc`: `vector_search` over document vectors (HNSW);
 //! - `exact`: brute-force cosine ranking in plain SQL (`ORDER BY cosine_distance(…)`), the
-//!   reference the ANN search is checked against.
+//!   reference the ANN search is checked against;
+//! - `qa`: `qa_search` over the synthetic questions, a document scoring as its best question;
+//! - `mk`: `mk_search` (route, rewrite, match questions, fuse), a document ranked by its best
+//!   QA pair.
+//!
+//! `qa` and `mk` need the prepare stage: when either is asked for, the index is built with
+//! a Meta-Knowledge side (`mk_metadata`, `mk_qa`, `mk_cluster` on the session's generator)
+//! and every mode runs on it.
 //!
 //! Reports nDCG@10, Recall@100, MRR@10 per mode, ANN-vs-exact recall@10, index build
 //! throughput and query latency, and writes `eval.json`, one TREC run file per mode and
@@ -38,18 +45,33 @@ pub enum Mode {
     Doc,
     /// Exact cosine ranking over document vectors, in plain SQL.
     Exact,
+    /// Matching the synthetic questions (`qa_search`).
+    Qa,
+    /// Meta-Knowledge retrieval (`mk_search`).
+    Mk,
 }
+
+/// Questions retrieved per query in the question-matching modes, before documents are
+/// deduplicated down to [`RUN_DEPTH`].
+const QUESTION_DEPTH: usize = 300;
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 2] = [Mode::Doc, Mode::Exact];
+    pub const ALL: [Mode; 4] = [Mode::Doc, Mode::Exact, Mode::Qa, Mode::Mk];
 
     /// The mode's name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Mode::Doc => "doc",
             Mode::Exact => "exact",
+            Mode::Qa => "qa",
+            Mode::Mk => "mk",
         }
+    }
+
+    /// Whether the mode needs the index's Meta-Knowledge side.
+    pub fn needs_meta_knowledge(self) -> bool {
+        matches!(self, Mode::Qa | Mode::Mk)
     }
 
     /// Parses a mode name.
@@ -65,6 +87,11 @@ impl Mode {
             Mode::Exact => format!(
                 "SELECT doc_id, CAST(1 - cosine_distance(embedding, embed({q})) AS FLOAT) AS score \
                  FROM {kb} ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
+            ),
+            Mode::Qa | Mode::Mk => format!(
+                "SELECT doc_id, max(score) AS score FROM {function}({kb}, {q}, {QUESTION_DEPTH}) \
+                 GROUP BY doc_id ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}",
+                function = if self == Mode::Qa { "qa_search" } else { "mk_search" }
             ),
         }
     }
@@ -116,9 +143,9 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Builds (or reuses) the dataset's index through the ingestion pipeline; returns documents
-/// indexed and build seconds (0 when reused).
-async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str) -> Result<(usize, f64)> {
+/// Builds (or reuses) the dataset's index through the ingestion pipeline (with the prepare
+/// stage when `meta_knowledge`); returns documents indexed and build seconds (0 when reused).
+async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, meta_knowledge: bool) -> Result<(usize, f64)> {
     let documents = std::fs::read_to_string(&dataset.corpus)
         .map_err(|e| DataFusionError::Execution(format!("{}: {e}", dataset.corpus.display())))?
         .lines()
@@ -131,16 +158,33 @@ async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str) -> Result
     }
     let spinner = ProgressBar::new_spinner();
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    spinner.set_message(format!("embedding {documents} documents of {}", dataset.name));
+    spinner.set_message(if meta_knowledge {
+        format!("preparing and embedding {documents} documents of {}", dataset.name)
+    } else {
+        format!("embedding {documents} documents of {}", dataset.name)
+    });
     let started = Instant::now();
-    let script = format!(
-        "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
-         CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
-           STORED AS KB LOCATION '{kb}';
-         INSERT INTO {kb} SELECT CAST(\"_id\" AS VARCHAR), title, text, embed(trim(concat_ws(' ', title, text)))
-           FROM {kb}_corpus;",
-        corpus = sql_string(&dataset.corpus.to_string_lossy()),
-    );
+    let corpus = sql_string(&dataset.corpus.to_string_lossy());
+    let script = if meta_knowledge {
+        format!(
+            "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
+             CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+               STORED AS KB LOCATION '{kb}' OPTIONS ('meta_knowledge' 'true');
+             INSERT INTO {kb} SELECT doc_id, title, body, metadata, qa, mk_cluster(metadata), embedding FROM (
+               SELECT CAST(\"_id\" AS VARCHAR) AS doc_id, title, text AS body,
+                      mk_metadata(title, text) AS metadata, mk_qa(title, text) AS qa,
+                      embed(concat_ws('. ', title, text)) AS embedding
+               FROM {kb}_corpus);"
+        )
+    } else {
+        format!(
+            "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
+             CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+               STORED AS KB LOCATION '{kb}';
+             INSERT INTO {kb} SELECT CAST(\"_id\" AS VARCHAR), title, text, embed(trim(concat_ws(' ', title, text)))
+               FROM {kb}_corpus;"
+        )
+    };
     engine.run_script(&script, |_| {}).await?;
     spinner.finish_and_clear();
     Ok((documents, started.elapsed().as_secs_f64()))
@@ -203,8 +247,13 @@ fn recall_at_10(ann: &HashMap<String, Vec<(String, f32)>>, exact: &HashMap<Strin
 /// Evaluates `options.modes` on the dataset with `engine` and writes the reports.
 pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
     let dataset = BeirDataset::load(&options.dataset, &options.split).map_err(DataFusionError::Execution)?;
-    let kb = index_name(&dataset.name);
-    let (documents, build_seconds) = build_index(engine, &dataset, &kb).await?;
+    let meta_knowledge = options.modes.iter().any(|m| m.needs_meta_knowledge());
+    let kb = if meta_knowledge {
+        format!("{}_mk", index_name(&dataset.name))
+    } else {
+        index_name(&dataset.name)
+    };
+    let (documents, build_seconds) = build_index(engine, &dataset, &kb, meta_knowledge).await?;
     let queries: Vec<(String, String)> = match options.max_queries {
         Some(n) => dataset.queries.iter().take(n).cloned().collect(),
         None => dataset.queries.clone(),

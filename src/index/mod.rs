@@ -376,8 +376,8 @@ impl KnowledgeIndex {
         Ok(stats)
     }
 
-    /// Deletes the rows for which `predicate` is true and commits; returns how many.
-    pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<usize, IndexError> {
+    /// Deletes the rows for which `predicate` is true and commits; returns their document ids.
+    pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         let key_name = &state.manifest.key_column;
         let mut doomed: Vec<(u64, String)> = Vec::new();
@@ -394,7 +394,7 @@ impl KnowledgeIndex {
             }
         }
         if doomed.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let applied = (|| {
             for (key, doc_id) in &doomed {
@@ -408,7 +408,7 @@ impl KnowledgeIndex {
             self.rollback(&mut state);
             return Err(e);
         }
-        Ok(doomed.len())
+        Ok(doomed.into_iter().map(|(_, id)| id).collect())
     }
 
     /// Restores the last committed state after a failed commit.
@@ -733,7 +733,7 @@ fn vectors_to_column(vectors: &[Option<Vec<f32>>], dims: usize) -> Result<ArrayR
 }
 
 /// Exposes a vector column's values as a flat slice (nulls are zero vectors).
-fn vector_values(column: &ArrayRef) -> &[f32] {
+pub fn vector_values(column: &ArrayRef) -> &[f32] {
     let list: &FixedSizeListArray = column.as_fixed_size_list();
     list.values()
         .as_primitive::<datafusion::arrow::datatypes::Float32Type>()

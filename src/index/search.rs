@@ -161,7 +161,6 @@ impl KnowledgeIndex {
 
     /// The rows of `hits`, in order, with their scores.
     fn gather(&self, state: &State, hits: &[Hit]) -> Result<RecordBatch, IndexError> {
-        let schema = self.search_schema();
         let positions: Vec<(usize, usize)> = hits
             .iter()
             .filter_map(|h| state.locations.get(&h.key).copied())
@@ -171,16 +170,35 @@ impl KnowledgeIndex {
             .filter(|h| state.locations.contains_key(&h.key))
             .map(|h| h.score)
             .collect();
-        let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+        let mut columns = self.gather_columns(state, &positions)?;
+        columns.push(Arc::new(Float32Array::from(scores)));
+        Ok(RecordBatch::try_new(self.search_schema(), columns)?)
+    }
+
+    /// The live rows of the given document ids, in the order asked (ids without a row are
+    /// skipped).
+    pub fn lookup(&self, ids: &[&str]) -> Result<RecordBatch, IndexError> {
+        let state = self.read_state();
+        let positions: Vec<(usize, usize)> = ids
+            .iter()
+            .filter_map(|id| state.doc_keys.get(*id))
+            .filter_map(|key| state.locations.get(key).copied())
+            .collect();
+        let columns = self.gather_columns(&state, &positions)?;
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+
+    /// The index's columns at `positions` (segment, row).
+    fn gather_columns(&self, state: &State, positions: &[(usize, usize)]) -> Result<Vec<ArrayRef>, IndexError> {
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len() + 1);
         for column in 0..self.schema.fields().len() {
             let sources: Vec<&dyn Array> = state.segments.iter().map(|s| s.batch.column(column).as_ref()).collect();
             columns.push(if sources.is_empty() {
                 datafusion::arrow::array::new_empty_array(self.schema.field(column).data_type())
             } else {
-                interleave(&sources, &positions)?
+                interleave(&sources, positions)?
             });
         }
-        columns.push(Arc::new(Float32Array::from(scores)));
-        Ok(RecordBatch::try_new(schema, columns)?)
+        Ok(columns)
     }
 }

@@ -129,7 +129,7 @@ fn upsert_replaces_row_and_vector_and_delete_removes() {
                 .collect())
         })
         .unwrap();
-    assert_eq!(deleted, 1);
+    assert_eq!(deleted, vec!["doc-5"]);
     assert_eq!(index.len(), 99);
     let after = index.search(&vector(777), 5, None).unwrap();
     assert!(!ids_of(&after).contains(&"doc-5".to_string()));

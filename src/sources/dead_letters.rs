@@ -19,6 +19,7 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::sql::memory_scan;
+use mkflow_udfs::mk::FailureLog;
 use serde::{Deserialize, Serialize};
 
 /// File (in the data directory) where dead letters persist.
@@ -37,6 +38,28 @@ pub struct DeadLetter {
     pub error: String,
     /// When it was recorded (milliseconds since the Unix epoch).
     pub recorded_at_ms: i64,
+}
+
+/// Longest payload kept for a failed generation (characters).
+const MAX_GENERATION_PAYLOAD: usize = 4000;
+
+/// Failed generations (metadata, questions, summaries, rewrites) become dead letters whose
+/// source names the step and backend, and whose payload is the document.
+impl FailureLog for DeadLetters {
+    fn record(&self, what: &str, document: &str, error: &str) {
+        log::warn!("{what}: {error}");
+        let payload: String = document.chars().take(MAX_GENERATION_PAYLOAD).collect();
+        DeadLetters::record(
+            self,
+            vec![DeadLetter {
+                source: what.to_string(),
+                position: 0,
+                payload,
+                error: error.to_string(),
+                recorded_at_ms: crate::mk::now_ms(),
+            }],
+        );
+    }
 }
 
 /// Identifies a record: (source, position, payload).

@@ -9,7 +9,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
@@ -146,9 +145,7 @@ impl JsonlTable {
             position,
             payload: line.to_string(),
             error: message,
-            recorded_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64),
+            recorded_at_ms: crate::mk::now_ms(),
         }
     }
 }

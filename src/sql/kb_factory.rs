@@ -8,7 +8,12 @@
 //! - `quantization`: `f32` (default), `f16` or `i8`, how the ANN graph stores vectors;
 //! - `key_column`: the document-id column upserts replace by (default `doc_id`);
 //! - `vector_column`: the vector column, appended to the declared columns (default
-//!   `embedding`).
+//!   `embedding`);
+//! - `meta_knowledge`: `true` gives the index a Meta-Knowledge side: the columns `metadata`
+//!   (the session's metadata schema, see `mkflow.metadata_schema`), `qa` and `cluster` are
+//!   appended (fill them with `mk_metadata`, `mk_qa`, `mk_cluster`), and every insert keeps
+//!   the questions index and the cluster summaries current (`<name>_questions`,
+//!   `<name>_clusters`, `qa_search`, `mk_search`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,9 +23,12 @@ use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::logical_expr::CreateExternalTable;
 
-use super::KbRegistry;
+use mkflow_udfs::mk::MkOptions;
+
 use super::kb_table::{IngestProgress, KbTable, index_error};
+use super::{KbRegistry, blocking};
 use crate::index::{IndexSettings, KnowledgeIndex, Quantization};
+use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns};
 use crate::models::ModelRegistry;
 
 /// The `STORED AS` name of knowledge indexes.
@@ -33,21 +41,23 @@ pub struct KbTableFactory {
     models: Arc<ModelRegistry>,
     registry: Arc<KbRegistry>,
     progress: Arc<IngestProgress>,
+    mk_services: Arc<MkServices>,
 }
 
 impl KbTableFactory {
     /// A factory placing relative locations under `data_dir`.
     pub fn new(
         data_dir: PathBuf,
-        models: Arc<ModelRegistry>,
         registry: Arc<KbRegistry>,
         progress: Arc<IngestProgress>,
+        mk_services: Arc<MkServices>,
     ) -> Self {
         KbTableFactory {
             data_dir,
-            models,
+            models: mk_services.models.clone(),
             registry,
             progress,
+            mk_services,
         }
     }
 
@@ -62,13 +72,15 @@ impl KbTableFactory {
     }
 
     fn settings(&self, cmd: &CreateExternalTable) -> Result<IndexSettings> {
-        let option = |name: &str| {
-            cmd.options
-                .iter()
-                .find(|(k, _)| k.as_str() == name || k.strip_prefix("format.") == Some(name))
-                .map(|(_, v)| v.clone())
-        };
-        let known = ["model", "dimensions", "quantization", "key_column", "vector_column"];
+        let option = |name: &str| option(cmd, name);
+        let known = [
+            "model",
+            "dimensions",
+            "quantization",
+            "key_column",
+            "vector_column",
+            "meta_knowledge",
+        ];
         for key in cmd.options.keys() {
             let bare = key.strip_prefix("format.").unwrap_or(key);
             if !known.contains(&bare) {
@@ -105,27 +117,65 @@ impl KbTableFactory {
     }
 }
 
+/// The value of option `name` (with or without DataFusion's `format.` prefix).
+fn option(cmd: &CreateExternalTable, name: &str) -> Option<String> {
+    cmd.options
+        .iter()
+        .find(|(k, _)| k.as_str() == name || k.strip_prefix("format.") == Some(name))
+        .map(|(_, v)| v.clone())
+}
+
+impl KbTableFactory {
+    /// Opens the index in `dir`'s Meta-Knowledge side (creating it when `create`), if any.
+    pub async fn attach_mk(&self, index: &Arc<KnowledgeIndex>, create: bool) -> Result<Option<MkAttachment>> {
+        if !create && !MkIndex::exists(index.dir()) {
+            return Ok(None);
+        }
+        let documents = index.clone();
+        let mk = blocking(move || MkIndex::open_or_create(&documents)).await?;
+        Ok(Some(MkAttachment {
+            index: Arc::new(mk),
+            services: self.mk_services.clone(),
+        }))
+    }
+}
+
 #[async_trait]
 impl TableProviderFactory for KbTableFactory {
-    async fn create(&self, _state: &dyn Session, cmd: &CreateExternalTable) -> Result<Arc<dyn TableProvider>> {
+    async fn create(&self, state: &dyn Session, cmd: &CreateExternalTable) -> Result<Arc<dyn TableProvider>> {
         let [location] = cmd.locations.as_slice() else {
             return plan_err!("STORED AS KB takes one LOCATION (a directory)");
         };
         let dir = self.resolve(location);
-        let columns = cmd.schema.as_arrow().clone();
+        let meta_knowledge = match option(cmd, "meta_knowledge").as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return plan_err!("option meta_knowledge: '{other}' is not true or false"),
+        };
+        let mut columns = cmd.schema.as_arrow().clone();
         let index = if columns.fields().is_empty() {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || KnowledgeIndex::open(dir))
+            blocking(move || KnowledgeIndex::open(dir)).await?
         } else {
             let settings = self.settings(cmd)?;
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || KnowledgeIndex::open_or_create(dir, &columns, &settings))
-        }
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))?
-        .map_err(index_error)?;
+            if meta_knowledge {
+                let options = state
+                    .config_options()
+                    .extensions
+                    .get::<MkOptions>()
+                    .cloned()
+                    .unwrap_or_default();
+                let schema = self
+                    .mk_services
+                    .generators
+                    .schema(&options)
+                    .map_err(DataFusionError::Configuration)?;
+                columns = document_columns(&columns, schema.data_type());
+            }
+            blocking(move || KnowledgeIndex::open_or_create(dir, &columns, &settings)).await?
+        };
         let index = Arc::new(index);
-        self.registry.insert(cmd.name.table(), index.clone());
-        Ok(Arc::new(KbTable::new(index, self.progress.clone())))
+        let mk = self.attach_mk(&index, meta_knowledge).await?;
+        self.registry.insert(cmd.name.table(), index.clone(), mk.clone());
+        Ok(Arc::new(KbTable::new(index, self.progress.clone(), mk)))
     }
 }

@@ -17,8 +17,9 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use futures::StreamExt;
 
 use super::filters::{CompiledFilter, pushdown_support};
-use super::memory_scan;
+use super::{blocking, memory_scan};
 use crate::index::{IndexError, KnowledgeIndex};
+use crate::mk::{MkAttachment, PendingQuestions};
 
 /// Counts rows as they flow into knowledge indexes, for progress display.
 #[derive(Debug, Default)]
@@ -42,12 +43,14 @@ impl IngestProgress {
 pub struct KbTable {
     index: Arc<KnowledgeIndex>,
     progress: Arc<IngestProgress>,
+    mk: Option<MkAttachment>,
 }
 
 impl KbTable {
-    /// A table over `index`, reporting ingested rows to `progress`.
-    pub fn new(index: Arc<KnowledgeIndex>, progress: Arc<IngestProgress>) -> Self {
-        KbTable { index, progress }
+    /// A table over `index`, reporting ingested rows to `progress`; with `mk`, inserts and
+    /// deletes also maintain the index's questions and clusters.
+    pub fn new(index: Arc<KnowledgeIndex>, progress: Arc<IngestProgress>, mk: Option<MkAttachment>) -> Self {
+        KbTable { index, progress, mk }
     }
 
     /// The index behind the table.
@@ -121,6 +124,7 @@ impl TableProvider for KbTable {
         let sink = UpsertSink {
             index: self.index.clone(),
             progress: self.progress.clone(),
+            mk: self.mk.clone(),
         };
         Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
     }
@@ -131,6 +135,7 @@ impl TableProvider for KbTable {
             index: self.index.clone(),
             filter,
             schema: self.schema(),
+            mk: self.mk.clone(),
         };
         // The sink ignores its (empty) input and deletes when the plan runs, so planning a
         // DELETE (e.g. EXPLAIN) changes nothing.
@@ -139,11 +144,13 @@ impl TableProvider for KbTable {
     }
 }
 
-/// Collects an `INSERT`'s rows and upserts them as one commit.
+/// Collects an `INSERT`'s rows and upserts them as one commit (then, for Meta-Knowledge
+/// indexes, replaces the documents' questions and refreshes the clusters).
 #[derive(Debug)]
 struct UpsertSink {
     index: Arc<KnowledgeIndex>,
     progress: Arc<IngestProgress>,
+    mk: Option<MkAttachment>,
 }
 
 impl DisplayAs for UpsertSink {
@@ -158,28 +165,37 @@ impl DataSink for UpsertSink {
         self.index.schema_ref()
     }
 
-    async fn write_all(&self, mut data: SendableRecordBatchStream, _context: &Arc<TaskContext>) -> Result<u64> {
+    async fn write_all(&self, mut data: SendableRecordBatchStream, context: &Arc<TaskContext>) -> Result<u64> {
         let mut batches = Vec::new();
         while let Some(batch) = data.next().await {
             let batch = batch?;
             self.progress.add(batch.num_rows());
             batches.push(batch);
         }
+        let batches = Arc::new(batches);
+        // Questions are embedded before anything is committed: a failure leaves all as it was.
+        let pending: Option<PendingQuestions> = match &self.mk {
+            Some(mk) => Some(mk.pending_questions(&self.index, batches.clone()).await?),
+            None => None,
+        };
         let index = self.index.clone();
-        let stats = tokio::task::spawn_blocking(move || index.upsert(&batches))
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))?
-            .map_err(index_error)?;
+        let rows = batches.clone();
+        let stats = blocking(move || index.upsert(&rows)).await?;
+        if let (Some(mk), Some(pending)) = (&self.mk, pending) {
+            mk.commit(&self.index, pending, context).await?;
+        }
         Ok(stats.rows as u64)
     }
 }
 
-/// Deletes the rows matching a filter when executed.
+/// Deletes the rows matching a filter when executed (and, for Meta-Knowledge indexes, their
+/// questions).
 #[derive(Debug)]
 struct DeleteSink {
     index: Arc<KnowledgeIndex>,
     filter: Option<CompiledFilter>,
     schema: SchemaRef,
+    mk: Option<MkAttachment>,
 }
 
 impl DisplayAs for DeleteSink {
@@ -194,16 +210,18 @@ impl DataSink for DeleteSink {
         &self.schema
     }
 
-    async fn write_all(&self, _data: SendableRecordBatchStream, _context: &Arc<TaskContext>) -> Result<u64> {
+    async fn write_all(&self, _data: SendableRecordBatchStream, context: &Arc<TaskContext>) -> Result<u64> {
         let index = self.index.clone();
         let filter = self.filter.clone();
-        let deleted = tokio::task::spawn_blocking(move || match &filter {
+        let deleted = blocking(move || match &filter {
             Some(f) => index.delete(&|batch| f.evaluate(batch)),
             None => index.delete(&|batch| Ok(vec![true; batch.num_rows()].into())),
         })
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))?
-        .map_err(index_error)?;
-        Ok(deleted as u64)
+        .await?;
+        if let Some(mk) = &self.mk {
+            mk.forget(&self.index, deleted.iter().cloned().collect(), context)
+                .await?;
+        }
+        Ok(deleted.len() as u64)
     }
 }

@@ -4,30 +4,53 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use crate::index::KnowledgeIndex;
+use crate::mk::MkAttachment;
+
+/// A registered index and its Meta-Knowledge side, if it has one.
+type Entry = (Arc<KnowledgeIndex>, Option<MkAttachment>);
 
 /// Knowledge indexes by table name, shared by the table factory (which adds them) and the
 /// search functions (which look them up).
 #[derive(Debug, Default)]
 pub struct KbRegistry {
-    indexes: RwLock<HashMap<String, Arc<KnowledgeIndex>>>,
+    indexes: RwLock<HashMap<String, Entry>>,
 }
 
 impl KbRegistry {
-    /// Records `index` under `name` (replacing any previous one).
-    pub fn insert(&self, name: &str, index: Arc<KnowledgeIndex>) {
+    /// Records `index` (with its Meta-Knowledge side) under `name`, replacing any previous one.
+    pub fn insert(&self, name: &str, index: Arc<KnowledgeIndex>, mk: Option<MkAttachment>) {
         self.indexes
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), index);
+            .insert(name.to_string(), (index, mk));
     }
 
     /// The index called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<KnowledgeIndex>> {
+        self.entry(name).map(|(index, _)| index)
+    }
+
+    /// The index called `name` and its Meta-Knowledge side.
+    pub fn entry(&self, name: &str) -> Option<Entry> {
         self.indexes
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// Names of the indexes with a Meta-Knowledge side, sorted.
+    pub fn mk_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .indexes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, (_, mk))| mk.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// Names of all known indexes, sorted.

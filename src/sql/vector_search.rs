@@ -10,6 +10,10 @@
 //! Without `k`, the query's `LIMIT` (when DataFusion pushes it) or 10 rows. `WHERE` clauses on
 //! the index's columns are evaluated inside the search, so the answer holds `k` rows whenever
 //! `k` rows match.
+//!
+//! `qa_search(kb, 'query' [, k])` is the same search over the synthetic questions of a
+//! Meta-Knowledge index (columns `question_id`, `doc_id`, `question`, `answer`, `cluster`,
+//! `metadata`, `score`).
 
 use std::sync::Arc;
 
@@ -30,17 +34,63 @@ use crate::models::ModelRegistry;
 /// Rows returned when neither `k` nor a pushed `LIMIT` says how many.
 pub const DEFAULT_K: usize = 10;
 
-/// The `vector_search` table function.
+/// What a search function searches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchTarget {
+    /// The documents (`vector_search`).
+    Documents,
+    /// The synthetic questions of a Meta-Knowledge index (`qa_search`).
+    Questions,
+}
+
+/// The `vector_search` and `qa_search` table functions.
 #[derive(Debug)]
 pub struct VectorSearchFunction {
     registry: Arc<KbRegistry>,
     models: Arc<ModelRegistry>,
+    target: SearchTarget,
 }
 
 impl VectorSearchFunction {
-    /// A function resolving tables in `registry` and embedding queries with `models`.
-    pub fn new(registry: Arc<KbRegistry>, models: Arc<ModelRegistry>) -> Self {
-        VectorSearchFunction { registry, models }
+    /// A function searching `target`, resolving tables in `registry` and embedding queries
+    /// with `models`.
+    pub fn new(registry: Arc<KbRegistry>, models: Arc<ModelRegistry>, target: SearchTarget) -> Self {
+        VectorSearchFunction {
+            registry,
+            models,
+            target,
+        }
+    }
+
+    fn function_name(&self) -> &'static str {
+        match self.target {
+            SearchTarget::Documents => "vector_search",
+            SearchTarget::Questions => "qa_search",
+        }
+    }
+
+    /// The index searched for table `name`.
+    fn resolve(&self, name: &str) -> Result<Arc<KnowledgeIndex>> {
+        let function = self.function_name();
+        let (index, mk) = self.registry.entry(name).ok_or_else(|| {
+            let known = self.registry.names();
+            DataFusionError::Plan(format!(
+                "{function}: no knowledge index called '{name}' ({})",
+                if known.is_empty() {
+                    "this data directory has none yet: create one with CREATE EXTERNAL TABLE … STORED AS KB".to_string()
+                } else {
+                    format!("known: {}", known.join(", "))
+                }
+            ))
+        })?;
+        match self.target {
+            SearchTarget::Documents => Ok(index),
+            SearchTarget::Questions => mk.map(|mk| mk.index.questions().clone()).ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "{function}: '{name}' has no synthetic questions (create it with OPTIONS ('meta_knowledge' 'true'))"
+                ))
+            }),
+        }
     }
 }
 
@@ -53,7 +103,8 @@ fn literal(expr: &Expr) -> Option<&ScalarValue> {
     }
 }
 
-fn string_arg(expr: &Expr) -> Option<String> {
+/// The string literal value of an argument.
+pub fn string_arg(expr: &Expr) -> Option<String> {
     match literal(expr)? {
         ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
             Some(s.clone())
@@ -62,7 +113,8 @@ fn string_arg(expr: &Expr) -> Option<String> {
     }
 }
 
-fn int_arg(expr: &Expr) -> Option<i64> {
+/// The integer literal value of an argument.
+pub fn int_arg(expr: &Expr) -> Option<i64> {
     match literal(expr)? {
         ScalarValue::Int8(Some(v)) => Some(*v as i64),
         ScalarValue::Int16(Some(v)) => Some(*v as i64),
@@ -90,7 +142,7 @@ fn vector_arg(expr: &Expr) -> Option<Vec<f32>> {
 }
 
 /// The table name an argument designates: a bare identifier or a string.
-fn table_arg(expr: &Expr) -> Option<String> {
+pub fn table_arg(expr: &Expr) -> Option<String> {
     match expr {
         Expr::Column(c) => Some(c.name.clone()),
         other => string_arg(other),
@@ -99,44 +151,35 @@ fn table_arg(expr: &Expr) -> Option<String> {
 
 impl TableFunctionImpl for VectorSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
-        const USAGE: &str = "usage: vector_search(kb, 'query text' [, column] [, k])";
+        let function = self.function_name();
+        let usage = format!("usage: {function}(kb, 'query text' [, column] [, k])");
         let exprs = args.exprs();
         if !(2..=4).contains(&exprs.len()) {
-            return plan_err!("vector_search takes 2 to 4 arguments; {USAGE}");
+            return plan_err!("{function} takes 2 to 4 arguments; {usage}");
         }
         let name = table_arg(&exprs[0]).ok_or_else(|| {
             DataFusionError::Plan(format!(
-                "vector_search: the first argument must name a knowledge index; {USAGE}"
+                "{function}: the first argument must name a knowledge index; {usage}"
             ))
         })?;
-        let index = self.registry.get(&name).ok_or_else(|| {
-            let known = self.registry.names();
-            DataFusionError::Plan(format!(
-                "vector_search: no knowledge index called '{name}' ({})",
-                if known.is_empty() {
-                    "this data directory has none yet: create one with CREATE EXTERNAL TABLE … STORED AS KB".to_string()
-                } else {
-                    format!("known: {}", known.join(", "))
-                }
-            ))
-        })?;
+        let index = self.resolve(&name)?;
         let mut k = None;
         let mut rest = &exprs[2..];
         if let Some(first) = rest.first().filter(|e| int_arg(e).is_none()) {
             let column = string_arg(first).or_else(|| table_arg(first)).ok_or_else(|| {
                 DataFusionError::Plan(format!(
-                    "vector_search: the third argument must be k or a column name; {USAGE}"
+                    "{function}: the third argument must be k or a column name; {usage}"
                 ))
             })?;
             if index.schema().field_with_name(&column).is_err() {
-                return plan_err!("vector_search: '{name}' has no column '{column}'");
+                return plan_err!("{function}: '{name}' has no column '{column}'");
             }
             rest = &rest[1..];
         }
         if let Some(limit) = rest.first() {
-            let value = int_arg(limit).filter(|v| *v > 0).ok_or_else(|| {
-                DataFusionError::Plan(format!("vector_search: k must be a positive integer; {USAGE}"))
-            })?;
+            let value = int_arg(limit)
+                .filter(|v| *v > 0)
+                .ok_or_else(|| DataFusionError::Plan(format!("{function}: k must be a positive integer; {usage}")))?;
             k = Some(value as usize);
         }
         let query = self.query_vector(&index, &exprs[1])?;
@@ -151,20 +194,25 @@ impl VectorSearchFunction {
             return Ok(vector);
         }
         let Some(text) = string_arg(expr) else {
-            return plan_err!("vector_search: the query must be a text or a vector literal");
+            return plan_err!("{}: the query must be a text or a vector literal", self.function_name());
         };
-        let model_name = index.manifest().model;
-        let model = self.models.get(&model_name).ok_or_else(|| {
-            DataFusionError::Plan(format!(
-                "vector_search: index '{}' was built with model '{model_name}', which is not installed",
-                index.dir().display()
-            ))
-        })?;
-        let embedder = model.get().map_err(|e| DataFusionError::External(Box::new(e)))?;
-        embedder
-            .embed_one(&text)
-            .map_err(|e| DataFusionError::External(Box::new(e)))
+        embed_query(&self.models, index, &text)
     }
+}
+
+/// Embeds a text query with the model `index` was built with.
+pub fn embed_query(models: &ModelRegistry, index: &KnowledgeIndex, text: &str) -> Result<Vec<f32>> {
+    let model_name = index.manifest().model;
+    let model = models.get(&model_name).ok_or_else(|| {
+        DataFusionError::Plan(format!(
+            "index '{}' was built with model '{model_name}', which is not installed",
+            index.dir().display()
+        ))
+    })?;
+    let embedder = model.get().map_err(|e| DataFusionError::External(Box::new(e)))?;
+    embedder
+        .embed_one(text)
+        .map_err(|e| DataFusionError::External(Box::new(e)))
 }
 
 /// The result of one `vector_search` call, computed when scanned.

@@ -2,10 +2,14 @@
 //!
 //! This crate holds the "prepare" work that runs inside DataFusion plans:
 //! - [`embedding`]: text embeddings on ONNX Runtime (`embed(text)`), with token-budget batching.
+//! - [`mk`]: Meta-Knowledge preparation — metadata (`mk_metadata`), synthetic questions
+//!   (`mk_qa`), clusters (`mk_cluster`) and cluster summaries (`mk_summary`), on an embedded
+//!   generator or any OpenAI-compatible LLM endpoint.
 //!
 //! Every UDF works on Arrow arrays, so it composes with any DataFusion query or pipeline.
 
 pub mod embedding;
+pub mod mk;
 pub mod runtime;
 
 pub use embedding::{BatchingStrategy, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling};

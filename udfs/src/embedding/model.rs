@@ -1,8 +1,9 @@
 //! One loaded embedding model: tokenizer + ONNX Runtime session + pooling.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
 use ort::value::TensorRef;
@@ -54,7 +55,8 @@ pub struct Embeddings {
     pub vectors: Vec<f32>,
     /// Whether each input text got an embedding.
     pub present: Vec<bool>,
-    /// Tokens fed to the model (after truncation, before padding).
+    /// Tokens fed to the model (after truncation, before padding); texts whose vectors were
+    /// still in the recent-texts cache cost none.
     pub tokens: usize,
 }
 
@@ -74,6 +76,35 @@ struct ModelIo {
     output: String,
 }
 
+/// Texts embedded most recently: a pipeline that embeds a document (`embed`) and classifies
+/// it (`mk_metadata`) pays for one model call, and repeated queries for none.
+#[derive(Debug, Default)]
+struct RecentVectors {
+    vectors: HashMap<Arc<str>, Arc<[f32]>>,
+    order: VecDeque<Arc<str>>,
+}
+
+/// Texts whose vectors [`RecentVectors`] keeps.
+const RECENT_VECTORS: usize = 8192;
+
+impl RecentVectors {
+    fn get(&self, text: &str) -> Option<Arc<[f32]>> {
+        self.vectors.get(text).cloned()
+    }
+
+    fn insert(&mut self, text: &str, vector: &[f32]) {
+        let text: Arc<str> = Arc::from(text);
+        if self.vectors.insert(text.clone(), Arc::from(vector)).is_none() {
+            self.order.push_back(text);
+        }
+        while self.order.len() > RECENT_VECTORS {
+            if let Some(old) = self.order.pop_front() {
+                self.vectors.remove(&old);
+            }
+        }
+    }
+}
+
 /// A loaded embedding model, shared by every query and pipeline of a process.
 pub struct Embedder {
     spec: EmbeddingModelSpec,
@@ -81,6 +112,7 @@ pub struct Embedder {
     session: Mutex<Session>,
     io: ModelIo,
     pad_id: i64,
+    recent: Mutex<RecentVectors>,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -141,6 +173,7 @@ impl Embedder {
             session: Mutex::new(session),
             io,
             pad_id,
+            recent: Mutex::new(RecentVectors::default()),
         })
     }
 
@@ -159,6 +192,12 @@ impl Embedder {
             })
     }
 
+    /// Forgets the recently embedded texts, so the next calls run the model for every text
+    /// (benchmarks measure the model, not the cache).
+    pub fn forget_recent(&self) {
+        *self.recent.lock().unwrap_or_else(|e| e.into_inner()) = RecentVectors::default();
+    }
+
     /// Embeds texts. `None`, empty and whitespace-only texts get no vector (see
     /// [`Embeddings::present`]); texts longer than the model's `max_tokens` are truncated.
     pub fn embed(&self, texts: &[Option<&str>]) -> Result<Embeddings, EmbedError> {
@@ -169,11 +208,22 @@ impl Embedder {
             present: vec![false; texts.len()],
             tokens: 0,
         };
-        let (slots, contents): (Vec<usize>, Vec<&str>) = texts
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.filter(|s| !s.trim().is_empty()).map(|s| (i, s)))
-            .unzip();
+        let (slots, contents): (Vec<usize>, Vec<&str>) = {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            texts
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| t.filter(|s| !s.trim().is_empty()).map(|s| (i, s)))
+                .filter(|&(slot, text)| match recent.get(text) {
+                    Some(vector) => {
+                        out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(&vector);
+                        out.present[slot] = true;
+                        false
+                    }
+                    None => true,
+                })
+                .unzip()
+        };
         if contents.is_empty() {
             return Ok(out);
         }
@@ -183,10 +233,13 @@ impl Embedder {
         for call in self.spec.batching.plan(&lengths) {
             let batch: Vec<&Encoding> = call.iter().map(|&i| &encodings[i]).collect();
             let pooled = self.run_encoded(&batch)?;
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             for (row, &i) in call.iter().enumerate() {
                 let slot = slots[i];
-                out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(&pooled[row * dims..(row + 1) * dims]);
+                let vector = &pooled[row * dims..(row + 1) * dims];
+                out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(vector);
                 out.present[slot] = true;
+                recent.insert(contents[i], vector);
             }
         }
         Ok(out)

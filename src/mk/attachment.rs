@@ -1,0 +1,150 @@
+//! Keeping a Meta-Knowledge index current as its documents change: questions replaced with
+//! each upsert, removed with each delete, clusters recomputed, stale summaries rewritten.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use futures::StreamExt;
+use mkflow_udfs::mk::{FailureLog, GeneratorRegistry, MkOptions};
+
+use super::{MkIndex, PendingQuestions, SummaryPolicy, now_ms};
+use crate::index::{IndexError, KnowledgeIndex};
+use crate::models::ModelRegistry;
+use crate::sql::blocking;
+
+/// Summaries written at once after a commit.
+const SUMMARY_CONCURRENCY: usize = 4;
+
+/// What Meta-Knowledge indexes need from the engine.
+#[derive(Debug)]
+pub struct MkServices {
+    /// Embedding models (questions are embedded with the index's model).
+    pub models: Arc<ModelRegistry>,
+    /// Generators (summaries, query rewriting), per session settings.
+    pub generators: Arc<GeneratorRegistry>,
+    /// Where failed generations are recorded.
+    pub failures: Arc<dyn FailureLog>,
+}
+
+/// A Meta-Knowledge index with the services that maintain it.
+#[derive(Debug, Clone)]
+pub struct MkAttachment {
+    /// The questions and clusters.
+    pub index: Arc<MkIndex>,
+    /// The engine's services.
+    pub services: Arc<MkServices>,
+}
+
+/// The session's Meta-Knowledge settings as a plan executes.
+pub fn task_options(context: &TaskContext) -> MkOptions {
+    context
+        .session_config()
+        .options()
+        .extensions
+        .get::<MkOptions>()
+        .cloned()
+        .unwrap_or_default()
+}
+
+impl MkAttachment {
+    /// Explodes and embeds the questions of inserted documents (nothing committed yet).
+    pub async fn pending_questions(
+        &self,
+        documents: &KnowledgeIndex,
+        batches: Arc<Vec<RecordBatch>>,
+    ) -> Result<PendingQuestions> {
+        let manifest = documents.manifest();
+        let model = self.services.models.get(&manifest.model).ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "the index's model '{}' is not installed, so its questions cannot be embedded",
+                manifest.model
+            ))
+        })?;
+        let mk = self.index.clone();
+        blocking(move || {
+            let embedder = model.get().map_err(|e| IndexError::Invalid(e.to_string()))?;
+            mk.pending_questions(&batches, &manifest.key_column, &embedder)
+        })
+        .await
+    }
+
+    /// Commits questions after their documents, then brings clusters and summaries up to date.
+    pub async fn commit(
+        &self,
+        documents: &Arc<KnowledgeIndex>,
+        pending: PendingQuestions,
+        context: &TaskContext,
+    ) -> Result<()> {
+        let (mk, docs) = (self.index.clone(), documents.clone());
+        blocking(move || {
+            mk.commit_questions(&pending)?;
+            mk.refresh_clusters(&docs)
+        })
+        .await?;
+        self.refresh_summaries(&task_options(context)).await
+    }
+
+    /// Removes the questions of deleted documents, then updates clusters and summaries.
+    pub async fn forget(
+        &self,
+        documents: &Arc<KnowledgeIndex>,
+        deleted: HashSet<String>,
+        context: &TaskContext,
+    ) -> Result<()> {
+        let (mk, docs) = (self.index.clone(), documents.clone());
+        blocking(move || {
+            mk.remove_questions_of(&deleted)?;
+            mk.refresh_clusters(&docs)
+        })
+        .await?;
+        self.refresh_summaries(&task_options(context)).await
+    }
+
+    /// Rewrites the summaries of clusters that changed enough; a failed summary is recorded
+    /// and the old one kept.
+    pub async fn refresh_summaries(&self, options: &MkOptions) -> Result<()> {
+        let policy = SummaryPolicy {
+            growth: options.summary_growth,
+            max_age_ms: options.summary_max_age_secs.saturating_mul(1000) as i64,
+        };
+        let stale = self.index.stale_clusters(&policy, now_ms());
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let generator = self
+            .services
+            .generators
+            .generator(options)
+            .map_err(DataFusionError::Configuration)?;
+        let mut summaries = futures::stream::iter(stale.into_iter().map(|cluster| {
+            let generator = generator.clone();
+            let mk = self.index.clone();
+            async move {
+                let digest = mk.digest(&cluster);
+                let summary = match digest {
+                    Ok(d) => generator.summarize(&d).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (cluster, summary)
+            }
+        }))
+        .buffer_unordered(SUMMARY_CONCURRENCY);
+        while let Some((cluster, summary)) = summaries.next().await {
+            match summary {
+                Ok(text) => {
+                    let mk = self.index.clone();
+                    let name = generator.name();
+                    blocking(move || mk.set_summary(&cluster, text, name, now_ms())).await?;
+                }
+                Err(e) => {
+                    let what = format!("mk_summary ({})", generator.name());
+                    self.services.failures.record(&what, &format!("cluster {cluster}"), &e);
+                }
+            }
+        }
+        Ok(())
+    }
+}

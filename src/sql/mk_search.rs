@@ -1,0 +1,354 @@
+//! `mk_search(kb, 'query' [, k])`: Meta-Knowledge retrieval (Mombaerts et al., 2024) —
+//! route the query to the cluster(s) whose question centroid is nearest, rewrite it into
+//! sub-queries conditioned on their summaries, match every sub-query against the synthetic
+//! questions of those clusters, and fuse the rankings by reciprocal rank fusion.
+//!
+//! Each row is a QA pair with its provenance: the document it came from (with the document's
+//! own columns), its cluster, the clusters the query was routed to, every sub-query used, and
+//! which sub-queries found it. Unless `mkflow.strict_routing` is true, the original query is
+//! also matched across all clusters, so a wrong route cannot hide the best answer.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
+    UInt32Array,
+};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{DataFusionError, Result, plan_err};
+use datafusion::logical_expr::{Expr, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use mkflow_udfs::mk::{MkOptions, string_list_type};
+
+use super::kb_table::index_error;
+use super::vector_search::{DEFAULT_K, int_arg, string_arg, table_arg};
+use super::{KbRegistry, memory_scan};
+use crate::index::{IndexError, KnowledgeIndex};
+use crate::mk::{CLUSTER_COLUMN, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
+
+/// The constant of reciprocal rank fusion (Cormack et al., 2009).
+const RRF_K: f32 = 60.0;
+
+/// Questions each sub-query retrieves before fusion, per result asked for.
+const POOL_PER_RESULT: usize = 3;
+
+/// The `mk_search` table function.
+#[derive(Debug)]
+pub struct MkSearchFunction {
+    registry: Arc<KbRegistry>,
+}
+
+impl MkSearchFunction {
+    /// A function resolving indexes in `registry`.
+    pub fn new(registry: Arc<KbRegistry>) -> Self {
+        MkSearchFunction { registry }
+    }
+}
+
+impl TableFunctionImpl for MkSearchFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        const USAGE: &str = "usage: mk_search(kb, 'query text' [, k])";
+        let exprs = args.exprs();
+        if !(2..=3).contains(&exprs.len()) {
+            return plan_err!("mk_search takes 2 or 3 arguments; {USAGE}");
+        }
+        let name = table_arg(&exprs[0]).ok_or_else(|| {
+            DataFusionError::Plan(format!("mk_search: the first argument must name an index; {USAGE}"))
+        })?;
+        let Some((documents, mk)) = self.registry.entry(&name) else {
+            return plan_err!("mk_search: no knowledge index called '{name}'");
+        };
+        let Some(mk) = mk else {
+            return plan_err!(
+                "mk_search: '{name}' has no Meta-Knowledge side (create it with OPTIONS ('meta_knowledge' 'true'))"
+            );
+        };
+        let query = string_arg(&exprs[1])
+            .filter(|q| !q.trim().is_empty())
+            .ok_or_else(|| DataFusionError::Plan(format!("mk_search: the query must be a non-empty text; {USAGE}")))?;
+        let k = match exprs.get(2) {
+            Some(e) => Some(
+                int_arg(e)
+                    .filter(|v| *v > 0)
+                    .ok_or_else(|| DataFusionError::Plan(format!("mk_search: k must be a positive integer; {USAGE}")))?
+                    as usize,
+            ),
+            None => None,
+        };
+        let schema = result_schema(&documents);
+        Ok(Arc::new(MkSearchTable {
+            documents,
+            mk,
+            query,
+            k,
+            schema,
+        }))
+    }
+}
+
+/// Document columns carried into results (not the key, vector or Meta-Knowledge columns).
+fn document_fields(documents: &KnowledgeIndex) -> Vec<(usize, Field)> {
+    let manifest = documents.manifest();
+    let skipped = [
+        manifest.key_column.as_str(),
+        manifest.vector_column.as_str(),
+        METADATA_COLUMN,
+        QA_COLUMN,
+        CLUSTER_COLUMN,
+    ];
+    documents
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| !skipped.contains(&f.name().as_str()))
+        .map(|(i, f)| (i, f.as_ref().clone().with_nullable(true)))
+        .collect()
+}
+
+fn result_schema(documents: &KnowledgeIndex) -> SchemaRef {
+    let mut fields = vec![
+        Field::new("question_id", DataType::Utf8, false),
+        Field::new("doc_id", DataType::Utf8, false),
+        Field::new("question", DataType::Utf8, false),
+        Field::new("answer", DataType::Utf8, false),
+        Field::new(CLUSTER_COLUMN, DataType::Utf8, true),
+        Field::new("score", DataType::Float32, false),
+        Field::new("routed_clusters", string_list_type(), false),
+        Field::new("sub_queries", string_list_type(), false),
+        Field::new("matched_by", string_list_type(), false),
+    ];
+    fields.extend(document_fields(documents).into_iter().map(|(_, f)| f));
+    Arc::new(Schema::new(fields))
+}
+
+/// One `mk_search` call, computed when scanned.
+#[derive(Debug)]
+struct MkSearchTable {
+    documents: Arc<KnowledgeIndex>,
+    mk: MkAttachment,
+    query: String,
+    k: Option<usize>,
+    schema: SchemaRef,
+}
+
+/// A question found by at least one sub-query.
+struct Fused {
+    batch: usize,
+    row: usize,
+    score: f32,
+    matched_by: Vec<usize>,
+}
+
+impl MkSearchTable {
+    async fn search(&self, options: &MkOptions, k: usize) -> Result<RecordBatch> {
+        let services = &self.mk.services;
+        let questions = self.mk.index.questions().clone();
+        let model = services
+            .models
+            .get(&questions.manifest().model)
+            .ok_or_else(|| DataFusionError::Plan(format!("model '{}' is not installed", questions.manifest().model)))?;
+        let embedder = model.get().map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let query_vector = embedder
+            .embed_one(&self.query)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+
+        let routed: Vec<String> = self
+            .mk
+            .index
+            .route(&query_vector, options.route_clusters)
+            .into_iter()
+            .map(|(c, _)| c.name)
+            .collect();
+        if routed.is_empty() {
+            return plan_err!("mk_search: the index has no clusters yet (insert documents with mk_qa questions first)");
+        }
+        let routed_clusters: Vec<_> = self
+            .mk
+            .index
+            .clusters()
+            .into_iter()
+            .filter(|c| routed.contains(&c.name))
+            .collect();
+        let generator = services
+            .generators
+            .generator(options)
+            .map_err(DataFusionError::Configuration)?;
+        let rewritten = match generator.rewrite(&self.query, &briefs(&routed_clusters)).await {
+            Ok(q) => q,
+            Err(e) => {
+                services.failures.record(
+                    &format!("mk_search rewrite ({})", generator.name()),
+                    &self.query,
+                    &e.to_string(),
+                );
+                Vec::new()
+            }
+        };
+        let mut sub_queries = vec![self.query.trim().to_string()];
+        for q in rewritten {
+            if !sub_queries.iter().any(|s| s.eq_ignore_ascii_case(q.trim())) {
+                sub_queries.push(q.trim().to_string());
+            }
+        }
+        let texts: Vec<Option<&str>> = sub_queries.iter().map(|q| Some(q.as_str())).collect();
+        let embeddings = embedder
+            .embed(&texts)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+
+        let cluster_column = questions.schema().index_of(CLUSTER_COLUMN)?;
+        let allowed: HashSet<&str> = routed.iter().map(String::as_str).collect();
+        let in_routed = |batch: &RecordBatch| -> std::result::Result<BooleanArray, IndexError> {
+            let clusters = batch.column(cluster_column).as_string::<i32>();
+            Ok(clusters
+                .iter()
+                .map(|c| Some(c.is_some_and(|c| allowed.contains(c))))
+                .collect::<BooleanArray>())
+        };
+        let pool = (k * POOL_PER_RESULT).max(30);
+        // (sub-query index, hits): every sub-query inside the routed clusters, and the
+        // original query everywhere unless routing is strict.
+        let mut rankings: Vec<(usize, RecordBatch)> = Vec::new();
+        for (i, _) in sub_queries.iter().enumerate() {
+            let vector = embeddings.get(i).unwrap_or(&query_vector);
+            rankings.push((
+                i,
+                questions.search(vector, pool, Some(&in_routed)).map_err(index_error)?,
+            ));
+        }
+        if !options.strict_routing {
+            rankings.push((0, questions.search(&query_vector, pool, None).map_err(index_error)?));
+        }
+
+        let mut fused: HashMap<String, Fused> = HashMap::new();
+        for (batch_index, (sub_query, hits)) in rankings.iter().enumerate() {
+            let ids = hits.column(0).as_string::<i32>();
+            for row in 0..hits.num_rows() {
+                let entry = fused.entry(ids.value(row).to_string()).or_insert(Fused {
+                    batch: batch_index,
+                    row,
+                    score: 0.0,
+                    matched_by: Vec::new(),
+                });
+                entry.score += 1.0 / (RRF_K + row as f32 + 1.0);
+                if !entry.matched_by.contains(sub_query) {
+                    entry.matched_by.push(*sub_query);
+                }
+            }
+        }
+        let mut ranked: Vec<(String, Fused)> = fused.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
+        ranked.truncate(k);
+        self.assemble(&rankings, &ranked, &routed, &sub_queries)
+    }
+
+    /// Builds the result rows: question columns from the hits, provenance, document columns.
+    fn assemble(
+        &self,
+        rankings: &[(usize, RecordBatch)],
+        ranked: &[(String, Fused)],
+        routed: &[String],
+        sub_queries: &[String],
+    ) -> Result<RecordBatch> {
+        let hit_batches: Vec<&RecordBatch> = rankings.iter().map(|(_, b)| b).collect();
+        let question_column = |name: &str| -> Result<ArrayRef> {
+            let position = hit_batches[0].schema().index_of(name)?;
+            let sources: Vec<&dyn Array> = hit_batches.iter().map(|b| b.column(position).as_ref()).collect();
+            let positions: Vec<(usize, usize)> = ranked.iter().map(|(_, f)| (f.batch, f.row)).collect();
+            Ok(datafusion::arrow::compute::interleave(&sources, &positions)?)
+        };
+        let doc_ids = question_column("doc_id")?;
+        let mut columns: Vec<ArrayRef> = vec![
+            question_column("question_id")?,
+            doc_ids.clone(),
+            question_column("question")?,
+            question_column("answer")?,
+            question_column(CLUSTER_COLUMN)?,
+            Arc::new(Float32Array::from_iter_values(ranked.iter().map(|(_, f)| f.score))),
+        ];
+        let routed_refs: Vec<&str> = routed.iter().map(String::as_str).collect();
+        let sub_refs: Vec<&str> = sub_queries.iter().map(String::as_str).collect();
+        columns.push(string_lists(ranked.iter().map(|_| routed_refs.clone())));
+        columns.push(string_lists(ranked.iter().map(|_| sub_refs.clone())));
+        columns.push(string_lists(
+            ranked
+                .iter()
+                .map(|(_, f)| f.matched_by.iter().map(|&i| sub_queries[i].as_str()).collect()),
+        ));
+
+        // Document columns, looked up once per distinct document.
+        let doc_ids: &StringArray = doc_ids.as_string::<i32>();
+        let mut seen: HashSet<&str> = HashSet::new();
+        let distinct: Vec<&str> = doc_ids.iter().flatten().filter(|id| seen.insert(id)).collect();
+        let rows = self.documents.lookup(&distinct).map_err(index_error)?;
+        let keys = datafusion::arrow::compute::cast(
+            rows.column(
+                self.documents
+                    .schema()
+                    .index_of(&self.documents.manifest().key_column)?,
+            ),
+            &DataType::Utf8,
+        )?;
+        let found: HashMap<String, u32> = keys
+            .as_string::<i32>()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| id.map(|id| (id.to_string(), i as u32)))
+            .collect();
+        let indices = UInt32Array::from(
+            doc_ids
+                .iter()
+                .map(|id| id.and_then(|id| found.get(id).copied()))
+                .collect::<Vec<_>>(),
+        );
+        for (position, _) in document_fields(&self.documents) {
+            columns.push(take(rows.column(position).as_ref(), &indices, None)?);
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+/// A `List<Utf8>` column with one list per row.
+fn string_lists<'a>(rows: impl Iterator<Item = Vec<&'a str>>) -> ArrayRef {
+    let mut builder = ListBuilder::new(StringBuilder::new());
+    for row in rows {
+        for value in row {
+            builder.values().append_value(value);
+        }
+        builder.append(true);
+    }
+    Arc::new(builder.finish())
+}
+
+#[async_trait]
+impl TableProvider for MkSearchTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let options = state
+            .config_options()
+            .extensions
+            .get::<MkOptions>()
+            .cloned()
+            .unwrap_or_default();
+        let k = self.k.or(limit).unwrap_or(DEFAULT_K);
+        let batch = self.search(&options, k).await?;
+        memory_scan(vec![batch], self.schema.clone(), projection, None)
+    }
+}

@@ -1,0 +1,388 @@
+//! Meta-Knowledge preparation and retrieval end to end on real text with the real embedding
+//! model: the UDFs' output, the questions and clusters tables, incremental summaries over two
+//! batches, `qa_search` and `mk_search` with provenance, deletes, and failed generations.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, UInt64Type};
+use mkflow::Engine;
+use mkflow_udfs::mk::MetadataSchema;
+
+/// Writes the first `skip..skip + take` sample documents to a JSON Lines file.
+fn corpus_slice(dir: &Path, name: &str, skip: usize, take: usize) -> PathBuf {
+    let text = std::fs::read_to_string(sample_corpus()).unwrap();
+    let lines: Vec<&str> = text.lines().skip(skip).take(take).collect();
+    let path = dir.join(name);
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+/// The shipped pipeline's statements, pointed at `corpus`.
+fn mk_pipeline(corpus: &Path) -> String {
+    let pipeline =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/scifact_mk.sql")).unwrap();
+    pipeline.replace(
+        "LOCATION 'data/sample/scifact-sample.jsonl'",
+        &format!("LOCATION '{}'", corpus.display()),
+    )
+}
+
+async fn ingest_slice(engine: &Engine, corpus: &Path) {
+    // A fresh source table per slice; the index persists.
+    let _ = engine.context().deregister_table("scifact_docs");
+    engine
+        .run_script(&mk_pipeline(corpus), |_| {})
+        .await
+        .expect("MK pipeline runs");
+}
+
+fn u64s(batches: &[RecordBatch], column: &str) -> Vec<u64> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let a = datafusion::arrow::compute::cast(b.column_by_name(column).unwrap(), &DataType::UInt64).unwrap();
+            a.as_primitive::<UInt64Type>().values().to_vec()
+        })
+        .collect()
+}
+
+/// cluster → (questions, summary_version)
+async fn clusters(engine: &Engine) -> HashMap<String, (u64, u64)> {
+    let batches = engine
+        .sql("SELECT cluster_name, questions, summary_version FROM scifact_mk_clusters")
+        .await
+        .unwrap();
+    let names = strings(&batches, "cluster_name");
+    let questions = u64s(&batches, "questions");
+    let versions = u64s(&batches, "summary_version");
+    names.into_iter().zip(questions.into_iter().zip(versions)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udfs_produce_typed_metadata_and_self_contained_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus_slice(dir.path(), "docs.jsonl", 0, 30);
+    let engine = engine(&dir.path().join("data")).await;
+    engine
+        .sql(&format!(
+            "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR) STORED AS JSONL LOCATION '{}'",
+            corpus.display()
+        ))
+        .await
+        .unwrap();
+    let batches = engine
+        .sql(
+            "SELECT doc_id, title, body, m, qa, mk_cluster(m) AS c FROM \
+             (SELECT doc_id, title, body, mk_metadata(title, body) AS m, mk_qa(title, body) AS qa FROM docs)",
+        )
+        .await
+        .unwrap();
+    let schema = MetadataSchema::default();
+    assert_eq!(
+        batches[0].schema().field_with_name("m").unwrap().data_type(),
+        &schema.data_type()
+    );
+    let fields = &schema.fields[0].labels;
+    let study_types = &schema.fields[1].labels;
+    let mut questions_total = 0;
+    for batch in &batches {
+        let metadata = batch.column_by_name("m").unwrap().as_struct();
+        let research = metadata.column_by_name("research_fields").unwrap().as_list::<i32>();
+        let study = metadata.column_by_name("study_type").unwrap().as_string::<i32>();
+        let keyphrases = metadata.column_by_name("keyphrases").unwrap().as_list::<i32>();
+        let qa = batch.column_by_name("qa").unwrap().as_list::<i32>();
+        let cluster = batch.column_by_name("c").unwrap().as_string::<i32>();
+        let utf8 = |name: &str| cast(batch.column_by_name(name).unwrap(), &DataType::Utf8).unwrap();
+        let (title, body) = (utf8("title"), utf8("body"));
+        let (title, body) = (title.as_string::<i32>(), body.as_string::<i32>());
+        for row in 0..batch.num_rows() {
+            let text = format!("{}. {}", title.value(row), body.value(row));
+            let labels = research.value(row);
+            let labels = labels.as_string::<i32>();
+            assert!((1..=3).contains(&labels.len()), "1 to 3 research fields");
+            for label in labels.iter().flatten() {
+                assert!(fields.iter().any(|l| l.name == label), "{label} is in the taxonomy");
+            }
+            assert_eq!(
+                cluster.value(row),
+                labels.value(0),
+                "the cluster is the first research field"
+            );
+            assert!(study_types.iter().any(|l| l.name == study.value(row)));
+            let phrases = keyphrases.value(row);
+            let phrases = phrases.as_string::<i32>();
+            assert!(!phrases.is_empty());
+            let words = |t: &str| format!(" {} ", mkflow_udfs::mk::text::words(t).join(" "));
+            for phrase in phrases.iter().flatten() {
+                assert!(
+                    words(&text).contains(&words(phrase)),
+                    "key phrase '{phrase}' comes from the text"
+                );
+            }
+            let pairs = qa.value(row);
+            let pairs = pairs.as_struct();
+            assert!((1..=6).contains(&pairs.len()), "1 to 6 questions, got {}", pairs.len());
+            questions_total += pairs.len();
+            let (q, a) = (pairs.column(0).as_string::<i32>(), pairs.column(1).as_string::<i32>());
+            for n in 0..pairs.len() {
+                let question = q.value(n);
+                assert!(question.ends_with('?'), "{question}");
+                assert!(
+                    question.starts_with("Is it true that ") || question.starts_with("What is known about "),
+                    "{question}"
+                );
+                let lower = question.to_lowercase();
+                for reference in ["this study", "the present study", "in this paper", " we "] {
+                    assert!(!lower.contains(reference), "'{question}' refers to the document");
+                }
+                assert!(
+                    text.contains(a.value(n)),
+                    "answer '{}' is a sentence of the document",
+                    a.value(n)
+                );
+            }
+        }
+    }
+    assert!(
+        questions_total >= 30 * 3,
+        "about four questions per abstract, got {questions_total}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn questions_clusters_and_summaries_follow_two_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = corpus_slice(dir.path(), "first.jsonl", 0, 60);
+    let second = corpus_slice(dir.path(), "second.jsonl", 60, 40);
+    let engine = engine(&dir.path().join("data")).await;
+
+    ingest_slice(&engine, &first).await;
+    let count = |sql: &'static str| {
+        let engine = &engine;
+        async move { single_int(&engine.sql(sql).await.unwrap()) }
+    };
+    assert_eq!(count("SELECT count(*) FROM scifact_mk").await, 60);
+    let questions = count("SELECT sum(array_length(qa)) FROM scifact_mk").await;
+    assert_eq!(count("SELECT count(*) FROM scifact_mk_questions").await, questions);
+    let before = clusters(&engine).await;
+    assert!(before.len() >= 2, "documents spread over clusters: {before:?}");
+    assert_eq!(before.values().map(|(q, _)| *q as i64).sum::<i64>(), questions);
+    assert!(
+        before.values().all(|(q, v)| *q == 0 || *v == 1),
+        "every cluster got its first summary"
+    );
+    let summaries = engine
+        .sql("SELECT summary FROM scifact_mk_clusters WHERE questions > 0")
+        .await
+        .unwrap();
+    for summary in strings(&summaries, "summary") {
+        assert!(
+            summary.contains("Key concepts:") && summary.contains("Is it true that"),
+            "{summary}"
+        );
+    }
+
+    // Re-running the same batch replaces questions, it does not add them.
+    ingest_slice(&engine, &first).await;
+    assert_eq!(count("SELECT count(*) FROM scifact_mk_questions").await, questions);
+    assert_eq!(
+        clusters(&engine).await,
+        before,
+        "nothing changed, nothing re-summarised"
+    );
+
+    // The second batch: clusters that grew by at least 25% get a new summary, others keep theirs.
+    ingest_slice(&engine, &second).await;
+    assert_eq!(count("SELECT count(*) FROM scifact_mk").await, 100);
+    let after = clusters(&engine).await;
+    let mut rewritten = 0;
+    for (name, (questions_after, version_after)) in &after {
+        let (questions_before, version_before) = before.get(name).copied().unwrap_or((0, 0));
+        let grew = *questions_after as f64 >= 1.25 * questions_before as f64 && questions_after > &questions_before;
+        let expected = if grew { version_before + 1 } else { version_before };
+        assert_eq!(
+            *version_after, expected,
+            "cluster {name}: {questions_before} → {questions_after} questions"
+        );
+        rewritten += usize::from(grew);
+    }
+    assert!(
+        rewritten >= 1,
+        "some cluster grew enough to be re-summarised: {after:?}"
+    );
+
+    // The aggregate writes the same kind of summary from SQL.
+    let by_sql = engine
+        .sql(
+            "SELECT cluster_name, mk_summary(question, cluster_name) AS s FROM scifact_mk_questions GROUP BY cluster_name",
+        )
+        .await
+        .unwrap();
+    assert_eq!(row_count(&by_sql), after.values().filter(|(q, _)| *q > 0).count());
+    assert!(strings(&by_sql, "s").iter().all(|s| s.contains("Key concepts:")));
+
+    // A deleted document takes its questions along.
+    let doc = strings(
+        &engine.sql("SELECT doc_id FROM scifact_mk LIMIT 1").await.unwrap(),
+        "doc_id",
+    )
+    .remove(0);
+    let own = engine
+        .sql(&format!(
+            "SELECT count(*) FROM scifact_mk_questions WHERE doc_id = '{doc}'"
+        ))
+        .await
+        .unwrap();
+    assert!(single_int(&own) > 0);
+    engine
+        .sql(&format!("DELETE FROM scifact_mk WHERE doc_id = '{doc}'"))
+        .await
+        .unwrap();
+    let own = engine
+        .sql(&format!(
+            "SELECT count(*) FROM scifact_mk_questions WHERE doc_id = '{doc}'"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(single_int(&own), 0);
+
+    // Reopened from disk, the questions and clusters are still there.
+    drop(engine);
+    let engine = common::engine(&dir.path().join("data")).await;
+    let reopened = clusters(&engine).await;
+    assert_eq!(
+        reopened.values().map(|(_, v)| *v).collect::<Vec<_>>().len(),
+        after.len()
+    );
+    assert!(count_rows(&engine, "SELECT * FROM scifact_mk_questions").await > 0);
+}
+
+async fn count_rows(engine: &Engine, sql: &str) -> usize {
+    row_count(&engine.sql(sql).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qa_search_and_mk_search_find_documents_with_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus_slice(dir.path(), "docs.jsonl", 0, 80);
+    let engine = engine(&dir.path().join("data")).await;
+    ingest_slice(&engine, &corpus).await;
+
+    let docs = engine
+        .sql("SELECT doc_id, title FROM scifact_mk ORDER BY doc_id LIMIT 20")
+        .await
+        .unwrap();
+    let (ids, titles) = (strings(&docs, "doc_id"), strings(&docs, "title"));
+    let mut qa_found = 0;
+    let mut mk_found = 0;
+    for (id, title) in ids.iter().zip(&titles) {
+        let title = title.replace('\'', "''");
+        let qa = engine
+            .sql(&format!(
+                "SELECT doc_id, question, answer, score FROM qa_search(scifact_mk, '{title}', 10)"
+            ))
+            .await
+            .unwrap();
+        qa_found += usize::from(strings(&qa, "doc_id").contains(id));
+        let mk = engine
+            .sql(&format!(
+                "SELECT doc_id, question, answer, cluster_name, score, routed_clusters, sub_queries, matched_by, title \
+                 FROM mk_search(scifact_mk, '{title}', 10)"
+            ))
+            .await
+            .unwrap();
+        mk_found += usize::from(strings(&mk, "doc_id").contains(id));
+        let batch = &mk[0];
+        assert_eq!(batch.num_rows(), 10);
+        let sub_queries = batch.column_by_name("sub_queries").unwrap().as_list::<i32>();
+        let first: Vec<String> = strings(
+            &[RecordBatch::try_from_iter(vec![("q", sub_queries.value(0))]).unwrap()],
+            "q",
+        );
+        assert_eq!(
+            first[0],
+            title.replace("''", "'").trim(),
+            "the original query is the first sub-query"
+        );
+        assert!(first.len() >= 2, "the embedded generator adds sub-queries: {first:?}");
+        let matched = batch.column_by_name("matched_by").unwrap().as_list::<i32>();
+        let routed = batch.column_by_name("routed_clusters").unwrap().as_list::<i32>();
+        for row in 0..batch.num_rows() {
+            let m = matched.value(row);
+            assert!(
+                !m.is_empty() && m.len() <= first.len(),
+                "matched_by names used sub-queries"
+            );
+            assert_eq!(routed.value(row).len(), 1);
+        }
+        assert!(
+            batch.column_by_name("title").unwrap().null_count() == 0,
+            "document columns are joined"
+        );
+    }
+    assert!(
+        qa_found >= 16,
+        "qa_search finds the document by its title: {qa_found}/20"
+    );
+    assert!(
+        mk_found >= 16,
+        "mk_search finds the document by its title: {mk_found}/20"
+    );
+
+    let error = engine
+        .sql("SELECT * FROM mk_search(nope, 'x')")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no knowledge index called 'nope'"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_generations_are_recorded_and_documents_still_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus_slice(dir.path(), "docs.jsonl", 0, 5);
+    let engine = engine(&dir.path().join("data")).await;
+    // An endpoint that refuses connections (port 9 is discard; nothing listens on loopback).
+    let script = mk_pipeline(&corpus).replace(
+        "SET mkflow.generator = 'embedded';",
+        "SET mkflow.llm_base_url = 'http://127.0.0.1:9/v1'; SET mkflow.llm_model = 'offline';
+         SET mkflow.llm_max_retries = 0; SET mkflow.generator = 'openai';",
+    );
+    engine
+        .run_script(&script, |_| {})
+        .await
+        .expect("the pipeline keeps going");
+    let indexed = engine
+        .sql("SELECT count(*) FROM scifact_mk WHERE metadata IS NULL AND qa IS NULL AND embedding IS NOT NULL")
+        .await
+        .unwrap();
+    assert_eq!(
+        single_int(&indexed),
+        5,
+        "documents are indexed without metadata and questions"
+    );
+    let letters = engine
+        .sql("SELECT source, error FROM dead_letters WHERE source LIKE 'mk_prepare%'")
+        .await
+        .unwrap();
+    assert_eq!(row_count(&letters), 5);
+    assert!(strings(&letters, "source")[0].contains("openai:offline"));
+    assert!(
+        strings(&letters, "error")[0].contains("cannot reach"),
+        "{:?}",
+        strings(&letters, "error")
+    );
+
+    let error = engine
+        .sql("SET mkflow.generator = 'psychic'")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("unknown generator 'psychic'"), "{error}");
+}

@@ -1,0 +1,28 @@
+//! Meta-Knowledge preparation (Mombaerts et al., 2024): per document, metadata from a schema
+//! and synthetic question/answer pairs; per cluster of documents, a Meta-Knowledge summary;
+//! per query, sub-queries conditioned on that summary.
+//!
+//! - [`Generator`]: the backends — [`EmbeddedGenerator`] (no LLM) and [`OpenAiGenerator`]
+//!   (any OpenAI-compatible endpoint), chosen by [`MkOptions`] through a [`GeneratorRegistry`].
+//! - [`MetadataSchema`]: the fields extracted and their Arrow types.
+//! - SQL: `mk_metadata`, `mk_qa` ([`PrepareUdf`]), `mk_cluster` ([`ClusterUdf`]) and the
+//!   aggregate `mk_summary` ([`SummaryUdaf`]).
+
+mod embedded;
+mod generator;
+mod openai;
+mod options;
+pub mod prompts;
+mod schema;
+pub mod text;
+mod udf;
+
+pub use embedded::{EmbeddedGenerator, summary_concepts};
+pub use generator::{
+    ClusterBrief, ClusterDigest, Document, FailureLog, GenerationCounts, GenerationError, GenerationStats, Generator,
+    LogFailures, Prepared, QaPair,
+};
+pub use openai::{LlmSettings, OpenAiGenerator};
+pub use options::{GeneratorRegistry, MkOptions, OPENAI_BASE_URL};
+pub use schema::{FieldKind, Label, MetadataField, MetadataSchema, UNCLUSTERED, first_string, string_list_type};
+pub use udf::{ClusterUdf, PrepareUdf, PreparedPart, Preparer, SummaryUdaf, qa_type};

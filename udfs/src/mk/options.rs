@@ -1,0 +1,197 @@
+//! Per-session Meta-Knowledge settings (`SET mkflow.<name> = …`, or `MKFLOW_<NAME>` in the
+//! environment) and the registry that turns them into generators.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use datafusion::common::extensions_options;
+use datafusion::config::{ConfigExtension, ExtensionOptions};
+
+use super::embedded::EmbeddedGenerator;
+use super::generator::Generator;
+use super::openai::{LlmSettings, OpenAiGenerator};
+use super::schema::MetadataSchema;
+use crate::embedding::LazyEmbedder;
+
+/// The public OpenAI endpoint, used when no base URL is configured.
+pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+extensions_options! {
+    /// Meta-Knowledge settings of a session: `SET mkflow.generator = 'openai'`, or the
+    /// environment variable `MKFLOW_GENERATOR=openai` for every session of a process.
+    pub struct MkOptions {
+        /// Generation backend: `embedded` (no LLM; see the README) or `openai` (any
+        /// OpenAI-compatible chat-completions endpoint: OpenAI, vLLM, llama-server, Ollama).
+        pub generator: String, default = "embedded".to_string()
+        /// Metadata schema file (JSON); empty for the built-in research-paper schema.
+        pub metadata_schema: String, default = String::new()
+        /// Most synthetic questions per document.
+        pub max_questions: usize, default = 6
+        /// Sub-queries an LLM writes per query in `mk_search`.
+        pub rewrite_queries: usize, default = 3
+        /// Clusters `mk_search` routes a query to.
+        pub route_clusters: usize, default = 1
+        /// `mk_search` matches every sub-query only inside the routed clusters (the paper's
+        /// behaviour); when false the original query is also matched across all clusters, so a
+        /// wrong route cannot hide the best answer.
+        pub strict_routing: bool, default = false
+        /// A cluster's summary is rewritten once its question count changed by this fraction.
+        pub summary_growth: f64, default = 0.25
+        /// ... or once it is older than this many seconds and its questions changed.
+        pub summary_max_age_secs: u64, default = 86_400
+        /// Base URL of the chat-completions endpoint, up to `/v1`.
+        pub llm_base_url: String, default = OPENAI_BASE_URL.to_string()
+        /// Model name sent to the endpoint.
+        pub llm_model: String, default = String::new()
+        /// Environment variable holding the endpoint's API key.
+        pub llm_api_key_env: String, default = "OPENAI_API_KEY".to_string()
+        /// Requests in flight at once.
+        pub llm_concurrency: usize, default = 4
+        /// Seconds before a request times out.
+        pub llm_timeout_secs: u64, default = 120
+        /// Retries after a 429, 5xx, timeout or connection error.
+        pub llm_max_retries: usize, default = 3
+        /// Ask for JSON answers with `response_format` (turn off for endpoints that refuse it).
+        pub llm_json_mode: bool, default = true
+    }
+}
+
+impl ConfigExtension for MkOptions {
+    const PREFIX: &'static str = "mkflow";
+}
+
+impl MkOptions {
+    /// Defaults overridden by `MKFLOW_<NAME>` environment variables (e.g. `MKFLOW_LLM_MODEL`).
+    pub fn from_env() -> Result<Self, String> {
+        let mut options = MkOptions::default();
+        for entry in options.entries() {
+            let variable = format!("MKFLOW_{}", entry.key.to_uppercase());
+            if let Ok(value) = std::env::var(&variable) {
+                options
+                    .set(&entry.key, &value)
+                    .map_err(|e| format!("environment variable {variable}: {e}"))?;
+            }
+        }
+        Ok(options)
+    }
+
+    /// What identifies the generator these options make (settings that change its answers).
+    fn generator_key(&self) -> String {
+        match self.generator.as_str() {
+            "openai" => format!(
+                "openai|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+                self.llm_base_url,
+                self.llm_model,
+                self.llm_api_key_env,
+                self.llm_concurrency,
+                self.llm_timeout_secs,
+                self.llm_max_retries,
+                self.llm_json_mode,
+                self.max_questions,
+                self.rewrite_queries,
+                self.metadata_schema
+            ),
+            other => format!("{other}|{}|{}", self.max_questions, self.metadata_schema),
+        }
+    }
+}
+
+/// Builds generators and metadata schemas from [`MkOptions`], once per distinct setting.
+#[derive(Debug)]
+pub struct GeneratorRegistry {
+    embedder: Arc<LazyEmbedder>,
+    cache_dir: Option<PathBuf>,
+    generators: Mutex<HashMap<String, Arc<dyn Generator>>>,
+    schemas: Mutex<HashMap<String, Arc<MetadataSchema>>>,
+}
+
+impl GeneratorRegistry {
+    /// A registry whose embedded generator uses `embedder`, and whose LLM generators keep
+    /// their answer cache in `cache_dir`.
+    pub fn new(embedder: Arc<LazyEmbedder>, cache_dir: Option<&Path>) -> Self {
+        GeneratorRegistry {
+            embedder,
+            cache_dir: cache_dir.map(Path::to_path_buf),
+            generators: Mutex::new(HashMap::new()),
+            schemas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The metadata schema `options` name (the built-in one when none).
+    pub fn schema(&self, options: &MkOptions) -> Result<Arc<MetadataSchema>, String> {
+        let mut schemas = self.schemas.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = schemas.get(&options.metadata_schema) {
+            return Ok(s.clone());
+        }
+        let schema = if options.metadata_schema.is_empty() {
+            MetadataSchema::default()
+        } else {
+            MetadataSchema::from_file(Path::new(&options.metadata_schema))?
+        };
+        let schema = Arc::new(schema);
+        schemas.insert(options.metadata_schema.clone(), schema.clone());
+        Ok(schema)
+    }
+
+    /// The generator `options` select.
+    pub fn generator(&self, options: &MkOptions) -> Result<Arc<dyn Generator>, String> {
+        let key = options.generator_key();
+        if let Some(g) = self.generators.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(g.clone());
+        }
+        let schema = self.schema(options)?;
+        let generator: Arc<dyn Generator> = match options.generator.as_str() {
+            "embedded" => Arc::new(EmbeddedGenerator::new(
+                self.embedder.clone(),
+                schema,
+                options.max_questions,
+            )),
+            "openai" => Arc::new(OpenAiGenerator::new(self.llm_settings(options)?, schema).map_err(|e| e.to_string())?),
+            other => {
+                return Err(format!(
+                    "unknown generator '{other}' (mkflow.generator is 'embedded' or 'openai')"
+                ));
+            }
+        };
+        let mut generators = self.generators.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(generators.entry(key).or_insert(generator).clone())
+    }
+
+    /// Every generator made so far (for metrics).
+    pub fn generators(&self) -> Vec<Arc<dyn Generator>> {
+        self.generators
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn llm_settings(&self, options: &MkOptions) -> Result<LlmSettings, String> {
+        if options.llm_model.is_empty() {
+            return Err("the openai generator needs a model: SET mkflow.llm_model = '…' (or MKFLOW_LLM_MODEL)".into());
+        }
+        let api_key = std::env::var(&options.llm_api_key_env).ok().filter(|k| !k.is_empty());
+        if api_key.is_none() && options.llm_base_url == OPENAI_BASE_URL {
+            return Err(format!(
+                "the OpenAI API needs a key in ${} (or SET mkflow.llm_base_url to a local endpoint)",
+                options.llm_api_key_env
+            ));
+        }
+        Ok(LlmSettings {
+            base_url: options.llm_base_url.clone(),
+            model: options.llm_model.clone(),
+            api_key,
+            concurrency: options.llm_concurrency.max(1),
+            timeout: Duration::from_secs(options.llm_timeout_secs.max(1)),
+            max_retries: options.llm_max_retries,
+            retry_base: Duration::from_millis(500),
+            json_mode: options.llm_json_mode,
+            max_questions: options.max_questions.max(1),
+            rewrite_queries: options.rewrite_queries.max(1),
+            cache_file: self.cache_dir.as_ref().map(|d| d.join("generations.jsonl")),
+        })
+    }
+}
