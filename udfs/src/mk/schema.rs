@@ -576,8 +576,10 @@ mod tests {
 
     #[test]
     fn bad_schemas_are_refused() {
-        let mut schema = MetadataSchema::default();
-        schema.cluster_field = "nope".into();
+        let schema = MetadataSchema {
+            cluster_field: "nope".into(),
+            ..Default::default()
+        };
         assert!(schema.check().unwrap_err().contains("cluster_field"));
         let mut schema = MetadataSchema::default();
         schema.fields[0].labels.clear();
