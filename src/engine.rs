@@ -155,13 +155,7 @@ impl Engine {
 
     /// The session's Meta-Knowledge settings.
     pub fn mk_options(&self) -> MkOptions {
-        self.ctx
-            .state()
-            .config_options()
-            .extensions
-            .get::<MkOptions>()
-            .cloned()
-            .unwrap_or_default()
+        MkOptions::of(self.ctx.state().config_options())
     }
 
     /// (Re)registers `mk_metadata`, `mk_qa`, `mk_cluster` and `mk_summary` for the session's

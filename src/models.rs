@@ -12,6 +12,7 @@ use std::sync::Arc;
 use mkflow_udfs::{EmbeddingModelSpec, LazyEmbedder};
 
 use crate::assets::{DEFAULT_MODEL, MODEL_SPEC_FILE, catalog_spec};
+use crate::index::KnowledgeIndex;
 
 /// Models by name, loaded lazily.
 #[derive(Debug)]
@@ -67,6 +68,17 @@ impl ModelRegistry {
     /// The model called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LazyEmbedder>> {
         self.models.get(name).cloned()
+    }
+
+    /// The model `index` was built with (its queries and questions are embedded with it).
+    pub fn model_of(&self, index: &KnowledgeIndex) -> datafusion::common::Result<Arc<LazyEmbedder>> {
+        let name = index.manifest().model;
+        self.get(&name).ok_or_else(|| {
+            datafusion::common::DataFusionError::Plan(format!(
+                "index '{}' was built with model '{name}', which is not installed",
+                index.dir().display()
+            ))
+        })
     }
 
     /// The model `embed()` uses.

@@ -38,17 +38,6 @@ pub struct MkAttachment {
     pub services: Arc<MkServices>,
 }
 
-/// The session's Meta-Knowledge settings as a plan executes.
-pub fn task_options(context: &TaskContext) -> MkOptions {
-    context
-        .session_config()
-        .options()
-        .extensions
-        .get::<MkOptions>()
-        .cloned()
-        .unwrap_or_default()
-}
-
 impl MkAttachment {
     /// Explodes and embeds the questions of inserted documents (nothing committed yet).
     pub async fn pending_questions(
@@ -56,17 +45,12 @@ impl MkAttachment {
         documents: &KnowledgeIndex,
         batches: Arc<Vec<RecordBatch>>,
     ) -> Result<PendingQuestions> {
-        let manifest = documents.manifest();
-        let model = self.services.models.get(&manifest.model).ok_or_else(|| {
-            DataFusionError::Plan(format!(
-                "the index's model '{}' is not installed, so its questions cannot be embedded",
-                manifest.model
-            ))
-        })?;
+        let model = self.services.models.model_of(documents)?;
+        let key_column = documents.manifest().key_column;
         let mk = self.index.clone();
         blocking(move || {
             let embedder = model.get().map_err(|e| IndexError::Invalid(e.to_string()))?;
-            mk.pending_questions(&batches, &manifest.key_column, &embedder)
+            mk.pending_questions(&batches, &key_column, &embedder)
         })
         .await
     }
@@ -84,7 +68,8 @@ impl MkAttachment {
             mk.refresh_clusters(&docs)
         })
         .await?;
-        self.refresh_summaries(&task_options(context)).await
+        self.refresh_summaries(&MkOptions::of(context.session_config().options()))
+            .await
     }
 
     /// Removes the questions of deleted documents, then updates clusters and summaries.
@@ -100,7 +85,8 @@ impl MkAttachment {
             mk.refresh_clusters(&docs)
         })
         .await?;
-        self.refresh_summaries(&task_options(context)).await
+        self.refresh_summaries(&MkOptions::of(context.session_config().options()))
+            .await
     }
 
     /// Rewrites the summaries of clusters that changed enough; a failed summary is recorded

@@ -22,7 +22,7 @@ use mkflow_udfs::Embedder;
 use mkflow_udfs::embedding::vectors_to_array;
 use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, qa_type};
 
-pub use attachment::{MkAttachment, MkServices, task_options};
+pub use attachment::{MkAttachment, MkServices};
 pub use clusters::{Cluster, Summary, SummaryPolicy};
 use clusters::{SummaryFile, cluster_shapes};
 pub use tables::ClustersTable;

@@ -158,12 +158,7 @@ impl TableProviderFactory for KbTableFactory {
         } else {
             let settings = self.settings(cmd)?;
             if meta_knowledge {
-                let options = state
-                    .config_options()
-                    .extensions
-                    .get::<MkOptions>()
-                    .cloned()
-                    .unwrap_or_default();
+                let options = MkOptions::of(state.config_options());
                 let schema = self
                     .mk_services
                     .generators

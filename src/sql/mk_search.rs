@@ -59,9 +59,7 @@ impl TableFunctionImpl for MkSearchFunction {
         let name = table_arg(&exprs[0]).ok_or_else(|| {
             DataFusionError::Plan(format!("mk_search: the first argument must name an index; {USAGE}"))
         })?;
-        let Some((documents, mk)) = self.registry.entry(&name) else {
-            return plan_err!("mk_search: no knowledge index called '{name}'");
-        };
+        let (documents, mk) = self.registry.entry_or_error("mk_search", &name)?;
         let Some(mk) = mk else {
             return plan_err!(
                 "mk_search: '{name}' has no Meta-Knowledge side (create it with OPTIONS ('meta_knowledge' 'true'))"
@@ -148,11 +146,11 @@ impl MkSearchTable {
     async fn search(&self, options: &MkOptions, k: usize) -> Result<RecordBatch> {
         let services = &self.mk.services;
         let questions = self.mk.index.questions().clone();
-        let model = services
+        let embedder = services
             .models
-            .get(&questions.manifest().model)
-            .ok_or_else(|| DataFusionError::Plan(format!("model '{}' is not installed", questions.manifest().model)))?;
-        let embedder = model.get().map_err(|e| DataFusionError::External(Box::new(e)))?;
+            .model_of(&questions)?
+            .get()
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let query_vector = embedder
             .embed_one(&self.query)
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
@@ -341,12 +339,7 @@ impl TableProvider for MkSearchTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let options = state
-            .config_options()
-            .extensions
-            .get::<MkOptions>()
-            .cloned()
-            .unwrap_or_default();
+        let options = MkOptions::of(state.config_options());
         let k = self.k.or(limit).unwrap_or(DEFAULT_K);
         let batch = self.search(&options, k).await?;
         memory_scan(vec![batch], self.schema.clone(), projection, None)

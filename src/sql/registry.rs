@@ -39,6 +39,22 @@ impl KbRegistry {
             .cloned()
     }
 
+    /// The index called `name` and its Meta-Knowledge side, or an error for `function` that
+    /// lists the known indexes.
+    pub fn entry_or_error(&self, function: &str, name: &str) -> datafusion::common::Result<Entry> {
+        self.entry(name).ok_or_else(|| {
+            let known = self.names();
+            datafusion::common::DataFusionError::Plan(format!(
+                "{function}: no knowledge index called '{name}' ({})",
+                if known.is_empty() {
+                    "this data directory has none yet: create one with CREATE EXTERNAL TABLE … STORED AS KB".to_string()
+                } else {
+                    format!("known: {}", known.join(", "))
+                }
+            ))
+        })
+    }
+
     /// Names of the indexes with a Meta-Knowledge side, sorted.
     pub fn mk_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self

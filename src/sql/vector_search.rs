@@ -72,17 +72,7 @@ impl VectorSearchFunction {
     /// The index searched for table `name`.
     fn resolve(&self, name: &str) -> Result<Arc<KnowledgeIndex>> {
         let function = self.function_name();
-        let (index, mk) = self.registry.entry(name).ok_or_else(|| {
-            let known = self.registry.names();
-            DataFusionError::Plan(format!(
-                "{function}: no knowledge index called '{name}' ({})",
-                if known.is_empty() {
-                    "this data directory has none yet: create one with CREATE EXTERNAL TABLE … STORED AS KB".to_string()
-                } else {
-                    format!("known: {}", known.join(", "))
-                }
-            ))
-        })?;
+        let (index, mk) = self.registry.entry_or_error(function, name)?;
         match self.target {
             SearchTarget::Documents => Ok(index),
             SearchTarget::Questions => mk.map(|mk| mk.index.questions().clone()).ok_or_else(|| {
@@ -196,23 +186,15 @@ impl VectorSearchFunction {
         let Some(text) = string_arg(expr) else {
             return plan_err!("{}: the query must be a text or a vector literal", self.function_name());
         };
-        embed_query(&self.models, index, &text)
+        let embedder = self
+            .models
+            .model_of(index)?
+            .get()
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        embedder
+            .embed_one(&text)
+            .map_err(|e| DataFusionError::External(Box::new(e)))
     }
-}
-
-/// Embeds a text query with the model `index` was built with.
-pub fn embed_query(models: &ModelRegistry, index: &KnowledgeIndex, text: &str) -> Result<Vec<f32>> {
-    let model_name = index.manifest().model;
-    let model = models.get(&model_name).ok_or_else(|| {
-        DataFusionError::Plan(format!(
-            "index '{}' was built with model '{model_name}', which is not installed",
-            index.dir().display()
-        ))
-    })?;
-    let embedder = model.get().map_err(|e| DataFusionError::External(Box::new(e)))?;
-    embedder
-        .embed_one(text)
-        .map_err(|e| DataFusionError::External(Box::new(e)))
 }
 
 /// The result of one `vector_search` call, computed when scanned.

@@ -63,6 +63,11 @@ impl ConfigExtension for MkOptions {
 }
 
 impl MkOptions {
+    /// The settings a session's configuration holds (the defaults when it holds none).
+    pub fn of(config: &datafusion::config::ConfigOptions) -> Self {
+        config.extensions.get::<MkOptions>().cloned().unwrap_or_default()
+    }
+
     /// Defaults overridden by `MKFLOW_<NAME>` environment variables (e.g. `MKFLOW_LLM_MODEL`).
     pub fn from_env() -> Result<Self, String> {
         let mut options = MkOptions::default();
