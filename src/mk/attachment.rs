@@ -62,13 +62,7 @@ impl MkAttachment {
         pending: PendingQuestions,
         context: &TaskContext,
     ) -> Result<()> {
-        let (mk, docs) = (self.index.clone(), documents.clone());
-        blocking(move || {
-            mk.commit_questions(&pending)?;
-            mk.refresh_clusters(&docs)
-        })
-        .await?;
-        self.refresh_summaries(&MkOptions::of(context.session_config().options()))
+        self.apply(documents, move |mk| mk.commit_questions(&pending), context)
             .await
     }
 
@@ -79,9 +73,21 @@ impl MkAttachment {
         deleted: HashSet<String>,
         context: &TaskContext,
     ) -> Result<()> {
+        self.apply(documents, move |mk| mk.remove_questions_of(&deleted).map(drop), context)
+            .await
+    }
+
+    /// Applies a change to the questions, recomputes the clusters, and rewrites the summaries
+    /// the change made stale.
+    async fn apply(
+        &self,
+        documents: &Arc<KnowledgeIndex>,
+        change: impl FnOnce(&MkIndex) -> Result<(), IndexError> + Send + 'static,
+        context: &TaskContext,
+    ) -> Result<()> {
         let (mk, docs) = (self.index.clone(), documents.clone());
         blocking(move || {
-            mk.remove_questions_of(&deleted)?;
+            change(&mk)?;
             mk.refresh_clusters(&docs)
         })
         .await?;
@@ -105,32 +111,27 @@ impl MkAttachment {
             .generators
             .generator(options)
             .map_err(DataFusionError::Configuration)?;
-        let mut summaries = futures::stream::iter(stale.into_iter().map(|cluster| {
-            let generator = generator.clone();
-            let mk = self.index.clone();
-            async move {
-                let digest = mk.digest(&cluster);
-                let summary = match digest {
-                    Ok(d) => generator.summarize(&d).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                (cluster, summary)
-            }
+        let mk = self.index.clone();
+        let digests = blocking(move || mk.digests(&stale)).await?;
+        let generator_ref = &generator;
+        let mut summaries = futures::stream::iter(digests.into_iter().map(|digest| async move {
+            let summary = generator_ref.summarize(&digest).await;
+            (digest.cluster, summary)
         }))
         .buffer_unordered(SUMMARY_CONCURRENCY);
+        let mut written = Vec::new();
         while let Some((cluster, summary)) = summaries.next().await {
             match summary {
-                Ok(text) => {
-                    let mk = self.index.clone();
-                    let name = generator.name();
-                    blocking(move || mk.set_summary(&cluster, text, name, now_ms())).await?;
-                }
+                Ok(text) => written.push((cluster, text)),
                 Err(e) => {
                     let what = format!("mk_summary ({})", generator.name());
-                    self.services.failures.record(&what, &format!("cluster {cluster}"), &e);
+                    self.services
+                        .failures
+                        .record(&what, &format!("cluster {cluster}"), &e.to_string());
                 }
             }
         }
-        Ok(())
+        let (mk, name) = (self.index.clone(), generator.name());
+        blocking(move || mk.set_summaries(written, &name, now_ms())).await
     }
 }

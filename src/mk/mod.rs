@@ -11,13 +11,13 @@ mod attachment;
 pub mod clusters;
 mod tables;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::take;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use mkflow_udfs::Embedder;
 use mkflow_udfs::embedding::vectors_to_array;
 use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, qa_type};
@@ -48,6 +48,8 @@ const DIGEST_QUESTIONS: usize = 200;
 pub struct MkIndex {
     dir: PathBuf,
     questions: Arc<KnowledgeIndex>,
+    /// The summaries as persisted in `clusters.json` (read once, written on change).
+    summaries: Mutex<SummaryFile>,
     clusters: RwLock<Vec<Cluster>>,
 }
 
@@ -126,6 +128,7 @@ impl MkIndex {
         };
         let questions = KnowledgeIndex::open_or_create(documents.dir().join(QUESTIONS_DIR), &columns, &settings)?;
         let mk = MkIndex {
+            summaries: Mutex::new(SummaryFile::read(&documents.dir().join(CLUSTERS_FILE))?),
             dir: documents.dir().to_path_buf(),
             questions: Arc::new(questions),
             clusters: RwLock::new(Vec::new()),
@@ -258,7 +261,7 @@ impl MkIndex {
             document_cluster,
             self.questions.manifest().dimensions,
         );
-        let summaries = SummaryFile::read(&self.dir.join(CLUSTERS_FILE))?.summaries;
+        let summaries = &self.summaries.lock().unwrap_or_else(|e| e.into_inner()).summaries;
         let mut clusters: Vec<Cluster> = shapes
             .into_iter()
             .filter(|(_, s)| s.documents > 0 || s.questions > 0)
@@ -284,59 +287,84 @@ impl MkIndex {
             .collect()
     }
 
-    /// What a summary of `cluster` is written from: an even sample of its questions, with
-    /// their vectors, and the summary being replaced.
-    pub fn digest(&self, cluster: &str) -> Result<ClusterDigest, IndexError> {
+    /// What the summaries of `clusters` are written from (one pass over the questions): for
+    /// each, an even sample of its questions with their vectors, and the summary being replaced.
+    pub fn digests(&self, clusters: &[String]) -> Result<Vec<ClusterDigest>, IndexError> {
         let schema = self.questions.schema();
         let (question_column, cluster_column) = (schema.index_of("question")?, schema.index_of(CLUSTER_COLUMN)?);
         let vector_column = schema.index_of(&self.questions.manifest().vector_column)?;
         let dims = self.questions.manifest().dimensions;
-        let mut all: Vec<(String, Vec<f32>)> = Vec::new();
+        let mut rows: HashMap<&str, Vec<(String, Vec<f32>)>> =
+            clusters.iter().map(|c| (c.as_str(), Vec::new())).collect();
         for batch in self.questions.snapshot()? {
             let questions = batch.column(question_column).as_string::<i32>();
-            let clusters = batch.column(cluster_column).as_string::<i32>();
+            let names = batch.column(cluster_column).as_string::<i32>();
             let vectors = batch.column(vector_column);
             let values = crate::index::vector_values(vectors);
             for row in 0..batch.num_rows() {
-                if clusters.is_valid(row) && clusters.value(row) == cluster && vectors.is_valid(row) {
-                    all.push((
+                if !names.is_valid(row) || !vectors.is_valid(row) {
+                    continue;
+                }
+                if let Some(wanted) = rows.get_mut(names.value(row)) {
+                    wanted.push((
                         questions.value(row).to_string(),
                         values[row * dims..(row + 1) * dims].to_vec(),
                     ));
                 }
             }
         }
-        let step = all.len().div_ceil(DIGEST_QUESTIONS).max(1);
-        let sample: Vec<(String, Vec<f32>)> = all.into_iter().step_by(step).collect();
-        let state = self.clusters().into_iter().find(|c| c.name == cluster);
-        Ok(ClusterDigest {
-            cluster: cluster.to_string(),
-            documents: state.as_ref().map_or(0, |c| c.documents),
-            vectors: sample.iter().flat_map(|(_, v)| v.iter().copied()).collect(),
-            questions: sample.into_iter().map(|(q, _)| q).collect(),
-            previous_summary: state.and_then(|c| c.summary).map(|s| s.text),
-        })
+        let states = self.clusters();
+        Ok(clusters
+            .iter()
+            .map(|cluster| {
+                let all = rows.remove(cluster.as_str()).unwrap_or_default();
+                let step = all.len().div_ceil(DIGEST_QUESTIONS).max(1);
+                let sample: Vec<(String, Vec<f32>)> = all.into_iter().step_by(step).collect();
+                let state = states.iter().find(|c| &c.name == cluster);
+                ClusterDigest {
+                    cluster: cluster.clone(),
+                    documents: state.map_or(0, |c| c.documents),
+                    vectors: sample.iter().flat_map(|(_, v)| v.iter().copied()).collect(),
+                    questions: sample.into_iter().map(|(q, _)| q).collect(),
+                    previous_summary: state.and_then(|c| c.summary.as_ref()).map(|s| s.text.clone()),
+                }
+            })
+            .collect())
     }
 
-    /// Records a new summary of `cluster` (persisted atomically with the others).
-    pub fn set_summary(&self, cluster: &str, text: String, generator: String, now_ms: i64) -> Result<(), IndexError> {
-        let mut clusters = self.clusters.write().unwrap_or_else(|e| e.into_inner());
-        let path = self.dir.join(CLUSTERS_FILE);
-        let mut file = SummaryFile::read(&path)?;
-        let questions = clusters.iter().find(|c| c.name == cluster).map_or(0, |c| c.questions);
-        let version = file.summaries.get(cluster).map_or(0, |s| s.version) + 1;
-        let summary = Summary {
-            text,
-            version,
-            written_at_ms: now_ms,
-            questions,
-            generator,
-        };
-        file.summaries.insert(cluster.to_string(), summary.clone());
-        file.write(&path)?;
-        if let Some(c) = clusters.iter_mut().find(|c| c.name == cluster) {
-            c.summary = Some(summary);
+    /// Records new summaries (cluster, text) written by `generator`, persisting all summaries
+    /// atomically in one write.
+    pub fn set_summaries(
+        &self,
+        written: Vec<(String, String)>,
+        generator: &str,
+        now_ms: i64,
+    ) -> Result<(), IndexError> {
+        if written.is_empty() {
+            return Ok(());
         }
+        let mut clusters = self.clusters.write().unwrap_or_else(|e| e.into_inner());
+        let mut file = self.summaries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = SummaryFile {
+            summaries: file.summaries.clone(),
+        };
+        for (cluster, text) in written {
+            let summary = Summary {
+                text,
+                version: next.summaries.get(&cluster).map_or(0, |s| s.version) + 1,
+                written_at_ms: now_ms,
+                questions: clusters.iter().find(|c| c.name == cluster).map_or(0, |c| c.questions),
+                generator: generator.to_string(),
+            };
+            next.summaries.insert(cluster, summary);
+        }
+        next.write(&self.dir.join(CLUSTERS_FILE))?;
+        for c in clusters.iter_mut() {
+            if let Some(summary) = next.summaries.get(&c.name) {
+                c.summary = Some(summary.clone());
+            }
+        }
+        *file = next;
         Ok(())
     }
 
@@ -375,21 +403,4 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Schema of the clusters table.
-pub fn clusters_schema(dimensions: usize) -> SchemaRef {
-    use datafusion::arrow::datatypes::TimeUnit;
-    Arc::new(Schema::new(vec![
-        Field::new(CLUSTER_COLUMN, DataType::Utf8, false),
-        Field::new("documents", DataType::UInt64, false),
-        Field::new("questions", DataType::UInt64, false),
-        Field::new("summary", DataType::Utf8, true),
-        Field::new("summary_version", DataType::UInt64, false),
-        Field::new("summarized_at", DataType::Timestamp(TimeUnit::Millisecond, None), true),
-        Field::new("summary_age_seconds", DataType::Float64, true),
-        Field::new("questions_since_summary", DataType::Int64, false),
-        Field::new("summary_generator", DataType::Utf8, true),
-        Field::new("centroid", crate::index::vector_type(dimensions), true),
-    ]))
 }

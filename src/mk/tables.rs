@@ -7,15 +7,31 @@ use async_trait::async_trait;
 use datafusion::arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray, UInt64Array,
 };
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Result;
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use mkflow_udfs::embedding::vectors_to_array;
 
-use super::{MkIndex, clusters_schema, now_ms};
+use super::{CLUSTER_COLUMN, MkIndex, now_ms};
 use crate::sql::memory_scan;
+
+/// Schema of the clusters table.
+fn clusters_schema(dimensions: usize) -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(CLUSTER_COLUMN, DataType::Utf8, false),
+        Field::new("documents", DataType::UInt64, false),
+        Field::new("questions", DataType::UInt64, false),
+        Field::new("summary", DataType::Utf8, true),
+        Field::new("summary_version", DataType::UInt64, false),
+        Field::new("summarized_at", DataType::Timestamp(TimeUnit::Millisecond, None), true),
+        Field::new("summary_age_seconds", DataType::Float64, true),
+        Field::new("questions_since_summary", DataType::Int64, false),
+        Field::new("summary_generator", DataType::Utf8, true),
+        Field::new("centroid", crate::index::vector_type(dimensions), true),
+    ]))
+}
 
 /// The clusters table of one index.
 #[derive(Debug)]

@@ -28,7 +28,7 @@ use super::kb_table::index_error;
 use super::vector_search::{DEFAULT_K, int_arg, string_arg, table_arg};
 use super::{KbRegistry, memory_scan};
 use crate::index::{IndexError, KnowledgeIndex};
-use crate::mk::{CLUSTER_COLUMN, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
+use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
 
 /// The constant of reciprocal rank fusion (Cormack et al., 2009).
 const RRF_K: f32 = 60.0;
@@ -155,23 +155,17 @@ impl MkSearchTable {
             .embed_one(&self.query)
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
 
-        let routed: Vec<String> = self
+        let routed_clusters: Vec<Cluster> = self
             .mk
             .index
             .route(&query_vector, options.route_clusters)
             .into_iter()
-            .map(|(c, _)| c.name)
+            .map(|(c, _)| c)
             .collect();
-        if routed.is_empty() {
+        if routed_clusters.is_empty() {
             return plan_err!("mk_search: the index has no clusters yet (insert documents with mk_qa questions first)");
         }
-        let routed_clusters: Vec<_> = self
-            .mk
-            .index
-            .clusters()
-            .into_iter()
-            .filter(|c| routed.contains(&c.name))
-            .collect();
+        let routed: Vec<String> = routed_clusters.iter().map(|c| c.name.clone()).collect();
         let generator = services
             .generators
             .generator(options)
@@ -211,7 +205,7 @@ impl MkSearchTable {
         // (sub-query index, hits): every sub-query inside the routed clusters, and the
         // original query everywhere unless routing is strict.
         let mut rankings: Vec<(usize, RecordBatch)> = Vec::new();
-        for (i, _) in sub_queries.iter().enumerate() {
+        for i in 0..sub_queries.len() {
             let vector = embeddings.get(i).unwrap_or(&query_vector);
             rankings.push((
                 i,
