@@ -39,6 +39,9 @@ const SUMMARY_CONCEPTS: usize = 12;
 /// Concepts of the cluster summary added to a query by rewriting.
 const EXPANSION_CONCEPTS: usize = 3;
 
+/// Key phrases of a document weighed in sentence salience.
+const SALIENCE_KEYPHRASES: usize = 10;
+
 /// Extra labels are kept when they score within this much of the best label.
 const LABEL_MARGIN: f32 = 0.03;
 
@@ -193,8 +196,24 @@ impl EmbeddedGenerator {
         Ok(self.label_vectors.get_or_init(|| per_field))
     }
 
-    fn prepare_one(&self, document: &Document<'_>, vector: Option<&[f32]>) -> Result<Prepared, GenerationError> {
-        let full_text = document.full_text();
+    /// Metadata and questions of `document`, whose full text is `full_text` and embedding
+    /// `vector`.
+    fn prepare_one(
+        &self,
+        document: &Document<'_>,
+        full_text: &str,
+        vector: Option<&[f32]>,
+    ) -> Result<Prepared, GenerationError> {
+        // One RAKE pass serves the key-phrase fields and question salience (a longer ranking's
+        // head is the shorter ranking).
+        let wanted = self
+            .schema
+            .fields
+            .iter()
+            .filter(|f| f.kind == FieldKind::Keyphrases)
+            .map(|f| f.max)
+            .fold(SALIENCE_KEYPHRASES, usize::max);
+        let keyphrases = text::keyphrases(full_text, wanted);
         let labels = self.labels()?;
         let mut metadata = Map::new();
         for (field, label_vectors) in self.schema.fields.iter().zip(labels) {
@@ -210,15 +229,10 @@ impl EmbeddedGenerator {
                         strings(chosen)
                     }
                 }
-                FieldKind::Keyphrases => strings(
-                    text::keyphrases(&full_text, field.max)
-                        .into_iter()
-                        .map(|k| k.phrase)
-                        .collect(),
-                ),
-                FieldKind::Urls => strings(text::urls(&full_text).into_iter().take(field.max).collect()),
+                FieldKind::Keyphrases => strings(keyphrases.iter().take(field.max).map(|k| k.phrase.clone()).collect()),
+                FieldKind::Urls => strings(text::urls(full_text).into_iter().take(field.max).collect()),
                 FieldKind::Terms => strings(
-                    text::mentioned_terms(&full_text, &field.terms)
+                    text::mentioned_terms(full_text, &field.terms)
                         .into_iter()
                         .take(field.max)
                         .collect(),
@@ -228,14 +242,14 @@ impl EmbeddedGenerator {
         }
         Ok(Prepared {
             metadata,
-            qa: self.questions(document),
+            qa: self.questions(document, &keyphrases[..keyphrases.len().min(SALIENCE_KEYPHRASES)]),
         })
     }
 
-    /// Synthetic questions: the title's, then the salient sentences' in document order.
-    fn questions(&self, document: &Document<'_>) -> Vec<QaPair> {
+    /// Synthetic questions: the title's, then the salient sentences' in document order
+    /// (`keyphrases`: the document's best key phrases, for salience).
+    fn questions(&self, document: &Document<'_>, keyphrases: &[text::Keyphrase]) -> Vec<QaPair> {
         let sentences = text::sentences(document.body);
-        let keyphrases = text::keyphrases(&document.full_text(), 10);
         let title_words: HashSet<String> = document
             .title
             .map(|t| text::words(t).into_iter().map(str::to_lowercase).collect())
@@ -243,7 +257,7 @@ impl EmbeddedGenerator {
         let scores: Vec<f32> = sentences
             .iter()
             .enumerate()
-            .map(|(i, s)| salience(s, i, sentences.len(), &keyphrases, &title_words))
+            .map(|(i, s)| salience(s, i, sentences.len(), keyphrases, &title_words))
             .collect();
         let best = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let title = document.title.map(str::trim).filter(|t| !t.is_empty());
@@ -429,16 +443,18 @@ impl Generator for EmbeddedGenerator {
             .fetch_add(documents.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let texts: Vec<String> = documents.iter().map(Document::full_text).collect();
         let embedder = self.embedder.clone();
-        let embedded = blocking(move || {
+        let (texts, embedded) = blocking(move || {
             let inputs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
-            embedder.get().and_then(|e| e.embed(&inputs))
+            let embedded = embedder.get().and_then(|e| e.embed(&inputs));
+            (texts, embedded)
         })
         .await;
         let results: Vec<Result<Prepared, GenerationError>> = match embedded {
             Ok(vectors) => documents
                 .iter()
+                .zip(&texts)
                 .enumerate()
-                .map(|(i, d)| self.prepare_one(d, vectors.get(i)))
+                .map(|(i, (d, text))| self.prepare_one(d, text, vectors.get(i)))
                 .collect(),
             Err(e) => documents
                 .iter()
