@@ -23,7 +23,7 @@ use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
 use crate::sql::mk_search::MkSearchFunction;
 use crate::sql::vector_search::SearchTarget;
-use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction};
+use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction, blocking};
 
 /// Where an engine keeps and finds things.
 #[derive(Debug, Clone)]
@@ -184,10 +184,7 @@ impl Engine {
     /// Registers `<kb>_questions` and `<kb>_clusters` for every Meta-Knowledge index not
     /// registered yet.
     fn register_mk_tables(&self) -> Result<()> {
-        for name in self.kbs.mk_names() {
-            let Some((_, Some(mk))) = self.kbs.entry(&name) else {
-                continue;
-            };
+        for (name, mk) in self.kbs.attachments() {
             let questions = format!("{name}_questions");
             if !self.ctx.table_exist(questions.as_str())? {
                 let table = KbTable::new(mk.index.questions().clone(), self.progress.clone(), None);
@@ -214,10 +211,7 @@ impl Engine {
                 continue;
             };
             if path.join(MANIFEST_FILE).is_file() {
-                let index = tokio::task::spawn_blocking(move || KnowledgeIndex::open(path))
-                    .await
-                    .map_err(|e| DataFusionError::External(Box::new(e)))?
-                    .map_err(crate::sql::kb_table::index_error)?;
+                let index = blocking(move || KnowledgeIndex::open(path)).await?;
                 self.register_index(&name, Arc::new(index)).await?;
             }
         }
@@ -303,6 +297,8 @@ impl Engine {
             Statement::Statement(s) if matches!(s.as_ref(), datafusion::sql::sqlparser::ast::Statement::Set(_))
                 && s.to_string().to_lowercase().contains("mkflow.")
         );
+        // Only a CREATE EXTERNAL TABLE can bring a new Meta-Knowledge index.
+        let creates_table = matches!(&statement, Statement::CreateExternalTable(_));
         let previous = sets_mk_option.then(|| self.mk_options());
         let plan = self.ctx.state().statement_to_plan(statement).await?;
         let frame = self.ctx.execute_logical_plan(plan).await?;
@@ -320,13 +316,10 @@ impl Engine {
                 .insert(previous);
             return Err(e);
         }
-        self.register_mk_tables()?;
+        if creates_table {
+            self.register_mk_tables()?;
+        }
         Ok(batches)
-    }
-
-    /// The Meta-Knowledge services (generators, failure log).
-    pub fn mk_services(&self) -> &Arc<MkServices> {
-        &self.mk_services
     }
 
     /// Runs the SQL file at `path` (see [`Engine::run_script`]).

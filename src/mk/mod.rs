@@ -60,18 +60,6 @@ pub struct PendingQuestions {
     documents: HashSet<String>,
 }
 
-impl PendingQuestions {
-    /// Questions in the batch.
-    pub fn len(&self) -> usize {
-        self.batches.iter().map(RecordBatch::num_rows).sum()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// The columns a document table needs for Meta-Knowledge: `metadata` (of the given type),
 /// `qa` and `cluster`, appended to `columns` unless declared.
 pub fn document_columns(columns: &Schema, metadata_type: DataType) -> Schema {

@@ -29,7 +29,6 @@ use super::kb_table::{IngestProgress, KbTable, index_error};
 use super::{KbRegistry, blocking};
 use crate::index::{IndexSettings, KnowledgeIndex, Quantization};
 use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns};
-use crate::models::ModelRegistry;
 
 /// The `STORED AS` name of knowledge indexes.
 pub const KB_FORMAT: &str = "KB";
@@ -38,7 +37,6 @@ pub const KB_FORMAT: &str = "KB";
 #[derive(Debug)]
 pub struct KbTableFactory {
     data_dir: PathBuf,
-    models: Arc<ModelRegistry>,
     registry: Arc<KbRegistry>,
     progress: Arc<IngestProgress>,
     mk_services: Arc<MkServices>,
@@ -54,7 +52,6 @@ impl KbTableFactory {
     ) -> Self {
         KbTableFactory {
             data_dir,
-            models: mk_services.models.clone(),
             registry,
             progress,
             mk_services,
@@ -87,14 +84,14 @@ impl KbTableFactory {
                 return plan_err!("unknown option '{bare}' for STORED AS KB (known: {})", known.join(", "));
             }
         }
-        let model = option("model").unwrap_or_else(|| self.models.default_model().spec().name.clone());
+        let model = option("model").unwrap_or_else(|| self.mk_services.models.default_model().spec().name.clone());
         let dimensions = match option("dimensions") {
             Some(d) => {
                 d.parse::<usize>().ok().filter(|d| *d > 0).ok_or_else(|| {
                     DataFusionError::Plan(format!("option dimensions: '{d}' is not a positive integer"))
                 })?
             }
-            None => match self.models.get(&model) {
+            None => match self.mk_services.models.get(&model) {
                 Some(m) => m.spec().dimensions,
                 None => {
                     return plan_err!(

@@ -55,18 +55,14 @@ impl KbRegistry {
         })
     }
 
-    /// Names of the indexes with a Meta-Knowledge side, sorted.
-    pub fn mk_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .indexes
+    /// The Meta-Knowledge sides of the indexes that have one, by table name.
+    pub fn attachments(&self) -> Vec<(String, MkAttachment)> {
+        self.indexes
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, (_, mk))| mk.is_some())
-            .map(|(n, _)| n.clone())
-            .collect();
-        names.sort();
-        names
+            .filter_map(|(name, (_, mk))| mk.clone().map(|mk| (name.clone(), mk)))
+            .collect()
     }
 
     /// Names of all known indexes, sorted.

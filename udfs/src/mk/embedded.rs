@@ -409,7 +409,7 @@ fn representatives(vectors: &[f32], dims: usize, n: usize) -> Vec<usize> {
 }
 
 /// The key concepts of a summary: its "Key concepts:" line, else its RAKE key phrases.
-pub fn summary_concepts(summary: &str) -> Vec<String> {
+fn summary_concepts(summary: &str) -> Vec<String> {
     if let Some(line) = summary.lines().find_map(|l| l.trim().strip_prefix(KEY_CONCEPTS)) {
         return line
             .split(';')

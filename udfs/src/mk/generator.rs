@@ -185,13 +185,3 @@ pub trait FailureLog: Send + Sync + Debug {
     /// Records that `what` failed for `document` (its text) with `error`.
     fn record(&self, what: &str, document: &str, error: &str);
 }
-
-/// A [`FailureLog`] that only logs, for uses without a dead-letter table.
-#[derive(Debug, Default)]
-pub struct LogFailures;
-
-impl FailureLog for LogFailures {
-    fn record(&self, what: &str, _document: &str, error: &str) {
-        log::warn!("{what}: {error}");
-    }
-}

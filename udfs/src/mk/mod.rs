@@ -17,10 +17,10 @@ mod schema;
 pub mod text;
 mod udf;
 
-pub use embedded::{EmbeddedGenerator, summary_concepts};
+pub use embedded::EmbeddedGenerator;
 pub use generator::{
     ClusterBrief, ClusterDigest, Document, FailureLog, GenerationCounts, GenerationError, GenerationStats, Generator,
-    LogFailures, Prepared, QaPair,
+    Prepared, QaPair,
 };
 pub use openai::{LlmSettings, OpenAiGenerator};
 pub use options::{GeneratorRegistry, MkOptions, OPENAI_BASE_URL};

@@ -58,16 +58,6 @@ impl Preparer {
         }
     }
 
-    /// The generator.
-    pub fn generator(&self) -> &Arc<dyn Generator> {
-        &self.generator
-    }
-
-    /// The metadata schema.
-    pub fn schema(&self) -> &Arc<MetadataSchema> {
-        &self.schema
-    }
-
     fn key(document: &Document<'_>) -> String {
         format!("{}\u{1}{}", document.title.unwrap_or(""), document.body)
     }
