@@ -2,8 +2,8 @@
 -- Run from the repository root:  mkflow run pipelines/scifact_mk.sql
 -- Then query:
 --   mkflow sql "SELECT doc_id, question, answer, score FROM qa_search(scifact_mk, 'vitamin D and bone health', 5)"
---   mkflow sql "SELECT doc_id, question, cluster, sub_queries FROM mk_search(scifact_mk, 'vitamin D and bone health', 5)"
---   mkflow sql "SELECT cluster, documents, questions, summary FROM scifact_mk_clusters"
+--   mkflow sql "SELECT doc_id, question, cluster_name, sub_queries FROM mk_search(scifact_mk, 'vitamin D and bone health', 5)"
+--   mkflow sql "SELECT cluster_name, documents, questions, summary FROM scifact_mk_clusters"
 
 -- 1. Generation settings of this pipeline (these are the defaults; see README "Meta-Knowledge").
 SET mkflow.generator = 'embedded';
@@ -18,7 +18,7 @@ CREATE EXTERNAL TABLE IF NOT EXISTS scifact_docs (
 STORED AS JSONL
 LOCATION 'data/sample/scifact-sample.jsonl';
 
--- 3. A knowledge index with a Meta-Knowledge side: `metadata`, `qa` and `cluster` columns are
+-- 3. A knowledge index with a Meta-Knowledge side: `metadata`, `qa` and `cluster_name` columns are
 --    appended to the declared ones, and every insert also fills the questions index
 --    (`scifact_mk_questions`) and keeps the cluster summaries current (`scifact_mk_clusters`).
 CREATE EXTERNAL TABLE IF NOT EXISTS scifact_mk (

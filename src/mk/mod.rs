@@ -61,7 +61,7 @@ pub struct PendingQuestions {
 }
 
 /// The columns a document table needs for Meta-Knowledge: `metadata` (of the given type),
-/// `qa` and `cluster`, appended to `columns` unless declared.
+/// `qa` and `cluster_name`, appended to `columns` unless declared.
 pub fn document_columns(columns: &Schema, metadata_type: DataType) -> Schema {
     let mut fields: Vec<Field> = columns.fields().iter().map(|f| f.as_ref().clone()).collect();
     for (name, data_type) in [

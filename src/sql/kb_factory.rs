@@ -10,7 +10,7 @@
 //! - `vector_column`: the vector column, appended to the declared columns (default
 //!   `embedding`);
 //! - `meta_knowledge`: `true` gives the index a Meta-Knowledge side: the columns `metadata`
-//!   (the session's metadata schema, see `mkflow.metadata_schema`), `qa` and `cluster` are
+//!   (the session's metadata schema, see `mkflow.metadata_schema`), `qa` and `cluster_name` are
 //!   appended (fill them with `mk_metadata`, `mk_qa`, `mk_cluster`), and every insert keeps
 //!   the questions index and the cluster summaries current (`<name>_questions`,
 //!   `<name>_clusters`, `qa_search`, `mk_search`).

@@ -12,7 +12,7 @@
 //! `k` rows match.
 //!
 //! `qa_search(kb, 'query' [, k])` is the same search over the synthetic questions of a
-//! Meta-Knowledge index (columns `question_id`, `doc_id`, `question`, `answer`, `cluster`,
+//! Meta-Knowledge index (columns `question_id`, `doc_id`, `question`, `answer`, `cluster_name`,
 //! `metadata`, `score`).
 
 use std::sync::Arc;
