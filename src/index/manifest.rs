@@ -4,6 +4,7 @@
 //! manifest atomically (write to a temporary file, fsync, rename). A crash at any moment leaves
 //! either the old or the new manifest, each naming complete files.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -43,6 +44,11 @@ pub struct Manifest {
     pub rows_file: String,
     /// usearch file of this generation.
     pub ann_file: String,
+    /// Where each streaming source should resume, committed together with the rows they
+    /// produced (exactly-once ingestion): source position key (e.g. `kafka:papers:0`) → the
+    /// next offset to read.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_offsets: BTreeMap<String, i64>,
 }
 
 impl Manifest {

@@ -14,7 +14,7 @@ mod ann;
 mod manifest;
 mod search;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -189,6 +189,7 @@ impl KnowledgeIndex {
             rows: 0,
             rows_file: String::new(),
             ann_file: String::new(),
+            source_offsets: Default::default(),
         };
         let state = State {
             ann: AnnIndex::new(settings.dimensions, settings.quantization)?,
@@ -322,10 +323,26 @@ impl KnowledgeIndex {
             .collect()
     }
 
+    /// Where streaming sources resume: the offsets stored by the last commit that carried them.
+    pub fn source_offsets(&self) -> BTreeMap<String, i64> {
+        self.read_state().manifest.source_offsets.clone()
+    }
+
     /// Inserts or replaces rows (by the key column) and commits. Batches must have the index's
     /// columns in order; the vector column may be a fixed-size or variable list of floats of the
     /// index's dimension, or null (row stored, not searchable by vector).
     pub fn upsert(&self, batches: &[RecordBatch]) -> Result<UpsertStats, IndexError> {
+        self.upsert_from_source(batches, &BTreeMap::new())
+    }
+
+    /// [`KnowledgeIndex::upsert`] that also records, in the same atomic commit, where the
+    /// streaming sources that produced `batches` resume (merged into the stored offsets). With
+    /// offsets and no rows it still commits the offsets (a micro-batch of refused records).
+    pub fn upsert_from_source(
+        &self,
+        batches: &[RecordBatch],
+        offsets: &BTreeMap<String, i64>,
+    ) -> Result<UpsertStats, IndexError> {
         // Validate and convert everything before touching the index: an error leaves it as is.
         let prepared = batches
             .iter()
@@ -333,11 +350,24 @@ impl KnowledgeIndex {
             .map(|b| self.prepare(b))
             .collect::<Result<Vec<_>, _>>()?;
         let mut stats = UpsertStats::default();
-        if prepared.is_empty() {
+        if prepared.is_empty() && offsets.is_empty() {
             return Ok(stats);
         }
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if prepared.is_empty() {
+            let mut manifest = state.manifest.clone();
+            manifest
+                .source_offsets
+                .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+            manifest.write_atomic(&self.dir)?;
+            state.manifest = manifest;
+            return Ok(stats);
+        }
         let applied = (|| {
+            state
+                .manifest
+                .source_offsets
+                .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
             let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
             let first_new_key = state.manifest.next_key;
             for (batch, doc_ids, vectors) in prepared {

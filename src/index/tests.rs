@@ -325,3 +325,51 @@ fn duplicate_keys_within_one_upsert_keep_the_last_row() {
     assert_eq!(ids_of(&hits)[0], "doc-7");
     assert!(hits.column(1).as_primitive::<Int64Type>().iter().all(|c| c == Some(2)));
 }
+
+#[test]
+fn source_offsets_commit_with_the_rows_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    let offsets =
+        |pairs: &[(&str, i64)]| -> BTreeMap<String, i64> { pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect() };
+    let rows = batch(&index, 0..10, |i| i as i64, 0);
+    index
+        .upsert_from_source(
+            std::slice::from_ref(&rows),
+            &offsets(&[("kafka:t:0", 6), ("kafka:t:1", 4)]),
+        )
+        .unwrap();
+    // A batch of refused records still moves its partition forward, without a data commit.
+    let generation = index.manifest().generation;
+    index.upsert_from_source(&[], &offsets(&[("kafka:t:1", 9)])).unwrap();
+    assert_eq!(index.manifest().generation, generation);
+    assert_eq!(index.source_offsets(), offsets(&[("kafka:t:0", 6), ("kafka:t:1", 9)]));
+    // A refused commit (wrong dimension) stores neither rows nor offsets.
+    let list = datafusion::arrow::array::ListArray::from_iter_primitive::<Float32Type, _, _>(vec![Some(vec![
+        Some(1.0),
+        Some(2.0),
+    ])]);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("doc_id", DataType::Utf8, false),
+        Field::new("category", DataType::Int64, true),
+        Field::new("embedding", list.data_type().clone(), true),
+    ]));
+    let bad = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec!["x"])),
+            Arc::new(Int64Array::from(vec![1])),
+            Arc::new(list),
+        ],
+    )
+    .unwrap();
+    assert!(index.upsert_from_source(&[bad], &offsets(&[("kafka:t:0", 8)])).is_err());
+    assert_eq!(index.source_offsets()["kafka:t:0"], 6);
+    drop(index);
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(reopened.len(), 10);
+    assert_eq!(
+        reopened.source_offsets(),
+        offsets(&[("kafka:t:0", 6), ("kafka:t:1", 9)])
+    );
+}
