@@ -139,6 +139,7 @@ async fn main() {
         home: home.clone(),
         default_model: None,
         embed_threads: None,
+        until_caught_up: false,
     })
     .await
     .unwrap();

@@ -138,6 +138,7 @@ async fn main() {
         home: assets::home_dir(),
         default_model: None,
         embed_threads: None,
+        until_caught_up: false,
     })
     .await
     .unwrap();

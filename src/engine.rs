@@ -16,14 +16,17 @@ use mkflow_udfs::mk::{ClusterUdf, GeneratorRegistry, MkOptions, PrepareUdf, Prep
 
 use crate::assets;
 use crate::index::{KnowledgeIndex, MANIFEST_FILE};
+use crate::metrics::{self, EmbeddingTotals, GenerationTotals, IndexSize, ScrapeSources};
 use crate::mk::{ClustersTable, MkServices};
 use crate::models::ModelRegistry;
+use crate::sources::kafka::{KAFKA_FORMAT, KafkaFactory};
 use crate::sources::{DeadLetters, JSONL_FORMAT, JsonlFactory, TEXT_FILES_FORMAT, TextFilesFactory};
 use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
 use crate::sql::mk_search::MkSearchFunction;
 use crate::sql::vector_search::SearchTarget;
 use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction, blocking};
+use crate::streaming::{ContinuousInsert, StreamControl, count_batch};
 
 /// Where an engine keeps and finds things.
 #[derive(Debug, Clone)]
@@ -37,6 +40,9 @@ pub struct EngineConfig {
     pub default_model: Option<String>,
     /// ONNX Runtime threads per model call (one per core when `None`).
     pub embed_threads: Option<usize>,
+    /// Streaming statements end once their topics are read to the end, instead of running
+    /// until stopped.
+    pub until_caught_up: bool,
 }
 
 impl EngineConfig {
@@ -47,6 +53,7 @@ impl EngineConfig {
             home: assets::home_dir(),
             default_model: std::env::var("MKFLOW_MODEL").ok(),
             embed_threads: None,
+            until_caught_up: false,
         }
     }
 }
@@ -70,6 +77,7 @@ pub struct Engine {
     progress: Arc<IngestProgress>,
     dead_letters: Arc<DeadLetters>,
     mk_services: Arc<MkServices>,
+    streams: StreamControl,
 }
 
 /// Subdirectory of the data directory where LLM answers are cached.
@@ -77,7 +85,7 @@ pub const GENERATION_CACHE_DIR: &str = "cache";
 
 impl Engine {
     /// Builds the session: registers `embed`, the Meta-Knowledge functions, `vector_search`,
-    /// `qa_search`, `mk_search`, the `KB`, `JSONL` and `TEXT_FILES` formats, the
+    /// `qa_search`, `mk_search`, the `KB`, `JSONL`, `TEXT_FILES` and `KAFKA` formats, the
     /// `dead_letters` table, and every knowledge index found in the data directory.
     /// Meta-Knowledge settings start from `MKFLOW_*` environment variables.
     pub async fn new(config: EngineConfig) -> Result<Self> {
@@ -125,7 +133,9 @@ impl Engine {
             factories.insert(KB_FORMAT.into(), kb_factory.clone());
             factories.insert(TEXT_FILES_FORMAT.into(), Arc::new(TextFilesFactory));
             factories.insert(JSONL_FORMAT.into(), Arc::new(JsonlFactory::new(dead_letters.clone())));
+            factories.insert(KAFKA_FORMAT.into(), Arc::new(KafkaFactory::new(dead_letters.clone())));
         }
+        metrics::install_udf_observer();
         ctx.register_udf(ScalarUDF::new_from_impl(EmbedUdf::new("embed", models.default_model())));
         ctx.register_table("dead_letters", dead_letters.clone())?;
         for (name, target) in [
@@ -140,13 +150,14 @@ impl Engine {
         ctx.register_udtf("mk_search", Arc::new(MkSearchFunction::new(kbs.clone())));
         let engine = Engine {
             ctx,
-            config,
             models,
             kbs,
             kb_factory,
             progress,
             dead_letters,
             mk_services,
+            streams: StreamControl::new(config.until_caught_up),
+            config,
         };
         engine.register_mk_functions()?;
         engine.register_data_dir().await?;
@@ -187,7 +198,7 @@ impl Engine {
         for (name, mk) in self.kbs.attachments() {
             let questions = format!("{name}_questions");
             if !self.ctx.table_exist(questions.as_str())? {
-                let table = KbTable::new(mk.index.questions().clone(), self.progress.clone(), None);
+                let table = KbTable::new(&questions, mk.index.questions().clone(), self.progress.clone(), None);
                 self.ctx.register_table(questions.as_str(), Arc::new(table))?;
             }
             let clusters = format!("{name}_clusters");
@@ -224,7 +235,7 @@ impl Engine {
         let mk = self.kb_factory.attach_mk(&index, false).await?;
         self.kbs.insert(name, index.clone(), mk.clone());
         self.ctx
-            .register_table(name, Arc::new(KbTable::new(index, self.progress.clone(), mk)))?;
+            .register_table(name, Arc::new(KbTable::new(name, index, self.progress.clone(), mk)))?;
         self.register_mk_tables()
     }
 
@@ -260,13 +271,20 @@ impl Engine {
 
     /// Runs one or more `;`-separated statements and returns the last one's rows.
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        let mut results = self.run_script(sql, |_| {}).await?;
+        let mut results = self.run_script("sql", sql, |_| {}).await?;
         Ok(results.pop().map(|r| r.batches).unwrap_or_default())
     }
 
     /// Runs a script statement by statement; `before` is told each statement before it runs.
-    /// Stops at the first failing statement, naming it in the error.
-    pub async fn run_script(&self, script: &str, mut before: impl FnMut(&str)) -> Result<Vec<StatementResult>> {
+    /// Stops at the first failing statement, naming it in the error. `pipeline` names the
+    /// script in metrics and logs; an `INSERT` reading a Kafka table runs as a continuous
+    /// stream (see [`crate::streaming`]) until [`Engine::streams`] stops it.
+    pub async fn run_script(
+        &self,
+        pipeline: &str,
+        script: &str,
+        mut before: impl FnMut(&str),
+    ) -> Result<Vec<StatementResult>> {
         let statements = DFParser::parse_sql(script)?;
         let mut results = Vec::with_capacity(statements.len());
         let count = statements.len();
@@ -279,7 +297,7 @@ impl Engine {
                 statement.to_string()
             };
             before(&sql);
-            let batches = self.execute(statement).await.map_err(|e| {
+            let batches = self.execute(pipeline, statement).await.map_err(|e| {
                 if count > 1 {
                     e.context(format!("statement {} of {count}: {}", i + 1, abbreviate(&sql)))
                 } else {
@@ -291,7 +309,7 @@ impl Engine {
         Ok(results)
     }
 
-    async fn execute(&self, statement: Statement) -> Result<Vec<RecordBatch>> {
+    async fn execute(&self, pipeline: &str, statement: Statement) -> Result<Vec<RecordBatch>> {
         let sets_mk_option = matches!(
             &statement,
             Statement::Statement(s) if matches!(s.as_ref(), datafusion::sql::sqlparser::ast::Statement::Set(_))
@@ -301,6 +319,10 @@ impl Engine {
         let creates_table = matches!(&statement, Statement::CreateExternalTable(_));
         let previous = sets_mk_option.then(|| self.mk_options());
         let plan = self.ctx.state().statement_to_plan(statement).await?;
+        if let Some(stream) = ContinuousInsert::find(&plan)? {
+            let rows = stream.run(&self.ctx, pipeline, &self.streams).await?;
+            return Ok(vec![count_batch(rows)?]);
+        }
         let frame = self.ctx.execute_logical_plan(plan).await?;
         let batches = frame.collect().await?;
         if let Some(previous) = previous
@@ -322,11 +344,74 @@ impl Engine {
         Ok(batches)
     }
 
-    /// Runs the SQL file at `path` (see [`Engine::run_script`]).
-    pub async fn run_file(&self, path: &Path, before: impl FnMut(&str)) -> Result<Vec<StatementResult>> {
+    /// Runs the SQL file at `path` as pipeline `name` (see [`Engine::run_script`]).
+    pub async fn run_file(&self, name: &str, path: &Path, before: impl FnMut(&str)) -> Result<Vec<StatementResult>> {
         let script = std::fs::read_to_string(path)
             .map_err(|e| DataFusionError::Execution(format!("cannot read pipeline {}: {e}", path.display())))?;
-        self.run_script(&script, before).await
+        self.run_script(name, &script, before).await
+    }
+
+    /// Controls the continuous statements this engine runs (stop them, see their state).
+    pub fn streams(&self) -> &StreamControl {
+        &self.streams
+    }
+
+    /// The knowledge indexes, by table name.
+    pub fn indexes(&self) -> &Arc<KbRegistry> {
+        &self.kbs
+    }
+}
+
+impl ScrapeSources for Engine {
+    fn embedding_totals(&self) -> Vec<EmbeddingTotals> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.models
+            .all()
+            .filter_map(|model| {
+                let stats = model.loaded()?.stats();
+                Some(EmbeddingTotals {
+                    model: model.spec().name.clone(),
+                    documents: stats.texts.load(Relaxed),
+                    tokens: stats.tokens.load(Relaxed),
+                    seconds: stats.model_nanos.load(Relaxed) as f64 / 1e9,
+                })
+            })
+            .collect()
+    }
+
+    fn generation_totals(&self) -> Vec<GenerationTotals> {
+        self.mk_services
+            .generators
+            .generators()
+            .into_iter()
+            .map(|g| GenerationTotals {
+                generator: g.name(),
+                counts: g.stats().counts(),
+            })
+            .collect()
+    }
+
+    fn index_sizes(&self) -> Vec<IndexSize> {
+        let mut sizes = Vec::new();
+        for name in self.kbs.names() {
+            let Some((index, mk)) = self.kbs.entry(&name) else {
+                continue;
+            };
+            let mut add = |label: String, index: &KnowledgeIndex| {
+                let (_, capacity, memory) = index.ann_stats();
+                sizes.push(IndexSize {
+                    index: label,
+                    rows: index.len() as u64,
+                    capacity: capacity as u64,
+                    memory_bytes: memory as u64,
+                });
+            };
+            add(name.clone(), &index);
+            if let Some(mk) = mk {
+                add(format!("{name}_questions"), mk.index.questions());
+            }
+        }
+        sizes
     }
 }
 

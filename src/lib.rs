@@ -10,9 +10,12 @@ pub mod assets;
 pub mod engine;
 pub mod eval;
 pub mod index;
+pub mod metrics;
 pub mod mk;
 pub mod models;
+pub mod server;
 pub mod sources;
 pub mod sql;
+pub mod streaming;
 
 pub use engine::{Engine, EngineConfig};

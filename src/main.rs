@@ -9,7 +9,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mkflow::engine::abbreviate;
+use mkflow::server::config::{PipelineSpec, ServeFile, pipeline_name};
+use mkflow::server::{ServeOptions, serve};
 use mkflow::{Engine, EngineConfig, assets, eval};
+
+/// Where knowledge indexes live unless told otherwise.
+const DEFAULT_DATA_DIR: &str = "mkflow-data";
 
 use cli::output::{Format, render};
 
@@ -21,7 +26,9 @@ use cli::output::{Format, render};
     after_long_help = "\
 Examples:
   mkflow demo                                   ingest the bundled sample corpus and query it
-  mkflow run pipelines/jsonl_to_kb.sql          run an ingestion pipeline (SQL file)
+  mkflow run pipelines/scifact_sample.sql       run an ingestion pipeline (SQL file)
+  mkflow run --until-caught-up pipelines/kafka_to_kb.sql   ingest a Kafka topic up to its end
+  mkflow serve --config mkflow.toml             run pipelines, serve SQL and metrics over HTTP
   mkflow sql \"SELECT doc_id, title, score FROM vector_search(kb, 'gene therapy', 5)\"
   mkflow shell                                  interactive SQL with history
   mkflow models pull                            fetch ONNX Runtime and the default model
@@ -29,12 +36,13 @@ Examples:
 
 Knowledge indexes live in the data directory (--data-dir); each one is a table named after
 its directory. SQL extensions: embed(text), vector_search(kb, 'query' [, column] [, k]),
-CREATE EXTERNAL TABLE … STORED AS KB | TEXT_FILES. See README.md for the full reference."
+qa_search, mk_search, CREATE EXTERNAL TABLE … STORED AS KB | JSONL | TEXT_FILES | KAFKA.
+See README.md for the full reference."
 )]
 struct Cli {
-    /// Directory holding knowledge indexes.
-    #[arg(long, global = true, env = "MKFLOW_DATA_DIR", default_value = "mkflow-data")]
-    data_dir: PathBuf,
+    /// Directory holding knowledge indexes [default: mkflow-data].
+    #[arg(long, global = true, env = "MKFLOW_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Embedding model that embed() uses (default: all-MiniLM-L6-v2).
     #[arg(long, global = true, env = "MKFLOW_MODEL")]
     model: Option<String>,
@@ -48,9 +56,48 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run pipeline files: SQL statements executed in order (CREATE, INSERT, SELECT…).
+    ///
+    /// An INSERT that reads a Kafka table (STORED AS KAFKA) streams: it commits micro-batches
+    /// to the index, with the offsets to resume from, until Ctrl-C / SIGTERM (which finish the
+    /// in-flight batch first) — or, with --until-caught-up, until the topic is read to its end.
     Run {
-        /// Pipeline files (e.g. pipelines/jsonl_to_kb.sql).
+        /// Pipeline files (e.g. pipelines/scifact_sample.sql).
         #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+        /// End streaming statements once every partition is read to its end.
+        #[arg(long)]
+        until_caught_up: bool,
+    },
+    /// Run pipelines as a service and serve SQL, metrics and health over HTTP.
+    ///
+    /// Endpoints: POST /v1/sql (SQL in the body, or JSON {"sql": "…"}; JSON result, or Arrow IPC
+    /// with `Accept: application/vnd.apache.arrow.stream`), GET /metrics (Prometheus),
+    /// GET /healthz, GET /readyz (indexes loaded and every pipeline consuming or done).
+    /// SIGTERM/SIGINT finish in-flight micro-batches, commit and exit 0.
+    ///
+    /// Configuration (all optional) comes from a TOML file, overridden by environment
+    /// variables, overridden by flags:
+    ///
+    ///   data_dir = "mkflow-data"              # MKFLOW_DATA_DIR, --data-dir
+    ///   model = "all-MiniLM-L6-v2"            # MKFLOW_MODEL, --model
+    ///   [server]
+    ///   listen = "127.0.0.1:8080"             # MKFLOW_LISTEN, --listen
+    ///   auth_token_env = "MKFLOW_AUTH_TOKEN"  # variable holding the bearer token for /v1/sql
+    ///   max_request_bytes = 1048576           # MKFLOW_MAX_REQUEST_BYTES
+    ///   query_timeout_secs = 30               # MKFLOW_QUERY_TIMEOUT_SECS
+    ///   [[pipelines]]
+    ///   name = "papers"                       # label in metrics (default: file name)
+    ///   file = "pipelines/kafka_to_kb.sql"    # relative to the config file
+    #[command(verbatim_doc_comment)]
+    Serve {
+        /// TOML configuration file.
+        #[arg(long, env = "MKFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to listen on (overrides the file and MKFLOW_LISTEN).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Extra pipeline files to run (named after the file).
+        #[arg(long = "pipeline")]
         pipelines: Vec<PathBuf>,
     },
     /// Run SQL and print the result of the last statement.
@@ -114,11 +161,12 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = EngineConfig {
-        data_dir: cli.data_dir.clone(),
+    let mut config = EngineConfig {
+        data_dir: cli.data_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
         home: assets::home_dir(),
         default_model: cli.model.clone(),
         embed_threads: cli.threads,
+        until_caught_up: false,
     };
     match cli.command {
         Command::Models {
@@ -127,13 +175,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models {
             action: ModelsAction::List,
         } => list_models(config).await,
-        Command::Run { pipelines } => {
+        Command::Run {
+            pipelines,
+            until_caught_up,
+        } => {
             ensure_assets(&config.home)?;
+            config.until_caught_up = until_caught_up;
             let engine = Engine::new(config).await?;
+            let streams = engine.streams().clone();
+            tokio::spawn(async move {
+                mkflow::server::shutdown_signal().await;
+                eprintln!("stopping: finishing the in-flight micro-batch (press Ctrl-C again to abort)");
+                streams.stop();
+                mkflow::server::shutdown_signal().await;
+                std::process::exit(130);
+            });
             for pipeline in pipelines {
                 run_pipeline(&engine, &pipeline).await?;
             }
             Ok(())
+        }
+        Command::Serve {
+            config: file,
+            listen,
+            pipelines,
+        } => {
+            let file = match &file {
+                Some(path) => ServeFile::read(path)?,
+                None => ServeFile::default(),
+            };
+            if cli.data_dir.is_none()
+                && let Some(dir) = &file.data_dir
+            {
+                config.data_dir = dir.clone();
+            }
+            config.default_model = config.default_model.or_else(|| file.model.clone());
+            config.embed_threads = config.embed_threads.or(file.threads);
+            let mut specs = file.pipeline_specs()?;
+            specs.extend(pipelines.iter().map(|p| PipelineSpec::from_file(p)));
+            let server = file.server_settings(listen.as_deref(), |name| std::env::var(name).ok())?;
+            ensure_assets(&config.home)?;
+            serve(ServeOptions {
+                engine: config,
+                server,
+                pipelines: specs,
+            })
+            .await
         }
         Command::Sql { query, format } => {
             ensure_assets(&config.home)?;
@@ -251,7 +338,8 @@ pub(crate) async fn run_pipeline(engine: &Engine, path: &std::path::Path) -> any
             }
         }
     };
-    let script = engine.run_file(path, |sql| {
+    let name = pipeline_name(path);
+    let script = engine.run_file(&name, path, |sql| {
         bar.println(format!("▶ {}", abbreviate(sql)));
     });
     let results = tokio::select! {

@@ -37,7 +37,7 @@ async fn ingest_slice(engine: &Engine, corpus: &Path) {
     // A fresh source table per slice; the index persists.
     let _ = engine.context().deregister_table("scifact_docs");
     engine
-        .run_script(&mk_pipeline(corpus), |_| {})
+        .run_script("test", &mk_pipeline(corpus), |_| {})
         .await
         .expect("MK pipeline runs");
 }
@@ -355,7 +355,7 @@ async fn failed_generations_are_recorded_and_documents_still_indexed() {
          SET mkflow.llm_max_retries = 0; SET mkflow.generator = 'openai';",
     );
     engine
-        .run_script(&script, |_| {})
+        .run_script("test", &script, |_| {})
         .await
         .expect("the pipeline keeps going");
     let indexed = engine

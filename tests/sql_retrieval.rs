@@ -241,6 +241,7 @@ async fn bad_input_gives_clear_errors_and_loses_nothing() {
     .unwrap();
     let err = engine
         .run_script(
+            "test",
             &format!(
                 "CREATE EXTERNAL TABLE bad_docs (doc_id VARCHAR, title VARCHAR, body VARCHAR) STORED AS JSON LOCATION '{}';
                  INSERT INTO kb SELECT doc_id, title, body, embed(body) FROM bad_docs;",

@@ -185,7 +185,7 @@ async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, meta_know
                FROM {kb}_corpus;"
         )
     };
-    engine.run_script(&script, |_| {}).await?;
+    engine.run_script("eval", &script, |_| {}).await?;
     spinner.finish_and_clear();
     Ok((documents, started.elapsed().as_secs_f64()))
 }

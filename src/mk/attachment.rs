@@ -55,15 +55,12 @@ impl MkAttachment {
         .await
     }
 
-    /// Commits questions after their documents, then brings clusters and summaries up to date.
-    pub async fn commit(
-        &self,
-        documents: &Arc<KnowledgeIndex>,
-        pending: PendingQuestions,
-        context: &TaskContext,
-    ) -> Result<()> {
-        self.apply(documents, move |mk| mk.commit_questions(&pending), context)
-            .await
+    /// Replaces the inserted documents' questions. Runs before the documents' own commit, so
+    /// a crash in between leaves questions that the re-delivered documents replace again
+    /// (exactly-once streaming resumes from the documents' commit).
+    pub async fn commit_questions(&self, pending: PendingQuestions) -> Result<()> {
+        let mk = self.index.clone();
+        blocking(move || mk.commit_questions(&pending)).await
     }
 
     /// Removes the questions of deleted documents, then updates clusters and summaries.
@@ -73,24 +70,16 @@ impl MkAttachment {
         deleted: HashSet<String>,
         context: &TaskContext,
     ) -> Result<()> {
-        self.apply(documents, move |mk| mk.remove_questions_of(&deleted).map(drop), context)
-            .await
+        let mk = self.index.clone();
+        blocking(move || mk.remove_questions_of(&deleted).map(drop)).await?;
+        self.refresh(documents, context).await
     }
 
-    /// Applies a change to the questions, recomputes the clusters, and rewrites the summaries
-    /// the change made stale.
-    async fn apply(
-        &self,
-        documents: &Arc<KnowledgeIndex>,
-        change: impl FnOnce(&MkIndex) -> Result<(), IndexError> + Send + 'static,
-        context: &TaskContext,
-    ) -> Result<()> {
+    /// Recomputes the clusters after the documents changed, and rewrites the summaries the
+    /// change made stale.
+    pub async fn refresh(&self, documents: &Arc<KnowledgeIndex>, context: &TaskContext) -> Result<()> {
         let (mk, docs) = (self.index.clone(), documents.clone());
-        blocking(move || {
-            change(&mk)?;
-            mk.refresh_clusters(&docs)
-        })
-        .await?;
+        blocking(move || mk.refresh_clusters(&docs)).await?;
         self.refresh_summaries(&MkOptions::of(context.session_config().options()))
             .await
     }

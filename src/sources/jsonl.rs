@@ -4,6 +4,9 @@
 //! `NOT NULL` column goes to the `dead_letters` table with its line number and error; every
 //! other line becomes a row. Fields not declared are ignored.
 //!
+//! `LOCATION '-'` reads standard input instead (to its end, once per process:
+//! `cat docs.jsonl | mkflow run pipeline.sql`).
+//!
 //! (DataFusion's own `STORED AS JSON` infers the schema instead, and fails the query on the
 //! first malformed line.)
 
@@ -13,8 +16,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::error::ArrowError;
-use datafusion::arrow::json::ReaderBuilder;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
@@ -23,9 +24,16 @@ use datafusion::physical_plan::ExecutionPlan;
 use crate::sql::memory_scan;
 
 use super::dead_letters::{DeadLetter, DeadLetters};
+use super::records::JsonRecordDecoder;
 
 /// The `STORED AS` name of validated JSON Lines files.
 pub const JSONL_FORMAT: &str = "JSONL";
+
+/// The `LOCATION` that means standard input.
+pub const STDIN_LOCATION: &str = "-";
+
+/// Standard input, read to its end by the first scan that needs it.
+static STDIN: std::sync::OnceLock<std::io::Result<Vec<u8>>> = std::sync::OnceLock::new();
 
 /// Lines decoded together when all of them are valid.
 const LINES_PER_BATCH: usize = 4096;
@@ -56,8 +64,11 @@ impl TableProviderFactory for JsonlFactory {
             return plan_err!("STORED AS JSONL takes no options (got '{key}')");
         }
         let path = PathBuf::from(location);
-        if !path.is_file() {
-            return plan_err!("JSONL location {} is not a file", path.display());
+        if location != STDIN_LOCATION && !path.is_file() {
+            return plan_err!(
+                "JSONL location {} is not a file (use LOCATION '{STDIN_LOCATION}' for standard input)",
+                path.display()
+            );
         }
         Ok(Arc::new(JsonlTable {
             path,
@@ -78,74 +89,51 @@ pub struct JsonlTable {
 impl JsonlTable {
     /// Decodes the file: rows of valid lines, dead letters for the others.
     fn read(&self) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>)> {
-        let text = std::fs::read(&self.path)
-            .map_err(|e| DataFusionError::Execution(format!("cannot read {}: {e}", self.path.display())))?;
-        let text = String::from_utf8_lossy(&text);
+        let read_error = |e: &std::io::Error| DataFusionError::Execution(format!("cannot read {}: {e}", self.source()));
+        let owned;
+        let bytes: &[u8] = if self.path.as_os_str() == STDIN_LOCATION {
+            STDIN
+                .get_or_init(|| {
+                    let mut bytes = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).map(|_| bytes)
+                })
+                .as_ref()
+                .map_err(read_error)?
+        } else {
+            owned = std::fs::read(&self.path).map_err(|e| read_error(&e))?;
+            &owned
+        };
+        let text = String::from_utf8_lossy(bytes);
         let lines: Vec<(u64, &str)> = text
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| (i as u64 + 1, l))
             .collect();
+        let decoder = JsonRecordDecoder::new(self.schema.clone());
         let mut batches = Vec::new();
         let mut refused = Vec::new();
         for chunk in lines.chunks(LINES_PER_BATCH) {
-            match self.decode(chunk.iter().map(|(_, l)| *l)) {
-                Ok(batch) => batches.push(batch),
-                Err(_) => {
-                    // Some line is bad: decode one by one to keep the good ones.
-                    for &(number, line) in chunk {
-                        match self.decode(std::iter::once(line)) {
-                            Ok(batch) => batches.push(batch),
-                            Err(e) => refused.push(self.dead_letter(number, line, e)),
-                        }
-                    }
-                }
-            }
+            let texts: Vec<&str> = chunk.iter().map(|(_, l)| *l).collect();
+            let decoded = decoder.decode(&texts)?;
+            batches.push(decoded.batch);
+            refused.extend(decoded.refused.into_iter().map(|(i, error)| DeadLetter {
+                source: self.source(),
+                position: chunk[i].0,
+                payload: chunk[i].1.to_string(),
+                error,
+                recorded_at_ms: crate::mk::now_ms(),
+            }));
         }
         Ok((batches, refused))
     }
 
-    fn decode<'a>(&self, lines: impl Iterator<Item = &'a str>) -> Result<RecordBatch, ArrowError> {
-        let mut decoder = ReaderBuilder::new(self.schema.clone())
-            .with_batch_size(LINES_PER_BATCH)
-            .build_decoder()?;
-        for line in lines {
-            if !line.trim_start().starts_with('{') {
-                return Err(ArrowError::JsonError("not a JSON object".into()));
-            }
-            let mut bytes = line.as_bytes().to_vec();
-            bytes.push(b'\n');
-            let consumed = decoder.decode(&bytes)?;
-            if consumed != bytes.len() {
-                return Err(ArrowError::JsonError("trailing data after the JSON object".into()));
-            }
-        }
-        let batch = decoder
-            .flush()?
-            .unwrap_or_else(|| RecordBatch::new_empty(self.schema.clone()));
-        for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
-            if !field.is_nullable() && column.null_count() > 0 {
-                return Err(ArrowError::JsonError(format!(
-                    "required column '{}' is missing or null",
-                    field.name()
-                )));
-            }
-        }
-        Ok(batch)
-    }
-
-    fn dead_letter(&self, position: u64, line: &str, error: ArrowError) -> DeadLetter {
-        let message = match error {
-            ArrowError::JsonError(m) => m,
-            other => other.to_string(),
-        };
-        DeadLetter {
-            source: self.path.display().to_string(),
-            position,
-            payload: line.to_string(),
-            error: message,
-            recorded_at_ms: crate::mk::now_ms(),
+    /// The source's name in dead letters and messages.
+    fn source(&self) -> String {
+        if self.path.as_os_str() == STDIN_LOCATION {
+            "stdin".into()
+        } else {
+            self.path.display().to_string()
         }
     }
 }
@@ -170,10 +158,7 @@ impl TableProvider for JsonlTable {
         let (batches, refused) = self.read()?;
         let new = self.dead_letters.record(refused);
         if new > 0 {
-            log::warn!(
-                "{}: {new} bad records went to the dead_letters table",
-                self.path.display()
-            );
+            log::warn!("{}: {new} bad records went to the dead_letters table", self.source());
         }
         memory_scan(batches, self.schema.clone(), projection, limit)
     }
@@ -214,6 +199,7 @@ mod tests {
         let (batches, refused) = table.read().unwrap();
         let ids: Vec<String> = batches
             .iter()
+            .filter(|b| b.num_rows() > 0)
             .flat_map(|b| {
                 let a = b.column(0).as_string::<i32>().clone();
                 (0..a.len()).map(move |i| a.value(i).to_string()).collect::<Vec<_>>()

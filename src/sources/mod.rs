@@ -3,9 +3,13 @@
 //! - JSON Lines with declared columns: [`JsonlFactory`] (`STORED AS JSONL`), bad records go to
 //!   the [`DeadLetters`] table; DataFusion's own `STORED AS JSON` (schema inferred) also works.
 //! - Directories of text and Markdown files: [`TextFilesFactory`] (`STORED AS TEXT_FILES`).
+//! - Kafka topics of JSON values: [`kafka::KafkaFactory`] (`STORED AS KAFKA`), read continuously
+//!   by streaming pipelines.
 
 pub mod dead_letters;
 mod jsonl;
+pub mod kafka;
+pub mod records;
 mod text_files;
 
 pub use dead_letters::{DeadLetter, DeadLetters};

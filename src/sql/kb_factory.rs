@@ -168,6 +168,11 @@ impl TableProviderFactory for KbTableFactory {
         let index = Arc::new(index);
         let mk = self.attach_mk(&index, meta_knowledge).await?;
         self.registry.insert(cmd.name.table(), index.clone(), mk.clone());
-        Ok(Arc::new(KbTable::new(index, self.progress.clone(), mk)))
+        Ok(Arc::new(KbTable::new(
+            &cmd.name.to_string(),
+            index,
+            self.progress.clone(),
+            mk,
+        )))
     }
 }

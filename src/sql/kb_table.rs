@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -19,7 +20,9 @@ use futures::StreamExt;
 use super::filters::{CompiledFilter, pushdown_support};
 use super::{blocking, memory_scan};
 use crate::index::{IndexError, KnowledgeIndex};
+use crate::metrics;
 use crate::mk::{MkAttachment, PendingQuestions};
+use crate::streaming::MicroBatchOffsets;
 
 /// Counts rows as they flow into knowledge indexes, for progress display.
 #[derive(Debug, Default)]
@@ -41,16 +44,27 @@ impl IngestProgress {
 /// The table over a [`KnowledgeIndex`].
 #[derive(Debug)]
 pub struct KbTable {
+    name: String,
     index: Arc<KnowledgeIndex>,
     progress: Arc<IngestProgress>,
     mk: Option<MkAttachment>,
 }
 
 impl KbTable {
-    /// A table over `index`, reporting ingested rows to `progress`; with `mk`, inserts and
+    /// Table `name` over `index`, reporting ingested rows to `progress`; with `mk`, inserts and
     /// deletes also maintain the index's questions and clusters.
-    pub fn new(index: Arc<KnowledgeIndex>, progress: Arc<IngestProgress>, mk: Option<MkAttachment>) -> Self {
-        KbTable { index, progress, mk }
+    pub fn new(
+        name: &str,
+        index: Arc<KnowledgeIndex>,
+        progress: Arc<IngestProgress>,
+        mk: Option<MkAttachment>,
+    ) -> Self {
+        KbTable {
+            name: name.to_string(),
+            index,
+            progress,
+            mk,
+        }
     }
 
     /// The index behind the table.
@@ -122,6 +136,7 @@ impl TableProvider for KbTable {
             );
         }
         let sink = UpsertSink {
+            name: self.name.clone(),
             index: self.index.clone(),
             progress: self.progress.clone(),
             mk: self.mk.clone(),
@@ -144,10 +159,11 @@ impl TableProvider for KbTable {
     }
 }
 
-/// Collects an `INSERT`'s rows and upserts them as one commit (then, for Meta-Knowledge
-/// indexes, replaces the documents' questions and refreshes the clusters).
+/// Collects an `INSERT`'s rows and upserts them as one commit (for Meta-Knowledge indexes, the
+/// documents' questions are replaced first and the clusters refreshed after).
 #[derive(Debug)]
 struct UpsertSink {
+    name: String,
     index: Arc<KnowledgeIndex>,
     progress: Arc<IngestProgress>,
     mk: Option<MkAttachment>,
@@ -178,11 +194,21 @@ impl DataSink for UpsertSink {
             Some(mk) => Some(mk.pending_questions(&self.index, batches.clone()).await?),
             None => None,
         };
-        let index = self.index.clone();
-        let rows = batches.clone();
-        let stats = blocking(move || index.upsert(&rows)).await?;
         if let (Some(mk), Some(pending)) = (&self.mk, pending) {
-            mk.commit(&self.index, pending, context).await?;
+            mk.commit_questions(pending).await?;
+        }
+        // A streaming micro-batch commits where its sources resume together with its rows.
+        let offsets = context
+            .session_config()
+            .get_extension::<MicroBatchOffsets>()
+            .map(|o| o.0.clone())
+            .unwrap_or_default();
+        let (index, rows) = (self.index.clone(), batches.clone());
+        let started = Instant::now();
+        let stats = blocking(move || index.upsert_from_source(&rows, &offsets)).await?;
+        metrics::global().observe_commit(&self.name, started.elapsed());
+        if let Some(mk) = &self.mk {
+            mk.refresh(&self.index, context).await?;
         }
         Ok(stats.rows as u64)
     }

@@ -25,6 +25,7 @@ pub async fn engine(data_dir: &Path) -> Engine {
         home: assets_home(),
         default_model: None,
         embed_threads: None,
+        until_caught_up: false,
     };
     Engine::new(config).await.expect("engine starts")
 }
@@ -43,7 +44,10 @@ pub async fn ingest(engine: &Engine, corpus: &Path) {
          INSERT INTO kb SELECT doc_id, title, body, embed(concat_ws('. ', title, body)) FROM docs;",
         corpus.display()
     );
-    engine.run_script(&script, |_| {}).await.expect("ingest pipeline runs");
+    engine
+        .run_script("test", &script, |_| {})
+        .await
+        .expect("ingest pipeline runs");
 }
 
 /// Values of a text column across batches.

@@ -10,6 +10,7 @@
 
 pub mod embedding;
 pub mod mk;
+pub mod observe;
 pub mod runtime;
 
 pub use embedding::{BatchingStrategy, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling};

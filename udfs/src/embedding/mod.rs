@@ -12,6 +12,6 @@ mod spec;
 mod udf;
 
 pub use batching::BatchingStrategy;
-pub use model::{EmbedError, Embedder, Embeddings};
+pub use model::{EmbedError, Embedder, EmbedderStats, Embeddings};
 pub use spec::{EmbeddingModelSpec, Pooling};
 pub use udf::{EmbedUdf, LazyEmbedder, vectors_to_array};

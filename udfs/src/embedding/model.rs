@@ -105,6 +105,17 @@ impl RecentVectors {
     }
 }
 
+/// What an [`Embedder`] has done since it was loaded (for metrics).
+#[derive(Debug, Default)]
+pub struct EmbedderStats {
+    /// Texts run through the model (recent-texts cache hits excluded).
+    pub texts: std::sync::atomic::AtomicU64,
+    /// Tokens fed to the model.
+    pub tokens: std::sync::atomic::AtomicU64,
+    /// Nanoseconds spent in model calls.
+    pub model_nanos: std::sync::atomic::AtomicU64,
+}
+
 /// A loaded embedding model, shared by every query and pipeline of a process.
 pub struct Embedder {
     spec: EmbeddingModelSpec,
@@ -113,6 +124,7 @@ pub struct Embedder {
     io: ModelIo,
     pad_id: i64,
     recent: Mutex<RecentVectors>,
+    stats: EmbedderStats,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -174,6 +186,7 @@ impl Embedder {
             io,
             pad_id,
             recent: Mutex::new(RecentVectors::default()),
+            stats: EmbedderStats::default(),
         })
     }
 
@@ -190,6 +203,11 @@ impl Embedder {
                 model: self.spec.name.clone(),
                 message: e.to_string(),
             })
+    }
+
+    /// Texts, tokens and model time since the model was loaded.
+    pub fn stats(&self) -> &EmbedderStats {
+        &self.stats
     }
 
     /// Forgets the recently embedded texts, so the next calls run the model for every text
@@ -230,6 +248,7 @@ impl Embedder {
         let encodings = self.tokenize(&contents)?;
         let lengths: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
         out.tokens = lengths.iter().sum();
+        let started = std::time::Instant::now();
         for call in self.spec.batching.plan(&lengths) {
             let batch: Vec<&Encoding> = call.iter().map(|&i| &encodings[i]).collect();
             let pooled = self.run_encoded(&batch)?;
@@ -242,6 +261,12 @@ impl Embedder {
                 recent.insert(contents[i], vector);
             }
         }
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.texts.fetch_add(contents.len() as u64, Relaxed);
+        self.stats.tokens.fetch_add(out.tokens as u64, Relaxed);
+        self.stats
+            .model_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
         Ok(out)
     }
 

@@ -42,6 +42,11 @@ impl LazyEmbedder {
         &self.spec
     }
 
+    /// The model if it has been loaded (nothing is loaded by asking).
+    pub fn loaded(&self) -> Option<&Arc<Embedder>> {
+        self.loaded.get()
+    }
+
     /// The loaded model, loading it now if needed.
     pub fn get(&self) -> Result<Arc<Embedder>, EmbedError> {
         if let Some(e) = self.loaded.get() {
@@ -122,6 +127,7 @@ impl ScalarUDFImpl for EmbedUdf {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let started = std::time::Instant::now();
         let embedder = self.embedder.get().map_err(external)?;
         let [arg] = args.args.as_slice() else {
             return Err(DataFusionError::Plan(format!("{}(text) takes one argument", self.name)));
@@ -135,6 +141,7 @@ impl ScalarUDFImpl for EmbedUdf {
         let inputs: Vec<Option<&str>> = texts.iter().collect();
         let embeddings = embedder.embed(&inputs).map_err(external)?;
         let array = vectors_to_array(embeddings.vectors, embeddings.present, embeddings.dimensions)?;
+        crate::observe::record(&self.name, inputs.len(), started);
         if is_scalar {
             Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&array, 0)?))
         } else {

@@ -267,6 +267,7 @@ impl ScalarUDFImpl for PrepareUdf {
 #[async_trait]
 impl AsyncScalarUDFImpl for PrepareUdf {
     async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let started = std::time::Instant::now();
         let arrays = string_args(self.name(), &args)?;
         let docs = documents(&arrays);
         let outcomes = self.preparer.prepare(&docs).await;
@@ -284,6 +285,7 @@ impl AsyncScalarUDFImpl for PrepareUdf {
                 qa_array(&rows)
             }
         };
+        crate::observe::record(self.name(), docs.len(), started);
         columnar(array, is_scalar_call(&args))
     }
 }

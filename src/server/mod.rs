@@ -1,0 +1,102 @@
+//! `mkflow serve`: runs the configured pipelines (streaming ones keep consuming) and serves SQL,
+//! metrics and health over HTTP until SIGTERM or SIGINT, then lets every stream finish and
+//! commit its in-flight micro-batch and exits cleanly.
+//!
+//! - [`config`]: the TOML file and its environment overrides;
+//! - [`http`]: the routes.
+
+pub mod config;
+pub mod http;
+
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+
+use crate::streaming::PipelineState;
+use crate::{Engine, EngineConfig};
+use config::{PipelineSpec, ServerSettings};
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The engine's configuration.
+    pub engine: EngineConfig,
+    /// HTTP settings.
+    pub server: ServerSettings,
+    /// Pipelines to run, in order of start (they run concurrently).
+    pub pipelines: Vec<PipelineSpec>,
+}
+
+/// Serves until a shutdown signal; returns once pipelines have committed and stopped.
+pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&options.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.server.listen))?;
+    let address = listener.local_addr()?;
+    eprintln!(
+        "mkflow serving on http://{address} (POST /v1/sql, GET /metrics, /healthz, /readyz){}",
+        if options.server.auth_token.is_some() {
+            "; /v1/sql needs the bearer token"
+        } else {
+            ""
+        }
+    );
+    let slot: Arc<OnceLock<Arc<Engine>>> = Arc::new(OnceLock::new());
+    let state = http::AppState {
+        engine: slot.clone(),
+        settings: Arc::new(options.server.clone()),
+        pipelines: Arc::new(options.pipelines.iter().map(|p| p.name.clone()).collect()),
+    };
+    let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown_signal());
+    let server = tokio::spawn(async move { server.await });
+
+    let engine = Arc::new(Engine::new(options.engine.clone()).await?);
+    let _ = slot.set(engine.clone());
+    let mut running = Vec::new();
+    for pipeline in options.pipelines {
+        engine.streams().set_state(&pipeline.name, PipelineState::Starting);
+        let engine = engine.clone();
+        running.push(tokio::spawn(async move {
+            let result = engine.run_file(&pipeline.name, &pipeline.file, |_| {}).await;
+            let state = match &result {
+                Ok(_) => PipelineState::Finished,
+                Err(e) => {
+                    log::error!("pipeline {}: {e}", pipeline.name);
+                    eprintln!("error: pipeline {} failed: {e}", pipeline.name);
+                    PipelineState::Failed(e.to_string())
+                }
+            };
+            engine.streams().set_state(&pipeline.name, state);
+        }));
+    }
+    server.await.context("HTTP server task")?.context("HTTP server")?;
+    eprintln!("shutting down: finishing in-flight micro-batches");
+    engine.streams().stop();
+    for task in running {
+        let _ = task.await;
+    }
+    eprintln!("mkflow stopped cleanly");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,344 @@
+//! Continuous pipelines: an `INSERT INTO kb SELECT … FROM <kafka table>` runs as an unbounded
+//! stream of micro-batches.
+//!
+//! Each micro-batch (bounded by the table's `max_batch_rows` and `linger_ms`) is decoded, run
+//! through the statement's plan — the Kafka scan replaced by the batch's rows, every UDF as
+//! written — and committed to the index together with the offsets where each partition resumes
+//! (see [`MicroBatchOffsets`]). Only then is the next batch read, so a slow UDF slows
+//! consumption and memory stays bounded by one batch plus librdkafka's prefetch queue. On
+//! restart the source resumes from the index's offsets: a crash at any moment neither loses nor
+//! repeats a record.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, UInt64Type};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{DataFusionError, Result, TableReference};
+use datafusion::datasource::MemTable;
+use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::execution::context::SessionContext;
+use datafusion::logical_expr::{DmlStatement, LogicalPlan, TableScan, WriteOp};
+use datafusion::physical_plan::collect;
+
+use crate::index::KnowledgeIndex;
+use crate::metrics::{self, PartitionLabels, PipelineLabels, StageLabels};
+use crate::sources::kafka::{BatchLimits, KafkaReader, KafkaTable, position_key, position_prefix};
+use crate::sql::KbTable;
+
+/// Where the streaming sources of a micro-batch resume after it (position key → next offset).
+/// Set as a session-config extension on the micro-batch's plan; the knowledge-index sink
+/// stores it in the same atomic commit as the rows.
+#[derive(Debug, Clone, Default)]
+pub struct MicroBatchOffsets(pub BTreeMap<String, i64>);
+
+/// State of a pipeline, for readiness and status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipelineState {
+    /// Running its statements; no stream consuming yet.
+    Starting,
+    /// A continuous statement has its partitions assigned and is consuming.
+    Streaming,
+    /// All statements finished.
+    Finished,
+    /// A statement failed with this error.
+    Failed(String),
+}
+
+/// Controls continuous statements: when they stop, and what they report.
+#[derive(Debug, Clone, Default)]
+pub struct StreamControl {
+    stop: Arc<AtomicBool>,
+    until_caught_up: bool,
+    states: Arc<Mutex<BTreeMap<String, PipelineState>>>,
+}
+
+impl StreamControl {
+    /// Streams run until [`StreamControl::stop`]; with `until_caught_up` they also end once
+    /// every partition has been read to its end (batch-style runs, tests, benchmarks).
+    pub fn new(until_caught_up: bool) -> Self {
+        StreamControl {
+            until_caught_up,
+            ..Default::default()
+        }
+    }
+
+    /// Asks every stream to finish its in-flight micro-batch, commit it and return.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a stop was requested.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Records the state of pipeline `name`.
+    pub fn set_state(&self, name: &str, state: PipelineState) {
+        self.states
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), state);
+    }
+
+    /// Every pipeline's state.
+    pub fn states(&self) -> BTreeMap<String, PipelineState> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// An `INSERT` into a knowledge index that reads a Kafka table.
+#[derive(Debug)]
+pub struct ContinuousInsert {
+    plan: LogicalPlan,
+    source_name: TableReference,
+    source: Arc<dyn datafusion::catalog::TableProvider>,
+    target_name: String,
+    target: Arc<KnowledgeIndex>,
+}
+
+impl ContinuousInsert {
+    /// Recognises an `INSERT INTO <knowledge index> … FROM <kafka table>` plan.
+    pub fn find(plan: &LogicalPlan) -> Result<Option<Self>> {
+        let LogicalPlan::Dml(DmlStatement {
+            table_name,
+            target,
+            op: WriteOp::Insert(_),
+            input,
+            ..
+        }) = plan
+        else {
+            return Ok(None);
+        };
+        let mut kafka_scans = Vec::new();
+        input.apply(|node| {
+            if let LogicalPlan::TableScan(scan) = node
+                && let Ok(provider) = source_as_provider(&scan.source)
+                && provider.is::<KafkaTable>()
+            {
+                kafka_scans.push((scan.table_name.clone(), provider));
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        let Some((source_name, source)) = kafka_scans.pop() else {
+            return Ok(None);
+        };
+        if !kafka_scans.is_empty() {
+            return Err(DataFusionError::Plan(
+                "a streaming INSERT reads one Kafka table (run one pipeline per topic)".into(),
+            ));
+        }
+        let target_provider = source_as_provider(target)?;
+        let Some(kb) = target_provider.downcast_ref::<KbTable>() else {
+            return Err(DataFusionError::Plan(format!(
+                "streaming from Kafka table '{source_name}' needs a knowledge index (STORED AS KB) as the target, not '{table_name}': \
+                 its commits store the offsets that make ingestion exactly-once"
+            )));
+        };
+        Ok(Some(ContinuousInsert {
+            plan: plan.clone(),
+            source_name,
+            source,
+            target_name: table_name.table().to_string(),
+            target: kb.index().clone(),
+        }))
+    }
+
+    fn kafka(&self) -> &KafkaTable {
+        self.source.downcast_ref::<KafkaTable>().expect("checked by find()")
+    }
+
+    /// Partition → offset where the index says consumption resumes.
+    fn resume_offsets(&self) -> BTreeMap<i32, i64> {
+        let prefix = position_prefix(&self.kafka().options().topic);
+        self.target
+            .source_offsets()
+            .into_iter()
+            .filter_map(|(key, offset)| Some((key.strip_prefix(prefix.as_str())?.parse::<i32>().ok()?, offset)))
+            .collect()
+    }
+
+    /// The statement's plan with the Kafka scan reading `rows` instead.
+    fn plan_for(&self, rows: RecordBatch) -> Result<LogicalPlan> {
+        let table = Arc::new(MemTable::try_new(self.source.schema(), vec![vec![rows]])?);
+        let plan = self.plan.clone().transform_up(|node| match node {
+            LogicalPlan::TableScan(scan) if scan.table_name == self.source_name => {
+                Ok(Transformed::yes(LogicalPlan::TableScan(TableScan {
+                    source: provider_as_source(table.clone()),
+                    ..scan
+                })))
+            }
+            other => Ok(Transformed::no(other)),
+        })?;
+        Ok(plan.data)
+    }
+
+    /// Runs the stream until stopped (or caught up, per `control`); returns the rows committed.
+    pub async fn run(&self, ctx: &SessionContext, pipeline: &str, control: &StreamControl) -> Result<u64> {
+        let kafka = self.kafka();
+        let options = kafka.options().clone();
+        let resume = self.resume_offsets();
+        let mut reader = tokio::task::spawn_blocking(move || KafkaReader::open(&options, &resume))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        let options = kafka.options();
+        log::info!(
+            "pipeline {pipeline}: streaming topic '{}' partitions {:?} into '{}'",
+            options.topic,
+            reader.partitions(),
+            self.target_name
+        );
+        control.set_state(pipeline, PipelineState::Streaming);
+        let gauges = PartitionGauges::new(pipeline, &options.topic);
+        gauges.record_committed(&self.resume_offsets());
+        let metrics = metrics::global();
+        let labels = PipelineLabels {
+            pipeline: pipeline.to_string(),
+        };
+        let stage = |name: &str, elapsed: Duration| {
+            metrics
+                .stage_seconds
+                .get_or_create(&StageLabels {
+                    pipeline: pipeline.to_string(),
+                    stage: name.to_string(),
+                })
+                .observe(elapsed.as_secs_f64());
+        };
+        let limits = BatchLimits {
+            max_rows: options.max_batch_rows,
+            linger: options.linger,
+        };
+        let mut committed_rows = 0u64;
+        let mut last_lag_check: Option<Instant> = None;
+        loop {
+            let polled = Instant::now();
+            let batch = reader
+                .next_batch(limits, &control.stop, control.until_caught_up)
+                .await?;
+            stage("poll", polled.elapsed());
+            if batch.records.is_empty() {
+                if control.stopping() || (control.until_caught_up && reader.caught_up()) {
+                    break;
+                }
+                continue;
+            }
+            let started = Instant::now();
+            metrics
+                .records_in
+                .get_or_create(&labels)
+                .inc_by(batch.records.len() as u64);
+            let (rows, refused) = kafka.decoder().decode(&batch.records)?;
+            if !refused.is_empty() {
+                metrics
+                    .records_failed
+                    .get_or_create(&labels)
+                    .inc_by(refused.len() as u64);
+                log::warn!(
+                    "pipeline {pipeline}: {} bad records went to the dead_letters table",
+                    refused.len()
+                );
+                kafka.dead_letters().record(refused);
+            }
+            stage("decode", started.elapsed());
+            let executing = Instant::now();
+            let offsets: BTreeMap<String, i64> = batch
+                .next_offsets
+                .iter()
+                .map(|(&p, &o)| (position_key(&options.topic, p), o))
+                .collect();
+            let plan = self.plan_for(rows)?;
+            let mut state = ctx.state();
+            state.config_mut().set_extension(Arc::new(MicroBatchOffsets(offsets)));
+            let physical = state.create_physical_plan(&plan).await?;
+            let written = inserted_rows(&collect(physical, state.task_ctx()).await?);
+            stage("execute", executing.elapsed());
+            metrics
+                .batch_seconds
+                .get_or_create(&labels)
+                .observe(started.elapsed().as_secs_f64());
+            metrics.records_out.get_or_create(&labels).inc_by(written);
+            metrics.batches.get_or_create(&labels).inc();
+            committed_rows += written;
+            reader.commit_group_offsets(&batch.next_offsets, false);
+            gauges.record_committed(&batch.next_offsets);
+            if last_lag_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                last_lag_check = Some(Instant::now());
+                match reader.high_watermarks() {
+                    Ok(high) => gauges.record_lag(&high, &self.resume_offsets()),
+                    Err(e) => log::warn!("pipeline {pipeline}: {e}"),
+                }
+            }
+        }
+        let committed = self.resume_offsets();
+        reader.commit_group_offsets(&committed, true);
+        if let Ok(high) = reader.high_watermarks() {
+            gauges.record_lag(&high, &committed);
+        }
+        Ok(committed_rows)
+    }
+}
+
+/// The `count` an INSERT plan returns.
+fn inserted_rows(batches: &[RecordBatch]) -> u64 {
+    batches
+        .iter()
+        .filter(|b| b.num_columns() == 1)
+        .filter_map(|b| b.column(0).as_primitive_opt::<UInt64Type>())
+        .flat_map(|c| c.iter().flatten())
+        .sum()
+}
+
+/// The one-row `count` result a streaming INSERT returns, like any INSERT.
+pub fn count_batch(rows: u64) -> Result<RecordBatch> {
+    let schema = Arc::new(Schema::new(vec![Field::new("count", DataType::UInt64, false)]));
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![Arc::new(UInt64Array::from(vec![rows]))],
+    )?)
+}
+
+/// Per-partition gauges of one stream.
+struct PartitionGauges {
+    pipeline: String,
+    topic: String,
+}
+
+impl PartitionGauges {
+    fn new(pipeline: &str, topic: &str) -> Self {
+        PartitionGauges {
+            pipeline: pipeline.to_string(),
+            topic: topic.to_string(),
+        }
+    }
+
+    fn labels(&self, partition: i32) -> PartitionLabels {
+        PartitionLabels {
+            pipeline: self.pipeline.clone(),
+            topic: self.topic.clone(),
+            partition: partition.to_string(),
+        }
+    }
+
+    fn record_committed(&self, next_offsets: &BTreeMap<i32, i64>) {
+        for (&partition, &offset) in next_offsets {
+            metrics::global()
+                .committed_offset
+                .get_or_create(&self.labels(partition))
+                .set(offset);
+        }
+    }
+
+    fn record_lag(&self, high: &BTreeMap<i32, i64>, committed: &BTreeMap<i32, i64>) {
+        let committed: HashMap<i32, i64> = committed.iter().map(|(&p, &o)| (p, o)).collect();
+        for (&partition, &high) in high {
+            let next = committed.get(&partition).copied().unwrap_or(0);
+            metrics::global()
+                .consumer_lag
+                .get_or_create(&self.labels(partition))
+                .set((high - next).max(0));
+        }
+    }
+}

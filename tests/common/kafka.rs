@@ -1,0 +1,175 @@
+#![allow(dead_code)]
+
+//! A real Kafka-compatible broker for the streaming tests: `tansu` (Apache Kafka protocol,
+//! in-memory storage) on a free loopback port. The binary comes from `$MKFLOW_TANSU`, else
+//! `<mkflow home>/tansu/bin/tansu`, else `PATH`; when none exists it is installed into the
+//! mkflow home with `cargo install` (once per machine, ~18 min on 2 cores; `.ci/run` does it up
+//! front).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// The tansu release the tests run against.
+pub const TANSU_VERSION: &str = "0.6.0";
+
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// The tansu binary, installing it when missing.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("MKFLOW_TANSU") {
+        return PathBuf::from(path);
+    }
+    let root = mkflow::assets::home_dir().join("tansu");
+    let installed = root.join("bin/tansu");
+    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if installed.is_file() {
+        return installed;
+    }
+    if let Ok(output) = Command::new("tansu").arg("--version").output()
+        && output.status.success()
+    {
+        return PathBuf::from("tansu");
+    }
+    eprintln!(
+        "installing the tansu Kafka broker {TANSU_VERSION} into {} (once; ~18 min on 2 cores)",
+        root.display()
+    );
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "install",
+            &format!("tansu@{TANSU_VERSION}"),
+            "--locked",
+            "--features",
+            "dynostore",
+            "--root",
+        ])
+        .arg(&root)
+        .env("CARGO_TARGET_DIR", mkflow::assets::home_dir().join("tansu-build"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo install tansu failed");
+    installed
+}
+
+/// A running broker, stopped on drop.
+pub struct Broker {
+    child: Child,
+    /// `host:port` of its listener.
+    pub servers: String,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Broker {
+    /// Starts a broker with in-memory storage and waits until it accepts connections.
+    pub fn start() -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu_binary())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {address}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            child,
+            servers: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .create()
+            .unwrap();
+        let results = admin
+            .create_topics(
+                &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .unwrap();
+        for result in results {
+            result.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+        }
+    }
+
+    /// A producer that waits for every send.
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("linger.ms", "0")
+            .create()
+            .unwrap()
+    }
+
+    /// Sends `value` (keyed by `key`) to `partition` of `topic`.
+    pub async fn send(producer: &FutureProducer, topic: &str, partition: i32, key: &str, value: &[u8]) {
+        producer
+            .send(
+                FutureRecord::to(topic).partition(partition).key(key).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+
+    /// Offsets consumer group `group` committed for each of `partitions` of `topic`.
+    pub fn group_offsets(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition(topic, p);
+        }
+        let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+        (0..partitions)
+            .map(|p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                other => panic!("partition {p}: no committed offset ({other:?})"),
+            })
+            .collect()
+    }
+
+    /// High watermark of each of `partitions` of `topic`.
+    pub fn high_watermarks(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("group.id", "mkflow-tests")
+            .create()
+            .unwrap();
+        (0..partitions)
+            .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1)
+            .collect()
+    }
+}
