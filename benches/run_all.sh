@@ -4,6 +4,8 @@
 # 1. embed() through SQL vs a bare ort loop; token-budget vs fixed-size batching
 # 2. vector_search through SQL vs bare usearch on 100k vectors (p50/p99), plus filtered search
 # 3. ingest: mkflow vs a hand-written Python pipeline (onnxruntime + tokenizers + usearch)
+# 4. streaming: Kafka vs file ingestion throughput, produce-to-visible freshness (needs tansu:
+#    scripts/install-tansu.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Dependencies are optimised in the dev profile (see Cargo.toml), so benchmarks reuse the test
@@ -11,3 +13,5 @@ cd "$(dirname "$0")/.."
 MKFLOW_BENCH_DOCS="${MKFLOW_BENCH_DOCS:-400}" cargo bench --profile dev --bench embedding
 cargo bench --profile dev --bench search
 benches/compare_python.sh data/sample/scifact-sample.jsonl 400
+bash scripts/install-tansu.sh
+cargo bench --profile dev --bench streaming
