@@ -355,11 +355,6 @@ impl Engine {
     pub fn streams(&self) -> &StreamControl {
         &self.streams
     }
-
-    /// The knowledge indexes, by table name.
-    pub fn indexes(&self) -> &Arc<KbRegistry> {
-        &self.kbs
-    }
 }
 
 impl ScrapeSources for Engine {
