@@ -1,8 +1,9 @@
 //! `manifest.json`: the one file that says which generation of a knowledge index is current.
 //!
-//! A commit writes new row and ANN files under a fresh generation number, then replaces the
-//! manifest atomically (write to a temporary file, fsync, rename). A crash at any moment leaves
-//! either the old or the new manifest, each naming complete files.
+//! A commit writes its files under a fresh generation number — all live rows and the ANN graph
+//! (a full commit), or only the rows it upserted (a delta) — then replaces the manifest
+//! atomically (write to a temporary file, fsync, rename). A crash at any moment leaves either
+//! the old or the new manifest, each naming complete files.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -44,6 +45,13 @@ pub struct Manifest {
     pub rows_file: String,
     /// usearch file of this generation.
     pub ann_file: String,
+    /// Rows upserted since `rows_file` and `ann_file` were written, one Arrow IPC file per
+    /// commit (rows with their keys), replayed over them on open in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<String>,
+    /// Rows held in `deltas`.
+    #[serde(default)]
+    pub delta_rows: usize,
     /// Where each streaming source should resume, committed together with the rows they
     /// produced (exactly-once ingestion): source position key (e.g. `kafka:papers:0`) → the
     /// next offset to read.

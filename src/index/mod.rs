@@ -4,7 +4,16 @@
 //! Directory layout (generation `G` is the manifest's commit counter):
 //! - `manifest.json`: model, dimension, quantization, key and vector columns, current files;
 //! - `rows-G.arrow`: every live row (Arrow IPC file) with its `u64` key in column `_key`;
-//! - `ann-G.usearch`: the HNSW graph with the vectors of those keys.
+//! - `ann-G.usearch`: the HNSW graph with the vectors of those keys;
+//! - `delta-G.arrow`: rows upserted by a later commit `G` (same format), replayed on open.
+//!
+//! An upsert that is small next to the index (at most an eighth of its rows) writes only its
+//! rows as a delta, so a streaming micro-batch costs time proportional to what it adds, not to
+//! the index. Once the deltas would hold more than a quarter of the index or number
+//! [`MAX_DELTA_FILES`], for larger upserts, and on every delete, the commit rewrites the rows and
+//! the graph in full and drops the deltas (amortised, each row is rewritten a bounded number of
+//! times). Reopening loads the graph as saved and re-inserts the delta rows' vectors, so
+//! answers match the pre-crash index within HNSW's approximation (exactly, once compacted).
 //!
 //! Rows are upserted by the key column (`doc_id` by default): a row whose key exists replaces
 //! the old row and its vector. Each [`KnowledgeIndex::upsert`] or [`KnowledgeIndex::delete`]
@@ -39,6 +48,9 @@ use manifest::{FORMAT_VERSION, sync_dir};
 
 /// Name of the hidden key column inside row files.
 const KEY_FIELD: &str = "_key";
+
+/// Most delta files before a commit rewrites the index in full.
+pub const MAX_DELTA_FILES: usize = 32;
 
 /// Errors of the knowledge index.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +201,8 @@ impl KnowledgeIndex {
             rows: 0,
             rows_file: String::new(),
             ann_file: String::new(),
+            deltas: Vec::new(),
+            delta_rows: 0,
             source_offsets: Default::default(),
         };
         let state = State {
@@ -368,6 +382,7 @@ impl KnowledgeIndex {
                 .manifest
                 .source_offsets
                 .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+            let first_new_segment = state.segments.len();
             let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
             let first_new_key = state.manifest.next_key;
             for (batch, doc_ids, vectors) in prepared {
@@ -397,7 +412,7 @@ impl KnowledgeIndex {
             }
             let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
             state.ann.add_many(&items)?;
-            self.persist(&mut state)
+            self.commit_upsert(&mut state, first_new_segment)
         })();
         if let Err(e) = applied {
             self.rollback(&mut state);
@@ -489,21 +504,54 @@ impl KnowledgeIndex {
         Ok((batch, doc_ids, vectors))
     }
 
-    /// Compacts live rows into one segment and writes a new generation.
+    /// Commits an upsert whose rows are `state.segments[first_new..]`: as a delta file when the
+    /// deltas stay small, else in full.
+    fn commit_upsert(&self, state: &mut State, first_new: usize) -> Result<(), IndexError> {
+        let new_rows: usize = state.segments[first_new..].iter().map(|s| s.keys.len()).sum();
+        let manifest = &state.manifest;
+        if manifest.rows_file.is_empty()
+            || manifest.deltas.len() >= MAX_DELTA_FILES
+            || new_rows * 8 > manifest.rows
+            || manifest.delta_rows + new_rows > manifest.rows / 4
+        {
+            return self.persist(state);
+        }
+        let generation = manifest.generation + 1;
+        let delta_file = format!("delta-{generation}.arrow");
+        write_rows(&self.dir.join(&delta_file), &self.schema, &state.segments[first_new..])?;
+        let mut manifest = state.manifest.clone();
+        manifest.generation = generation;
+        manifest.rows = state.locations.len();
+        manifest.deltas.push(delta_file);
+        manifest.delta_rows += new_rows;
+        manifest.write_atomic(&self.dir)?;
+        state.manifest = manifest;
+        Ok(())
+    }
+
+    /// Compacts live rows into one segment and writes a new generation in full (rows and
+    /// graph), dropping the deltas.
     fn persist(&self, state: &mut State) -> Result<(), IndexError> {
         let compacted = compact(&self.schema, state)?;
         let generation = state.manifest.generation + 1;
         let rows_file = format!("rows-{generation}.arrow");
         let ann_file = format!("ann-{generation}.usearch");
-        write_rows(&self.dir.join(&rows_file), &self.schema, &compacted)?;
+        write_rows(
+            &self.dir.join(&rows_file),
+            &self.schema,
+            std::slice::from_ref(&compacted),
+        )?;
         state.ann.save(&self.dir.join(&ann_file))?;
         fsync_file(&self.dir.join(&ann_file))?;
-        let old_files = [state.manifest.rows_file.clone(), state.manifest.ann_file.clone()];
+        let mut old_files = vec![state.manifest.rows_file.clone(), state.manifest.ann_file.clone()];
+        old_files.extend(state.manifest.deltas.iter().cloned());
         let mut manifest = state.manifest.clone();
         manifest.generation = generation;
         manifest.rows = compacted.keys.len();
         manifest.rows_file = rows_file;
         manifest.ann_file = ann_file;
+        manifest.deltas.clear();
+        manifest.delta_rows = 0;
         manifest.write_atomic(&self.dir)?;
         state.manifest = manifest;
         // Rebuild the in-memory maps around the compacted segment.
@@ -547,16 +595,14 @@ fn table_schema(columns: &Schema, settings: &IndexSettings) -> Result<SchemaRef,
     Ok(Arc::new(Schema::new(fields)))
 }
 
-/// Reads the generation named by `manifest`.
-fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), IndexError> {
-    let rows_path = dir.join(&manifest.rows_file);
-    let file = fs::File::open(&rows_path).map_err(|e| IndexError::io(&rows_path, e))?;
+/// Reads an Arrow IPC row file: its schema without the key column, and each batch with its keys.
+fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexError> {
+    let file = fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
     let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
     let stored_schema = reader.schema();
-    let batches = reader.collect::<Result<Vec<_>, _>>()?;
     let key_position = stored_schema
         .index_of(KEY_FIELD)
-        .map_err(|_| IndexError::Invalid(format!("{} lacks the {KEY_FIELD} column", rows_path.display())))?;
+        .map_err(|_| IndexError::Invalid(format!("{} lacks the {KEY_FIELD} column", path.display())))?;
     let fields: Vec<_> = stored_schema
         .fields()
         .iter()
@@ -565,6 +611,28 @@ fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), Inde
         .map(|(_, f)| f.clone())
         .collect();
     let schema = Arc::new(Schema::new(fields));
+    let mut segments = Vec::new();
+    for batch in reader {
+        let batch = batch?;
+        let keys: Vec<u64> = batch
+            .column(key_position)
+            .as_primitive::<datafusion::arrow::datatypes::UInt64Type>()
+            .values()
+            .to_vec();
+        let mut columns = batch.columns().to_vec();
+        columns.remove(key_position);
+        segments.push(Segment {
+            batch: RecordBatch::try_new(schema.clone(), columns)?,
+            keys,
+        });
+    }
+    Ok((schema, segments))
+}
+
+/// Reads the generation named by `manifest`: the full rows and graph, then each delta in order.
+fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), IndexError> {
+    let rows_path = dir.join(&manifest.rows_file);
+    let (schema, base) = read_rows(&rows_path)?;
     let ann = AnnIndex::load(
         &dir.join(&manifest.ann_file),
         manifest.dimensions,
@@ -577,36 +645,66 @@ fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), Inde
             rows_path.display()
         ))
     })?;
-    let mut segments = Vec::new();
-    let mut locations = HashMap::new();
-    let mut doc_keys = HashMap::new();
-    for batch in batches {
-        let keys: Vec<u64> = batch
-            .column(key_position)
-            .as_primitive::<datafusion::arrow::datatypes::UInt64Type>()
-            .values()
-            .to_vec();
-        let mut columns = batch.columns().to_vec();
-        columns.remove(key_position);
-        let batch = RecordBatch::try_new(schema.clone(), columns)?;
-        let ids = doc_ids(&batch, key_column, &manifest.key_column)?;
-        for (row, (&key, id)) in keys.iter().zip(ids).enumerate() {
-            locations.insert(key, (segments.len(), row));
-            doc_keys.insert(id, key);
+    let vector_column = schema.index_of(&manifest.vector_column).map_err(|_| {
+        IndexError::Invalid(format!(
+            "vector column '{}' missing from {}",
+            manifest.vector_column,
+            rows_path.display()
+        ))
+    })?;
+    let mut state = State {
+        manifest,
+        segments: Vec::new(),
+        locations: HashMap::new(),
+        doc_keys: HashMap::new(),
+        ann,
+    };
+    for segment in base {
+        let ids = doc_ids(&segment.batch, key_column, &state.manifest.key_column)?;
+        for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
+            state.locations.insert(key, (state.segments.len(), row));
+            state.doc_keys.insert(id, key);
         }
-        segments.push(Segment { batch, keys });
+        state.segments.push(segment);
     }
-    remove_stray_files(dir, &manifest);
-    Ok((
-        schema,
-        State {
-            manifest,
-            segments,
-            locations,
-            doc_keys,
-            ann,
-        },
-    ))
+    for delta in state.manifest.deltas.clone() {
+        let (delta_schema, segments) = read_rows(&dir.join(&delta))?;
+        if delta_schema != schema {
+            return Err(IndexError::Invalid(format!(
+                "{} does not have the index's columns",
+                dir.join(&delta).display()
+            )));
+        }
+        for segment in segments {
+            replay(&mut state, segment, key_column, vector_column)?;
+        }
+    }
+    remove_stray_files(dir, &state.manifest);
+    Ok((schema, state))
+}
+
+/// Applies a delta segment as its upsert did: each row replaces the live row of its document
+/// and its vector joins the graph.
+fn replay(state: &mut State, segment: Segment, key_column: usize, vector_column: usize) -> Result<(), IndexError> {
+    let ids = doc_ids(&segment.batch, key_column, &state.manifest.key_column)?;
+    let vectors = extract_vectors(segment.batch.column(vector_column), state.manifest.dimensions)?;
+    let segment_index = state.segments.len();
+    let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
+    for (row, ((&key, id), vector)) in segment.keys.iter().zip(ids).zip(vectors).enumerate() {
+        if let Some(old) = state.doc_keys.insert(id, key) {
+            state.locations.remove(&old);
+            additions.retain(|(k, _)| *k != old);
+            state.ann.remove(old)?;
+        }
+        state.locations.insert(key, (segment_index, row));
+        if let Some(vector) = vector {
+            additions.push((key, vector));
+        }
+    }
+    let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    state.ann.add_many(&items)?;
+    state.segments.push(segment);
+    Ok(())
 }
 
 /// Deletes files of generations other than the manifest's (left by an interrupted commit).
@@ -614,10 +712,10 @@ fn remove_stray_files(dir: &Path, manifest: &Manifest) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        let is_data = (name.starts_with("rows-") && name.ends_with(".arrow"))
+        let is_data = ((name.starts_with("rows-") || name.starts_with("delta-")) && name.ends_with(".arrow"))
             || (name.starts_with("ann-") && name.ends_with(".usearch"))
             || name.ends_with(".tmp");
-        if is_data && name != manifest.rows_file && name != manifest.ann_file {
+        if is_data && name != manifest.rows_file && name != manifest.ann_file && !manifest.deltas.contains(&name) {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -666,17 +764,20 @@ fn compact(schema: &SchemaRef, state: &State) -> Result<Segment, IndexError> {
     Ok(Segment { batch, keys })
 }
 
-fn write_rows(path: &Path, schema: &SchemaRef, segment: &Segment) -> Result<(), IndexError> {
+/// Writes segments (rows with their keys) to an Arrow IPC file, atomically (temporary file,
+/// fsync, rename).
+fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) -> Result<(), IndexError> {
     let mut fields = vec![Field::new(KEY_FIELD, DataType::UInt64, false)];
     fields.extend(schema.fields().iter().map(|f| f.as_ref().clone()));
     let file_schema = Arc::new(Schema::new(fields));
-    let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(segment.keys.clone()))];
-    columns.extend(segment.batch.columns().iter().cloned());
-    let batch = RecordBatch::try_new(file_schema.clone(), columns)?;
     let tmp = path.with_extension("arrow.tmp");
     let file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
     let mut writer = FileWriter::try_new(std::io::BufWriter::new(file), &file_schema)?;
-    writer.write(&batch)?;
+    for segment in segments {
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(segment.keys.clone()))];
+        columns.extend(segment.batch.columns().iter().cloned());
+        writer.write(&RecordBatch::try_new(file_schema.clone(), columns)?)?;
+    }
     writer.finish()?;
     let file = writer
         .into_inner()?

@@ -373,3 +373,61 @@ fn source_offsets_commit_with_the_rows_and_survive_reopening() {
         offsets(&[("kafka:t:0", 6), ("kafka:t:1", 9)])
     );
 }
+
+#[test]
+fn small_upserts_commit_as_deltas_that_replay_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    // A bulk load is a full commit; small upserts next to it are deltas.
+    index.upsert(&[batch(&index, 0..400, |i| (i % 4) as i64, 0)]).unwrap();
+    assert!(index.manifest().deltas.is_empty());
+    for start in (400..440).step_by(10) {
+        index.upsert(&[batch(&index, start..start + 10, |_| 9, 0)]).unwrap();
+    }
+    // Replacing documents through a delta (new vectors for 100..110).
+    index.upsert(&[batch(&index, 100..110, |_| 7, 5000)]).unwrap();
+    let manifest = index.manifest();
+    assert_eq!(manifest.deltas.len(), 5);
+    assert_eq!(manifest.delta_rows, 50);
+    let full_files = (manifest.rows_file.clone(), manifest.ann_file.clone());
+    drop(index);
+
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(reopened.len(), 440);
+    assert_eq!(reopened.manifest().next_key, 450);
+    // Every document is found by its own (latest) vector, with its latest row.
+    for (doc, seed) in [(5u64, 5u64), (105, 5105), (425, 425)] {
+        let hits = reopened.search(&vector(seed), 1, None).unwrap();
+        assert_eq!(ids_of(&hits), vec![format!("doc-{doc}")]);
+        assert!(scores_of(&hits)[0] > 0.999);
+    }
+    let sevens = reopened.search(&vector(5100), 20, Some(&category_filter(7))).unwrap();
+    assert_eq!(sevens.num_rows(), 10);
+    // The replaced rows' old vectors are gone from the graph.
+    let old = reopened.search(&vector(100), 1, None).unwrap();
+    assert!(scores_of(&old)[0] < 0.999);
+
+    // Enough deltas make the next commit a full one, which drops them.
+    for i in 0..MAX_DELTA_FILES as u64 {
+        reopened
+            .upsert(&[batch(&reopened, 1000 + i..1001 + i, |_| 1, 0)])
+            .unwrap();
+    }
+    let manifest = reopened.manifest();
+    assert!(manifest.deltas.len() < MAX_DELTA_FILES);
+    assert_ne!((manifest.rows_file.clone(), manifest.ann_file.clone()), full_files);
+    // Deletes always commit in full.
+    reopened.delete(&category_filter(9)).unwrap();
+    assert!(reopened.manifest().deltas.is_empty());
+    drop(reopened);
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("delta-"))
+        .collect();
+    assert!(files.is_empty(), "dropped deltas are deleted: {files:?}");
+    assert_eq!(
+        KnowledgeIndex::open(dir.path()).unwrap().len(),
+        440 + MAX_DELTA_FILES - 40
+    );
+}
