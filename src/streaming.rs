@@ -194,19 +194,7 @@ impl ContinuousInsert {
         control.set_state(pipeline, PipelineState::Streaming);
         let gauges = PartitionGauges::new(pipeline, &options.topic);
         gauges.record_committed(&self.resume_offsets());
-        let metrics = metrics::global();
-        let labels = PipelineLabels {
-            pipeline: pipeline.to_string(),
-        };
-        let stage = |name: &str, elapsed: Duration| {
-            metrics
-                .stage_seconds
-                .get_or_create(&StageLabels {
-                    pipeline: pipeline.to_string(),
-                    stage: name.to_string(),
-                })
-                .observe(elapsed.as_secs_f64());
-        };
+        let metrics = PipelineMetrics::new(pipeline);
         let limits = BatchLimits {
             max_rows: options.max_batch_rows,
             linger: options.linger,
@@ -218,7 +206,7 @@ impl ContinuousInsert {
             let batch = reader
                 .next_batch(limits, &control.stop, control.until_caught_up)
                 .await?;
-            stage("poll", polled.elapsed());
+            metrics.stage("poll", polled.elapsed());
             if batch.records.is_empty() {
                 if control.stopping() || (control.until_caught_up && reader.caught_up()) {
                     break;
@@ -226,41 +214,25 @@ impl ContinuousInsert {
                 continue;
             }
             let started = Instant::now();
-            metrics
-                .records_in
-                .get_or_create(&labels)
-                .inc_by(batch.records.len() as u64);
             let (rows, refused) = kafka.decoder().decode(&batch.records)?;
+            metrics.decoded(batch.records.len(), refused.len());
             if !refused.is_empty() {
-                metrics
-                    .records_failed
-                    .get_or_create(&labels)
-                    .inc_by(refused.len() as u64);
                 log::warn!(
                     "pipeline {pipeline}: {} bad records went to the dead_letters table",
                     refused.len()
                 );
                 kafka.dead_letters().record(refused);
             }
-            stage("decode", started.elapsed());
+            metrics.stage("decode", started.elapsed());
             let executing = Instant::now();
-            let offsets: BTreeMap<String, i64> = batch
+            let offsets = batch
                 .next_offsets
                 .iter()
                 .map(|(&p, &o)| (position_key(&options.topic, p), o))
                 .collect();
-            let plan = self.plan_for(rows)?;
-            let mut state = ctx.state();
-            state.config_mut().set_extension(Arc::new(MicroBatchOffsets(offsets)));
-            let physical = state.create_physical_plan(&plan).await?;
-            let written = inserted_rows(&collect(physical, state.task_ctx()).await?);
-            stage("execute", executing.elapsed());
-            metrics
-                .batch_seconds
-                .get_or_create(&labels)
-                .observe(started.elapsed().as_secs_f64());
-            metrics.records_out.get_or_create(&labels).inc_by(written);
-            metrics.batches.get_or_create(&labels).inc();
+            let written = self.execute(ctx, rows, offsets).await?;
+            metrics.stage("execute", executing.elapsed());
+            metrics.committed(written, started.elapsed());
             committed_rows += written;
             reader.commit_group_offsets(&batch.next_offsets, false);
             gauges.record_committed(&batch.next_offsets);
@@ -278,6 +250,61 @@ impl ContinuousInsert {
             gauges.record_lag(&high, &committed);
         }
         Ok(committed_rows)
+    }
+
+    /// Runs a micro-batch's rows through the statement's plan; the index commit stores
+    /// `offsets` with them. Returns the rows written.
+    async fn execute(&self, ctx: &SessionContext, rows: RecordBatch, offsets: BTreeMap<String, i64>) -> Result<u64> {
+        let plan = self.plan_for(rows)?;
+        let mut state = ctx.state();
+        state.config_mut().set_extension(Arc::new(MicroBatchOffsets(offsets)));
+        let physical = state.create_physical_plan(&plan).await?;
+        Ok(inserted_rows(&collect(physical, state.task_ctx()).await?))
+    }
+}
+
+/// The metrics of one pipeline's micro-batches.
+struct PipelineMetrics {
+    labels: PipelineLabels,
+}
+
+impl PipelineMetrics {
+    fn new(pipeline: &str) -> Self {
+        PipelineMetrics {
+            labels: PipelineLabels {
+                pipeline: pipeline.to_string(),
+            },
+        }
+    }
+
+    fn stage(&self, stage: &str, elapsed: Duration) {
+        let labels = StageLabels {
+            pipeline: self.labels.pipeline.clone(),
+            stage: stage.to_string(),
+        };
+        metrics::global()
+            .stage_seconds
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn decoded(&self, records: usize, refused: usize) {
+        let metrics = metrics::global();
+        metrics.records_in.get_or_create(&self.labels).inc_by(records as u64);
+        metrics
+            .records_failed
+            .get_or_create(&self.labels)
+            .inc_by(refused as u64);
+    }
+
+    fn committed(&self, rows: u64, elapsed: Duration) {
+        let metrics = metrics::global();
+        metrics
+            .batch_seconds
+            .get_or_create(&self.labels)
+            .observe(elapsed.as_secs_f64());
+        metrics.records_out.get_or_create(&self.labels).inc_by(rows);
+        metrics.batches.get_or_create(&self.labels).inc();
     }
 }
 
