@@ -140,6 +140,42 @@ struct State {
     ann: AnnIndex,
 }
 
+impl State {
+    /// Makes the rows of `segment` the live rows of their documents (`ids`, one per row). A
+    /// document's previous row stops being live, and its vector leaves the graph — or leaves
+    /// `pending` when its key is `pending_from` or later (added by the same commit, not in the
+    /// graph yet). Each row's vector joins `pending`. Returns how many rows replaced a row whose
+    /// vector was in the graph.
+    fn place_segment(
+        &mut self,
+        segment: Segment,
+        ids: Vec<String>,
+        vectors: Vec<Option<Vec<f32>>>,
+        pending: &mut Vec<(u64, Vec<f32>)>,
+        pending_from: u64,
+    ) -> Result<usize, IndexError> {
+        let segment_index = self.segments.len();
+        let mut replaced = 0;
+        for (row, ((&key, id), vector)) in segment.keys.iter().zip(ids).zip(vectors).enumerate() {
+            if let Some(old) = self.doc_keys.insert(id, key) {
+                self.locations.remove(&old);
+                if old >= pending_from {
+                    pending.retain(|(k, _)| *k != old);
+                } else {
+                    self.ann.remove(old)?;
+                    replaced += 1;
+                }
+            }
+            self.locations.insert(key, (segment_index, row));
+            if let Some(vector) = vector {
+                pending.push((key, vector));
+            }
+        }
+        self.segments.push(segment);
+        Ok(replaced)
+    }
+}
+
 /// A persistent knowledge index. Cheap to share (`Arc`); reads run concurrently, commits one
 /// at a time.
 #[derive(Debug)]
@@ -389,26 +425,9 @@ impl KnowledgeIndex {
                 let first_key = state.manifest.next_key;
                 let keys: Vec<u64> = (first_key..first_key + batch.num_rows() as u64).collect();
                 state.manifest.next_key += batch.num_rows() as u64;
-                let segment_index = state.segments.len();
-                for (row, ((doc_id, &key), vector)) in doc_ids.into_iter().zip(&keys).zip(vectors).enumerate() {
-                    if let Some(old) = state.doc_keys.insert(doc_id, key) {
-                        state.locations.remove(&old);
-                        if old >= first_new_key {
-                            // The same document earlier in this upsert: its vector is not in
-                            // the graph yet, so drop it from the pending additions.
-                            additions.retain(|(k, _)| *k != old);
-                        } else {
-                            state.ann.remove(old)?;
-                            stats.replaced += 1;
-                        }
-                    }
-                    state.locations.insert(key, (segment_index, row));
-                    if let Some(vector) = vector {
-                        additions.push((key, vector));
-                    }
-                    stats.rows += 1;
-                }
-                state.segments.push(Segment { batch, keys });
+                stats.rows += keys.len();
+                stats.replaced +=
+                    state.place_segment(Segment { batch, keys }, doc_ids, vectors, &mut additions, first_new_key)?;
             }
             let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
             state.ann.add_many(&items)?;
@@ -638,20 +657,13 @@ fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), Inde
         manifest.dimensions,
         manifest.quantization,
     )?;
-    let key_column = schema.index_of(&manifest.key_column).map_err(|_| {
-        IndexError::Invalid(format!(
-            "key column '{}' missing from {}",
-            manifest.key_column,
-            rows_path.display()
-        ))
-    })?;
-    let vector_column = schema.index_of(&manifest.vector_column).map_err(|_| {
-        IndexError::Invalid(format!(
-            "vector column '{}' missing from {}",
-            manifest.vector_column,
-            rows_path.display()
-        ))
-    })?;
+    let column = |role: &str, name: &str| {
+        schema
+            .index_of(name)
+            .map_err(|_| IndexError::Invalid(format!("{role} column '{name}' missing from {}", rows_path.display())))
+    };
+    let key_column = column("key", &manifest.key_column)?;
+    let vector_column = column("vector", &manifest.vector_column)?;
     let mut state = State {
         manifest,
         segments: Vec::new(),
@@ -688,23 +700,11 @@ fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), Inde
 fn replay(state: &mut State, segment: Segment, key_column: usize, vector_column: usize) -> Result<(), IndexError> {
     let ids = doc_ids(&segment.batch, key_column, &state.manifest.key_column)?;
     let vectors = extract_vectors(segment.batch.column(vector_column), state.manifest.dimensions)?;
-    let segment_index = state.segments.len();
-    let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
-    for (row, ((&key, id), vector)) in segment.keys.iter().zip(ids).zip(vectors).enumerate() {
-        if let Some(old) = state.doc_keys.insert(id, key) {
-            state.locations.remove(&old);
-            additions.retain(|(k, _)| *k != old);
-            state.ann.remove(old)?;
-        }
-        state.locations.insert(key, (segment_index, row));
-        if let Some(vector) = vector {
-            additions.push((key, vector));
-        }
-    }
+    let first_key = segment.keys.first().copied().unwrap_or(state.manifest.next_key);
+    let mut additions = Vec::new();
+    state.place_segment(segment, ids, vectors, &mut additions, first_key)?;
     let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-    state.ann.add_many(&items)?;
-    state.segments.push(segment);
-    Ok(())
+    state.ann.add_many(&items)
 }
 
 /// Deletes files of generations other than the manifest's (left by an interrupted commit).
