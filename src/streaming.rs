@@ -9,7 +9,7 @@
 //! restart the source resumes from the index's offsets: a crash at any moment neither loses nor
 //! repeats a record.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -179,11 +179,7 @@ impl ContinuousInsert {
     /// Runs the stream until stopped (or caught up, per `control`); returns the rows committed.
     pub async fn run(&self, ctx: &SessionContext, pipeline: &str, control: &StreamControl) -> Result<u64> {
         let kafka = self.kafka();
-        let options = kafka.options().clone();
-        let resume = self.resume_offsets();
-        let mut reader = tokio::task::spawn_blocking(move || KafkaReader::open(&options, &resume))
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        let mut reader = KafkaReader::connect(kafka.options().clone(), self.resume_offsets()).await?;
         let options = kafka.options();
         log::info!(
             "pipeline {pipeline}: streaming topic '{}' partitions {:?} into '{}'",
@@ -359,7 +355,6 @@ impl PartitionGauges {
     }
 
     fn record_lag(&self, high: &BTreeMap<i32, i64>, committed: &BTreeMap<i32, i64>) {
-        let committed: HashMap<i32, i64> = committed.iter().map(|(&p, &o)| (p, o)).collect();
         for (&partition, &high) in high {
             let next = committed.get(&partition).copied().unwrap_or(0);
             metrics::global()

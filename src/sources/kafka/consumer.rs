@@ -187,6 +187,13 @@ impl KafkaReader {
         })
     }
 
+    /// [`KafkaReader::open`] off the async executor (it waits for the broker's metadata).
+    pub async fn connect(options: KafkaOptions, resume: BTreeMap<i32, i64>) -> Result<Self> {
+        tokio::task::spawn_blocking(move || KafkaReader::open(&options, &resume))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+    }
+
     /// The assigned partitions.
     pub fn partitions(&self) -> &[i32] {
         &self.partitions

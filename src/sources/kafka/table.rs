@@ -100,10 +100,7 @@ impl TableProvider for KafkaTable {
         _filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let options = self.options.clone();
-        let mut reader = tokio::task::spawn_blocking(move || KafkaReader::open(&options, &BTreeMap::new()))
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))??;
+        let mut reader = KafkaReader::connect(self.options.clone(), BTreeMap::new()).await?;
         let limits = BatchLimits {
             max_rows: self.options.max_batch_rows,
             linger: self.options.linger,
