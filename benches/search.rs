@@ -39,6 +39,23 @@ impl Rng {
     }
 }
 
+/// Rows of the bench index: ids, categories and row-major vectors.
+fn index_rows(index: &KnowledgeIndex, ids: Vec<String>, categories: Vec<i64>, flat: Vec<f32>) -> RecordBatch {
+    let vectors = FixedSizeListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        DIMS as i32,
+        Arc::new(Float32Array::from(flat)),
+        None,
+    )
+    .unwrap();
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(ids)),
+        Arc::new(Int64Array::from(categories)),
+        Arc::new(vectors),
+    ];
+    RecordBatch::try_new(index.schema(), columns).unwrap()
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -103,26 +120,12 @@ async fn main() {
         vector_column: "embedding".into(),
     };
     let index = KnowledgeIndex::open_or_create(data.path().join("bench"), &columns, &settings).unwrap();
-    let flat: Vec<f32> = vectors.iter().flatten().copied().collect();
-    let batch = RecordBatch::try_new(
-        index.schema(),
-        vec![
-            Arc::new(StringArray::from(
-                (0..count).map(|i| format!("doc-{i}")).collect::<Vec<_>>(),
-            )) as ArrayRef,
-            Arc::new(Int64Array::from((0..count as i64).map(|i| i % 100).collect::<Vec<_>>())),
-            Arc::new(
-                FixedSizeListArray::try_new(
-                    Arc::new(Field::new("item", DataType::Float32, false)),
-                    DIMS as i32,
-                    Arc::new(Float32Array::from(flat)),
-                    None,
-                )
-                .unwrap(),
-            ),
-        ],
-    )
-    .unwrap();
+    let batch = index_rows(
+        &index,
+        (0..count).map(|i| format!("doc-{i}")).collect(),
+        (0..count as i64).map(|i| i % 100).collect(),
+        vectors.iter().flatten().copied().collect(),
+    );
     let started = Instant::now();
     index.upsert(&[batch]).unwrap();
     let index_build = started.elapsed().as_secs_f64();
@@ -210,26 +213,12 @@ async fn main() {
     // delta (only its rows written) vs a full commit of every row and the graph (what a
     // DELETE does, and what every commit did before deltas).
     let small_batch = |start: usize, rng: &mut Rng| {
-        let flat: Vec<f32> = (0..10).flat_map(|_| rng.clustered_vector(&centroids)).collect();
-        RecordBatch::try_new(
-            index.schema(),
-            vec![
-                Arc::new(StringArray::from(
-                    (start..start + 10).map(|i| format!("new-{i}")).collect::<Vec<_>>(),
-                )) as ArrayRef,
-                Arc::new(Int64Array::from(vec![0i64; 10])),
-                Arc::new(
-                    FixedSizeListArray::try_new(
-                        Arc::new(Field::new("item", DataType::Float32, false)),
-                        DIMS as i32,
-                        Arc::new(Float32Array::from(flat)),
-                        None,
-                    )
-                    .unwrap(),
-                ),
-            ],
+        index_rows(
+            &index,
+            (start..start + 10).map(|i| format!("new-{i}")).collect(),
+            vec![0; 10],
+            (0..10).flat_map(|_| rng.clustered_vector(&centroids)).collect(),
         )
-        .unwrap()
     };
     let mut delta_ms = Vec::new();
     for round in 0..10 {

@@ -64,6 +64,27 @@ fn batch(
     RecordBatch::try_new(index.schema(), columns).unwrap()
 }
 
+/// One row (`x`, category 1) whose vector is `values` in a variable-length list column.
+fn list_vector_row(values: &[f32]) -> RecordBatch {
+    let list = datafusion::arrow::array::ListArray::from_iter_primitive::<Float32Type, _, _>(vec![Some(
+        values.iter().map(|v| Some(*v)).collect::<Vec<_>>(),
+    )]);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("doc_id", DataType::Utf8, false),
+        Field::new("category", DataType::Int64, true),
+        Field::new("embedding", list.data_type().clone(), true),
+    ]));
+    RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec!["x"])),
+            Arc::new(Int64Array::from(vec![1])),
+            Arc::new(list),
+        ],
+    )
+    .unwrap()
+}
+
 fn ids_of(batch: &RecordBatch) -> Vec<String> {
     let ids = batch.column(0).as_string::<i32>();
     (0..ids.len()).map(|i| ids.value(i).to_string()).collect()
@@ -206,26 +227,7 @@ fn wrong_dimension_is_refused_and_index_unchanged() {
         Err(IndexError::DimensionMismatch { expected: DIMS, found }) if found == DIMS - 1
     ));
     // A batch with 4-float vectors in a variable-length list column.
-    let list = datafusion::arrow::array::ListArray::from_iter_primitive::<Float32Type, _, _>(vec![Some(vec![
-        Some(1.0),
-        Some(2.0),
-        Some(3.0),
-        Some(4.0),
-    ])]);
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("doc_id", DataType::Utf8, false),
-        Field::new("category", DataType::Int64, true),
-        Field::new("embedding", list.data_type().clone(), true),
-    ]));
-    let bad = RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(StringArray::from(vec!["x"])),
-            Arc::new(Int64Array::from(vec![1])),
-            Arc::new(list),
-        ],
-    )
-    .unwrap();
+    let bad = list_vector_row(&[1.0, 2.0, 3.0, 4.0]);
     let err = index.upsert(&[bad]).unwrap_err();
     assert!(err.to_string().contains("dimension mismatch"), "{err}");
     assert_eq!(index.len(), 10);
@@ -345,24 +347,7 @@ fn source_offsets_commit_with_the_rows_and_survive_reopening() {
     assert_eq!(index.manifest().generation, generation);
     assert_eq!(index.source_offsets(), offsets(&[("kafka:t:0", 6), ("kafka:t:1", 9)]));
     // A refused commit (wrong dimension) stores neither rows nor offsets.
-    let list = datafusion::arrow::array::ListArray::from_iter_primitive::<Float32Type, _, _>(vec![Some(vec![
-        Some(1.0),
-        Some(2.0),
-    ])]);
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("doc_id", DataType::Utf8, false),
-        Field::new("category", DataType::Int64, true),
-        Field::new("embedding", list.data_type().clone(), true),
-    ]));
-    let bad = RecordBatch::try_new(
-        schema,
-        vec![
-            Arc::new(StringArray::from(vec!["x"])),
-            Arc::new(Int64Array::from(vec![1])),
-            Arc::new(list),
-        ],
-    )
-    .unwrap();
+    let bad = list_vector_row(&[1.0, 2.0]);
     assert!(index.upsert_from_source(&[bad], &offsets(&[("kafka:t:0", 8)])).is_err());
     assert_eq!(index.source_offsets()["kafka:t:0"], 6);
     drop(index);
