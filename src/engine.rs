@@ -109,10 +109,16 @@ impl Engine {
         let dead_letters = Arc::new(DeadLetters::open(Some(&config.data_dir)));
         let mk_services = Arc::new(MkServices {
             models: models.clone(),
-            generators: Arc::new(GeneratorRegistry::new(
-                models.default_model(),
-                Some(&config.data_dir.join(GENERATION_CACHE_DIR)),
-            )),
+            generators: Arc::new(
+                GeneratorRegistry::new(
+                    models.default_model(),
+                    Some(&config.data_dir.join(GENERATION_CACHE_DIR)),
+                )
+                .with_local_models(
+                    config.home.join(assets::LOCAL_LLM_DIR),
+                    assets::onnx_runtime_path(&config.home),
+                ),
+            ),
             failures: dead_letters.clone(),
         });
         let mk_options = MkOptions::from_env().map_err(DataFusionError::Configuration)?;

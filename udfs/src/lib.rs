@@ -8,9 +8,11 @@
 //!
 //! Every UDF works on Arrow arrays, so it composes with any DataFusion query or pipeline.
 
+pub mod decoder;
 pub mod embedding;
 pub mod mk;
 pub mod observe;
 pub mod runtime;
 
 pub use embedding::{BatchingStrategy, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling};
+pub use runtime::Device;

@@ -65,3 +65,85 @@ pub fn init_onnx_runtime(library: Option<&Path>) -> Result<&'static Environment,
         .map_err(|e| load_error(e.to_string()))?;
     Ok(ENVIRONMENT.get_or_init(|| env))
 }
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    /// ONNX Runtime's CPU execution provider.
+    #[default]
+    Cpu,
+    /// ONNX Runtime's CUDA execution provider on GPU 0 (needs `onnxruntime-gpu`'s library and
+    /// the CUDA libraries); falls back to the CPU with a warning when it cannot start.
+    Cuda,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// An ONNX Runtime session and the device it actually runs on.
+#[derive(Debug)]
+pub struct DeviceSession {
+    /// The session.
+    pub session: ort::session::Session,
+    /// [`Device::Cuda`] only when the CUDA execution provider was registered.
+    pub device: Device,
+}
+
+/// Creates a session for `model` with `threads` intra-op threads on `device`. A CUDA request that
+/// cannot be met (a CPU-only ONNX Runtime library, missing CUDA libraries, no GPU) falls back to
+/// the CPU and says why in a warning.
+pub fn build_session(
+    environment: &Environment,
+    model: &Path,
+    threads: usize,
+    device: Device,
+) -> Result<DeviceSession, String> {
+    use ort::ep::ExecutionProvider;
+    use ort::session::{Session, builder::GraphOptimizationLevel};
+
+    let builder = || {
+        Session::builder(environment)
+            .and_then(|b| {
+                b.with_optimization_level(GraphOptimizationLevel::Level3)
+                    .map_err(Into::into)
+            })
+            .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
+            .map_err(|e| e.to_string())
+    };
+    if device == Device::Cuda {
+        let cuda = ort::ep::CUDA::default();
+        let attempt = match ort::ep::CUDA::is_available() {
+            Ok(true) => builder()
+                .and_then(|b| {
+                    b.with_execution_providers([cuda.build().error_on_failure()])
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|mut b| b.commit_from_file(model).map_err(|e| e.to_string())),
+            Ok(false) => Err("this ONNX Runtime library has no CUDA execution provider (use onnxruntime-gpu's)".into()),
+            Err(e) => Err(e.to_string()),
+        };
+        match attempt {
+            Ok(session) => {
+                return Ok(DeviceSession {
+                    session,
+                    device: Device::Cuda,
+                });
+            }
+            Err(why) => log::warn!("{}: CUDA unavailable, running on the CPU: {why}", model.display()),
+        }
+    }
+    let session = builder()?
+        .commit_from_file(model)
+        .map_err(|e| format!("cannot load {}: {e}", model.display()))?;
+    Ok(DeviceSession {
+        session,
+        device: Device::Cpu,
+    })
+}

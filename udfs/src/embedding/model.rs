@@ -5,12 +5,13 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::session::{Session, SessionInputValue};
 use ort::value::TensorRef;
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 use super::{EmbeddingModelSpec, Pooling};
-use crate::runtime::{RuntimeError, init_onnx_runtime};
+use crate::decoder::{DecoderModel, Graph};
+use crate::runtime::{Device, RuntimeError, build_session, init_onnx_runtime};
 
 /// Errors raised while loading or running an embedding model.
 #[derive(Debug, thiserror::Error)]
@@ -116,23 +117,38 @@ pub struct EmbedderStats {
     pub model_nanos: std::sync::atomic::AtomicU64,
 }
 
+/// How an [`Embedder`] turns token ids into vectors.
+enum Backend {
+    /// An encoder (BERT-like) graph whose token vectors are pooled.
+    Encoder {
+        session: Mutex<Session>,
+        io: ModelIo,
+        pad_id: i64,
+    },
+    /// An exported decoder's latent graph: LaSER latent steps, then the mean of the soft tokens'
+    /// hidden states (the last token's for 0 steps).
+    Latent { model: DecoderModel, steps: usize },
+}
+
 /// A loaded embedding model, shared by every query and pipeline of a process.
 pub struct Embedder {
     spec: EmbeddingModelSpec,
     tokenizer: Tokenizer,
-    session: Mutex<Session>,
-    io: ModelIo,
-    pad_id: i64,
+    backend: Backend,
+    device: Device,
     recent: Mutex<RecentVectors>,
     stats: EmbedderStats,
 }
 
 impl std::fmt::Debug for Embedder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Embedder")
-            .field("model", &self.spec.name)
-            .field("io", &self.io)
-            .finish()
+        let mut s = f.debug_struct("Embedder");
+        s.field("model", &self.spec.name).field("device", &self.device);
+        match &self.backend {
+            Backend::Encoder { io, .. } => s.field("io", io),
+            Backend::Latent { steps, .. } => s.field("latent_steps", steps),
+        };
+        s.finish()
     }
 }
 
@@ -169,25 +185,43 @@ impl Embedder {
             .or_else(|| tokenizer.token_to_id("[PAD]"))
             .unwrap_or(0) as i64;
 
-        let environment = init_onnx_runtime(onnx_runtime)?;
-        let session = Session::builder(environment)
-            .and_then(|b| {
-                b.with_optimization_level(GraphOptimizationLevel::Level3)
-                    .map_err(Into::into)
-            })
-            .and_then(|b| b.with_intra_threads(spec.resolved_threads()).map_err(Into::into))
-            .and_then(|mut b| b.commit_from_file(&spec.model_path))
-            .map_err(|e| model_error(format!("cannot load {}: {e}", spec.model_path.display())))?;
-        let io = model_io(&session).map_err(model_error)?;
+        let (backend, device) = match spec.latent_steps {
+            None => {
+                let environment = init_onnx_runtime(onnx_runtime)?;
+                let loaded = build_session(environment, &spec.model_path, spec.resolved_threads(), spec.device)
+                    .map_err(model_error)?;
+                let io = model_io(&loaded.session).map_err(model_error)?;
+                let session = Mutex::new(loaded.session);
+                (Backend::Encoder { session, io, pad_id }, loaded.device)
+            }
+            Some(steps) => {
+                let dir = spec.model_path.parent().unwrap_or(Path::new("."));
+                let model = DecoderModel::load(dir, Graph::Latent, spec.resolved_threads(), spec.device, onnx_runtime)
+                    .map_err(|e| model_error(e.to_string()))?;
+                if model.config().hidden_size != spec.dimensions {
+                    return Err(model_error(format!(
+                        "the decoder's hidden size is {}, the model description says {} dimensions",
+                        model.config().hidden_size,
+                        spec.dimensions
+                    )));
+                }
+                let device = model.device();
+                (Backend::Latent { model, steps }, device)
+            }
+        };
         Ok(Embedder {
             spec,
             tokenizer,
-            session: Mutex::new(session),
-            io,
-            pad_id,
+            backend,
+            device,
             recent: Mutex::new(RecentVectors::default()),
             stats: EmbedderStats::default(),
         })
+    }
+
+    /// Where the model runs (after any fallback to the CPU).
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// The model's description.
@@ -282,12 +316,48 @@ impl Embedder {
             })
     }
 
-    /// Runs one model call over already-tokenised texts (right-padded to the longest) and
-    /// returns the pooled, optionally normalised vectors, `dimensions` floats per text.
+    /// Runs one model call over already-tokenised texts and returns the pooled, optionally
+    /// normalised vectors, `dimensions` floats per text.
     pub fn run_encoded(&self, batch: &[&Encoding]) -> Result<Vec<f32>, EmbedError> {
+        let dims = self.spec.dimensions;
+        let mut pooled = match &self.backend {
+            Backend::Encoder { session, io, pad_id } => self.run_encoder(session, io, *pad_id, batch)?,
+            Backend::Latent { model, steps } => {
+                let ids: Vec<&[u32]> = batch.iter().map(|e| e.get_ids()).collect();
+                model
+                    .latent_embeddings(&ids, *steps)
+                    .map_err(|e| EmbedError::Inference {
+                        model: self.spec.name.clone(),
+                        message: e.to_string(),
+                    })?
+            }
+        };
+        if pooled.len() != batch.len() * dims {
+            return Err(EmbedError::Inference {
+                model: self.spec.name.clone(),
+                message: format!(
+                    "model produced {} values per text, spec says {dims}",
+                    pooled.len() / batch.len().max(1)
+                ),
+            });
+        }
+        if self.spec.normalize {
+            pooled.chunks_mut(dims).for_each(l2_normalize);
+        }
+        Ok(pooled)
+    }
+
+    /// An encoder call: texts right-padded to the longest, token vectors pooled.
+    fn run_encoder(
+        &self,
+        session: &Mutex<Session>,
+        io: &ModelIo,
+        pad_id: i64,
+        batch: &[&Encoding],
+    ) -> Result<Vec<f32>, EmbedError> {
         let rows = batch.len();
         let width = batch.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
-        let mut ids = vec![self.pad_id; rows * width];
+        let mut ids = vec![pad_id; rows * width];
         let mut mask = vec![0i64; rows * width];
         let mut type_ids = vec![0i64; rows * width];
         for (r, encoding) in batch.iter().enumerate() {
@@ -304,43 +374,39 @@ impl Embedder {
         };
         let shape = [rows, width];
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![(
-            Cow::from(self.io.input_ids.as_str()),
+            Cow::from(io.input_ids.as_str()),
             input_tensor(shape, &ids).map_err(inference_error)?,
         )];
-        if let Some(name) = &self.io.attention_mask {
+        if let Some(name) = &io.attention_mask {
             inputs.push((
                 Cow::from(name.as_str()),
                 input_tensor(shape, &mask).map_err(inference_error)?,
             ));
         }
-        if let Some(name) = &self.io.token_type_ids {
+        if let Some(name) = &io.token_type_ids {
             inputs.push((
                 Cow::from(name.as_str()),
                 input_tensor(shape, &type_ids).map_err(inference_error)?,
             ));
         }
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
         let outputs = session.run(inputs).map_err(|e| inference_error(e.to_string()))?;
-        let (out_shape, hidden) = outputs[self.io.output.as_str()]
+        let (out_shape, hidden) = outputs[io.output.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(|e| inference_error(e.to_string()))?;
-        let dims = self.spec.dimensions;
-        let mut pooled = match out_shape.len() {
+        match out_shape.len() {
             // Already pooled by the model: [rows, dims].
-            2 => hidden.to_vec(),
-            3 => pool(hidden, &mask, rows, width, out_shape[2] as usize, self.spec.pooling),
-            _ => return Err(inference_error(format!("unexpected output shape {out_shape:?}"))),
-        };
-        if pooled.len() != rows * dims {
-            return Err(inference_error(format!(
-                "model produced {} values per text, spec says {dims}",
-                pooled.len() / rows.max(1)
-            )));
+            2 => Ok(hidden.to_vec()),
+            3 => Ok(pool(
+                hidden,
+                &mask,
+                rows,
+                width,
+                out_shape[2] as usize,
+                self.spec.pooling,
+            )),
+            _ => Err(inference_error(format!("unexpected output shape {out_shape:?}"))),
         }
-        if self.spec.normalize {
-            pooled.chunks_mut(dims).for_each(l2_normalize);
-        }
-        Ok(pooled)
     }
 }
 

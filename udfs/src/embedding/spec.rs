@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::BatchingStrategy;
+use crate::runtime::Device;
 
 /// How token vectors become one text vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -41,6 +42,14 @@ pub struct EmbeddingModelSpec {
     /// Threads ONNX Runtime uses inside one model call; 0 means one per available core.
     #[serde(default)]
     pub intra_threads: usize,
+    /// Where the model runs (`cpu`, or `cuda` with a fallback to the CPU).
+    #[serde(default)]
+    pub device: Device,
+    /// Set for a decoder exported by `scripts/export_decoder.py` (`model_path` is its
+    /// `latent.onnx`): the number of LaSER latent steps `K` before pooling; 0 gives the plain
+    /// last-token embedding of the same weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent_steps: Option<usize>,
 }
 
 impl EmbeddingModelSpec {

@@ -2,14 +2,17 @@
 //! and synthetic question/answer pairs; per cluster of documents, a Meta-Knowledge summary;
 //! per query, sub-queries conditioned on that summary.
 //!
-//! - [`Generator`]: the backends — [`EmbeddedGenerator`] (no LLM) and [`OpenAiGenerator`]
-//!   (any OpenAI-compatible endpoint), chosen by [`MkOptions`] through a [`GeneratorRegistry`].
+//! - [`Generator`]: the backends — [`EmbeddedGenerator`] (no LLM), [`OpenAiGenerator`] (any
+//!   OpenAI-compatible endpoint) and [`LocalGenerator`] (a local LLM on the decoder runtime,
+//!   offline), chosen by [`MkOptions`] through a [`GeneratorRegistry`].
 //! - [`MetadataSchema`]: the fields extracted and their Arrow types.
 //! - SQL: `mk_metadata`, `mk_qa` ([`PrepareUdf`]), `mk_cluster` ([`ClusterUdf`]) and the
 //!   aggregate `mk_summary` ([`SummaryUdaf`]).
 
+mod chat;
 mod embedded;
 mod generator;
+mod local;
 mod openai;
 mod options;
 pub mod prompts;
@@ -17,12 +20,14 @@ mod schema;
 pub mod text;
 mod udf;
 
+pub use chat::{ChatBackend, ChatGenerator, ChatLimits};
 pub use embedded::EmbeddedGenerator;
 pub use generator::{
     ClusterBrief, ClusterDigest, Document, FailureLog, GenerationCounts, GenerationError, GenerationStats, Generator,
     Prepared, QaPair,
 };
-pub use openai::{LlmSettings, OpenAiGenerator};
-pub use options::{GeneratorRegistry, MkOptions, OPENAI_BASE_URL};
+pub use local::{LocalBackend, LocalGenerator, LocalSettings};
+pub use openai::{LlmSettings, OpenAiBackend, OpenAiGenerator};
+pub use options::{DEFAULT_LOCAL_MODEL, GeneratorRegistry, MkOptions, OPENAI_BASE_URL};
 pub use schema::{FieldKind, Label, MetadataField, MetadataSchema, UNCLUSTERED, first_string, string_list_type};
 pub use udf::{ClusterUdf, PrepareUdf, PreparedPart, Preparer, SummaryUdaf, qa_type};

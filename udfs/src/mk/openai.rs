@@ -1,24 +1,19 @@
 //! A generator on any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp's
 //! `llama-server`, Ollama): bounded concurrency, per-request timeouts, retries with
-//! exponential backoff on 429/5xx/timeouts (honouring `Retry-After`), JSON answers validated
-//! with one corrective retry, and a persistent cache keyed by model and prompt so that a re-run
-//! costs nothing.
+//! exponential backoff on 429/5xx/timeouts (honouring `Retry-After`). Validation, corrective
+//! retries and the answer cache are [`ChatGenerator`]'s.
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use super::generator::{ClusterBrief, ClusterDigest, Document, GenerationError, GenerationStats, Generator, Prepared};
-use super::prompts::{self, Message};
+use super::chat::{ChatBackend, ChatGenerator, ChatLimits};
+use super::generator::{GenerationError, GenerationStats};
+use super::prompts::Message;
 use super::schema::MetadataSchema;
 
 /// Where and how to call the endpoint.
@@ -48,69 +43,16 @@ pub struct LlmSettings {
     pub cache_file: Option<PathBuf>,
 }
 
-/// One cached answer.
-#[derive(Debug, Serialize, Deserialize)]
-struct CacheEntry {
-    key: String,
-    content: String,
-}
-
-/// Answers by request key, persisted as JSON Lines (appended, loaded on start).
+/// An OpenAI-compatible chat-completions endpoint as a [`ChatBackend`].
 #[derive(Debug)]
-struct ResponseCache {
-    file: Option<PathBuf>,
-    entries: Mutex<HashMap<String, String>>,
-}
-
-impl ResponseCache {
-    fn open(file: Option<PathBuf>) -> Self {
-        let mut entries = HashMap::new();
-        if let Some(text) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
-            for entry in text.lines().filter_map(|l| serde_json::from_str::<CacheEntry>(l).ok()) {
-                entries.insert(entry.key, entry.content);
-            }
-        }
-        ResponseCache {
-            file,
-            entries: Mutex::new(entries),
-        }
-    }
-
-    fn get(&self, key: &str) -> Option<String> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
-    }
-
-    fn put(&self, key: String, content: String) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = &self.file {
-            let line = serde_json::to_string(&CacheEntry {
-                key: key.clone(),
-                content: content.clone(),
-            })
-            .expect("cache entries serialise");
-            let written = path
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|_| std::fs::OpenOptions::new().create(true).append(true).open(path))
-                .and_then(|mut f| writeln!(f, "{line}"));
-            if let Err(e) = written {
-                log::warn!("cannot write generation cache {}: {e}", path.display());
-            }
-        }
-        entries.insert(key, content);
-    }
-}
-
-/// The OpenAI-compatible generator.
-#[derive(Debug)]
-pub struct OpenAiGenerator {
+pub struct OpenAiBackend {
     settings: LlmSettings,
-    schema: Arc<MetadataSchema>,
     client: reqwest::Client,
     permits: Semaphore,
-    cache: ResponseCache,
-    stats: GenerationStats,
 }
+
+/// The Meta-Knowledge generator on an OpenAI-compatible endpoint.
+pub type OpenAiGenerator = ChatGenerator<OpenAiBackend>;
 
 /// How one request attempt ended.
 enum Attempt {
@@ -129,32 +71,34 @@ impl OpenAiGenerator {
                 backend: "openai".into(),
                 message: format!("cannot build the HTTP client: {e}"),
             })?;
-        Ok(OpenAiGenerator {
+        let limits = ChatLimits {
+            max_questions: settings.max_questions,
+            rewrite_queries: settings.rewrite_queries,
+            concurrency: settings.concurrency,
+        };
+        let cache_file = settings.cache_file.clone();
+        let backend = OpenAiBackend {
             permits: Semaphore::new(settings.concurrency.max(1)),
-            cache: ResponseCache::open(settings.cache_file.clone()),
             settings,
-            schema,
             client,
-            stats: GenerationStats::default(),
-        })
+        };
+        Ok(ChatGenerator::with_backend(backend, schema, limits, cache_file))
+    }
+}
+
+#[async_trait]
+impl ChatBackend for OpenAiBackend {
+    fn name(&self) -> String {
+        format!("openai:{}", self.settings.model)
     }
 
-    fn request_error(&self, message: String) -> GenerationError {
-        GenerationError::Request {
-            backend: self.name(),
-            message,
-        }
-    }
-
-    fn invalid(&self, message: String) -> GenerationError {
-        GenerationError::InvalidOutput {
-            backend: self.name(),
-            message,
-        }
-    }
-
-    /// One chat completion (from the cache when this model saw this prompt before).
-    async fn chat(&self, messages: &[Message], json_answer: bool) -> Result<String, GenerationError> {
+    /// One chat completion, retried after 429/5xx/timeouts with exponential backoff.
+    async fn complete(
+        &self,
+        messages: &[Message],
+        json_answer: bool,
+        stats: &GenerationStats,
+    ) -> Result<String, GenerationError> {
         let mut body = json!({
             "model": self.settings.model,
             "messages": messages,
@@ -163,21 +107,13 @@ impl OpenAiGenerator {
         if json_answer && self.settings.json_mode {
             body["response_format"] = json!({"type": "json_object"});
         }
-        let key = hex(&Sha256::digest(format!("{}\n{}", self.settings.model, body).as_bytes()));
-        if let Some(content) = self.cache.get(&key) {
-            GenerationStats::bump(&self.stats.cache_hits);
-            return Ok(content);
-        }
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
         let url = format!("{}/chat/completions", self.settings.base_url.trim_end_matches('/'));
         let mut attempt = 0;
         loop {
-            GenerationStats::bump(&self.stats.requests);
-            match self.attempt(&url, &body).await {
-                Attempt::Done(content) => {
-                    self.cache.put(key, content.clone());
-                    return Ok(content);
-                }
+            GenerationStats::bump(&stats.requests);
+            match self.attempt(&url, &body, stats).await {
+                Attempt::Done(content) => return Ok(content),
                 Attempt::Fail(message) => return Err(self.request_error(message)),
                 Attempt::Retry(message, retry_after) => {
                     if attempt >= self.settings.max_retries {
@@ -186,15 +122,24 @@ impl OpenAiGenerator {
                     let backoff = self.settings.retry_base.saturating_mul(1 << attempt.min(16));
                     let delay = retry_after.unwrap_or(backoff).min(Duration::from_secs(30));
                     log::debug!("{}: {message}; retrying in {delay:?}", self.name());
-                    GenerationStats::bump(&self.stats.retries);
+                    GenerationStats::bump(&stats.retries);
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
             }
         }
     }
+}
 
-    async fn attempt(&self, url: &str, body: &Value) -> Attempt {
+impl OpenAiBackend {
+    fn request_error(&self, message: String) -> GenerationError {
+        GenerationError::Request {
+            backend: self.name(),
+            message,
+        }
+    }
+
+    async fn attempt(&self, url: &str, body: &Value, stats: &GenerationStats) -> Attempt {
         let mut request = self.client.post(url).json(body);
         if let Some(key) = &self.settings.api_key {
             request = request.bearer_auth(key);
@@ -231,10 +176,10 @@ impl OpenAiGenerator {
             return Attempt::Fail(format!("the endpoint did not answer JSON: {}", snippet(&text)));
         };
         let usage = |k: &str| value["usage"][k].as_u64().unwrap_or(0);
-        self.stats
+        stats
             .prompt_tokens
             .fetch_add(usage("prompt_tokens"), std::sync::atomic::Ordering::Relaxed);
-        self.stats
+        stats
             .completion_tokens
             .fetch_add(usage("completion_tokens"), std::sync::atomic::Ordering::Relaxed);
         match value["choices"][0]["message"]["content"].as_str() {
@@ -242,43 +187,6 @@ impl OpenAiGenerator {
             None => Attempt::Fail(format!("no choices[0].message.content in {}", snippet(&text))),
         }
     }
-
-    /// Asks, validates with `parse`, and on an invalid answer asks once more with the error.
-    async fn ask<T>(
-        &self,
-        mut messages: Vec<Message>,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<T, GenerationError> {
-        GenerationStats::bump(&self.stats.calls);
-        let result = async {
-            let content = self.chat(&messages, true).await?;
-            match parse(&content) {
-                Ok(v) => Ok(v),
-                Err(first) => {
-                    GenerationStats::bump(&self.stats.invalid_outputs);
-                    messages.push(Message::new("assistant", content));
-                    messages.push(prompts::correction(&first));
-                    let content = self.chat(&messages, true).await?;
-                    parse(&content).map_err(|second| {
-                        GenerationStats::bump(&self.stats.invalid_outputs);
-                        self.invalid(format!("{second} (after a corrective retry; first: {first})"))
-                    })
-                }
-            }
-        }
-        .await;
-        if result.is_err() {
-            GenerationStats::bump(&self.stats.errors);
-        }
-        result
-    }
-}
-
-/// A generation in flight.
-type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, GenerationError>> + Send + 'a>>;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn snippet(text: &str) -> String {
@@ -287,57 +195,5 @@ fn snippet(text: &str) -> String {
         format!("{}…", text.chars().take(200).collect::<String>())
     } else {
         text.to_string()
-    }
-}
-
-#[async_trait]
-impl Generator for OpenAiGenerator {
-    fn name(&self) -> String {
-        format!("openai:{}", self.settings.model)
-    }
-
-    async fn prepare(&self, documents: &[Document<'_>]) -> Vec<Result<Prepared, GenerationError>> {
-        let max = self.settings.max_questions;
-        let schema = &self.schema;
-        let calls: Vec<Pending<'_, Prepared>> = documents
-            .iter()
-            .map(|d| {
-                let messages = prompts::prepare(schema, d, max);
-                Box::pin(self.ask(messages, move |c: &str| prompts::parse_prepared(schema, c, max))) as Pending<'_, _>
-            })
-            .collect();
-        // Requests are bounded by the semaphore in `chat`; this only bounds pending futures.
-        futures::stream::iter(calls)
-            .buffered(self.settings.concurrency.max(1) * 2)
-            .collect()
-            .await
-    }
-
-    async fn summarize(&self, cluster: &ClusterDigest) -> Result<String, GenerationError> {
-        GenerationStats::bump(&self.stats.calls);
-        let result = self.chat(&prompts::summarize(cluster), false).await.and_then(|s| {
-            let s = s.trim().to_string();
-            if s.is_empty() {
-                Err(self.invalid("empty summary".into()))
-            } else {
-                Ok(s)
-            }
-        });
-        if result.is_err() {
-            GenerationStats::bump(&self.stats.errors);
-        }
-        result
-    }
-
-    async fn rewrite(&self, query: &str, clusters: &[ClusterBrief]) -> Result<Vec<String>, GenerationError> {
-        let count = self.settings.rewrite_queries;
-        self.ask(prompts::rewrite(query, clusters, count), |c| {
-            prompts::parse_rewrite(c, count)
-        })
-        .await
-    }
-
-    fn stats(&self) -> &GenerationStats {
-        &self.stats
     }
 }

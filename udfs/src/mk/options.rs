@@ -11,9 +11,14 @@ use datafusion::config::{ConfigExtension, ExtensionOptions};
 
 use super::embedded::EmbeddedGenerator;
 use super::generator::Generator;
+use super::local::{LocalGenerator, LocalSettings};
 use super::openai::{LlmSettings, OpenAiGenerator};
 use super::schema::MetadataSchema;
 use crate::embedding::LazyEmbedder;
+use crate::runtime::Device;
+
+/// The local LLM `mkflow models pull --llm` installs (SmolLM2-135M-Instruct).
+pub const DEFAULT_LOCAL_MODEL: &str = "smollm2-135m-instruct";
 
 /// The public OpenAI endpoint, used when no base URL is configured.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
@@ -22,8 +27,9 @@ extensions_options! {
     /// Meta-Knowledge settings of a session: `SET mkflow.generator = 'openai'`, or the
     /// environment variable `MKFLOW_GENERATOR=openai` for every session of a process.
     pub struct MkOptions {
-        /// Generation backend: `embedded` (no LLM; see the README) or `openai` (any
-        /// OpenAI-compatible chat-completions endpoint: OpenAI, vLLM, llama-server, Ollama).
+        /// Generation backend: `embedded` (no LLM; see the README), `openai` (any
+        /// OpenAI-compatible chat-completions endpoint: OpenAI, vLLM, llama-server, Ollama) or
+        /// `local` (a local LLM on ONNX Runtime, offline; see `local_model`).
         pub generator: String, default = "embedded".to_string()
         /// Metadata schema file (JSON); empty for the built-in research-paper schema.
         pub metadata_schema: String, default = String::new()
@@ -55,6 +61,15 @@ extensions_options! {
         pub llm_max_retries: usize, default = 3
         /// Ask for JSON answers with `response_format` (turn off for endpoints that refuse it).
         pub llm_json_mode: bool, default = true
+        /// The `local` generator's model: a name under `<mkflow home>/llms/` or an export
+        /// directory of `scripts/export_decoder.py`.
+        pub local_model: String, default = DEFAULT_LOCAL_MODEL.to_string()
+        /// Where the local model runs: `cpu` or `cuda` (falls back to the CPU with a warning).
+        pub local_device: String, default = "cpu".to_string()
+        /// Most tokens per local answer.
+        pub local_max_new_tokens: usize, default = 384
+        /// Sampling temperature of the local model; 0 decodes greedily (reproducible).
+        pub local_temperature: f64, default = 0.0
     }
 }
 
@@ -98,9 +113,26 @@ impl MkOptions {
                 self.rewrite_queries,
                 self.metadata_schema
             ),
+            "local" => format!(
+                "local|{}|{}|{}|{}|{}|{}|{}",
+                self.local_model,
+                self.local_device,
+                self.local_max_new_tokens,
+                self.local_temperature,
+                self.max_questions,
+                self.rewrite_queries,
+                self.metadata_schema
+            ),
             other => format!("{other}|{}|{}", self.max_questions, self.metadata_schema),
         }
     }
+}
+
+/// Where local LLMs live.
+#[derive(Debug, Clone)]
+struct LocalModels {
+    dir: PathBuf,
+    onnx_runtime: PathBuf,
 }
 
 /// Builds generators and metadata schemas from [`MkOptions`], once per distinct setting.
@@ -108,6 +140,7 @@ impl MkOptions {
 pub struct GeneratorRegistry {
     embedder: Arc<LazyEmbedder>,
     cache_dir: Option<PathBuf>,
+    local_models: Option<LocalModels>,
     generators: Mutex<HashMap<String, Arc<dyn Generator>>>,
     schemas: Mutex<HashMap<String, Arc<MetadataSchema>>>,
 }
@@ -119,9 +152,17 @@ impl GeneratorRegistry {
         GeneratorRegistry {
             embedder,
             cache_dir: cache_dir.map(Path::to_path_buf),
+            local_models: None,
             generators: Mutex::new(HashMap::new()),
             schemas: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Local LLMs are looked up by name in `dir`, and run on the ONNX Runtime library
+    /// `onnx_runtime`.
+    pub fn with_local_models(mut self, dir: PathBuf, onnx_runtime: PathBuf) -> Self {
+        self.local_models = Some(LocalModels { dir, onnx_runtime });
+        self
     }
 
     /// The metadata schema `options` name (the built-in one when none).
@@ -154,9 +195,10 @@ impl GeneratorRegistry {
                 options.max_questions,
             )),
             "openai" => Arc::new(OpenAiGenerator::new(self.llm_settings(options)?, schema).map_err(|e| e.to_string())?),
+            "local" => Arc::new(LocalGenerator::new(self.local_settings(options)?, schema)),
             other => {
                 return Err(format!(
-                    "unknown generator '{other}' (mkflow.generator is 'embedded' or 'openai')"
+                    "unknown generator '{other}' (mkflow.generator is 'embedded', 'openai' or 'local')"
                 ));
             }
         };
@@ -172,6 +214,38 @@ impl GeneratorRegistry {
             .values()
             .cloned()
             .collect()
+    }
+
+    fn local_settings(&self, options: &MkOptions) -> Result<LocalSettings, String> {
+        let device = match options.local_device.as_str() {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::Cuda,
+            other => return Err(format!("mkflow.local_device is 'cpu' or 'cuda', not '{other}'")),
+        };
+        let named = Path::new(&options.local_model);
+        let model_dir = match &self.local_models {
+            Some(local) if named.components().count() == 1 && !named.is_dir() => local.dir.join(named),
+            _ => named.to_path_buf(),
+        };
+        if !model_dir.join(crate::decoder::DECODER_CONFIG_FILE).is_file() {
+            return Err(format!(
+                "local model '{}' not found at {} (hint: `mkflow models pull --llm` installs {DEFAULT_LOCAL_MODEL}; \
+                 scripts/export_decoder.py exports others)",
+                options.local_model,
+                model_dir.display()
+            ));
+        }
+        Ok(LocalSettings {
+            model_dir,
+            device,
+            threads: 0,
+            onnx_runtime: self.local_models.as_ref().map(|l| l.onnx_runtime.clone()),
+            max_new_tokens: options.local_max_new_tokens.max(1),
+            temperature: options.local_temperature.max(0.0) as f32,
+            max_questions: options.max_questions.max(1),
+            rewrite_queries: options.rewrite_queries.max(1),
+            cache_file: self.cache_dir.as_ref().map(|d| d.join("generations.jsonl")),
+        })
     }
 
     fn llm_settings(&self, options: &MkOptions) -> Result<LlmSettings, String> {

@@ -1,0 +1,245 @@
+//! The decoder runtime against an independent reference: a tiny randomly initialised
+//! Qwen3-architecture checkpoint (`tests/reference/tiny_qwen3.py`) is exported by the repo's
+//! exporter (`scripts/export_decoder.py`), and mkflow's LaSER embeddings and greedy tokens are
+//! compared with a numpy float64 implementation written from the published description
+//! (`tests/reference/laser_reference.py`: one unpadded sequence at a time, no KV cache).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mkflow::{Engine, EngineConfig, assets};
+use mkflow_udfs::Device;
+use mkflow_udfs::decoder::{DecoderModel, Graph, Sampling};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+/// Texts of different lengths, so the batch is left-padded.
+const TEXTS: [&str; 6] = [
+    "Vitamin D and bones",
+    "Latent reasoning lets a retriever think in embedding space before it encodes a passage.",
+    "Kafka",
+    "Gene expression in the liver changes after a high fat diet in mice, 2024.",
+    "The knowledge base answers SQL queries over documents, questions and clusters.",
+    "antibiotic resistance (bacteria)",
+];
+
+const PROMPTS: [&str; 3] = [
+    "The knowledge base",
+    "Antibiotic resistance spreads through",
+    "0123 numbers",
+];
+
+const NEW_TOKENS: usize = 12;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
+    let output = Command::new(&python).args(args).output().expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{python} {args:?} failed (the decoder tests need: pip install numpy onnx safetensors tokenizers gguf):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// The tiny checkpoint, its export, and the reference's answers.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    export: PathBuf,
+    reference: Value,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    let export = dir.path().join("onnx");
+    python(&[repo().join("tests/reference/tiny_qwen3.py").as_os_str(), hf.as_os_str()]);
+    python(&[
+        repo().join("scripts/export_decoder.py").as_os_str(),
+        "--hf".as_ref(),
+        hf.as_os_str(),
+        "--out".as_ref(),
+        export.as_os_str(),
+        "--embedding-name".as_ref(),
+        "tiny-laser".as_ref(),
+        "--latent-steps".as_ref(),
+        "3".as_ref(),
+    ]);
+    let request = dir.path().join("request.json");
+    let body = serde_json::json!({"texts": TEXTS, "steps": [0, 1, 3], "prompts": PROMPTS, "new_tokens": NEW_TOKENS});
+    std::fs::write(&request, body.to_string()).unwrap();
+    let reference = python(&[
+        repo().join("tests/reference/laser_reference.py").as_os_str(),
+        hf.as_os_str(),
+        request.as_os_str(),
+    ]);
+    Fixture {
+        _dir: dir,
+        export,
+        reference: serde_json::from_slice(&reference).unwrap(),
+    }
+}
+
+fn onnx_runtime() -> PathBuf {
+    assets::onnx_runtime_path(&common::assets_home())
+}
+
+fn token_ids(export: &Path, texts: &[&str]) -> Vec<Vec<u32>> {
+    let tokenizer = Tokenizer::from_file(export.join("tokenizer.json")).unwrap();
+    texts
+        .iter()
+        .map(|t| tokenizer.encode(*t, true).unwrap().get_ids().to_vec())
+        .collect()
+}
+
+fn normalized(v: &[f32]) -> Vec<f64> {
+    let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    v.iter().map(|x| *x as f64 / norm).collect()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn reference_vectors(reference: &Value, steps: usize) -> Vec<Vec<f64>> {
+    reference["embeddings"][steps.to_string()]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn latent_embeddings_match_the_reference_for_0_1_and_3_steps() {
+    let fx = fixture();
+    let model = DecoderModel::load(&fx.export, Graph::Latent, 2, Device::Cpu, Some(&onnx_runtime())).unwrap();
+    let ids = token_ids(&fx.export, &TEXTS);
+    let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let hidden = model.config().hidden_size;
+    let mut by_steps = Vec::new();
+    for steps in [0, 1, 3] {
+        // The whole batch at once (left-padded) against the reference's one-at-a-time answers.
+        let vectors = model.latent_embeddings(&batch, steps).unwrap();
+        let expected = reference_vectors(&fx.reference, steps);
+        for (i, (got, want)) in vectors.chunks(hidden).zip(&expected).enumerate() {
+            let cos = cosine(&normalized(got), want);
+            assert!(cos >= 0.9999, "K={steps}, text {i} ({:?}): cosine {cos}", TEXTS[i]);
+        }
+        by_steps.push(expected);
+    }
+    // The latent steps change the embedding (else the comparison above would prove little).
+    let k0_vs_k3 = cosine(&by_steps[0][0], &by_steps[2][0]);
+    assert!(k0_vs_k3 < 0.99, "K=0 and K=3 embeddings coincide (cosine {k0_vs_k3})");
+    // Padding does not leak into a row: the shortest text alone gives the same vector.
+    let alone = model.latent_embeddings(&batch[2..3], 3).unwrap();
+    let batched = model.latent_embeddings(&batch, 3).unwrap();
+    let cos = cosine(&normalized(&alone), &normalized(&batched[2 * hidden..3 * hidden]));
+    assert!(cos >= 0.99999, "alone vs batched: {cos}");
+}
+
+#[test]
+fn greedy_generation_matches_the_reference_token_for_token() {
+    let fx = fixture();
+    let model = DecoderModel::load(&fx.export, Graph::Generation, 2, Device::Cpu, Some(&onnx_runtime())).unwrap();
+    let ids = token_ids(&fx.export, &PROMPTS);
+    let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let sampling = Sampling {
+        max_new_tokens: NEW_TOKENS,
+        ..Sampling::default()
+    };
+    let generated = model.generate(&batch, &sampling).unwrap();
+    let eos = &model.config().eos_token_ids;
+    for (i, (got, want)) in generated
+        .iter()
+        .zip(fx.reference["generations"].as_array().unwrap())
+        .enumerate()
+    {
+        let margin = want["min_margin"].as_f64().unwrap();
+        assert!(
+            margin > 1e-3,
+            "prompt {i}: the reference's greedy choice is a near tie ({margin})"
+        );
+        let want: Vec<u32> = want["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
+        // mkflow stops at the end-of-sequence token; the reference runs on.
+        assert_eq!(got.tokens, want[..got.tokens.len()], "prompt {i}: {:?}", PROMPTS[i]);
+        if got.stopped {
+            assert!(
+                eos.contains(&want[got.tokens.len()]),
+                "prompt {i} stopped without an eos"
+            );
+        } else {
+            assert_eq!(got.tokens.len(), NEW_TOKENS);
+        }
+    }
+    // A temperature samples other sequences, reproducibly for a seed.
+    let hot = |seed| {
+        let sampling = Sampling {
+            max_new_tokens: NEW_TOKENS,
+            temperature: 5.0,
+            seed,
+            stop_tokens: Vec::new(),
+        };
+        model.generate(&batch, &sampling).unwrap()
+    };
+    assert_eq!(hot(11), hot(11));
+    assert_ne!(hot(11), generated);
+}
+
+#[tokio::test]
+async fn embed_uses_a_laser_model_from_the_mkflow_home() {
+    let fx = fixture();
+    // A home with the real runtime and default model, plus the exported LaSER model.
+    let real = common::assets_home();
+    let home = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(real.join("runtime"), home.path().join("runtime")).unwrap();
+    std::fs::create_dir_all(home.path().join("models")).unwrap();
+    std::os::unix::fs::symlink(
+        real.join("models/all-MiniLM-L6-v2"),
+        home.path().join("models/all-MiniLM-L6-v2"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&fx.export, home.path().join("models/tiny-laser")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let engine = Engine::new(EngineConfig {
+        data_dir: data.path().to_path_buf(),
+        home: home.path().to_path_buf(),
+        default_model: Some("tiny-laser".into()),
+        embed_threads: Some(2),
+        until_caught_up: false,
+    })
+    .await
+    .unwrap();
+    let batches = engine.sql(&format!("SELECT embed('{}') AS v", TEXTS[1])).await.unwrap();
+    let list = batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::FixedSizeListArray>();
+    let values: Vec<f32> = match list {
+        Some(list) => {
+            let inner = list.value(0);
+            inner
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Float32Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        }
+        None => panic!("embed() returned {:?}", batches[0].column(0).data_type()),
+    };
+    assert_eq!(values.len(), 64);
+    // latent_steps = 3 in the exported mkflow-model.json.
+    let cos = cosine(&normalized(&values), &reference_vectors(&fx.reference, 3)[1]);
+    assert!(cos >= 0.9999, "embed() vs reference K=3: {cos}");
+}

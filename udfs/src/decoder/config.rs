@@ -1,0 +1,78 @@
+//! `mkflow-decoder.json`: what the export tool (`scripts/export_decoder.py`) records beside a
+//! decoder's ONNX graphs.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The description file's name.
+pub const DECODER_CONFIG_FILE: &str = "mkflow-decoder.json";
+/// The generation graph (logits of the last position).
+pub const GENERATION_GRAPH: &str = "model.onnx";
+/// The latent-reasoning graph (the soft token of the last position).
+pub const LATENT_GRAPH: &str = "latent.onnx";
+/// The tokenizer.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// Shapes, special tokens and chat template of an exported decoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecoderConfig {
+    /// Contract version the exporter wrote (1).
+    pub format: u32,
+    /// `llama`, `qwen2` or `qwen3`.
+    pub architecture: String,
+    /// Width of the hidden states (the embedding dimension).
+    pub hidden_size: usize,
+    /// Transformer layers (each has one key and one value cache entry).
+    pub num_layers: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Longest sequence the model was trained for.
+    pub max_position: usize,
+    /// Compute dtype of the layers and the KV cache: `float32` or `float16`.
+    pub dtype: String,
+    /// Jinja chat template (Hugging Face conventions), when the model has one.
+    #[serde(default)]
+    pub chat_template: Option<String>,
+    /// Text of the beginning-of-sequence token, for the template.
+    #[serde(default)]
+    pub bos_token: Option<String>,
+    /// Text of the end-of-sequence token, for the template.
+    #[serde(default)]
+    pub eos_token: Option<String>,
+    /// Tokens that end a generation.
+    #[serde(default)]
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl DecoderConfig {
+    /// Reads `dir/mkflow-decoder.json`.
+    pub fn read(dir: &Path) -> Result<Self, String> {
+        let path = dir.join(DECODER_CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "{}: {e} (hint: export the model with scripts/export_decoder.py)",
+                path.display()
+            )
+        })?;
+        let config: DecoderConfig =
+            serde_json::from_str(&text).map_err(|e| format!("{} is not a decoder description: {e}", path.display()))?;
+        if config.format != 1 {
+            return Err(format!(
+                "{}: contract version {} is not supported (this mkflow reads version 1)",
+                path.display(),
+                config.format
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Whether the KV cache holds 16-bit floats.
+    pub fn half_precision(&self) -> bool {
+        self.dtype == "float16"
+    }
+}

@@ -1,0 +1,133 @@
+//! A local chat LLM: an exported decoder's generation graph, its tokenizer and chat template.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use super::chat::ChatTemplate;
+use super::config::TOKENIZER_FILE;
+use super::generate::Sampling;
+use super::model::{DecoderError, DecoderModel, Graph};
+use crate::runtime::Device;
+
+/// A chat answer with its token counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatAnswer {
+    /// The generated text (special tokens removed).
+    pub text: String,
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Whether an end-of-turn token ended it (false: it hit the token limit).
+    pub finished: bool,
+}
+
+/// A loaded local chat model.
+#[derive(Debug)]
+pub struct LocalLlm {
+    model: DecoderModel,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    stop_tokens: Vec<u32>,
+    calls: AtomicU64,
+}
+
+impl LocalLlm {
+    /// Loads the export in `dir` on `device`.
+    pub fn load(dir: &Path, threads: usize, device: Device, onnx_runtime: Option<&Path>) -> Result<Self, DecoderError> {
+        let model = DecoderModel::load(dir, Graph::Generation, threads, device, onnx_runtime)?;
+        let model_error = |message: String| DecoderError::Model {
+            model: dir.display().to_string(),
+            message,
+        };
+        let config = model.config();
+        let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER_FILE))
+            .map_err(|e| model_error(format!("cannot read {TOKENIZER_FILE}: {e}")))?;
+        let source = config
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| model_error("the model has no chat template (not a chat model?)".into()))?;
+        let template =
+            ChatTemplate::new(source, config.bos_token.as_deref(), config.eos_token.as_deref()).map_err(model_error)?;
+        // End-of-turn markers of the common chat formats, where the vocabulary has them.
+        let stop_tokens = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect();
+        Ok(LocalLlm {
+            model,
+            tokenizer,
+            template,
+            stop_tokens,
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// The generation model.
+    pub fn model(&self) -> &DecoderModel {
+        &self.model
+    }
+
+    /// Token ids of `text` as the model sees it (special-token markup included, nothing added).
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, DecoderError> {
+        self.tokenizer
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| DecoderError::Inference {
+                model: "tokenizer".into(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Answers a conversation (`{role, content}` messages). The answer starts with
+    /// `answer_prefix` (e.g. `{` to hold a small model to JSON), which is part of the returned
+    /// text. Calls are numbered, so sampling with a temperature does not repeat itself across
+    /// calls with the same `sampling.seed`.
+    pub fn chat<M: Serialize>(
+        &self,
+        messages: &[M],
+        answer_prefix: &str,
+        sampling: &Sampling,
+    ) -> Result<ChatAnswer, DecoderError> {
+        let mut prompt = self
+            .template
+            .render(messages)
+            .map_err(|message| DecoderError::Inference {
+                model: "chat template".into(),
+                message,
+            })?;
+        prompt.push_str(answer_prefix);
+        let ids = self.tokenize(&prompt)?;
+        let limit = self.model.config().max_position;
+        if ids.len() + sampling.max_new_tokens > limit {
+            return Err(DecoderError::Inference {
+                model: "chat".into(),
+                message: format!(
+                    "a prompt of {} tokens plus {} new ones exceeds the model's context of {limit}",
+                    ids.len(),
+                    sampling.max_new_tokens
+                ),
+            });
+        }
+        let mut sampling = sampling.clone();
+        sampling.stop_tokens.extend(&self.stop_tokens);
+        sampling.seed = sampling.seed.wrapping_add(self.calls.fetch_add(1, Ordering::Relaxed));
+        let generated = self.model.generate(&[&ids], &sampling)?.remove(0);
+        let text = self
+            .tokenizer
+            .decode(&generated.tokens, true)
+            .map_err(|e| DecoderError::Inference {
+                model: "tokenizer".into(),
+                message: e.to_string(),
+            })?;
+        Ok(ChatAnswer {
+            text: format!("{answer_prefix}{text}"),
+            prompt_tokens: ids.len(),
+            completion_tokens: generated.tokens.len(),
+            finished: generated.stopped,
+        })
+    }
+}

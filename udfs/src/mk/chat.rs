@@ -1,0 +1,244 @@
+//! A [`Generator`] on any chat model: the Meta-Knowledge prompts, JSON answers validated with one
+//! corrective retry, and a persistent answer cache keyed by model and conversation, so that a
+//! re-run costs nothing. The model behind it is a [`ChatBackend`]: an OpenAI-compatible endpoint
+//! ([`super::openai`]) or a local LLM on the decoder runtime ([`super::local`]).
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::generator::{ClusterBrief, ClusterDigest, Document, GenerationError, GenerationStats, Generator, Prepared};
+use super::prompts::{self, Message};
+use super::schema::MetadataSchema;
+
+/// A chat model: answers a conversation.
+#[async_trait]
+pub trait ChatBackend: Send + Sync + Debug {
+    /// A name for messages and cache keys (e.g. `openai:gpt-4o-mini`, `local:smollm2-135m`).
+    fn name(&self) -> String;
+
+    /// The answer to `messages`; `json_answer` says a JSON object is expected. Backends count
+    /// their requests, retries and tokens in `stats`.
+    async fn complete(
+        &self,
+        messages: &[Message],
+        json_answer: bool,
+        stats: &GenerationStats,
+    ) -> Result<String, GenerationError>;
+}
+
+/// What the prompts ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChatLimits {
+    /// Most QA pairs kept per document.
+    pub max_questions: usize,
+    /// Sub-queries asked for by query rewriting.
+    pub rewrite_queries: usize,
+    /// Documents prepared at once.
+    pub concurrency: usize,
+}
+
+/// One cached answer.
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheEntry {
+    key: String,
+    content: String,
+}
+
+/// Answers by request key, persisted as JSON Lines (appended, loaded on start).
+#[derive(Debug)]
+struct ResponseCache {
+    file: Option<PathBuf>,
+    entries: Mutex<HashMap<String, String>>,
+}
+
+impl ResponseCache {
+    fn open(file: Option<PathBuf>) -> Self {
+        let mut entries = HashMap::new();
+        if let Some(text) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+            for entry in text.lines().filter_map(|l| serde_json::from_str::<CacheEntry>(l).ok()) {
+                entries.insert(entry.key, entry.content);
+            }
+        }
+        ResponseCache {
+            file,
+            entries: Mutex::new(entries),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    fn put(&self, key: String, content: String) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &self.file {
+            let line = serde_json::to_string(&CacheEntry {
+                key: key.clone(),
+                content: content.clone(),
+            })
+            .expect("cache entries serialise");
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|_| std::fs::OpenOptions::new().create(true).append(true).open(path))
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = written {
+                log::warn!("cannot write generation cache {}: {e}", path.display());
+            }
+        }
+        entries.insert(key, content);
+    }
+}
+
+/// The Meta-Knowledge generator over a chat backend.
+#[derive(Debug)]
+pub struct ChatGenerator<B> {
+    backend: B,
+    schema: Arc<MetadataSchema>,
+    limits: ChatLimits,
+    cache: ResponseCache,
+    stats: GenerationStats,
+}
+
+/// A generation in flight.
+type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, GenerationError>> + Send + 'a>>;
+
+impl<B: ChatBackend> ChatGenerator<B> {
+    /// A generator asking `backend`, validating metadata against `schema`, caching answers in
+    /// `cache_file` (JSON Lines) when given.
+    pub fn with_backend(
+        backend: B,
+        schema: Arc<MetadataSchema>,
+        limits: ChatLimits,
+        cache_file: Option<PathBuf>,
+    ) -> Self {
+        ChatGenerator {
+            backend,
+            schema,
+            limits,
+            cache: ResponseCache::open(cache_file),
+            stats: GenerationStats::default(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn invalid(&self, message: String) -> GenerationError {
+        GenerationError::InvalidOutput {
+            backend: self.backend.name(),
+            message,
+        }
+    }
+
+    /// One answer (from the cache when this model saw this conversation before).
+    async fn chat(&self, messages: &[Message], json_answer: bool) -> Result<String, GenerationError> {
+        let request = serde_json::to_string(messages).expect("messages serialise");
+        let key = hex(&Sha256::digest(
+            format!("{}\n{json_answer}\n{request}", self.backend.name()).as_bytes(),
+        ));
+        if let Some(content) = self.cache.get(&key) {
+            GenerationStats::bump(&self.stats.cache_hits);
+            return Ok(content);
+        }
+        let content = self.backend.complete(messages, json_answer, &self.stats).await?;
+        self.cache.put(key, content.clone());
+        Ok(content)
+    }
+
+    /// Asks, validates with `parse`, and on an invalid answer asks once more with the error.
+    async fn ask<T>(
+        &self,
+        mut messages: Vec<Message>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, GenerationError> {
+        GenerationStats::bump(&self.stats.calls);
+        let result = async {
+            let content = self.chat(&messages, true).await?;
+            match parse(&content) {
+                Ok(v) => Ok(v),
+                Err(first) => {
+                    GenerationStats::bump(&self.stats.invalid_outputs);
+                    messages.push(Message::new("assistant", content));
+                    messages.push(prompts::correction(&first));
+                    let content = self.chat(&messages, true).await?;
+                    parse(&content).map_err(|second| {
+                        GenerationStats::bump(&self.stats.invalid_outputs);
+                        self.invalid(format!("{second} (after a corrective retry; first: {first})"))
+                    })
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            GenerationStats::bump(&self.stats.errors);
+        }
+        result
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[async_trait]
+impl<B: ChatBackend> Generator for ChatGenerator<B> {
+    fn name(&self) -> String {
+        self.backend.name()
+    }
+
+    async fn prepare(&self, documents: &[Document<'_>]) -> Vec<Result<Prepared, GenerationError>> {
+        let max = self.limits.max_questions;
+        let schema = &self.schema;
+        let calls: Vec<Pending<'_, Prepared>> = documents
+            .iter()
+            .map(|d| {
+                let messages = prompts::prepare(schema, d, max);
+                Box::pin(self.ask(messages, move |c: &str| prompts::parse_prepared(schema, c, max))) as Pending<'_, _>
+            })
+            .collect();
+        // Backends bound their own requests; this only bounds pending futures.
+        futures::stream::iter(calls)
+            .buffered(self.limits.concurrency.max(1) * 2)
+            .collect()
+            .await
+    }
+
+    async fn summarize(&self, cluster: &ClusterDigest) -> Result<String, GenerationError> {
+        GenerationStats::bump(&self.stats.calls);
+        let result = self.chat(&prompts::summarize(cluster), false).await.and_then(|s| {
+            let s = s.trim().to_string();
+            if s.is_empty() {
+                Err(self.invalid("empty summary".into()))
+            } else {
+                Ok(s)
+            }
+        });
+        if result.is_err() {
+            GenerationStats::bump(&self.stats.errors);
+        }
+        result
+    }
+
+    async fn rewrite(&self, query: &str, clusters: &[ClusterBrief]) -> Result<Vec<String>, GenerationError> {
+        let count = self.limits.rewrite_queries;
+        self.ask(prompts::rewrite(query, clusters, count), |c| {
+            prompts::parse_rewrite(c, count)
+        })
+        .await
+    }
+
+    fn stats(&self) -> &GenerationStats {
+        &self.stats
+    }
+}

@@ -1,0 +1,141 @@
+//! A generator on a local LLM (an export of `scripts/export_decoder.py`, e.g. SmolLM2-135M-Instruct
+//! from its GGUF): the Meta-Knowledge pipeline runs fully offline. The model is loaded on first
+//! use and answers one conversation at a time, off the async executor.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::OnceCell;
+
+use super::chat::{ChatBackend, ChatGenerator, ChatLimits};
+use super::generator::{GenerationError, GenerationStats};
+use super::prompts::Message;
+use super::schema::MetadataSchema;
+use crate::decoder::{LocalLlm, Sampling};
+use crate::runtime::Device;
+
+/// Which local model and how it generates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalSettings {
+    /// The export directory (with `model.onnx`, `tokenizer.json`, `mkflow-decoder.json`).
+    pub model_dir: PathBuf,
+    /// Where it runs.
+    pub device: Device,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    pub threads: usize,
+    /// The ONNX Runtime library, when the process has not loaded one yet.
+    pub onnx_runtime: Option<PathBuf>,
+    /// Most tokens per answer.
+    pub max_new_tokens: usize,
+    /// 0 for greedy decoding, else the sampling temperature.
+    pub temperature: f32,
+    /// Most QA pairs kept per document.
+    pub max_questions: usize,
+    /// Sub-queries asked for by query rewriting.
+    pub rewrite_queries: usize,
+    /// The persistent answer cache (JSON Lines), if any.
+    pub cache_file: Option<PathBuf>,
+}
+
+/// A local LLM as a [`ChatBackend`].
+#[derive(Debug)]
+pub struct LocalBackend {
+    settings: LocalSettings,
+    llm: OnceCell<Arc<LocalLlm>>,
+}
+
+/// The Meta-Knowledge generator on a local LLM.
+pub type LocalGenerator = ChatGenerator<LocalBackend>;
+
+impl LocalGenerator {
+    /// A generator for `settings` (the model loads on first use), validating metadata against
+    /// `schema`.
+    pub fn new(settings: LocalSettings, schema: Arc<MetadataSchema>) -> Self {
+        let limits = ChatLimits {
+            max_questions: settings.max_questions.max(1),
+            rewrite_queries: settings.rewrite_queries.max(1),
+            concurrency: 1,
+        };
+        let cache_file = settings.cache_file.clone();
+        let backend = LocalBackend {
+            settings,
+            llm: OnceCell::new(),
+        };
+        ChatGenerator::with_backend(backend, schema, limits, cache_file)
+    }
+}
+
+impl LocalBackend {
+    fn model_error(&self, message: String) -> GenerationError {
+        GenerationError::Request {
+            backend: self.name(),
+            message,
+        }
+    }
+
+    /// The model, loaded (off the executor) on first use.
+    pub async fn llm(&self) -> Result<Arc<LocalLlm>, GenerationError> {
+        self.llm
+            .get_or_try_init(|| async {
+                let s = self.settings.clone();
+                let threads = if s.threads > 0 {
+                    s.threads
+                } else {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                };
+                tokio::task::spawn_blocking(move || {
+                    LocalLlm::load(&s.model_dir, threads, s.device, s.onnx_runtime.as_deref())
+                        .map(Arc::new)
+                        .map_err(|e| format!("{e} (hint: `mkflow models pull --llm` exports the default local LLM)"))
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map_err(|e| self.model_error(e))
+            })
+            .await
+            .cloned()
+    }
+}
+
+#[async_trait]
+impl ChatBackend for LocalBackend {
+    fn name(&self) -> String {
+        let model = self
+            .settings
+            .model_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        format!("local:{model}")
+    }
+
+    async fn complete(
+        &self,
+        messages: &[Message],
+        json_answer: bool,
+        stats: &GenerationStats,
+    ) -> Result<String, GenerationError> {
+        let llm = self.llm().await?;
+        let sampling = Sampling {
+            max_new_tokens: self.settings.max_new_tokens,
+            temperature: self.settings.temperature,
+            ..Sampling::default()
+        };
+        let messages = messages.to_vec();
+        GenerationStats::bump(&stats.requests);
+        // Opening the answer with `{` holds even a small model to the JSON object asked for.
+        let prefix = if json_answer { "{" } else { "" };
+        let answer = tokio::task::spawn_blocking(move || llm.chat(&messages, prefix, &sampling))
+            .await
+            .map_err(|e| self.model_error(e.to_string()))?
+            .map_err(|e| self.model_error(e.to_string()))?;
+        use std::sync::atomic::Ordering::Relaxed;
+        stats.prompt_tokens.fetch_add(answer.prompt_tokens as u64, Relaxed);
+        stats
+            .completion_tokens
+            .fetch_add(answer.completion_tokens as u64, Relaxed);
+        Ok(answer.text)
+    }
+}
