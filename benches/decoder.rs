@@ -42,7 +42,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let home = assets::home_dir();
-    assets::pull(&home, &mut |l| eprintln!("{l}")).expect("assets");
+    if std::env::var_os("ORT_DYLIB_PATH").is_none() {
+        assets::pull(&home, &mut |l| eprintln!("{l}")).expect("assets");
+    }
     let dir: PathBuf = match std::env::var_os("MKFLOW_BENCH_DECODER") {
         Some(d) => d.into(),
         None => llm_assets::pull_llm(&home, &mut |l| eprintln!("{l}")).expect("local LLM"),

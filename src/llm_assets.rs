@@ -64,6 +64,9 @@ pub fn pull_llm(home: &Path, say: &mut dyn FnMut(&str)) -> Result<PathBuf, Asset
     )?;
     let _ = fs::remove_file(stamp_path(&gguf));
     let _ = fs::remove_file(&gguf);
+    if let Some(download_dir) = gguf.parent() {
+        let _ = fs::remove_dir(download_dir);
+    }
     Ok(out)
 }
 

@@ -86,8 +86,27 @@ fn fixture() -> Fixture {
     }
 }
 
+/// The ONNX Runtime library: `ORT_DYLIB_PATH` (e.g. onnxruntime-gpu's), else the pulled one.
 fn onnx_runtime() -> PathBuf {
-    assets::onnx_runtime_path(&common::assets_home())
+    match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(path) => path.into(),
+        None => assets::onnx_runtime_path(&common::assets_home()),
+    }
+}
+
+/// Where the parity tests run: `MKFLOW_TEST_DEVICE=cuda` runs them on the GPU, and then a
+/// fallback to the CPU fails them.
+fn device() -> Device {
+    match std::env::var("MKFLOW_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::Cuda,
+        _ => Device::Cpu,
+    }
+}
+
+fn load(export: &Path, graph: Graph) -> DecoderModel {
+    let model = DecoderModel::load(export, graph, 2, device(), Some(&onnx_runtime())).unwrap();
+    assert_eq!(model.device(), device(), "the model fell back to another device");
+    model
 }
 
 fn token_ids(export: &Path, texts: &[&str]) -> Vec<Vec<u32>> {
@@ -119,7 +138,7 @@ fn reference_vectors(reference: &Value, steps: usize) -> Vec<Vec<f64>> {
 #[test]
 fn latent_embeddings_match_the_reference_for_0_1_and_3_steps() {
     let fx = fixture();
-    let model = DecoderModel::load(&fx.export, Graph::Latent, 2, Device::Cpu, Some(&onnx_runtime())).unwrap();
+    let model = load(&fx.export, Graph::Latent);
     let ids = token_ids(&fx.export, &TEXTS);
     let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let hidden = model.config().hidden_size;
@@ -147,7 +166,7 @@ fn latent_embeddings_match_the_reference_for_0_1_and_3_steps() {
 #[test]
 fn greedy_generation_matches_the_reference_token_for_token() {
     let fx = fixture();
-    let model = DecoderModel::load(&fx.export, Graph::Generation, 2, Device::Cpu, Some(&onnx_runtime())).unwrap();
+    let model = load(&fx.export, Graph::Generation);
     let ids = token_ids(&fx.export, &PROMPTS);
     let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let sampling = Sampling {

@@ -24,6 +24,19 @@ CORPUS = [
     "0123456789 numbers, punctuation; quotes 'like this' and (parentheses)!",
 ]
 
+# Qwen3-0.6B's shapes (LaSER's smallest backbone), for benchmarks with random weights.
+QWEN3_06B = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "vocab_size": 151936,
+}
+
 CONFIG = {
     "architectures": ["Qwen3ForCausalLM"],
     "model_type": "qwen3",
@@ -59,11 +72,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--shape",
+        choices=["tiny", "qwen3-0.6b"],
+        default="tiny",
+        help="tiny (parity tests) or Qwen3-0.6B's shapes with random weights (benchmarks)",
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     tok = tokenizer(384)
     tok.save(os.path.join(args.out, "tokenizer.json"))
     config = dict(CONFIG, vocab_size=tok.get_vocab_size(), eos_token_id=tok.token_to_id("<|im_end|>"))
+    if args.shape == "qwen3-0.6b":
+        config.update(QWEN3_06B)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -71,8 +92,11 @@ def main():
     H, D, I = config["hidden_size"], config["head_dim"], config["intermediate_size"]
     NH, KV, V = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
 
+    # Benchmark-sized weights keep the usual small scale (only their shapes matter there).
+    scale = 1.0 if args.shape == "tiny" else 0.1
+
     def normal(*shape, std):
-        return rng.normal(0.0, std, size=shape).astype(np.float32)
+        return (rng.standard_normal(size=shape, dtype=np.float32) * np.float32(std * scale))
 
     def norm_weight(n):
         return (1.0 + rng.normal(0.0, 0.1, size=n)).astype(np.float32)

@@ -18,18 +18,32 @@ use super::generator::{ClusterBrief, ClusterDigest, Document, GenerationError, G
 use super::prompts::{self, Message};
 use super::schema::MetadataSchema;
 
+/// What a prompt asks the model to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AnswerFormat {
+    /// Free text.
+    Text,
+    /// A JSON object that opens with `start` (e.g. `{"queries": [`). Backends that can prefill
+    /// the assistant's turn start the answer there, which holds small models to the shape asked
+    /// for; the others ask for JSON their own way.
+    Json {
+        /// The opening of the expected object.
+        start: &'static str,
+    },
+}
+
 /// A chat model: answers a conversation.
 #[async_trait]
 pub trait ChatBackend: Send + Sync + Debug {
     /// A name for messages and cache keys (e.g. `openai:gpt-4o-mini`, `local:smollm2-135m`).
     fn name(&self) -> String;
 
-    /// The answer to `messages`; `json_answer` says a JSON object is expected. Backends count
-    /// their requests, retries and tokens in `stats`.
+    /// The answer to `messages`, in `format`. Backends count their requests, retries and
+    /// tokens in `stats`.
     async fn complete(
         &self,
         messages: &[Message],
-        json_answer: bool,
+        format: AnswerFormat,
         stats: &GenerationStats,
     ) -> Result<String, GenerationError>;
 }
@@ -142,16 +156,16 @@ impl<B: ChatBackend> ChatGenerator<B> {
     }
 
     /// One answer (from the cache when this model saw this conversation before).
-    async fn chat(&self, messages: &[Message], json_answer: bool) -> Result<String, GenerationError> {
+    async fn chat(&self, messages: &[Message], format: AnswerFormat) -> Result<String, GenerationError> {
         let request = serde_json::to_string(messages).expect("messages serialise");
         let key = hex(&Sha256::digest(
-            format!("{}\n{json_answer}\n{request}", self.backend.name()).as_bytes(),
+            format!("{}\n{format:?}\n{request}", self.backend.name()).as_bytes(),
         ));
         if let Some(content) = self.cache.get(&key) {
             GenerationStats::bump(&self.stats.cache_hits);
             return Ok(content);
         }
-        let content = self.backend.complete(messages, json_answer, &self.stats).await?;
+        let content = self.backend.complete(messages, format, &self.stats).await?;
         self.cache.put(key, content.clone());
         Ok(content)
     }
@@ -160,18 +174,19 @@ impl<B: ChatBackend> ChatGenerator<B> {
     async fn ask<T>(
         &self,
         mut messages: Vec<Message>,
+        format: AnswerFormat,
         parse: impl Fn(&str) -> Result<T, String>,
     ) -> Result<T, GenerationError> {
         GenerationStats::bump(&self.stats.calls);
         let result = async {
-            let content = self.chat(&messages, true).await?;
+            let content = self.chat(&messages, format).await?;
             match parse(&content) {
                 Ok(v) => Ok(v),
                 Err(first) => {
                     GenerationStats::bump(&self.stats.invalid_outputs);
                     messages.push(Message::new("assistant", content));
                     messages.push(prompts::correction(&first));
-                    let content = self.chat(&messages, true).await?;
+                    let content = self.chat(&messages, format).await?;
                     parse(&content).map_err(|second| {
                         GenerationStats::bump(&self.stats.invalid_outputs);
                         self.invalid(format!("{second} (after a corrective retry; first: {first})"))
@@ -204,7 +219,11 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
             .iter()
             .map(|d| {
                 let messages = prompts::prepare(schema, d, max);
-                Box::pin(self.ask(messages, move |c: &str| prompts::parse_prepared(schema, c, max))) as Pending<'_, _>
+                let format = AnswerFormat::Json {
+                    start: prompts::PREPARE_ANSWER_START,
+                };
+                Box::pin(self.ask(messages, format, move |c: &str| prompts::parse_prepared(schema, c, max)))
+                    as Pending<'_, _>
             })
             .collect();
         // Backends bound their own requests; this only bounds pending futures.
@@ -216,14 +235,17 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
 
     async fn summarize(&self, cluster: &ClusterDigest) -> Result<String, GenerationError> {
         GenerationStats::bump(&self.stats.calls);
-        let result = self.chat(&prompts::summarize(cluster), false).await.and_then(|s| {
-            let s = s.trim().to_string();
-            if s.is_empty() {
-                Err(self.invalid("empty summary".into()))
-            } else {
-                Ok(s)
-            }
-        });
+        let result = self
+            .chat(&prompts::summarize(cluster), AnswerFormat::Text)
+            .await
+            .and_then(|s| {
+                let s = s.trim().to_string();
+                if s.is_empty() {
+                    Err(self.invalid("empty summary".into()))
+                } else {
+                    Ok(s)
+                }
+            });
         if result.is_err() {
             GenerationStats::bump(&self.stats.errors);
         }
@@ -232,7 +254,10 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
 
     async fn rewrite(&self, query: &str, clusters: &[ClusterBrief]) -> Result<Vec<String>, GenerationError> {
         let count = self.limits.rewrite_queries;
-        self.ask(prompts::rewrite(query, clusters, count), |c| {
+        let format = AnswerFormat::Json {
+            start: prompts::REWRITE_ANSWER_START,
+        };
+        self.ask(prompts::rewrite(query, clusters, count), format, |c| {
             prompts::parse_rewrite(c, count)
         })
         .await

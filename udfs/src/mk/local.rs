@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
-use super::chat::{ChatBackend, ChatGenerator, ChatLimits};
+use super::chat::{AnswerFormat, ChatBackend, ChatGenerator, ChatLimits};
 use super::generator::{GenerationError, GenerationStats};
 use super::prompts::Message;
 use super::schema::MetadataSchema;
@@ -114,7 +114,7 @@ impl ChatBackend for LocalBackend {
     async fn complete(
         &self,
         messages: &[Message],
-        json_answer: bool,
+        format: AnswerFormat,
         stats: &GenerationStats,
     ) -> Result<String, GenerationError> {
         let llm = self.llm().await?;
@@ -125,8 +125,11 @@ impl ChatBackend for LocalBackend {
         };
         let messages = messages.to_vec();
         GenerationStats::bump(&stats.requests);
-        // Opening the answer with `{` holds even a small model to the JSON object asked for.
-        let prefix = if json_answer { "{" } else { "" };
+        // Opening the answer as the prompt asks holds even a small model to the JSON shape.
+        let prefix = match format {
+            AnswerFormat::Json { start } => start,
+            AnswerFormat::Text => "",
+        };
         let answer = tokio::task::spawn_blocking(move || llm.chat(&messages, prefix, &sampling))
             .await
             .map_err(|e| self.model_error(e.to_string()))?

@@ -20,7 +20,7 @@ mod schema;
 pub mod text;
 mod udf;
 
-pub use chat::{ChatBackend, ChatGenerator, ChatLimits};
+pub use chat::{AnswerFormat, ChatBackend, ChatGenerator, ChatLimits};
 pub use embedded::EmbeddedGenerator;
 pub use generator::{
     ClusterBrief, ClusterDigest, Document, FailureLog, GenerationCounts, GenerationError, GenerationStats, Generator,

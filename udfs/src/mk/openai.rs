@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use super::chat::{ChatBackend, ChatGenerator, ChatLimits};
+use super::chat::{AnswerFormat, ChatBackend, ChatGenerator, ChatLimits};
 use super::generator::{GenerationError, GenerationStats};
 use super::prompts::Message;
 use super::schema::MetadataSchema;
@@ -96,7 +96,7 @@ impl ChatBackend for OpenAiBackend {
     async fn complete(
         &self,
         messages: &[Message],
-        json_answer: bool,
+        format: AnswerFormat,
         stats: &GenerationStats,
     ) -> Result<String, GenerationError> {
         let mut body = json!({
@@ -104,7 +104,7 @@ impl ChatBackend for OpenAiBackend {
             "messages": messages,
             "temperature": 0,
         });
-        if json_answer && self.settings.json_mode {
+        if matches!(format, AnswerFormat::Json { .. }) && self.settings.json_mode {
             body["response_format"] = json!({"type": "json_object"});
         }
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");

@@ -26,6 +26,12 @@ impl Message {
     }
 }
 
+/// How a prepare answer opens (`{"metadata": {…}, "qa": […]}`).
+pub const PREPARE_ANSWER_START: &str = "{\"metadata\": {";
+
+/// How a rewrite answer opens (`{"queries": […]}`).
+pub const REWRITE_ANSWER_START: &str = "{\"queries\": [\"";
+
 /// Longest document text sent to a model (characters); longer texts are cut.
 const MAX_DOCUMENT_CHARS: usize = 12_000;
 
