@@ -1,8 +1,9 @@
-//! The decoder runtime against an independent reference: a tiny randomly initialised
-//! Qwen3-architecture checkpoint (`tests/reference/tiny_qwen3.py`) is exported by the repo's
-//! exporter (`scripts/export_decoder.py`), and mkflow's LaSER embeddings and greedy tokens are
-//! compared with a numpy float64 implementation written from the published description
+//! The decoder runtime against an independent reference: tiny randomly initialised Qwen3, Qwen2
+//! and Llama checkpoints (`tests/reference/tiny_decoder.py`) are exported by the repo's exporter
+//! (`scripts/export_decoder.py`), and mkflow's LaSER embeddings and greedy tokens are compared
+//! with a numpy float64 implementation written from the published description
 //! (`tests/reference/laser_reference.py`: one unpadded sequence at a time, no KV cache).
+//! `MKFLOW_TEST_DEVICE=cuda` runs the comparisons on a GPU.
 
 mod common;
 
@@ -55,11 +56,17 @@ struct Fixture {
     reference: Value,
 }
 
-fn fixture() -> Fixture {
+/// A tiny checkpoint of `arch` (`qwen3`, `qwen2` or `llama`), exported, with the reference's answers.
+fn fixture(arch: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
     let export = dir.path().join("onnx");
-    python(&[repo().join("tests/reference/tiny_qwen3.py").as_os_str(), hf.as_os_str()]);
+    python(&[
+        repo().join("tests/reference/tiny_decoder.py").as_os_str(),
+        hf.as_os_str(),
+        "--arch".as_ref(),
+        arch.as_ref(),
+    ]);
     python(&[
         repo().join("scripts/export_decoder.py").as_os_str(),
         "--hf".as_ref(),
@@ -137,7 +144,24 @@ fn reference_vectors(reference: &Value, steps: usize) -> Vec<Vec<f64>> {
 
 #[test]
 fn latent_embeddings_match_the_reference_for_0_1_and_3_steps() {
-    let fx = fixture();
+    check_latent_embeddings(&fixture("qwen3"));
+}
+
+#[test]
+fn greedy_generation_matches_the_reference_token_for_token() {
+    check_greedy_generation(&fixture("qwen3"));
+}
+
+#[test]
+fn qwen2_and_llama_exports_match_the_reference_too() {
+    for arch in ["qwen2", "llama"] {
+        let fx = fixture(arch);
+        check_latent_embeddings(&fx);
+        check_greedy_generation(&fx);
+    }
+}
+
+fn check_latent_embeddings(fx: &Fixture) {
     let model = load(&fx.export, Graph::Latent);
     let ids = token_ids(&fx.export, &TEXTS);
     let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
@@ -149,7 +173,12 @@ fn latent_embeddings_match_the_reference_for_0_1_and_3_steps() {
         let expected = reference_vectors(&fx.reference, steps);
         for (i, (got, want)) in vectors.chunks(hidden).zip(&expected).enumerate() {
             let cos = cosine(&normalized(got), want);
-            assert!(cos >= 0.9999, "K={steps}, text {i} ({:?}): cosine {cos}", TEXTS[i]);
+            assert!(
+                cos >= 0.9999,
+                "{}: K={steps}, text {i} ({:?}): cosine {cos}",
+                fx.export.display(),
+                TEXTS[i]
+            );
         }
         by_steps.push(expected);
     }
@@ -163,9 +192,7 @@ fn latent_embeddings_match_the_reference_for_0_1_and_3_steps() {
     assert!(cos >= 0.99999, "alone vs batched: {cos}");
 }
 
-#[test]
-fn greedy_generation_matches_the_reference_token_for_token() {
-    let fx = fixture();
+fn check_greedy_generation(fx: &Fixture) {
     let model = load(&fx.export, Graph::Generation);
     let ids = token_ids(&fx.export, &PROMPTS);
     let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
@@ -218,7 +245,7 @@ fn greedy_generation_matches_the_reference_token_for_token() {
 
 #[tokio::test]
 async fn embed_uses_a_laser_model_from_the_mkflow_home() {
-    let fx = fixture();
+    let fx = fixture("qwen3");
     // A home with the real runtime and default model, plus the exported LaSER model.
     let real = common::assets_home();
     let home = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""An independent numpy (float64) implementation of Qwen3 inference, LaSER latent-reasoning
-embeddings and greedy decoding, written from their published description; the decoder parity
-tests compare mkflow's ONNX runtime against it.
+"""An independent numpy (float64) implementation of Llama / Qwen2 / Qwen3 inference, LaSER
+latent-reasoning embeddings and greedy decoding, written from their published description; the
+decoder parity tests compare mkflow's ONNX runtime against it.
 
 It reads the Hugging Face checkpoint directly (safetensors + config.json, not the exported ONNX
 graph), runs one unpadded sequence at a time and recomputes the whole sequence at every step
@@ -27,7 +27,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 
-class Qwen3:
+class Decoder:
     def __init__(self, directory):
         with open(os.path.join(directory, "config.json")) as f:
             self.cfg = json.load(f)
@@ -53,7 +53,19 @@ class Qwen3:
     def forward(self, embeds):
         """Final-norm hidden states [S, H] of one sequence of input embeddings [S, H]."""
         c = self.cfg
-        nh, kv, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+        nh, kv = c["num_attention_heads"], c["num_key_value_heads"]
+        d = c.get("head_dim") or c["hidden_size"] // nh
+        w = self.w
+
+        def project(h, name, heads):
+            y = h @ w[name + ".weight"].T
+            if name + ".bias" in w:  # Qwen2
+                y = y + w[name + ".bias"]
+            return y.reshape(s, heads, d)
+
+        def head_norm(t, name):  # Qwen3's per-head RMSNorm of queries and keys
+            return self.rms_norm(t, w[name]) if name in w else t
+
         s = embeds.shape[0]
         positions = np.arange(s, dtype=np.float64)
         causal = np.tril(np.ones((s, s), dtype=bool))
@@ -61,12 +73,9 @@ class Qwen3:
         for i in range(c["num_hidden_layers"]):
             p = f"layers.{i}."
             h = self.rms_norm(x, self.w[p + "input_layernorm.weight"])
-            q = (h @ self.w[p + "self_attn.q_proj.weight"].T).reshape(s, nh, d)
-            k = (h @ self.w[p + "self_attn.k_proj.weight"].T).reshape(s, kv, d)
-            v = (h @ self.w[p + "self_attn.v_proj.weight"].T).reshape(s, kv, d)
-            q = self.rms_norm(q, self.w[p + "self_attn.q_norm.weight"]).transpose(1, 0, 2)
-            k = self.rms_norm(k, self.w[p + "self_attn.k_norm.weight"]).transpose(1, 0, 2)
-            v = v.transpose(1, 0, 2)
+            q = head_norm(project(h, p + "self_attn.q_proj", nh), p + "self_attn.q_norm.weight").transpose(1, 0, 2)
+            k = head_norm(project(h, p + "self_attn.k_proj", kv), p + "self_attn.k_norm.weight").transpose(1, 0, 2)
+            v = project(h, p + "self_attn.v_proj", kv).transpose(1, 0, 2)
             q, k = self.rope(q, positions), self.rope(k, positions)
             heads = []
             for head in range(nh):
@@ -118,7 +127,7 @@ def main():
     directory, request_path = sys.argv[1], sys.argv[2]
     with open(request_path) as f:
         request = json.load(f)
-    model = Qwen3(directory)
+    model = Decoder(directory)
     tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     ids = [tokenizer.encode(t).ids for t in request["texts"]]
     answer = {

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Writes a tiny randomly initialised Qwen3-architecture checkpoint in Hugging Face format
-(config.json, model.safetensors, tokenizer.json) for the decoder parity tests.
+"""Writes a tiny randomly initialised decoder checkpoint in Hugging Face format (config.json,
+model.safetensors, tokenizer.json) for the decoder parity tests: Qwen3 (per-head q/k norms, a
+head width that differs from hidden/heads, tied embeddings), Qwen2 (q/k/v biases) or Llama (an
+untied output head).
 
-Usage: tiny_qwen3.py OUT_DIR [--seed N]
+Usage: tiny_decoder.py OUT_DIR [--arch qwen3|qwen2|llama] [--shape tiny|qwen3-0.6b] [--seed N]
 """
 
 import argparse
@@ -72,6 +74,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--arch", choices=["qwen3", "qwen2", "llama"], default="qwen3")
     parser.add_argument(
         "--shape",
         choices=["tiny", "qwen3-0.6b"],
@@ -85,11 +88,19 @@ def main():
     config = dict(CONFIG, vocab_size=tok.get_vocab_size(), eos_token_id=tok.token_to_id("<|im_end|>"))
     if args.shape == "qwen3-0.6b":
         config.update(QWEN3_06B)
+    if args.arch == "qwen2":
+        config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    elif args.arch == "llama":
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False)
+    if args.arch != "qwen3":
+        # These families have no head_dim setting: heads split the hidden width.
+        del config["head_dim"]
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
     rng = np.random.default_rng(args.seed)
-    H, D, I = config["hidden_size"], config["head_dim"], config["intermediate_size"]
+    H, I = config["hidden_size"], config["intermediate_size"]
+    D = config.get("head_dim") or H // config["num_attention_heads"]
     NH, KV, V = config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]
 
     # Benchmark-sized weights keep the usual small scale (only their shapes matter there).
@@ -114,13 +125,19 @@ def main():
                 p + "self_attn.k_proj.weight": normal(KV * D, H, std=0.15),
                 p + "self_attn.v_proj.weight": normal(KV * D, H, std=0.15),
                 p + "self_attn.o_proj.weight": normal(H, NH * D, std=0.15),
-                p + "self_attn.q_norm.weight": norm_weight(D),
-                p + "self_attn.k_norm.weight": norm_weight(D),
                 p + "mlp.gate_proj.weight": normal(I, H, std=0.15),
                 p + "mlp.up_proj.weight": normal(I, H, std=0.15),
                 p + "mlp.down_proj.weight": normal(H, I, std=0.15),
             }
         )
+        if args.arch == "qwen3":
+            weights[p + "self_attn.q_norm.weight"] = norm_weight(D)
+            weights[p + "self_attn.k_norm.weight"] = norm_weight(D)
+        if args.arch == "qwen2":
+            for name, width in (("q", NH * D), ("k", KV * D), ("v", KV * D)):
+                weights[p + f"self_attn.{name}_proj.bias"] = normal(width, std=0.1)
+    if not config["tie_word_embeddings"]:
+        weights["lm_head.weight"] = normal(V, H, std=0.5)
     save_file(weights, os.path.join(args.out, "model.safetensors"))
 
 
