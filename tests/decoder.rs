@@ -39,11 +39,12 @@ fn repo() -> &'static Path {
 }
 
 fn python(args: &[&std::ffi::OsStr]) -> Vec<u8> {
+    common::python_packages();
     let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
     let output = Command::new(&python).args(args).output().expect("python3 runs");
     assert!(
         output.status.success(),
-        "{python} {args:?} failed (the decoder tests need: pip install numpy onnx safetensors tokenizers gguf):\n{}",
+        "{python} {args:?} failed:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     output.stdout
@@ -235,12 +236,28 @@ fn check_greedy_generation(fx: &Fixture) {
             max_new_tokens: NEW_TOKENS,
             temperature: 5.0,
             seed,
-            stop_tokens: Vec::new(),
+            ..Sampling::default()
         };
         model.generate(&batch, &sampling).unwrap()
     };
     assert_eq!(hot(11), hot(11));
     assert_ne!(hot(11), generated);
+    // No run of 2 tokens repeats when that is asked for.
+    let varied = model
+        .generate(
+            &batch,
+            &Sampling {
+                max_new_tokens: NEW_TOKENS,
+                no_repeat_ngram: 2,
+                ..Sampling::default()
+            },
+        )
+        .unwrap();
+    for g in &varied {
+        let pairs: Vec<&[u32]> = g.tokens.windows(2).collect();
+        let distinct: std::collections::HashSet<&[u32]> = pairs.iter().copied().collect();
+        assert_eq!(distinct.len(), pairs.len(), "{:?}", g.tokens);
+    }
 }
 
 #[tokio::test]

@@ -95,3 +95,42 @@ pub fn single_int(batches: &[RecordBatch]) -> i64 {
 pub fn row_count(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
 }
+
+/// Python packages the decoder exporter and the numpy reference need (pinned where it matters).
+pub const PYTHON_PACKAGES: &[&str] = &[
+    "numpy",
+    "onnx==1.23.2",
+    "safetensors==0.8.0",
+    "gguf==0.19.0",
+    "tokenizers==0.23.3",
+];
+
+/// Installs [`PYTHON_PACKAGES`] with pip unless they import already (once per process).
+pub fn python_packages() {
+    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    READY.get_or_init(|| {
+        let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
+        let imports = std::process::Command::new(&python)
+            .args(["-c", "import numpy, onnx, safetensors, gguf, tokenizers"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if imports {
+            return;
+        }
+        eprintln!("installing {} with pip", PYTHON_PACKAGES.join(" "));
+        let install = |extra: &[&str]| {
+            std::process::Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                .args(extra)
+                .args(PYTHON_PACKAGES)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // Debian's system Python refuses installs without this flag.
+        assert!(
+            install(&[]) || install(&["--break-system-packages"]),
+            "pip install {} failed",
+            PYTHON_PACKAGES.join(" ")
+        );
+    });
+}

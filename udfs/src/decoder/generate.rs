@@ -17,6 +17,9 @@ pub struct Sampling {
     /// Tokens that end a sequence (not included in its output); the model's own end-of-sequence
     /// tokens are always added.
     pub stop_tokens: Vec<u32>,
+    /// When above 0, no run of this many tokens appears twice in a generated sequence (the token
+    /// that would repeat one is never chosen): it breaks the loops small models fall into.
+    pub no_repeat_ngram: usize,
 }
 
 impl Default for Sampling {
@@ -26,6 +29,7 @@ impl Default for Sampling {
             temperature: 0.0,
             seed: 0,
             stop_tokens: Vec::new(),
+            no_repeat_ngram: 0,
         }
     }
 }
@@ -72,7 +76,10 @@ impl DecoderModel {
                 .zip(&out)
                 .map(|(row, g)| match g.stopped {
                     true => 0,
-                    false => choose(row, sampling.temperature, &mut rng),
+                    false => {
+                        let banned = repeating_tokens(&g.tokens, sampling.no_repeat_ngram);
+                        choose(row, &banned, sampling.temperature, &mut rng)
+                    }
                 })
                 .collect();
             for (g, &token) in out.iter_mut().zip(&next) {
@@ -94,18 +101,41 @@ impl DecoderModel {
     }
 }
 
-/// The token for one row of logits: the most likely one at temperature 0, else a sample.
-fn choose(logits: &[f32], temperature: f32, rng: &mut SplitMix64) -> u32 {
-    let best = logits.iter().enumerate().fold(
-        (0, f32::NEG_INFINITY),
-        |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc },
-    );
+/// Tokens that would complete an `n`-token run already present in `tokens`.
+fn repeating_tokens(tokens: &[u32], n: usize) -> Vec<u32> {
+    if n == 0 || tokens.len() < n {
+        return Vec::new();
+    }
+    let prefix = &tokens[tokens.len() - (n - 1)..];
+    tokens
+        .windows(n)
+        .filter(|w| &w[..n - 1] == prefix)
+        .map(|w| w[n - 1])
+        .collect()
+}
+
+/// The token for one row of logits, never one of `banned`: the most likely one at temperature
+/// 0, else a sample.
+fn choose(logits: &[f32], banned: &[u32], temperature: f32, rng: &mut SplitMix64) -> u32 {
+    let allowed = |i: usize| !banned.contains(&(i as u32));
+    let best = logits
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| allowed(*i))
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |acc, (i, &l)| if l > acc.1 { (i, l) } else { acc },
+        );
     if temperature <= 0.0 {
         return best.0 as u32;
     }
     let weights: Vec<f64> = logits
         .iter()
-        .map(|&l| (((l - best.1) / temperature) as f64).exp())
+        .enumerate()
+        .map(|(i, &l)| match allowed(i) {
+            true => (((l - best.1) / temperature) as f64).exp(),
+            false => 0.0,
+        })
         .collect();
     let mut target = rng.next_f64() * weights.iter().sum::<f64>();
     for (i, w) in weights.iter().enumerate() {
@@ -143,10 +173,11 @@ mod tests {
     fn greedy_takes_the_largest_logit_and_sampling_follows_the_distribution() {
         let logits = [0.0, 3.0, 1.0];
         let mut rng = SplitMix64(1);
-        assert_eq!(choose(&logits, 0.0, &mut rng), 1);
+        assert_eq!(choose(&logits, &[], 0.0, &mut rng), 1);
+        assert_eq!(choose(&logits, &[1], 0.0, &mut rng), 2);
         let mut counts = [0usize; 3];
         for _ in 0..4000 {
-            counts[choose(&logits, 1.0, &mut rng) as usize] += 1;
+            counts[choose(&logits, &[], 1.0, &mut rng) as usize] += 1;
         }
         // softmax([0, 3, 1]) = [0.042, 0.844, 0.114]
         assert!((3200..3550).contains(&counts[1]), "{counts:?}");
@@ -155,9 +186,20 @@ mod tests {
         // A high temperature flattens it.
         let mut hot = [0usize; 3];
         for _ in 0..3000 {
-            hot[choose(&logits, 100.0, &mut rng) as usize] += 1;
+            hot[choose(&logits, &[], 100.0, &mut rng) as usize] += 1;
         }
         assert!(hot.iter().all(|&c| c > 850), "{hot:?}");
+        // A banned token is never sampled.
+        assert!((0..500).all(|_| choose(&logits, &[1], 1.0, &mut rng) != 1));
+    }
+
+    #[test]
+    fn repeated_runs_are_banned() {
+        // "a b c a b" → choosing c would repeat the run "a b c".
+        assert_eq!(repeating_tokens(&[1, 2, 3, 1, 2], 3), vec![3]);
+        assert_eq!(repeating_tokens(&[1, 2, 3, 1, 2], 0), Vec::<u32>::new());
+        assert_eq!(repeating_tokens(&[1, 2], 3), Vec::<u32>::new());
+        assert_eq!(repeating_tokens(&[5, 5, 5], 2), vec![5, 5]);
     }
 
     #[test]

@@ -15,6 +15,10 @@ use super::schema::MetadataSchema;
 use crate::decoder::{LocalLlm, Sampling};
 use crate::runtime::Device;
 
+/// No run of this many tokens repeats in a local answer: long enough for JSON's recurring
+/// `"}, {"question": "` glue, short enough to stop a small model's phrase loops early.
+const NO_REPEAT_NGRAM: usize = 12;
+
 /// Which local model and how it generates.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalSettings {
@@ -121,6 +125,7 @@ impl ChatBackend for LocalBackend {
         let sampling = Sampling {
             max_new_tokens: self.settings.max_new_tokens,
             temperature: self.settings.temperature,
+            no_repeat_ngram: NO_REPEAT_NGRAM,
             ..Sampling::default()
         };
         let messages = messages.to_vec();

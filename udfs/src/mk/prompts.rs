@@ -211,7 +211,8 @@ pub fn correction(error: &str) -> Message {
     )
 }
 
-/// Parses a JSON object from a model answer, tolerating Markdown code fences and prose around it.
+/// Parses a JSON object from a model answer, tolerating Markdown code fences and prose around it,
+/// and trailing commas (`[1, 2,]`), which small models often write.
 pub fn parse_json(content: &str) -> Result<Value, String> {
     let trimmed = content.trim();
     if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
@@ -220,9 +221,37 @@ pub fn parse_json(content: &str) -> Result<Value, String> {
     let start = trimmed.find('{');
     let end = trimmed.rfind('}');
     match (start, end) {
-        (Some(s), Some(e)) if e > s => serde_json::from_str(&trimmed[s..=e]).map_err(|e| format!("invalid JSON: {e}")),
+        (Some(s), Some(e)) if e > s => {
+            let object = &trimmed[s..=e];
+            serde_json::from_str(object)
+                .or_else(|first| serde_json::from_str(&without_trailing_commas(object)).map_err(|_| first))
+                .map_err(|e| format!("invalid JSON: {e}"))
+        }
         _ => Err("the answer holds no JSON object".into()),
     }
+}
+
+/// `text` without the commas that directly precede a closing `]` or `}` (outside strings).
+fn without_trailing_commas(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for (i, &c) in chars.iter().enumerate() {
+        if in_string {
+            in_string = !(c == '"' && !escaped);
+            escaped = c == '\\' && !escaped;
+        } else if c == '"' {
+            in_string = true;
+        } else if c == ',' {
+            let next = chars[i + 1..].iter().find(|c| !c.is_whitespace());
+            if matches!(next, Some(']') | Some('}')) {
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -269,6 +298,15 @@ mod tests {
         assert_eq!(
             parse_rewrite(r#"{"queries": ["a", " ", "b", "c"]}"#, 2).unwrap(),
             vec!["a", "b"]
+        );
+        // Trailing commas are forgiven, commas inside strings kept.
+        assert_eq!(
+            parse_rewrite(r#"{"queries": ["x, ]", "y",],}"#, 3).unwrap(),
+            vec!["x, ]", "y"]
+        );
+        assert_eq!(
+            without_trailing_commas(r#"{"a": "\",}", "b": [1 , ] ,}"#),
+            r#"{"a": "\",}", "b": [1  ] }"#
         );
     }
 }
