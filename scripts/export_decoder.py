@@ -580,6 +580,7 @@ def main(argv=None):
     parser.add_argument("--embedding-name", metavar="NAME", help="also write mkflow-model.json so embed() can use the model under NAME")
     parser.add_argument("--latent-steps", type=int, default=3, help="LaSER latent steps K for --embedding-name (0 = plain last-token)")
     parser.add_argument("--max-tokens", type=int, default=512, help="token limit for --embedding-name")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where --embedding-name runs (cuda falls back to cpu)")
     args = parser.parse_args(argv)
 
     os.makedirs(args.out, exist_ok=True)
@@ -600,6 +601,7 @@ def main(argv=None):
             "normalize": True,
             "max_tokens": args.max_tokens,
             "latent_steps": args.latent_steps,
+            "device": args.device,
         }
         with open(os.path.join(args.out, "mkflow-model.json"), "w") as f:
             json.dump(spec, f, indent=2)

@@ -32,6 +32,9 @@ Examples:
   mkflow sql \"SELECT doc_id, title, score FROM vector_search(kb, 'gene therapy', 5)\"
   mkflow shell                                  interactive SQL with history
   mkflow models pull                            fetch ONNX Runtime and the default model
+  mkflow models pull --llm                      also install a local LLM (SmolLM2-135M, offline MK)
+  mkflow models export --hf DIR --embedding-name laser --out ~/.cache/mkflow/models/laser
+                                                export a LaSER (Qwen3) checkpoint for embed()
   mkflow eval --dataset ../shared/data/beir/scifact   nDCG@10 / Recall@100 / MRR@10 per mode
 
 Knowledge indexes live in the data directory (--data-dir); each one is a table named after
@@ -342,18 +345,37 @@ async fn list_models(config: EngineConfig) -> anyhow::Result<()> {
     for model in engine.models().all() {
         let spec = model.spec();
         let present = spec.model_path.is_file() && spec.tokenizer_path.is_file();
+        let kind = match spec.latent_steps {
+            Some(steps) => format!("LaSER latent decoder, K = {steps}"),
+            None => format!("pooling {:?}", spec.pooling),
+        };
         println!(
-            "{:<24} {:>5} dims  pooling {:?}  max {} tokens  {}",
+            "{:<24} {:>5} dims  {kind}  max {} tokens  {}  {}",
             spec.name,
             spec.dimensions,
-            spec.pooling,
             spec.max_tokens,
+            spec.device,
             if present {
                 "installed"
             } else {
                 "missing (mkflow models pull)"
             }
         );
+    }
+    let llms = engine.config().home.join(assets::LOCAL_LLM_DIR);
+    for dir in std::fs::read_dir(&llms)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+    {
+        if let Ok(config) = mkflow_udfs::decoder::DecoderConfig::read(&dir) {
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            println!(
+                "{name:<24} local LLM ({}, {} layers, {})  SET mkflow.local_model = '{name}'",
+                config.architecture, config.num_layers, config.dtype
+            );
+        }
     }
     println!(
         "ONNX Runtime: {}",

@@ -76,3 +76,35 @@ impl DecoderConfig {
         self.dtype == "float16"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptions_are_read_and_bad_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = DecoderConfig::read(dir.path()).unwrap_err();
+        assert!(missing.contains("export_decoder.py"), "{missing}");
+        let path = dir.path().join(DECODER_CONFIG_FILE);
+        std::fs::write(
+            &path,
+            r#"{"format": 1, "architecture": "qwen3", "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+                "num_kv_heads": 2, "head_dim": 24, "vocab_size": 384, "max_position": 512, "dtype": "float16",
+                "eos_token_ids": [2]}"#,
+        )
+        .unwrap();
+        let config = DecoderConfig::read(dir.path()).unwrap();
+        assert!(config.half_precision());
+        assert_eq!(config.chat_template, None);
+        let newer = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(r#""format": 1"#, r#""format": 2"#);
+        std::fs::write(&path, newer).unwrap();
+        let err = DecoderConfig::read(dir.path()).unwrap_err();
+        assert!(err.contains("contract version 2 is not supported"), "{err}");
+        std::fs::write(&path, r#"{"format": 1}"#).unwrap();
+        let err = DecoderConfig::read(dir.path()).unwrap_err();
+        assert!(err.contains("not a decoder description"), "{err}");
+    }
+}

@@ -274,3 +274,53 @@ impl GeneratorRegistry {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::EmbeddingModelSpec;
+
+    fn registry(home: &Path) -> GeneratorRegistry {
+        let spec: EmbeddingModelSpec = serde_json::from_value(serde_json::json!({
+            "name": "m", "model_path": "m.onnx", "tokenizer_path": "t.json", "dimensions": 4,
+            "pooling": "mean", "normalize": true, "max_tokens": 8
+        }))
+        .unwrap();
+        GeneratorRegistry::new(Arc::new(LazyEmbedder::new(spec, None)), None)
+            .with_local_models(home.join("llms"), home.join("libonnxruntime.so"))
+    }
+
+    #[test]
+    fn local_generators_are_found_by_name_or_path_and_refused_with_a_hint() {
+        let home = tempfile::tempdir().unwrap();
+        let registry = registry(home.path());
+        let mut options = MkOptions {
+            generator: "local".into(),
+            ..MkOptions::default()
+        };
+        let missing = registry.generator(&options).unwrap_err();
+        assert!(missing.contains("mkflow models pull --llm"), "{missing}");
+        assert!(missing.contains(&home.path().join("llms/smollm2-135m-instruct").display().to_string()));
+
+        let dir = home.path().join("llms/smollm2-135m-instruct");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(crate::decoder::DECODER_CONFIG_FILE), "{}").unwrap();
+        let local = registry.generator(&options).unwrap();
+        assert_eq!(local.name(), "local:smollm2-135m-instruct");
+        // The same settings give the same generator; other settings another one.
+        assert!(Arc::ptr_eq(&local, &registry.generator(&options).unwrap()));
+        options.local_max_new_tokens = 64;
+        assert!(!Arc::ptr_eq(&local, &registry.generator(&options).unwrap()));
+
+        // A path works too.
+        let elsewhere = home.path().join("exports/qwen");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join(crate::decoder::DECODER_CONFIG_FILE), "{}").unwrap();
+        options.local_model = elsewhere.display().to_string();
+        assert_eq!(registry.generator(&options).unwrap().name(), "local:qwen");
+
+        options.local_device = "tpu".into();
+        let device = registry.generator(&options).unwrap_err();
+        assert!(device.contains("'cpu' or 'cuda', not 'tpu'"), "{device}");
+    }
+}
