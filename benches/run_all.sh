@@ -6,6 +6,8 @@
 # 3. ingest: mkflow vs a hand-written Python pipeline (onnxruntime + tokenizers + usearch)
 # 4. streaming: Kafka vs file ingestion throughput, produce-to-visible freshness (needs tansu:
 #    scripts/install-tansu.sh)
+# 5. decoder: LaSER latent (K=3) vs plain (K=0) encode at batch 1/8/32, generation tokens/s
+#    (SmolLM2-135M; pulled and exported on first use)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Dependencies are optimised in the dev profile (see Cargo.toml), so benchmarks reuse the test
@@ -15,3 +17,4 @@ cargo bench --profile dev --bench search
 benches/compare_python.sh data/sample/scifact-sample.jsonl 400
 bash scripts/install-tansu.sh
 cargo bench --profile dev --bench streaming
+cargo bench --profile dev --bench decoder
