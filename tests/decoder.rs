@@ -202,6 +202,8 @@ fn check_greedy_generation(fx: &Fixture) {
         ..Sampling::default()
     };
     let generated = model.generate(&batch, &sampling).unwrap();
+    let wrong_graph = model.latent_embeddings(&batch, 1).unwrap_err().to_string();
+    assert!(wrong_graph.contains("need the latent graph"), "{wrong_graph}");
     let eos = &model.config().eos_token_ids;
     for (i, (got, want)) in generated
         .iter()

@@ -47,10 +47,7 @@ impl DecoderModel {
     /// Continues each prompt (token ids; left-padded together into one batch).
     pub fn generate(&self, prompts: &[&[u32]], sampling: &Sampling) -> Result<Vec<Generated>, DecoderError> {
         if self.graph() != Graph::Generation {
-            return Err(DecoderError::Inference {
-                model: self.config().architecture.clone(),
-                message: "generation needs the generation graph (model.onnx)".into(),
-            });
+            return Err(self.inference_error("generation needs the generation graph (model.onnx)"));
         }
         let stop: HashSet<u32> = sampling
             .stop_tokens

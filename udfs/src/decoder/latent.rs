@@ -18,10 +18,7 @@ impl DecoderModel {
     /// row-major) after `steps` latent steps.
     pub fn latent_embeddings(&self, sequences: &[&[u32]], steps: usize) -> Result<Vec<f32>, DecoderError> {
         if self.graph() != Graph::Latent {
-            return Err(DecoderError::Inference {
-                model: self.config().architecture.clone(),
-                message: "latent embeddings need the latent graph (latent.onnx)".into(),
-            });
+            return Err(self.inference_error("latent embeddings need the latent graph (latent.onnx)"));
         }
         let mut session = self.lock();
         let (mut batch, first) = self.prefill(&mut session, sequences)?;

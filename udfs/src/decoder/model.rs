@@ -194,7 +194,7 @@ impl DecoderModel {
         Ok(())
     }
 
-    fn inference_error(&self, message: impl std::fmt::Display) -> DecoderError {
+    pub(super) fn inference_error(&self, message: impl std::fmt::Display) -> DecoderError {
         DecoderError::Inference {
             model: self.dir.display().to_string(),
             message: message.to_string(),
