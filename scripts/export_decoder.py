@@ -385,11 +385,12 @@ class GraphBuilder:
         return x if self.compute == np.float32 else self.op("Cast", [x], to=TensorProto.FLOAT)
 
     def rms_norm(self, x, weight, eps):
-        """RMSNorm computed in float32 whatever the compute dtype."""
+        """RMSNorm computed in float32 whatever the compute dtype, written as the
+        Pow/ReduceMean/Add/Sqrt/Div/Mul chain ONNX Runtime fuses into one SimplifiedLayerNormalization."""
         x32 = self.to_float(x)
-        mean_square = self.op("ReduceMean", [self.op("Mul", [x32, x32])], axes=[-1], keepdims=1)
-        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [mean_square, self.scalar(eps, np.float32)])])])
-        return self.op("Mul", [self.to_compute(self.op("Mul", [x32, inv])), weight])
+        mean_square = self.op("ReduceMean", [self.op("Pow", [x32, self.scalar(2.0, np.float32)])], axes=[-1], keepdims=1)
+        normed = self.op("Div", [x32, self.op("Sqrt", [self.op("Add", [mean_square, self.scalar(eps, np.float32)])])])
+        return self.op("Mul", [self.to_compute(normed), weight])
 
     def linear(self, x, weight_t, bias=None):
         y = self.op("MatMul", [x, weight_t])
