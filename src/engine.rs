@@ -12,7 +12,9 @@ use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
 use datafusion::prelude::SessionConfig;
 use datafusion::sql::parser::{DFParser, Statement};
 use mkflow_udfs::EmbedUdf;
-use mkflow_udfs::mk::{ClusterUdf, GeneratorRegistry, MkOptions, PrepareUdf, PreparedPart, Preparer, SummaryUdaf};
+use mkflow_udfs::mk::{
+    ClusterUdf, GenerationCounts, GeneratorRegistry, MkOptions, PrepareUdf, PreparedPart, Preparer, SummaryUdaf,
+};
 
 use crate::assets;
 use crate::index::{KnowledgeIndex, MANIFEST_FILE};
@@ -380,15 +382,16 @@ impl ScrapeSources for Engine {
             .collect()
     }
 
+    /// One entry per backend name: generators made for different settings of the same backend
+    /// (each `SET` that changes them makes one) add up, so every metric series is unique.
     fn generation_totals(&self) -> Vec<GenerationTotals> {
-        self.mk_services
-            .generators
-            .generators()
+        let mut by_name: std::collections::BTreeMap<String, GenerationCounts> = Default::default();
+        for generator in self.mk_services.generators.generators() {
+            *by_name.entry(generator.name()).or_default() += generator.stats().counts();
+        }
+        by_name
             .into_iter()
-            .map(|g| GenerationTotals {
-                generator: g.name(),
-                counts: g.stats().counts(),
-            })
+            .map(|(generator, counts)| GenerationTotals { generator, counts })
             .collect()
     }
 

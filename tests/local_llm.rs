@@ -27,6 +27,8 @@ fn the_local_llm_answers_through_its_chat_template() {
     let dir = local_llm_dir();
     let ort = assets::onnx_runtime_path(&assets_home());
     let llm = LocalLlm::load(&dir, 2, Device::Cpu, Some(&ort)).unwrap();
+    assert_eq!(llm.model().device(), Device::Cpu);
+    assert_eq!(llm.model().config().architecture, "llama");
     let messages = [Message::new(
         "user",
         "What is the capital of France? Answer in one short sentence.",

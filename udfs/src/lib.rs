@@ -1,10 +1,13 @@
 //! DataFusion user-defined functions of mkflow.
 //!
 //! This crate holds the "prepare" work that runs inside DataFusion plans:
-//! - [`embedding`]: text embeddings on ONNX Runtime (`embed(text)`), with token-budget batching.
+//! - [`embedding`]: text embeddings on ONNX Runtime (`embed(text)`), with token-budget batching;
+//!   encoder models or LaSER latent-reasoning decoders.
+//! - [`decoder`]: the decoder runtime (exported causal LMs with a KV cache): latent embeddings,
+//!   generation, chat templates, the local LLM.
 //! - [`mk`]: Meta-Knowledge preparation — metadata (`mk_metadata`), synthetic questions
 //!   (`mk_qa`), clusters (`mk_cluster`) and cluster summaries (`mk_summary`), on an embedded
-//!   generator or any OpenAI-compatible LLM endpoint.
+//!   generator, any OpenAI-compatible LLM endpoint or a local LLM.
 //!
 //! Every UDF works on Arrow arrays, so it composes with any DataFusion query or pipeline.
 

@@ -143,11 +143,6 @@ impl<B: ChatBackend> ChatGenerator<B> {
         }
     }
 
-    /// The backend.
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
     fn invalid(&self, message: String) -> GenerationError {
         GenerationError::InvalidOutput {
             backend: self.backend.name(),

@@ -136,6 +136,19 @@ pub struct GenerationCounts {
     pub completion_tokens: u64,
 }
 
+impl std::ops::AddAssign for GenerationCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.calls += other.calls;
+        self.requests += other.requests;
+        self.cache_hits += other.cache_hits;
+        self.retries += other.retries;
+        self.invalid_outputs += other.invalid_outputs;
+        self.errors += other.errors;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
 impl GenerationStats {
     /// Adds one to a counter.
     pub fn bump(counter: &AtomicU64) {
