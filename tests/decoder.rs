@@ -308,3 +308,18 @@ async fn embed_uses_a_laser_model_from_the_mkflow_home() {
     let cos = cosine(&normalized(&values), &reference_vectors(&fx.reference, 3)[1]);
     assert!(cos >= 0.9999, "embed() vs reference K=3: {cos}");
 }
+
+#[test]
+fn a_cuda_request_falls_back_to_the_cpu_when_cuda_cannot_start() {
+    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
+        return; // a GPU run (onnxruntime-gpu's library) starts CUDA instead
+    }
+    let fx = fixture("qwen3");
+    // The pulled ONNX Runtime library is the CPU build: CUDA cannot start, the model still loads.
+    let model = DecoderModel::load(&fx.export, Graph::Latent, 2, Device::Cuda, Some(&onnx_runtime())).unwrap();
+    assert_eq!(model.device(), Device::Cpu);
+    let ids = token_ids(&fx.export, &TEXTS[..1]);
+    let vector = model.latent_embeddings(&[&ids[0]], 3).unwrap();
+    let cos = cosine(&normalized(&vector), &reference_vectors(&fx.reference, 3)[0]);
+    assert!(cos >= 0.9999, "{cos}");
+}
