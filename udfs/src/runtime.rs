@@ -66,6 +66,15 @@ pub fn init_onnx_runtime(library: Option<&Path>) -> Result<&'static Environment,
     Ok(ENVIRONMENT.get_or_init(|| env))
 }
 
+/// Intra-op threads for ONNX Runtime: `requested`, or one per available core when it is 0.
+pub fn resolve_threads(requested: usize) -> usize {
+    if requested > 0 {
+        requested
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
 /// Where a model runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -55,10 +55,6 @@ pub struct EmbeddingModelSpec {
 impl EmbeddingModelSpec {
     /// The thread count to give ONNX Runtime, resolving 0 to the number of available cores.
     pub fn resolved_threads(&self) -> usize {
-        if self.intra_threads > 0 {
-            self.intra_threads
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        }
+        crate::runtime::resolve_threads(self.intra_threads)
     }
 }

@@ -13,7 +13,7 @@ use super::generator::{GenerationError, GenerationStats};
 use super::prompts::Message;
 use super::schema::MetadataSchema;
 use crate::decoder::{LocalLlm, Sampling};
-use crate::runtime::Device;
+use crate::runtime::{Device, resolve_threads};
 
 /// No run of this many tokens repeats in a local answer: long enough for JSON's recurring
 /// `"}, {"question": "` glue, short enough to stop a small model's phrase loops early.
@@ -79,15 +79,11 @@ impl LocalBackend {
     }
 
     /// The model, loaded (off the executor) on first use.
-    pub async fn llm(&self) -> Result<Arc<LocalLlm>, GenerationError> {
+    async fn llm(&self) -> Result<Arc<LocalLlm>, GenerationError> {
         self.llm
             .get_or_try_init(|| async {
                 let s = self.settings.clone();
-                let threads = if s.threads > 0 {
-                    s.threads
-                } else {
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
-                };
+                let threads = resolve_threads(s.threads);
                 tokio::task::spawn_blocking(move || {
                     LocalLlm::load(&s.model_dir, threads, s.device, s.onnx_runtime.as_deref())
                         .map(Arc::new)
