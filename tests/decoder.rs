@@ -204,6 +204,13 @@ fn check_greedy_generation(fx: &Fixture) {
     let generated = model.generate(&batch, &sampling).unwrap();
     let wrong_graph = model.latent_embeddings(&batch, 1).unwrap_err().to_string();
     assert!(wrong_graph.contains("need the latent graph"), "{wrong_graph}");
+    // An answer that could not fit the context is refused before any work.
+    let too_long = Sampling {
+        max_new_tokens: model.config().max_position,
+        ..Sampling::default()
+    };
+    let refused = model.generate(&batch, &too_long).unwrap_err().to_string();
+    assert!(refused.contains("exceeds the model's context"), "{refused}");
     let eos = &model.config().eos_token_ids;
     for (i, (got, want)) in generated
         .iter()

@@ -49,6 +49,15 @@ impl DecoderModel {
         if self.graph() != Graph::Generation {
             return Err(self.inference_error("generation needs the generation graph (model.onnx)"));
         }
+        // Refused before any work rather than after the context fills up mid-answer.
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let limit = self.config().max_position;
+        if longest + sampling.max_new_tokens > limit {
+            return Err(self.inference_error(format!(
+                "a prompt of {longest} tokens plus {} new ones exceeds the model's context of {limit}",
+                sampling.max_new_tokens
+            )));
+        }
         let stop: HashSet<u32> = sampling
             .stop_tokens
             .iter()

@@ -76,10 +76,7 @@ impl LocalLlm {
         self.tokenizer
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| DecoderError::Inference {
-                model: "tokenizer".into(),
-                message: e.to_string(),
-            })
+            .map_err(|e| self.model.inference_error(format!("tokenizer: {e}")))
     }
 
     /// Answers a conversation (`{role, content}` messages). The answer starts with
@@ -95,23 +92,9 @@ impl LocalLlm {
         let mut prompt = self
             .template
             .render(messages)
-            .map_err(|message| DecoderError::Inference {
-                model: "chat template".into(),
-                message,
-            })?;
+            .map_err(|message| self.model.inference_error(message))?;
         prompt.push_str(answer_prefix);
         let ids = self.tokenize(&prompt)?;
-        let limit = self.model.config().max_position;
-        if ids.len() + sampling.max_new_tokens > limit {
-            return Err(DecoderError::Inference {
-                model: "chat".into(),
-                message: format!(
-                    "a prompt of {} tokens plus {} new ones exceeds the model's context of {limit}",
-                    ids.len(),
-                    sampling.max_new_tokens
-                ),
-            });
-        }
         let mut sampling = sampling.clone();
         sampling.stop_tokens.extend(&self.stop_tokens);
         sampling.seed = sampling.seed.wrapping_add(self.calls.fetch_add(1, Ordering::Relaxed));
@@ -119,10 +102,7 @@ impl LocalLlm {
         let text = self
             .tokenizer
             .decode(&generated.tokens, true)
-            .map_err(|e| DecoderError::Inference {
-                model: "tokenizer".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.model.inference_error(format!("tokenizer: {e}")))?;
         Ok(ChatAnswer {
             text: format!("{answer_prefix}{text}"),
             prompt_tokens: ids.len(),

@@ -86,7 +86,6 @@ impl std::fmt::Debug for DecoderModel {
 
 /// The state of a batch of sequences between steps.
 pub(crate) struct Sequences {
-    rows: usize,
     /// Attention mask, one row per sequence, as wide as the cache plus the next step.
     mask: Vec<Vec<i64>>,
     /// Position the next entry of each row takes.
@@ -218,12 +217,6 @@ impl DecoderModel {
         if rows == 0 || prompts.iter().any(|p| p.is_empty()) {
             return Err(self.inference_error("every sequence needs at least one token"));
         }
-        if width > self.config.max_position {
-            return Err(self.inference_error(format!(
-                "{width} tokens exceed the model's context of {}",
-                self.config.max_position
-            )));
-        }
         let mut ids = Vec::with_capacity(rows * width);
         let mut positions = Vec::with_capacity(rows * width);
         let mut mask = Vec::with_capacity(rows);
@@ -245,7 +238,6 @@ impl DecoderModel {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.inference_error(e))?;
         let mut sequences = Sequences {
-            rows,
             mask,
             next_position: prompts.iter().map(|p| p.len() as i64).collect(),
             cache,
@@ -285,7 +277,7 @@ impl DecoderModel {
         (embeds, embeds_width): (&[f32], usize),
         positions: &[i64],
     ) -> Result<StepOutput, DecoderError> {
-        let rows = sequences.rows;
+        let rows = sequences.rows();
         let hidden_size = self.config.hidden_size;
         let total = sequences.mask[0].len();
         if total > self.config.max_position {
@@ -351,7 +343,7 @@ impl DecoderModel {
 impl Sequences {
     /// Number of sequences.
     pub(crate) fn rows(&self) -> usize {
-        self.rows
+        self.mask.len()
     }
 
     /// Makes room for one more entry per row; returns the entries' positions.
