@@ -49,10 +49,10 @@ fn main() {
         Some(d) => d.into(),
         None => llm_assets::pull_llm(&home, &mut |l| eprintln!("{l}")).expect("local LLM"),
     };
-    let device = match std::env::var("MKFLOW_BENCH_DEVICE").as_deref() {
-        Ok("cuda") => Device::Cuda,
-        _ => Device::Cpu,
-    };
+    let device: Device = std::env::var("MKFLOW_BENCH_DEVICE")
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_default();
     let max_tokens: usize = std::env::var("MKFLOW_BENCH_TOKENS")
         .ok()
         .and_then(|v| v.parse().ok())

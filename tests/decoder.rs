@@ -105,10 +105,10 @@ fn onnx_runtime() -> PathBuf {
 /// Where the parity tests run: `MKFLOW_TEST_DEVICE=cuda` runs them on the GPU, and then a
 /// fallback to the CPU fails them.
 fn device() -> Device {
-    match std::env::var("MKFLOW_TEST_DEVICE").as_deref() {
-        Ok("cuda") => Device::Cuda,
-        _ => Device::Cpu,
-    }
+    std::env::var("MKFLOW_TEST_DEVICE")
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_default()
 }
 
 fn load(export: &Path, graph: Graph) -> DecoderModel {

@@ -96,6 +96,19 @@ impl std::fmt::Display for Device {
     }
 }
 
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `cpu` or `cuda`, as settings and model descriptions spell them.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(format!("a device is 'cpu' or 'cuda', not '{other}'")),
+        }
+    }
+}
+
 /// An ONNX Runtime session and the device it actually runs on.
 #[derive(Debug)]
 pub struct DeviceSession {

@@ -216,12 +216,16 @@ impl GeneratorRegistry {
             .collect()
     }
 
+    /// The answer cache every LLM generator shares.
+    fn cache_file(&self) -> Option<PathBuf> {
+        self.cache_dir.as_ref().map(|d| d.join("generations.jsonl"))
+    }
+
     fn local_settings(&self, options: &MkOptions) -> Result<LocalSettings, String> {
-        let device = match options.local_device.as_str() {
-            "cpu" => Device::Cpu,
-            "cuda" => Device::Cuda,
-            other => return Err(format!("mkflow.local_device is 'cpu' or 'cuda', not '{other}'")),
-        };
+        let device: Device = options
+            .local_device
+            .parse()
+            .map_err(|e| format!("mkflow.local_device: {e}"))?;
         let named = Path::new(&options.local_model);
         let model_dir = match &self.local_models {
             Some(local) if named.components().count() == 1 && !named.is_dir() => local.dir.join(named),
@@ -244,7 +248,7 @@ impl GeneratorRegistry {
             temperature: options.local_temperature.max(0.0) as f32,
             max_questions: options.max_questions.max(1),
             rewrite_queries: options.rewrite_queries.max(1),
-            cache_file: self.cache_dir.as_ref().map(|d| d.join("generations.jsonl")),
+            cache_file: self.cache_file(),
         })
     }
 
@@ -270,7 +274,7 @@ impl GeneratorRegistry {
             json_mode: options.llm_json_mode,
             max_questions: options.max_questions.max(1),
             rewrite_queries: options.rewrite_queries.max(1),
-            cache_file: self.cache_dir.as_ref().map(|d| d.join("generations.jsonl")),
+            cache_file: self.cache_file(),
         })
     }
 }
