@@ -28,6 +28,7 @@ use crate::sql::kb_table::IngestProgress;
 use crate::sql::mk_search::MkSearchFunction;
 use crate::sql::vector_search::SearchTarget;
 use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction, blocking};
+use crate::statement::StatementKind;
 use crate::streaming::{ContinuousInsert, StreamControl, count_batch};
 
 /// Where an engine keeps and finds things.
@@ -318,13 +319,10 @@ impl Engine {
     }
 
     async fn execute(&self, pipeline: &str, statement: Statement) -> Result<Vec<RecordBatch>> {
-        let sets_mk_option = matches!(
-            &statement,
-            Statement::Statement(s) if matches!(s.as_ref(), datafusion::sql::sqlparser::ast::Statement::Set(_))
-                && s.to_string().to_lowercase().contains("mkflow.")
-        );
+        let kind = StatementKind::of(&statement);
+        let sets_mk_option = kind.sets_mkflow_option();
         // Only a CREATE EXTERNAL TABLE can bring a new Meta-Knowledge index.
-        let creates_table = matches!(&statement, Statement::CreateExternalTable(_));
+        let creates_table = kind == StatementKind::CreateExternalTable;
         let previous = sets_mk_option.then(|| self.mk_options());
         let plan = self.ctx.state().statement_to_plan(statement).await?;
         if let Some(stream) = ContinuousInsert::find(&plan)? {

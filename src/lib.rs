@@ -17,6 +17,7 @@ pub mod models;
 pub mod server;
 pub mod sources;
 pub mod sql;
+pub mod statement;
 pub mod streaming;
 
 pub use engine::{Engine, EngineConfig};

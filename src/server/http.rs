@@ -23,11 +23,13 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::json::writer::{JsonArray, WriterBuilder};
 use datafusion::common::DataFusionError;
+use datafusion::sql::parser::DFParser;
 use serde_json::json;
 
 use super::config::ServerSettings;
 use crate::Engine;
 use crate::metrics;
+use crate::statement::{StatementKind, search_function};
 use crate::streaming::PipelineState;
 
 /// The media type of Arrow IPC streams.
@@ -89,20 +91,22 @@ pub fn status_of(error: &DataFusionError) -> StatusCode {
     }
 }
 
-/// The metrics label of a query: the search function it calls, else its statement kind.
+/// The metrics label of a query: the search function it calls (`mk_search`, `qa_search`,
+/// `vector_search`) anywhere in any of its statements, else the kind of its first statement
+/// (`select`, `insert`, `delete`, `ddl`, `other`); `invalid` when it does not parse.
 pub fn query_function(sql: &str) -> &'static str {
-    let lower = sql.to_ascii_lowercase();
-    for function in ["mk_search", "qa_search", "vector_search"] {
-        if lower.contains(&format!("{function}(")) {
-            return function;
-        }
+    let Ok(statements) = DFParser::parse_sql(sql) else {
+        return "invalid";
+    };
+    if let Some(function) = statements.iter().find_map(search_function) {
+        return function.name();
     }
-    match lower.split_whitespace().next().unwrap_or("") {
-        "select" | "with" | "show" | "explain" | "describe" => "select",
-        "insert" => "insert",
-        "delete" => "delete",
-        "create" | "drop" | "set" => "ddl",
-        _ => "other",
+    match statements.front().map(StatementKind::of) {
+        Some(StatementKind::Query | StatementKind::Explain { .. } | StatementKind::Show) => "select",
+        Some(StatementKind::Insert) => "insert",
+        Some(StatementKind::Delete) => "delete",
+        Some(StatementKind::CreateExternalTable | StatementKind::Ddl | StatementKind::Set { .. }) => "ddl",
+        Some(StatementKind::Update | StatementKind::Other) | None => "other",
     }
 }
 
@@ -312,12 +316,39 @@ mod tests {
             query_function("select doc_id from VECTOR_SEARCH(kb, 'x')"),
             "vector_search"
         );
+        assert_eq!(
+            query_function("WITH hits AS (SELECT * FROM qa_search(kb, 'x', 5)) SELECT * FROM hits"),
+            "qa_search"
+        );
+        assert_eq!(
+            query_function("SELECT * FROM kb WHERE doc_id IN (SELECT doc_id FROM vector_search(kb, 'x', 5))"),
+            "vector_search"
+        );
+        assert_eq!(
+            query_function("SELECT 1; SELECT * FROM (SELECT * FROM mk_search(kb, 'x', 3)) s"),
+            "mk_search"
+        );
+        // Text is not a call.
+        assert_eq!(query_function("SELECT 'vector_search(kb, x)' AS s FROM kb"), "select");
+        assert_eq!(
+            query_function("INSERT INTO kb VALUES ('a', 'see vector_search(kb)')"),
+            "insert"
+        );
         assert_eq!(query_function("  SELECT count(*) FROM kb"), "select");
+        assert_eq!(query_function("EXPLAIN SELECT count(*) FROM kb"), "select");
+        assert_eq!(query_function("SHOW TABLES"), "select");
         assert_eq!(query_function("INSERT INTO kb SELECT 1"), "insert");
+        assert_eq!(query_function("DELETE FROM kb WHERE doc_id = 'a'"), "delete");
         assert_eq!(
             query_function("CREATE EXTERNAL TABLE t STORED AS KB LOCATION 't'"),
             "ddl"
         );
+        assert_eq!(query_function("DROP TABLE t"), "ddl");
+        assert_eq!(query_function("SET mkflow.x = 1"), "ddl");
+        assert_eq!(query_function("SET datafusion.x = 1"), "ddl");
+        assert_eq!(query_function("UPDATE kb SET text = 'x'"), "other");
+        assert_eq!(query_function("SELEC * FROM kb"), "invalid");
+        assert_eq!(query_function("vector_search(kb, 'x')"), "invalid");
     }
 
     #[test]
