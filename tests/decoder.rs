@@ -316,15 +316,27 @@ async fn embed_uses_a_laser_model_from_the_mkflow_home() {
     assert!(cos >= 0.9999, "embed() vs reference K=3: {cos}");
 }
 
+/// The device a CUDA request gets from the ONNX Runtime library in use: CUDA from
+/// onnxruntime-gpu's (its CUDA execution provider ships beside it), the CPU from the CPU build.
+fn device_the_library_supports(library: &Path) -> Device {
+    let provider = library.with_file_name("libonnxruntime_providers_cuda.so");
+    if provider.is_file() { Device::Cuda } else { Device::Cpu }
+}
+
 #[test]
-fn a_cuda_request_falls_back_to_the_cpu_when_cuda_cannot_start() {
-    if std::env::var_os("ORT_DYLIB_PATH").is_some() {
-        return; // a GPU run (onnxruntime-gpu's library) starts CUDA instead
-    }
+fn a_cuda_request_runs_on_cuda_or_falls_back_to_the_cpu_when_cuda_cannot_start() {
     let fx = fixture("qwen3");
-    // The pulled ONNX Runtime library is the CPU build: CUDA cannot start, the model still loads.
-    let model = DecoderModel::load(&fx.export, Graph::Latent, 2, Device::Cuda, Some(&onnx_runtime())).unwrap();
-    assert_eq!(model.device(), Device::Cpu);
+    let library = onnx_runtime();
+    // The pulled library is the CPU build: CUDA cannot start, the model still loads on the CPU.
+    // With onnxruntime-gpu's (ORT_DYLIB_PATH), a fallback is a failure.
+    let expected = device_the_library_supports(&library);
+    let model = DecoderModel::load(&fx.export, Graph::Latent, 2, Device::Cuda, Some(&library)).unwrap();
+    assert_eq!(
+        model.device(),
+        expected,
+        "a CUDA request with {} ran on the wrong device",
+        library.display()
+    );
     let ids = token_ids(&fx.export, &TEXTS[..1]);
     let vector = model.latent_embeddings(&[&ids[0]], 3).unwrap();
     let cos = cosine(&normalized(&vector), &reference_vectors(&fx.reference, 3)[0]);
