@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use datafusion::arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use mkflow::index::{IndexSettings, KnowledgeIndex, Quantization};
 use mkflow::{Engine, EngineConfig, assets};
+use mkflow_index::{IndexSettings, KnowledgeIndex, Quantization};
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
 
 const DIMS: usize = 384;

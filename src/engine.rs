@@ -17,9 +17,8 @@ use mkflow_udfs::mk::{
 };
 
 use crate::assets;
-use crate::index::{KnowledgeIndex, MANIFEST_FILE};
 use crate::metrics::{self, EmbeddingTotals, GenerationTotals, IndexSize, ScrapeSources};
-use crate::mk::{ClustersTable, MkServices};
+use crate::mk::MkServices;
 use crate::models::ModelRegistry;
 use crate::sources::kafka::{KAFKA_FORMAT, KafkaFactory};
 use crate::sources::{DeadLetters, JSONL_FORMAT, JsonlFactory, TEXT_FILES_FORMAT, TextFilesFactory};
@@ -27,9 +26,12 @@ use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
 use crate::sql::mk_search::MkSearchFunction;
 use crate::sql::vector_search::SearchTarget;
-use crate::sql::{KbRegistry, KbTable, KbTableFactory, VectorSearchFunction, blocking};
+use crate::sql::{KbSchema, KbTableFactory, VectorSearchFunction};
 use crate::statement::StatementKind;
 use crate::streaming::{ContinuousInsert, StreamControl, count_batch};
+use crate::support::batch_table::SnapshotView;
+use crate::support::{BatchTable, blocking};
+use mkflow_index::{KnowledgeIndex, MANIFEST_FILE};
 
 /// Where an engine keeps and finds things.
 #[derive(Debug, Clone)]
@@ -75,7 +77,7 @@ pub struct Engine {
     ctx: SessionContext,
     config: EngineConfig,
     models: Arc<ModelRegistry>,
-    kbs: Arc<KbRegistry>,
+    kbs: Arc<KbSchema>,
     kb_factory: Arc<KbTableFactory>,
     progress: Arc<IngestProgress>,
     dead_letters: Arc<DeadLetters>,
@@ -105,10 +107,10 @@ impl Engine {
                 config.default_model.as_deref(),
                 config.embed_threads,
             )
-            .map_err(DataFusionError::Configuration)?,
+            .map_err(|e| DataFusionError::Configuration(e.to_string()))?,
         );
-        let kbs = Arc::new(KbRegistry::default());
         let progress = Arc::new(IngestProgress::default());
+        let kbs = Arc::new(KbSchema::new(progress.clone()));
         let dead_letters = Arc::new(DeadLetters::open(Some(&config.data_dir)));
         let mk_services = Arc::new(MkServices {
             models: models.clone(),
@@ -124,11 +126,19 @@ impl Engine {
             ),
             failures: dead_letters.clone(),
         });
-        let mk_options = MkOptions::from_env().map_err(DataFusionError::Configuration)?;
+        let mk_options = MkOptions::from_env().map_err(|e| DataFusionError::Configuration(e.to_string()))?;
         let session_config = SessionConfig::new()
             .with_information_schema(true)
             .with_option_extension(mk_options);
         let ctx = SessionContext::new_with_config(session_config);
+        // The data directory's indexes are the tables of the default schema.
+        let (catalog, schema) = {
+            let options = ctx.state().config_options().catalog.clone();
+            (options.default_catalog, options.default_schema)
+        };
+        ctx.catalog(&catalog)
+            .ok_or_else(|| DataFusionError::Internal(format!("default catalog '{catalog}' missing")))?
+            .register_schema(&schema, kbs.clone())?;
         let kb_factory = Arc::new(KbTableFactory::new(
             config.data_dir.clone(),
             kbs.clone(),
@@ -146,7 +156,10 @@ impl Engine {
         }
         metrics::install_udf_observer();
         ctx.register_udf(ScalarUDF::new_from_impl(EmbedUdf::new("embed", models.default_model())));
-        ctx.register_table("dead_letters", dead_letters.clone())?;
+        ctx.register_table(
+            "dead_letters",
+            Arc::new(BatchTable::new(SnapshotView(dead_letters.clone()))),
+        )?;
         for (name, target) in [
             ("vector_search", SearchTarget::Documents),
             ("qa_search", SearchTarget::Questions),
@@ -183,8 +196,12 @@ impl Engine {
     fn register_mk_functions(&self) -> Result<()> {
         let options = self.mk_options();
         let generators = &self.mk_services.generators;
-        let schema = generators.schema(&options).map_err(DataFusionError::Configuration)?;
-        let generator = generators.generator(&options).map_err(DataFusionError::Configuration)?;
+        let schema = generators
+            .schema(&options)
+            .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
+        let generator = generators
+            .generator(&options)
+            .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
         let preparer = Arc::new(Preparer::new(
             generator.clone(),
             schema.clone(),
@@ -198,24 +215,6 @@ impl Engine {
         self.ctx.register_udf(ScalarUDF::new_from_impl(ClusterUdf::new(schema)));
         self.ctx
             .register_udaf(AggregateUDF::new_from_impl(SummaryUdaf::new(generator)));
-        Ok(())
-    }
-
-    /// Registers `<kb>_questions` and `<kb>_clusters` for every Meta-Knowledge index not
-    /// registered yet.
-    fn register_mk_tables(&self) -> Result<()> {
-        for (name, mk) in self.kbs.attachments() {
-            let questions = format!("{name}_questions");
-            if !self.ctx.table_exist(questions.as_str())? {
-                let table = KbTable::new(&questions, mk.index.questions().clone(), self.progress.clone(), None);
-                self.ctx.register_table(questions.as_str(), Arc::new(table))?;
-            }
-            let clusters = format!("{name}_clusters");
-            if !self.ctx.table_exist(clusters.as_str())? {
-                self.ctx
-                    .register_table(clusters.as_str(), Arc::new(ClustersTable::new(mk.index.clone())))?;
-            }
-        }
         Ok(())
     }
 
@@ -242,10 +241,8 @@ impl Engine {
     /// questions and clusters when it has a Meta-Knowledge side).
     pub async fn register_index(&self, name: &str, index: Arc<KnowledgeIndex>) -> Result<()> {
         let mk = self.kb_factory.attach_mk(&index, false).await?;
-        self.kbs.insert(name, index.clone(), mk.clone());
-        self.ctx
-            .register_table(name, Arc::new(KbTable::new(name, index, self.progress.clone(), mk)))?;
-        self.register_mk_tables()
+        self.kbs.insert(name, index, mk);
+        Ok(())
     }
 
     /// The DataFusion session.
@@ -319,10 +316,7 @@ impl Engine {
     }
 
     async fn execute(&self, pipeline: &str, statement: Statement) -> Result<Vec<RecordBatch>> {
-        let kind = StatementKind::of(&statement);
-        let sets_mk_option = kind.sets_mkflow_option();
-        // Only a CREATE EXTERNAL TABLE can bring a new Meta-Knowledge index.
-        let creates_table = kind == StatementKind::CreateExternalTable;
+        let sets_mk_option = StatementKind::of(&statement).sets_mkflow_option();
         let previous = sets_mk_option.then(|| self.mk_options());
         let plan = self.ctx.state().statement_to_plan(statement).await?;
         if let Some(stream) = ContinuousInsert::find(&plan)? {
@@ -343,9 +337,6 @@ impl Engine {
                 .extensions
                 .insert(previous);
             return Err(e);
-        }
-        if creates_table {
-            self.register_mk_tables()?;
         }
         Ok(batches)
     }

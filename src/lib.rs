@@ -2,14 +2,16 @@
 //!
 //! Documents are read as DataFusion tables ([`sources`]), transformed by UDFs (the
 //! `mkflow-udfs` crate: `embed(text)`, `mk_metadata`, `mk_qa`, …) and upserted into a persistent
-//! [`index`] (Arrow rows + usearch HNSW), whose Meta-Knowledge side ([`mk`]) keeps synthetic
+//! knowledge index (the `mkflow-index` crate: Arrow rows + usearch HNSW), whose Meta-Knowledge side ([`mk`]) keeps synthetic
 //! questions and cluster summaries. Queries use SQL with [`sql`] extensions such as `vector_search`. The
-//! [`engine`] ties these together; the `mkflow` binary is its command line.
+//! [`engine`] ties these together; the `mkflow` binary is its command line. `ARCHITECTURE.md`
+//! at the repository root draws the dataflow and says what each module may import.
+
+#![warn(missing_docs)]
 
 pub mod assets;
 pub mod engine;
 pub mod eval;
-pub mod index;
 pub mod llm_assets;
 pub mod metrics;
 pub mod mk;
@@ -19,5 +21,6 @@ pub mod sources;
 pub mod sql;
 pub mod statement;
 pub mod streaming;
+pub mod support;
 
 pub use engine::{Engine, EngineConfig};

@@ -12,13 +12,42 @@ use std::sync::Arc;
 use mkflow_udfs::{EmbeddingModelSpec, LazyEmbedder};
 
 use crate::assets::{DEFAULT_MODEL, MODEL_SPEC_FILE, catalog_spec};
-use crate::index::KnowledgeIndex;
+use mkflow_index::KnowledgeIndex;
 
 /// Models by name, loaded lazily.
 #[derive(Debug)]
 pub struct ModelRegistry {
     models: BTreeMap<String, Arc<LazyEmbedder>>,
     default: String,
+}
+
+/// Why the model registry could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A `mkflow-model.json` could not be read.
+    #[error("{path}: {source}")]
+    Unreadable {
+        /// The description file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A `mkflow-model.json` is not a valid model description.
+    #[error("{path} is not a valid model description: {source}")]
+    Invalid {
+        /// The description file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: serde_json::Error,
+    },
+    /// The default model asked for is not installed.
+    #[error("unknown model '{name}' (known: {known})")]
+    Unknown {
+        /// The model asked for.
+        name: String,
+        /// The installed models, comma-separated.
+        known: String,
+    },
 }
 
 impl ModelRegistry {
@@ -30,7 +59,7 @@ impl ModelRegistry {
         onnx_runtime: PathBuf,
         default: Option<&str>,
         threads: Option<usize>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ModelError> {
         let mut specs = vec![catalog_spec(home, &DEFAULT_MODEL)];
         if let Ok(entries) = fs::read_dir(home.join("models")) {
             for entry in entries.flatten() {
@@ -57,10 +86,10 @@ impl ModelRegistry {
             .collect::<BTreeMap<_, _>>();
         let default = default.unwrap_or(DEFAULT_MODEL.name).to_string();
         if !models.contains_key(&default) {
-            return Err(format!(
-                "unknown model '{default}' (known: {})",
-                models.keys().cloned().collect::<Vec<_>>().join(", ")
-            ));
+            return Err(ModelError::Unknown {
+                name: default,
+                known: models.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
         }
         Ok(ModelRegistry { models, default })
     }
@@ -93,10 +122,15 @@ impl ModelRegistry {
 }
 
 /// Reads a `mkflow-model.json`, resolving relative file paths against its directory.
-pub fn read_spec(path: &Path) -> Result<EmbeddingModelSpec, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut spec: EmbeddingModelSpec =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not a valid model description: {e}", path.display()))?;
+pub fn read_spec(path: &Path) -> Result<EmbeddingModelSpec, ModelError> {
+    let text = fs::read_to_string(path).map_err(|source| ModelError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut spec: EmbeddingModelSpec = serde_json::from_str(&text).map_err(|source| ModelError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let dir = path.parent().unwrap_or(Path::new("."));
     for file in [&mut spec.model_path, &mut spec.tokenizer_path] {
         if file.is_relative() {
@@ -129,6 +163,6 @@ mod tests {
         assert_eq!(spec.model_path, dir.join("model.onnx"));
         assert!(registry.get(DEFAULT_MODEL.name).is_some());
         let err = ModelRegistry::discover(home.path(), PathBuf::from("x"), Some("nope"), None).unwrap_err();
-        assert!(err.contains("unknown model 'nope'"), "{err}");
+        assert!(err.to_string().contains("unknown model 'nope'"), "{err}");
     }
 }

@@ -4,7 +4,7 @@
 //! Each micro-batch (bounded by the table's `max_batch_rows` and `linger_ms`) is decoded, run
 //! through the statement's plan — the Kafka scan replaced by the batch's rows, every UDF as
 //! written — and committed to the index together with the offsets where each partition resumes
-//! (see [`MicroBatchOffsets`]). Only then is the next batch read, so a slow UDF slows
+//! (a [`SourceOffsets`] session-config extension the index sink stores). Only then is the next batch read, so a slow UDF slows
 //! consumption and memory stays bounded by one batch plus librdkafka's prefetch queue. On
 //! restart the source resumes from the index's offsets: a crash at any moment neither loses nor
 //! repeats a record.
@@ -24,16 +24,10 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::{DmlStatement, LogicalPlan, TableScan, WriteOp};
 use datafusion::physical_plan::collect;
 
-use crate::index::KnowledgeIndex;
 use crate::metrics::{self, PartitionLabels, PipelineLabels, StageLabels};
-use crate::sources::kafka::{BatchLimits, KafkaReader, KafkaTable, position_key, position_prefix};
+use crate::sources::kafka::{BatchLimits, KafkaReader, KafkaTable, KafkaTopic, position_key, position_prefix};
 use crate::sql::KbTable;
-
-/// Where the streaming sources of a micro-batch resume after it (position key → next offset).
-/// Set as a session-config extension on the micro-batch's plan; the knowledge-index sink
-/// stores it in the same atomic commit as the rows.
-#[derive(Debug, Clone, Default)]
-pub struct MicroBatchOffsets(pub BTreeMap<String, i64>);
+use mkflow_index::{KnowledgeIndex, SourceOffsets};
 
 /// State of a pipeline, for readiness and status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,8 +141,11 @@ impl ContinuousInsert {
         }))
     }
 
-    fn kafka(&self) -> &KafkaTable {
-        self.source.downcast_ref::<KafkaTable>().expect("checked by find()")
+    fn kafka(&self) -> &KafkaTopic {
+        self.source
+            .downcast_ref::<KafkaTable>()
+            .expect("checked by find()")
+            .source()
     }
 
     /// Partition → offset where the index says consumption resumes.
@@ -156,7 +153,7 @@ impl ContinuousInsert {
         let prefix = position_prefix(&self.kafka().options().topic);
         self.target
             .source_offsets()
-            .into_iter()
+            .iter()
             .filter_map(|(key, offset)| Some((key.strip_prefix(prefix.as_str())?.parse::<i32>().ok()?, offset)))
             .collect()
     }
@@ -250,10 +247,10 @@ impl ContinuousInsert {
 
     /// Runs a micro-batch's rows through the statement's plan; the index commit stores
     /// `offsets` with them. Returns the rows written.
-    async fn execute(&self, ctx: &SessionContext, rows: RecordBatch, offsets: BTreeMap<String, i64>) -> Result<u64> {
+    async fn execute(&self, ctx: &SessionContext, rows: RecordBatch, offsets: SourceOffsets) -> Result<u64> {
         let plan = self.plan_for(rows)?;
         let mut state = ctx.state();
-        state.config_mut().set_extension(Arc::new(MicroBatchOffsets(offsets)));
+        state.config_mut().set_extension(Arc::new(offsets));
         let physical = state.create_physical_plan(&plan).await?;
         Ok(inserted_rows(&collect(physical, state.task_ctx()).await?))
     }

@@ -139,7 +139,7 @@ fn jsonl_from_stdin_through_the_binary() {
         .unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let index = mkflow::index::KnowledgeIndex::open(dir.path().join("data/kb")).unwrap();
+    let index = mkflow_index::KnowledgeIndex::open(dir.path().join("data/kb")).unwrap();
     assert_eq!(index.len(), 20);
     let letters = std::fs::read_to_string(dir.path().join("data/dead_letters.jsonl")).unwrap();
     assert!(letters.contains("\"source\":\"stdin\""), "{letters}");

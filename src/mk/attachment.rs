@@ -10,10 +10,11 @@ use datafusion::execution::TaskContext;
 use futures::StreamExt;
 use mkflow_udfs::mk::{FailureLog, GeneratorRegistry, MkOptions};
 
-use super::{MkIndex, PendingQuestions, SummaryPolicy, now_ms};
-use crate::index::{IndexError, KnowledgeIndex};
+use super::{MkIndex, PendingQuestions, SummaryPolicy};
 use crate::models::ModelRegistry;
-use crate::sql::blocking;
+use crate::support::blocking;
+use crate::support::now_ms;
+use mkflow_index::{IndexError, KnowledgeIndex};
 
 /// Summaries written at once after a commit.
 const SUMMARY_CONCURRENCY: usize = 4;
@@ -99,7 +100,7 @@ impl MkAttachment {
             .services
             .generators
             .generator(options)
-            .map_err(DataFusionError::Configuration)?;
+            .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
         let mk = self.index.clone();
         let digests = blocking(move || mk.digests(&stale)).await?;
         let generator_ref = &generator;

@@ -9,7 +9,7 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::DataType;
 use serde::{Deserialize, Serialize};
 
-use crate::index::{IndexError, vector_values};
+use mkflow_index::{IndexError, vector_values};
 
 /// When a summary is rewritten.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use mkflow_index::vectors_to_array;
 use mkflow_udfs::Embedder;
-use mkflow_udfs::embedding::vectors_to_array;
 use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, qa_type};
 
 pub use attachment::{MkAttachment, MkServices};
@@ -27,7 +27,7 @@ pub use clusters::{Cluster, Summary, SummaryPolicy};
 use clusters::{SummaryFile, cluster_shapes};
 pub use tables::ClustersTable;
 
-use crate::index::{IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE};
+use mkflow_index::{IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE};
 
 /// Subdirectory of the questions index.
 pub const QUESTIONS_DIR: &str = "questions";
@@ -203,8 +203,7 @@ impl MkIndex {
                     &take(column(METADATA_COLUMN)?.as_ref(), &indices, None)?,
                     schema.field_with_name(METADATA_COLUMN)?.data_type(),
                 )?,
-                vectors_to_array(embeddings.vectors, embeddings.present, embeddings.dimensions)
-                    .map_err(|e| IndexError::Invalid(e.to_string()))?,
+                vectors_to_array(embeddings.vectors, embeddings.present, embeddings.dimensions)?,
             ];
             pending.batches.push(RecordBatch::try_new(schema.clone(), columns)?);
         }
@@ -288,7 +287,7 @@ impl MkIndex {
             let questions = batch.column(question_column).as_string::<i32>();
             let names = batch.column(cluster_column).as_string::<i32>();
             let vectors = batch.column(vector_column);
-            let values = crate::index::vector_values(vectors);
+            let values = mkflow_index::vector_values(vectors);
             for row in 0..batch.num_rows() {
                 if !names.is_valid(row) || !vectors.is_valid(row) {
                     continue;
@@ -384,11 +383,4 @@ pub fn briefs(clusters: &[Cluster]) -> Vec<ClusterBrief> {
             })
         })
         .collect()
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -3,19 +3,16 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use datafusion::arrow::array::{
     ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray, UInt64Array,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Result;
-use datafusion::logical_expr::{Expr, TableType};
-use datafusion::physical_plan::ExecutionPlan;
-use mkflow_udfs::embedding::vectors_to_array;
+use mkflow_index::vectors_to_array;
 
-use super::{CLUSTER_COLUMN, MkIndex, now_ms};
-use crate::sql::memory_scan;
+use super::{CLUSTER_COLUMN, MkIndex};
+use crate::support::batch_table::Snapshot;
+use crate::support::now_ms;
 
 /// Schema of the clusters table.
 fn clusters_schema(dimensions: usize) -> SchemaRef {
@@ -29,7 +26,7 @@ fn clusters_schema(dimensions: usize) -> SchemaRef {
         Field::new("summary_age_seconds", DataType::Float64, true),
         Field::new("questions_since_summary", DataType::Int64, false),
         Field::new("summary_generator", DataType::Utf8, true),
-        Field::new("centroid", crate::index::vector_type(dimensions), true),
+        Field::new("centroid", mkflow_index::vector_type(dimensions), true),
     ]))
 }
 
@@ -102,23 +99,13 @@ impl ClustersTable {
     }
 }
 
-#[async_trait]
-impl TableProvider for ClustersTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+/// The clusters as they are when the scan starts.
+impl Snapshot for ClustersTable {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        memory_scan(vec![self.batch()?], self.schema.clone(), projection, limit)
+    fn snapshot(&self) -> Result<RecordBatch> {
+        self.batch()
     }
 }

@@ -81,8 +81,8 @@ pub fn status_of(error: &DataFusionError) -> StatusCode {
             | ArrowError::ComputeError(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         },
-        DataFusionError::External(e) => match e.downcast_ref::<crate::index::IndexError>() {
-            Some(crate::index::IndexError::DimensionMismatch { .. } | crate::index::IndexError::Invalid(_)) => {
+        DataFusionError::External(e) => match e.downcast_ref::<mkflow_index::IndexError>() {
+            Some(mkflow_index::IndexError::DimensionMismatch { .. } | mkflow_index::IndexError::Invalid(_)) => {
                 StatusCode::BAD_REQUEST
             }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -356,7 +356,7 @@ mod tests {
         assert_eq!(status_of(&DataFusionError::Plan("x".into())), StatusCode::BAD_REQUEST);
         let wrapped = DataFusionError::Plan("no table".into()).context("statement 2 of 3");
         assert_eq!(status_of(&wrapped), StatusCode::BAD_REQUEST);
-        let refused = DataFusionError::External(Box::new(crate::index::IndexError::DimensionMismatch {
+        let refused = DataFusionError::External(Box::new(mkflow_index::IndexError::DimensionMismatch {
             expected: 384,
             found: 3,
         }));

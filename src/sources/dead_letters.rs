@@ -10,17 +10,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::Result;
-use datafusion::logical_expr::{Expr, TableType};
-use datafusion::physical_plan::ExecutionPlan;
-
-use crate::sql::memory_scan;
 use mkflow_udfs::mk::FailureLog;
 use serde::{Deserialize, Serialize};
+
+use crate::support::batch_table::Snapshot;
+use crate::support::now_ms;
 
 /// File (in the data directory) where dead letters persist.
 pub const DEAD_LETTERS_FILE: &str = "dead_letters.jsonl";
@@ -56,7 +53,7 @@ impl FailureLog for DeadLetters {
                 position: 0,
                 payload,
                 error: error.to_string(),
-                recorded_at_ms: crate::mk::now_ms(),
+                recorded_at_ms: now_ms(),
             }],
         );
     }
@@ -162,23 +159,13 @@ impl DeadLetters {
     }
 }
 
-#[async_trait]
-impl TableProvider for DeadLetters {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+/// `SELECT * FROM dead_letters`: the letters recorded when the scan starts.
+impl Snapshot for DeadLetters {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        memory_scan(vec![self.batch()?], self.schema.clone(), projection, limit)
+    fn snapshot(&self) -> Result<RecordBatch> {
+        self.batch()
     }
 }

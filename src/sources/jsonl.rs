@@ -10,6 +10,7 @@
 //! (DataFusion's own `STORED AS JSON` infers the schema instead, and fails the query on the
 //! first malformed line.)
 
+use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,13 +19,13 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{DataFusionError, Result, plan_err};
-use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
-use datafusion::physical_plan::ExecutionPlan;
-
-use crate::sql::memory_scan;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::CreateExternalTable;
 
 use super::dead_letters::{DeadLetter, DeadLetters};
 use super::records::JsonRecordDecoder;
+use crate::support::batch_table::{BatchSource, BatchTable, blocking_batches};
+use crate::support::now_ms;
 
 /// The `STORED AS` name of validated JSON Lines files.
 pub const JSONL_FORMAT: &str = "JSONL";
@@ -35,7 +36,7 @@ pub const STDIN_LOCATION: &str = "-";
 /// Standard input, read to its end by the first scan that needs it.
 static STDIN: std::sync::OnceLock<std::io::Result<Vec<u8>>> = std::sync::OnceLock::new();
 
-/// Lines decoded together when all of them are valid.
+/// Lines decoded together (one batch of rows) when all of them are valid.
 const LINES_PER_BATCH: usize = 4096;
 
 /// Creates [`JsonlTable`]s that report bad records to a dead-letter store.
@@ -70,62 +71,83 @@ impl TableProviderFactory for JsonlFactory {
                 path.display()
             );
         }
-        Ok(Arc::new(JsonlTable {
+        Ok(Arc::new(JsonlTable::new(JsonlSource {
             path,
             schema: Arc::new(cmd.schema.as_arrow().clone()),
             dead_letters: self.dead_letters.clone(),
-        }))
+        })))
     }
 }
 
-/// A JSON Lines file read afresh at every scan; bad lines go to the dead-letter table.
+/// A JSON Lines file as a table.
+pub type JsonlTable = BatchTable<JsonlSource>;
+
+/// A JSON Lines file read afresh at every scan, a batch of lines at a time (memory stays at a
+/// few batches whatever the file's size); bad lines go to the dead-letter table.
 #[derive(Debug)]
-pub struct JsonlTable {
+pub struct JsonlSource {
     path: PathBuf,
     schema: SchemaRef,
     dead_letters: Arc<DeadLetters>,
 }
 
-impl JsonlTable {
-    /// Decodes the file: rows of valid lines, dead letters for the others.
-    fn read(&self) -> Result<(Vec<RecordBatch>, Vec<DeadLetter>)> {
+impl JsonlSource {
+    /// Decodes the source in batches of lines, handing each batch's rows and refused records to
+    /// `emit` until the source ends or `emit` returns false.
+    fn decode(&self, mut emit: impl FnMut(RecordBatch, Vec<DeadLetter>) -> bool) -> Result<()> {
         let read_error = |e: &std::io::Error| DataFusionError::Execution(format!("cannot read {}: {e}", self.source()));
-        let owned;
-        let bytes: &[u8] = if self.path.as_os_str() == STDIN_LOCATION {
-            STDIN
+        let mut reader: Box<dyn BufRead> = if self.path.as_os_str() == STDIN_LOCATION {
+            let bytes = STDIN
                 .get_or_init(|| {
                     let mut bytes = Vec::new();
                     std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).map(|_| bytes)
                 })
                 .as_ref()
-                .map_err(read_error)?
+                .map_err(read_error)?;
+            Box::new(bytes.as_slice())
         } else {
-            owned = std::fs::read(&self.path).map_err(|e| read_error(&e))?;
-            &owned
+            let file = std::fs::File::open(&self.path).map_err(|e| read_error(&e))?;
+            Box::new(std::io::BufReader::new(file))
         };
-        let text = String::from_utf8_lossy(bytes);
-        let lines: Vec<(u64, &str)> = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| (i as u64 + 1, l))
-            .collect();
         let decoder = JsonRecordDecoder::new(self.schema.clone());
-        let mut batches = Vec::new();
-        let mut refused = Vec::new();
-        for chunk in lines.chunks(LINES_PER_BATCH) {
-            let texts: Vec<&str> = chunk.iter().map(|(_, l)| *l).collect();
+        let mut line_number = 0u64;
+        let mut buffer = Vec::new();
+        let mut chunk: Vec<(u64, String)> = Vec::with_capacity(LINES_PER_BATCH);
+        loop {
+            chunk.clear();
+            while chunk.len() < LINES_PER_BATCH {
+                buffer.clear();
+                if reader.read_until(b'\n', &mut buffer).map_err(|e| read_error(&e))? == 0 {
+                    break;
+                }
+                line_number += 1;
+                let line = buffer.strip_suffix(b"\n").unwrap_or(&buffer);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let text = String::from_utf8_lossy(line);
+                if !text.trim().is_empty() {
+                    chunk.push((line_number, text.into_owned()));
+                }
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let texts: Vec<&str> = chunk.iter().map(|(_, l)| l.as_str()).collect();
             let decoded = decoder.decode(&texts)?;
-            batches.push(decoded.batch);
-            refused.extend(decoded.refused.into_iter().map(|(i, error)| DeadLetter {
-                source: self.source(),
-                position: chunk[i].0,
-                payload: chunk[i].1.to_string(),
-                error,
-                recorded_at_ms: crate::mk::now_ms(),
-            }));
+            let refused = decoded
+                .refused
+                .into_iter()
+                .map(|(i, error)| DeadLetter {
+                    source: self.source(),
+                    position: chunk[i].0,
+                    payload: chunk[i].1.clone(),
+                    error,
+                    recorded_at_ms: now_ms(),
+                })
+                .collect();
+            if !emit(decoded.batch, refused) {
+                return Ok(());
+            }
         }
-        Ok((batches, refused))
     }
 
     /// The source's name in dead letters and messages.
@@ -138,29 +160,26 @@ impl JsonlTable {
     }
 }
 
-#[async_trait]
-impl TableProvider for JsonlTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+impl BatchSource for JsonlSource {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let (batches, refused) = self.read()?;
-        let new = self.dead_letters.record(refused);
-        if new > 0 {
-            log::warn!("{}: {new} bad records went to the dead_letters table", self.source());
-        }
-        memory_scan(batches, self.schema.clone(), projection, limit)
+    fn stream(self: Arc<Self>, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        blocking_batches(self.schema.clone(), move |sender| {
+            let mut refused_count = 0;
+            let decoded = self.decode(|batch, refused| {
+                refused_count += self.dead_letters.record(refused);
+                sender.send(batch)
+            });
+            if refused_count > 0 {
+                log::warn!(
+                    "{}: {refused_count} bad records went to the dead_letters table",
+                    self.source()
+                );
+            }
+            decoded
+        })
     }
 }
 
@@ -188,7 +207,7 @@ mod tests {
         )
         .unwrap();
         let dead_letters = Arc::new(DeadLetters::open(Some(dir.path())));
-        let table = JsonlTable {
+        let source = JsonlSource {
             path: path.clone(),
             schema: Arc::new(Schema::new(vec![
                 Field::new("doc_id", DataType::Utf8, false),
@@ -196,7 +215,14 @@ mod tests {
             ])),
             dead_letters: dead_letters.clone(),
         };
-        let (batches, refused) = table.read().unwrap();
+        let (mut batches, mut refused) = (Vec::new(), Vec::new());
+        source
+            .decode(|batch, letters| {
+                batches.push(batch);
+                refused.extend(letters);
+                true
+            })
+            .unwrap();
         let ids: Vec<String> = batches
             .iter()
             .filter(|b| b.num_rows() > 0)
@@ -218,5 +244,47 @@ mod tests {
         assert_eq!(dead_letters.record(refused.clone()), 4);
         assert_eq!(dead_letters.record(refused), 0);
         assert_eq!(DeadLetters::open(Some(dir.path())).len(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_file_is_read_when_the_scan_runs_in_batches_of_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs.jsonl");
+        let lines: String = (0..LINES_PER_BATCH * 2 + 10)
+            .map(|i| format!("{{\"doc_id\": \"d{i}\"}}\n"))
+            .collect();
+        std::fs::write(&path, lines).unwrap();
+        let ctx = datafusion::prelude::SessionContext::new();
+        let source = JsonlSource {
+            path: path.clone(),
+            schema: Arc::new(Schema::new(vec![Field::new("doc_id", DataType::Utf8, false)])),
+            dead_letters: Arc::new(DeadLetters::open(None)),
+        };
+        ctx.register_table("docs", Arc::new(JsonlTable::new(source))).unwrap();
+        let all = ctx
+            .sql("SELECT doc_id FROM docs")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|b| b.num_rows()).sum::<usize>(),
+            LINES_PER_BATCH * 2 + 10
+        );
+        assert_eq!(all.len(), 3, "one batch per {LINES_PER_BATCH} lines");
+        let first = ctx
+            .sql("SELECT doc_id FROM docs LIMIT 3")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(first.iter().map(|b| b.num_rows()).sum::<usize>(), 3);
+        // Planning reads nothing: a file gone after the plan is made fails when it runs.
+        let planned = ctx.sql("SELECT count(*) FROM docs").await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let error = planned.collect().await.unwrap_err().to_string();
+        assert!(error.contains("cannot read") && error.contains("docs.jsonl"), "{error}");
     }
 }

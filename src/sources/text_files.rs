@@ -18,10 +18,10 @@ use datafusion::arrow::array::{ArrayRef, RecordBatch, StringBuilder, TimestampMi
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{Result, plan_err};
-use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::CreateExternalTable;
 
-use crate::sql::memory_scan;
+use crate::support::batch_table::{BatchSource, BatchTable, blocking_batches};
 
 /// The `STORED AS` name of text-file directories.
 pub const TEXT_FILES_FORMAT: &str = "TEXT_FILES";
@@ -56,20 +56,23 @@ impl TableProviderFactory for TextFilesFactory {
         if !root.is_dir() {
             return plan_err!("TEXT_FILES location {} is not a directory", root.display());
         }
-        Ok(Arc::new(TextFilesTable::new(root, extensions)))
+        Ok(Arc::new(TextFilesTable::new(TextFilesSource::new(root, extensions))))
     }
 }
 
-/// The files of a directory as rows, read afresh at every scan.
+/// A directory of text files as a table.
+pub type TextFilesTable = BatchTable<TextFilesSource>;
+
+/// The files of a directory as rows, read afresh at every scan, a batch of files at a time.
 #[derive(Debug)]
-pub struct TextFilesTable {
+pub struct TextFilesSource {
     root: PathBuf,
     extensions: Vec<String>,
     schema: SchemaRef,
 }
 
-impl TextFilesTable {
-    /// A table over the files under `root` whose extension is in `extensions`.
+impl TextFilesSource {
+    /// A source of the files under `root` whose extension is in `extensions`.
     pub fn new(root: PathBuf, extensions: Vec<String>) -> Self {
         let schema = Arc::new(Schema::new(vec![
             Field::new("doc_id", DataType::Utf8, false),
@@ -79,7 +82,7 @@ impl TextFilesTable {
             Field::new("modified", DataType::Timestamp(TimeUnit::Millisecond, None), true),
             Field::new("error", DataType::Utf8, true),
         ]));
-        TextFilesTable {
+        TextFilesSource {
             root,
             extensions,
             schema,
@@ -106,11 +109,6 @@ impl TextFilesTable {
         }
         files.sort();
         files
-    }
-
-    fn read_batches(&self) -> Result<Vec<RecordBatch>> {
-        let files = self.files();
-        files.chunks(ROWS_PER_BATCH).map(|chunk| self.batch(chunk)).collect()
     }
 
     fn batch(&self, files: &[PathBuf]) -> Result<RecordBatch> {
@@ -179,25 +177,20 @@ fn title_of(text: &str, file: &Path) -> String {
         .unwrap_or_else(|| file.file_stem().unwrap_or_default().to_string_lossy().to_string())
 }
 
-#[async_trait]
-impl TableProvider for TextFilesTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+impl BatchSource for TextFilesSource {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let batches = self.read_batches()?;
-        memory_scan(batches, self.schema.clone(), projection, limit)
+    fn stream(self: Arc<Self>, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        blocking_batches(self.schema.clone(), move |sender| {
+            for chunk in self.files().chunks(ROWS_PER_BATCH) {
+                if !sender.send(self.batch(chunk)?) {
+                    break;
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -219,9 +212,8 @@ mod tests {
         std::fs::write(dir.path().join("good.md"), "# Good\ntext").unwrap();
         std::fs::write(dir.path().join("bad.txt"), [0xff, 0xfe, 0x00]).unwrap();
         std::fs::write(dir.path().join("skip.bin"), "ignored").unwrap();
-        let table = TextFilesTable::new(dir.path().to_path_buf(), vec!["md".into(), "txt".into()]);
-        let batches = table.read_batches().unwrap();
-        let batch = &batches[0];
+        let source = TextFilesSource::new(dir.path().to_path_buf(), vec!["md".into(), "txt".into()]);
+        let batch = &source.batch(&source.files()).unwrap();
         assert_eq!(batch.num_rows(), 2);
         let ids = batch.column(0).as_string::<i32>();
         let errors = batch.column(5).as_string::<i32>();

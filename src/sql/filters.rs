@@ -10,7 +10,7 @@ use datafusion::common::{Column, DFSchema, Result};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, Volatility, utils::conjunction};
 use datafusion::physical_expr::PhysicalExpr;
 
-use crate::index::IndexError;
+use mkflow_index::IndexError;
 
 /// Whether `filter` only reads columns of `schema` (and so can be evaluated on index rows).
 pub fn is_row_filter(filter: &Expr, schema: &SchemaRef) -> bool {

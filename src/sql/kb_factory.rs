@@ -25,10 +25,12 @@ use datafusion::logical_expr::CreateExternalTable;
 
 use mkflow_udfs::mk::MkOptions;
 
-use super::kb_table::{IngestProgress, KbTable, index_error};
-use super::{KbRegistry, blocking};
-use crate::index::{IndexSettings, KnowledgeIndex, Quantization};
+use super::KbSchema;
+use super::kb_table::{IngestProgress, KbTable};
 use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns};
+use crate::support::blocking;
+use crate::support::index_error;
+use mkflow_index::{IndexSettings, KnowledgeIndex, Quantization};
 
 /// The `STORED AS` name of knowledge indexes.
 pub const KB_FORMAT: &str = "KB";
@@ -37,7 +39,7 @@ pub const KB_FORMAT: &str = "KB";
 #[derive(Debug)]
 pub struct KbTableFactory {
     data_dir: PathBuf,
-    registry: Arc<KbRegistry>,
+    registry: Arc<KbSchema>,
     progress: Arc<IngestProgress>,
     mk_services: Arc<MkServices>,
 }
@@ -46,7 +48,7 @@ impl KbTableFactory {
     /// A factory placing relative locations under `data_dir`.
     pub fn new(
         data_dir: PathBuf,
-        registry: Arc<KbRegistry>,
+        registry: Arc<KbSchema>,
         progress: Arc<IngestProgress>,
         mk_services: Arc<MkServices>,
     ) -> Self {
@@ -160,7 +162,7 @@ impl TableProviderFactory for KbTableFactory {
                     .mk_services
                     .generators
                     .schema(&options)
-                    .map_err(DataFusionError::Configuration)?;
+                    .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
                 columns = document_columns(&columns, schema.data_type());
             }
             blocking(move || KnowledgeIndex::open_or_create(dir, &columns, &settings)).await?

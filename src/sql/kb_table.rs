@@ -8,7 +8,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{DataFusionError, Result, not_impl_err};
+use datafusion::common::{Result, not_impl_err};
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
@@ -18,11 +18,11 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use futures::StreamExt;
 
 use super::filters::{CompiledFilter, pushdown_support};
-use super::{blocking, memory_scan};
-use crate::index::{IndexError, KnowledgeIndex};
+use super::memory_scan;
 use crate::metrics;
 use crate::mk::{MkAttachment, PendingQuestions};
-use crate::streaming::MicroBatchOffsets;
+use crate::support::{blocking, index_error};
+use mkflow_index::{KnowledgeIndex, SourceOffsets};
 
 /// Counts rows as they flow into knowledge indexes, for progress display.
 #[derive(Debug, Default)]
@@ -71,11 +71,6 @@ impl KbTable {
     pub fn index(&self) -> &Arc<KnowledgeIndex> {
         &self.index
     }
-}
-
-/// Converts an index error into a DataFusion error that keeps its message.
-pub fn index_error(e: IndexError) -> DataFusionError {
-    DataFusionError::External(Box::new(e))
 }
 
 #[async_trait]
@@ -200,8 +195,8 @@ impl DataSink for UpsertSink {
         // A streaming micro-batch commits where its sources resume together with its rows.
         let offsets = context
             .session_config()
-            .get_extension::<MicroBatchOffsets>()
-            .map(|o| o.0.clone())
+            .get_extension::<SourceOffsets>()
+            .map(|o| o.as_ref().clone())
             .unwrap_or_default();
         let (index, rows) = (self.index.clone(), batches.clone());
         let started = Instant::now();

@@ -24,11 +24,11 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use mkflow_udfs::mk::{MkOptions, string_list_type};
 
-use super::kb_table::index_error;
 use super::vector_search::{DEFAULT_K, int_arg, string_arg, table_arg};
-use super::{KbRegistry, memory_scan};
-use crate::index::{IndexError, KnowledgeIndex};
+use super::{KbSchema, memory_scan};
 use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
+use crate::support::index_error;
+use mkflow_index::{IndexError, KnowledgeIndex};
 
 /// The constant of reciprocal rank fusion (Cormack et al., 2009).
 const RRF_K: f32 = 60.0;
@@ -39,12 +39,12 @@ const POOL_PER_RESULT: usize = 3;
 /// The `mk_search` table function.
 #[derive(Debug)]
 pub struct MkSearchFunction {
-    registry: Arc<KbRegistry>,
+    registry: Arc<KbSchema>,
 }
 
 impl MkSearchFunction {
     /// A function resolving indexes in `registry`.
-    pub fn new(registry: Arc<KbRegistry>) -> Self {
+    pub fn new(registry: Arc<KbSchema>) -> Self {
         MkSearchFunction { registry }
     }
 }
@@ -169,7 +169,7 @@ impl MkSearchTable {
         let generator = services
             .generators
             .generator(options)
-            .map_err(DataFusionError::Configuration)?;
+            .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
         let rewritten = match generator.rewrite(&self.query, &briefs(&routed_clusters)).await {
             Ok(q) => q,
             Err(e) => {

@@ -1,41 +1,31 @@
 //! mkflow's SQL surface on DataFusion:
+//! - [`catalog`]: the default schema, where the data directory's indexes are tables;
 //! - [`kb_table`]: a knowledge index as a table (`SELECT`, `INSERT` = upsert, `DELETE`);
 //! - [`kb_factory`]: `CREATE EXTERNAL TABLE … STORED AS KB` creates or opens one;
 //! - [`vector_search`]: the `vector_search(kb, 'query', k)` and `qa_search` table functions;
 //! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`;
 //! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches.
 
+pub mod catalog;
 pub mod filters;
 pub mod kb_factory;
 pub mod kb_table;
 pub mod mk_search;
-pub mod registry;
 pub mod vector_search;
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::common::{DataFusionError, Result};
+use datafusion::common::Result;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::physical_plan::ExecutionPlan;
 
-use crate::index::IndexError;
+pub use catalog::KbSchema;
 pub use kb_factory::KbTableFactory;
 pub use kb_table::KbTable;
-pub use registry::KbRegistry;
 pub use vector_search::VectorSearchFunction;
-
-/// Runs blocking index work off the async executor.
-pub async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> std::result::Result<T, IndexError> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| DataFusionError::External(Box::new(e)))?
-        .map_err(kb_table::index_error)
-}
 
 /// A scan over batches already in memory (one partition), with the scan's projection and limit.
 pub fn memory_scan(

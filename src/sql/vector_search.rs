@@ -26,10 +26,10 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
-use super::kb_table::index_error;
-use super::{KbRegistry, memory_scan};
-use crate::index::KnowledgeIndex;
+use super::{KbSchema, memory_scan};
 use crate::models::ModelRegistry;
+use crate::support::index_error;
+use mkflow_index::KnowledgeIndex;
 
 /// Rows returned when neither `k` nor a pushed `LIMIT` says how many.
 pub const DEFAULT_K: usize = 10;
@@ -46,7 +46,7 @@ pub enum SearchTarget {
 /// The `vector_search` and `qa_search` table functions.
 #[derive(Debug)]
 pub struct VectorSearchFunction {
-    registry: Arc<KbRegistry>,
+    registry: Arc<KbSchema>,
     models: Arc<ModelRegistry>,
     target: SearchTarget,
 }
@@ -54,7 +54,7 @@ pub struct VectorSearchFunction {
 impl VectorSearchFunction {
     /// A function searching `target`, resolving tables in `registry` and embedding queries
     /// with `models`.
-    pub fn new(registry: Arc<KbRegistry>, models: Arc<ModelRegistry>, target: SearchTarget) -> Self {
+    pub fn new(registry: Arc<KbSchema>, models: Arc<ModelRegistry>, target: SearchTarget) -> Self {
         VectorSearchFunction {
             registry,
             models,
@@ -161,9 +161,7 @@ impl TableFunctionImpl for VectorSearchFunction {
                     "{function}: the third argument must be k or a column name; {usage}"
                 ))
             })?;
-            if index.schema().field_with_name(&column).is_err() {
-                return plan_err!("{function}: '{name}' has no column '{column}'");
-            }
+            searched_column(&index, &column).map_err(|e| DataFusionError::Plan(format!("{function}: '{name}' {e}")))?;
             rest = &rest[1..];
         }
         if let Some(limit) = rest.first() {
@@ -174,6 +172,29 @@ impl TableFunctionImpl for VectorSearchFunction {
         }
         let query = self.query_vector(&index, &exprs[1])?;
         Ok(Arc::new(VectorSearchTable { index, query, k }))
+    }
+}
+
+/// Checks that `column` designates the vectors a search reads: Spice.ai's `column` argument
+/// names the vector column or the text column its vectors were computed from. An index holds one
+/// vector column, which both designate; any other column is refused, naming the accepted ones.
+fn searched_column(index: &KnowledgeIndex, column: &str) -> std::result::Result<(), String> {
+    let schema = index.schema();
+    let vector_column = index.manifest().vector_column;
+    let field = schema
+        .field_with_name(column)
+        .map_err(|_| format!("has no column '{column}'"))?;
+    let is_text = matches!(
+        field.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    );
+    if column == vector_column || is_text {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot be searched by '{column}' ({}): name the vector column '{vector_column}' or a text column its vectors were computed from",
+            field.data_type()
+        ))
     }
 }
 

@@ -138,7 +138,7 @@ impl RecordDecoder {
             position: record.offset as u64,
             payload: String::from_utf8_lossy(kept).into_owned(),
             error,
-            recorded_at_ms: crate::mk::now_ms(),
+            recorded_at_ms: crate::support::now_ms(),
         }
     }
 }

@@ -15,4 +15,4 @@ pub mod table;
 pub use consumer::{BatchLimits, KafkaReader, KafkaRecord, MicroBatch};
 pub use decode::RecordDecoder;
 pub use options::{KafkaOptions, StartFrom, position_key, position_prefix};
-pub use table::{KAFKA_FORMAT, KafkaFactory, KafkaTable};
+pub use table::{KAFKA_FORMAT, KafkaFactory, KafkaTable, KafkaTopic};

@@ -1,23 +1,28 @@
 //! `STORED AS KAFKA`: a topic as a table. A `SELECT` reads the topic from its start position
 //! up to its end at query time; an `INSERT INTO kb SELECT … FROM topic` runs as a continuous
-//! micro-batch stream (see [`crate::streaming`]).
+//! micro-batch stream (run by the `streaming` module, above this one).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{DataFusionError, Result, plan_err};
-use datafusion::logical_expr::{CreateExternalTable, Expr, TableType};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::CreateExternalTable;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 
 use super::consumer::{BatchLimits, KafkaReader};
 use super::decode::{RecordDecoder, table_schema};
 use super::options::KafkaOptions;
 use crate::sources::DeadLetters;
-use crate::sql::memory_scan;
+use crate::support::batch_table::{BatchSource, BatchTable};
+
+/// An ad-hoc scan is never stopped from outside: it ends when the topic is read to its end.
+static NEVER_STOP: AtomicBool = AtomicBool::new(false);
 
 /// The `STORED AS` name of Kafka topics.
 pub const KAFKA_FORMAT: &str = "KAFKA";
@@ -48,25 +53,28 @@ impl TableProviderFactory for KafkaFactory {
         }
         let options = KafkaOptions::parse(location, &cmd.options)?;
         let schema = table_schema(cmd.schema.as_arrow())?;
-        Ok(Arc::new(KafkaTable {
+        Ok(Arc::new(KafkaTable::new(KafkaTopic {
             decoder: RecordDecoder::new(&options.topic, schema.clone(), options.max_record_bytes),
             options,
             schema,
             dead_letters: self.dead_letters.clone(),
-        }))
+        })))
     }
 }
 
+/// A Kafka topic as a table.
+pub type KafkaTable = BatchTable<KafkaTopic>;
+
 /// A Kafka topic of JSON values with declared columns.
 #[derive(Debug)]
-pub struct KafkaTable {
+pub struct KafkaTopic {
     options: KafkaOptions,
     schema: SchemaRef,
     decoder: RecordDecoder,
     dead_letters: Arc<DeadLetters>,
 }
 
-impl KafkaTable {
+impl KafkaTopic {
     /// The table's Kafka settings.
     pub fn options(&self) -> &KafkaOptions {
         &self.options
@@ -83,50 +91,61 @@ impl KafkaTable {
     }
 }
 
-#[async_trait]
-impl TableProvider for KafkaTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
+/// A scan in progress: the topic and, once connected, its reader.
+struct Scan {
+    topic: Arc<KafkaTopic>,
+    reader: Option<KafkaReader>,
+}
 
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut reader = KafkaReader::connect(self.options.clone(), BTreeMap::new()).await?;
+impl Scan {
+    /// The next decoded batch, or `None` once every partition is read to its end. Refused
+    /// records go to the dead letters.
+    async fn next(&mut self) -> Result<Option<RecordBatch>> {
+        let reader = match &mut self.reader {
+            Some(reader) => reader,
+            None => self
+                .reader
+                .insert(KafkaReader::connect(self.topic.options.clone(), BTreeMap::new()).await?),
+        };
+        if reader.caught_up() {
+            return Ok(None);
+        }
         let limits = BatchLimits {
-            max_rows: self.options.max_batch_rows,
-            linger: self.options.linger,
+            max_rows: self.topic.options.max_batch_rows,
+            linger: self.topic.options.linger,
         };
-        let never = AtomicBool::new(false);
-        let mut batches = Vec::new();
-        let mut rows = 0;
-        let read = async {
-            while !reader.caught_up() && limit.is_none_or(|l| rows < l) {
-                let batch = reader.next_batch(limits, &never, true).await?;
-                let (decoded, refused) = self.decoder.decode(&batch.records)?;
-                self.dead_letters.record(refused);
-                rows += decoded.num_rows();
-                batches.push(decoded);
-            }
-            Ok::<_, DataFusionError>(())
+        let batch = reader.next_batch(limits, &NEVER_STOP, true).await?;
+        let (decoded, refused) = self.topic.decoder.decode(&batch.records)?;
+        self.topic.dead_letters.record(refused);
+        Ok(Some(decoded))
+    }
+}
+
+/// A `SELECT` reads the topic from its start to its end as of the scan, batch by batch, within
+/// `scan_timeout_ms`; a satisfied `LIMIT` stops reading.
+impl BatchSource for KafkaTopic {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn stream(self: Arc<Self>, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let timeout = self.options.scan_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let schema = self.schema.clone();
+        let scan = Scan {
+            topic: self,
+            reader: None,
         };
-        tokio::time::timeout(self.options.scan_timeout, read)
-            .await
-            .map_err(|_| {
-                DataFusionError::Execution(format!(
+        let batches = futures::stream::try_unfold(scan, move |mut scan| async move {
+            match tokio::time::timeout_at(deadline, scan.next()).await {
+                Ok(next) => Ok(next?.map(|batch| (batch, scan))),
+                Err(_) => Err(DataFusionError::Execution(format!(
                     "kafka topic '{}': not read to its end within scan_timeout_ms ({} ms)",
-                    self.options.topic,
-                    self.options.scan_timeout.as_millis()
-                ))
-            })??;
-        memory_scan(batches, self.schema.clone(), projection, limit)
+                    scan.topic.options.topic,
+                    timeout.as_millis()
+                ))),
+            }
+        });
+        Box::pin(RecordBatchStreamAdapter::new(schema, batches))
     }
 }

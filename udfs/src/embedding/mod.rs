@@ -14,4 +14,4 @@ mod udf;
 pub use batching::BatchingStrategy;
 pub use model::{EmbedError, Embedder, EmbedderStats, Embeddings};
 pub use spec::{EmbeddingModelSpec, Pooling};
-pub use udf::{EmbedUdf, LazyEmbedder, vectors_to_array};
+pub use udf::{EmbedUdf, LazyEmbedder};

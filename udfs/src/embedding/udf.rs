@@ -4,14 +4,15 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use datafusion::arrow::array::{Array, ArrayRef, FixedSizeListArray, Float32Array, StringArray};
-use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::array::{Array, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::{DataFusionError, Result, ScalarValue};
 use datafusion::logical_expr::{
     ColumnarValue, Documentation, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature, Volatility,
 };
+
+use mkflow_index::vector::{vector_type, vectors_to_array};
 
 use super::{EmbedError, Embedder, EmbeddingModelSpec};
 
@@ -88,14 +89,6 @@ impl EmbedUdf {
             ),
         }
     }
-
-    /// The Arrow type of the vectors this UDF returns.
-    pub fn vector_type(dimensions: usize) -> DataType {
-        DataType::FixedSizeList(
-            Arc::new(Field::new("item", DataType::Float32, false)),
-            dimensions as i32,
-        )
-    }
 }
 
 impl PartialEq for EmbedUdf {
@@ -123,7 +116,7 @@ impl ScalarUDFImpl for EmbedUdf {
     }
 
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(Self::vector_type(self.embedder.spec.dimensions))
+        Ok(vector_type(self.embedder.spec.dimensions))
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -152,18 +145,6 @@ impl ScalarUDFImpl for EmbedUdf {
     fn documentation(&self) -> Option<&Documentation> {
         None
     }
-}
-
-/// Builds a `FixedSizeList<Float32, dims>` array from row-major vectors and their validity.
-pub fn vectors_to_array(vectors: Vec<f32>, present: Vec<bool>, dims: usize) -> Result<ArrayRef> {
-    let nulls = present.iter().any(|p| !p).then(|| NullBuffer::from(present));
-    let field = Arc::new(Field::new("item", DataType::Float32, false));
-    Ok(Arc::new(FixedSizeListArray::try_new(
-        field,
-        dims as i32,
-        Arc::new(Float32Array::from(vectors)),
-        nulls,
-    )?))
 }
 
 fn external(e: EmbedError) -> DataFusionError {

@@ -5,14 +5,14 @@
 //! atomically (write to a temporary file, fsync, rename). A crash at any moment leaves either
 //! the old or the new manifest, each naming complete files.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{IndexError, Quantization};
+use crate::files::sync_dir;
+use crate::{IndexError, Quantization, SourceOffsets};
 
 /// The manifest's file name inside an index directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -55,8 +55,8 @@ pub struct Manifest {
     /// Where each streaming source should resume, committed together with the rows they
     /// produced (exactly-once ingestion): source position key (e.g. `kafka:papers:0`) → the
     /// next offset to read.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub source_offsets: BTreeMap<String, i64>,
+    #[serde(default, skip_serializing_if = "SourceOffsets::is_empty")]
+    pub source_offsets: SourceOffsets,
 }
 
 impl Manifest {
@@ -91,11 +91,4 @@ impl Manifest {
         fs::rename(&tmp, &path).map_err(|e| IndexError::io(&path, e))?;
         sync_dir(dir)
     }
-}
-
-/// Flushes a directory's entries (renames) to disk.
-pub fn sync_dir(dir: &Path) -> Result<(), IndexError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| IndexError::io(dir, e))
 }

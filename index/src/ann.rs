@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
 
-use super::IndexError;
+use crate::IndexError;
 
 /// How vectors are stored inside the ANN graph (the row store always keeps full `f32`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -140,15 +140,6 @@ impl AnnIndex {
         Ok(())
     }
 
-    /// Adds `vector` under `key`, growing capacity (doubling) when full.
-    pub fn add(&self, key: u64, vector: &[f32]) -> Result<(), IndexError> {
-        self.check_vector(vector)?;
-        if self.index.size() + 1 > self.index.capacity() {
-            self.reserve((self.index.capacity() * 2).max(1024))?;
-        }
-        self.index.add(key, vector).map_err(ann_error)
-    }
-
     /// Adds many vectors at once, on all cores (usearch inserts concurrently once capacity and
     /// thread slots are reserved). Every vector is checked before any is added.
     pub fn add_many(&self, items: &[(u64, &[f32])]) -> Result<(), IndexError> {
@@ -235,11 +226,6 @@ impl AnnIndex {
     /// Bytes usearch holds for the graph and vectors.
     pub fn memory_usage(&self) -> usize {
         self.index.memory_usage()
-    }
-
-    /// Sets how many candidates a search explores (higher: better recall, slower).
-    pub fn set_expansion_search(&self, expansion: usize) {
-        self.index.change_expansion_search(expansion);
     }
 }
 

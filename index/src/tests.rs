@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
+use arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
+use arrow::datatypes::{DataType, Field, Float32Type, Int64Type, Schema};
 
 use super::*;
 
@@ -66,7 +66,7 @@ fn batch(
 
 /// One row (`x`, category 1) whose vector is `values` in a variable-length list column.
 fn list_vector_row(values: &[f32]) -> RecordBatch {
-    let list = datafusion::arrow::array::ListArray::from_iter_primitive::<Float32Type, _, _>(vec![Some(
+    let list = arrow::array::ListArray::from_iter_primitive::<Float32Type, _, _>(vec![Some(
         values.iter().map(|v| Some(*v)).collect::<Vec<_>>(),
     )]);
     let schema = Arc::new(Schema::new(vec![
@@ -204,13 +204,21 @@ fn hnsw_agrees_with_exact_search() {
     let dir = tempfile::tempdir().unwrap();
     let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
     index.upsert(&[batch(&index, 0..5000, |_| 0, 0)]).unwrap();
+    // The graph's own answer, not `search` (which would top a short HNSW answer up exactly).
+    let state = index.read_state();
     let mut found = 0;
     for q in 0..50 {
         let query = vector(90_000 + q);
-        let ann: std::collections::HashSet<String> =
-            ids_of(&index.search(&query, 10, None).unwrap()).into_iter().collect();
-        let exact = ids_of(&index.exact_search(&query, 10).unwrap());
-        found += exact.iter().filter(|id| ann.contains(*id)).count();
+        let ann: Vec<u64> = state
+            .ann
+            .search(&query, 10, None)
+            .unwrap()
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        assert_eq!(ann.len(), 10, "the graph answered {} of 10", ann.len());
+        let exact = index.exact_hits(&state, &query, 10, None).unwrap();
+        found += exact.iter().filter(|hit| ann.contains(&hit.key)).count();
     }
     let recall = found as f64 / 500.0;
     assert!(recall >= 0.95, "recall@10 {recall}");
@@ -332,8 +340,7 @@ fn duplicate_keys_within_one_upsert_keep_the_last_row() {
 fn source_offsets_commit_with_the_rows_and_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
-    let offsets =
-        |pairs: &[(&str, i64)]| -> BTreeMap<String, i64> { pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect() };
+    let offsets = |pairs: &[(&str, i64)]| -> SourceOffsets { pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect() };
     let rows = batch(&index, 0..10, |i| i as i64, 0);
     index
         .upsert_from_source(

@@ -8,11 +8,12 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Float32Array, RecordBatch};
-use datafusion::arrow::compute::interleave;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{Array, ArrayRef, BooleanArray, Float32Array, RecordBatch};
+use arrow::compute::interleave;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
-use super::{Hit, IndexError, KnowledgeIndex, State, vector_values};
+use crate::state::State;
+use crate::{Hit, IndexError, KnowledgeIndex, vector_values};
 
 /// A row filter: evaluated on a batch of the index's rows, true where a row passes.
 pub type RowPredicate<'a> = dyn Fn(&RecordBatch) -> Result<BooleanArray, IndexError> + 'a;
@@ -24,7 +25,7 @@ pub const DEFAULT_EXACT_SEARCH_MAX_ROWS: usize = 2048;
 pub const SCORE_COLUMN: &str = "score";
 
 /// A dense set of row keys.
-struct KeySet {
+pub(crate) struct KeySet {
     bits: Vec<u64>,
     len: usize,
 }
@@ -121,7 +122,7 @@ impl KnowledgeIndex {
     }
 
     /// Brute-force cosine similarity over live rows (restricted to `allowed` when given).
-    fn exact_hits(
+    pub(crate) fn exact_hits(
         &self,
         state: &State,
         query: &[f32],
@@ -194,7 +195,7 @@ impl KnowledgeIndex {
         for column in 0..self.schema.fields().len() {
             let sources: Vec<&dyn Array> = state.segments.iter().map(|s| s.batch.column(column).as_ref()).collect();
             columns.push(if sources.is_empty() {
-                datafusion::arrow::array::new_empty_array(self.schema.field(column).data_type())
+                arrow::array::new_empty_array(self.schema.field(column).data_type())
             } else {
                 interleave(&sources, positions)?
             });

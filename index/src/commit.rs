@@ -1,0 +1,101 @@
+//! Commit policy: a small upsert writes only its rows as a delta file; a large one, too many
+//! deltas, or a delete rewrites rows and graph in full and drops the deltas.
+
+use std::fs;
+
+use arrow::compute::concat_batches;
+use arrow::datatypes::SchemaRef;
+
+use crate::files::{fsync_file, write_rows};
+use crate::state::{Segment, State, live_rows};
+use crate::{IndexError, KnowledgeIndex};
+
+/// Most delta files before a commit rewrites the index in full.
+pub const MAX_DELTA_FILES: usize = 32;
+
+impl KnowledgeIndex {
+    /// Commits an upsert whose rows are `state.segments[first_new..]`: as a delta file when the
+    /// deltas stay small, else in full.
+    pub(crate) fn commit_upsert(&self, state: &mut State, first_new: usize) -> Result<(), IndexError> {
+        let new_rows: usize = state.segments[first_new..].iter().map(|s| s.keys.len()).sum();
+        let manifest = &state.manifest;
+        if manifest.rows_file.is_empty()
+            || manifest.deltas.len() >= MAX_DELTA_FILES
+            || new_rows * 8 > manifest.rows
+            || manifest.delta_rows + new_rows > manifest.rows / 4
+        {
+            return self.persist(state);
+        }
+        let generation = manifest.generation + 1;
+        let delta_file = format!("delta-{generation}.arrow");
+        write_rows(&self.dir.join(&delta_file), &self.schema, &state.segments[first_new..])?;
+        let mut manifest = state.manifest.clone();
+        manifest.generation = generation;
+        manifest.rows = state.locations.len();
+        manifest.deltas.push(delta_file);
+        manifest.delta_rows += new_rows;
+        manifest.write_atomic(&self.dir)?;
+        state.manifest = manifest;
+        Ok(())
+    }
+
+    /// Compacts live rows into one segment and writes a new generation in full (rows and
+    /// graph), dropping the deltas.
+    pub(crate) fn persist(&self, state: &mut State) -> Result<(), IndexError> {
+        let compacted = compact(&self.schema, state)?;
+        let generation = state.manifest.generation + 1;
+        let rows_file = format!("rows-{generation}.arrow");
+        let ann_file = format!("ann-{generation}.usearch");
+        write_rows(
+            &self.dir.join(&rows_file),
+            &self.schema,
+            std::slice::from_ref(&compacted),
+        )?;
+        state.ann.save(&self.dir.join(&ann_file))?;
+        fsync_file(&self.dir.join(&ann_file))?;
+        let mut old_files = vec![state.manifest.rows_file.clone(), state.manifest.ann_file.clone()];
+        old_files.extend(state.manifest.deltas.iter().cloned());
+        let mut manifest = state.manifest.clone();
+        manifest.generation = generation;
+        manifest.rows = compacted.keys.len();
+        manifest.rows_file = rows_file;
+        manifest.ann_file = ann_file;
+        manifest.deltas.clear();
+        manifest.delta_rows = 0;
+        manifest.write_atomic(&self.dir)?;
+        state.manifest = manifest;
+        // Rebuild the in-memory maps around the compacted segment.
+        state.locations = compacted
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(row, &key)| (key, (0, row)))
+            .collect();
+        state.segments = vec![compacted];
+        for old in old_files.iter().filter(|f| !f.is_empty()) {
+            let _ = fs::remove_file(self.dir.join(old));
+        }
+        Ok(())
+    }
+}
+
+/// All live rows as one segment.
+fn compact(schema: &SchemaRef, state: &State) -> Result<Segment, IndexError> {
+    let mut batches = Vec::new();
+    let mut keys = Vec::new();
+    for segment in &state.segments {
+        let live: Vec<u64> = segment
+            .keys
+            .iter()
+            .copied()
+            .filter(|k| state.locations.contains_key(k))
+            .collect();
+        if live.is_empty() {
+            continue;
+        }
+        batches.push(live_rows(segment, &state.locations)?);
+        keys.extend(live);
+    }
+    let batch = concat_batches(schema, &batches)?;
+    Ok(Segment { batch, keys })
+}

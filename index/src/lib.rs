@@ -1,0 +1,443 @@
+//! The knowledge index: an Arrow row store plus a usearch ANN graph over one vector column,
+//! persisted in a directory and committed atomically.
+//!
+//! Directory layout (generation `G` is the manifest's commit counter):
+//! - `manifest.json`: model, dimension, quantization, key and vector columns, current files;
+//! - `rows-G.arrow`: every live row (Arrow IPC file) with its `u64` key in column `_key`;
+//! - `ann-G.usearch`: the HNSW graph with the vectors of those keys;
+//! - `delta-G.arrow`: rows upserted by a later commit `G` (same format), replayed on open.
+//!
+//! An upsert that is small next to the index (at most an eighth of its rows) writes only its
+//! rows as a delta, so a streaming micro-batch costs time proportional to what it adds, not to
+//! the index. Once the deltas would hold more than a quarter of the index or number
+//! [`MAX_DELTA_FILES`], for larger upserts, and on every delete, the commit rewrites the rows and
+//! the graph in full and drops the deltas (amortised, each row is rewritten a bounded number of
+//! times). Reopening loads the graph as saved and re-inserts the delta rows' vectors, so
+//! answers match the pre-crash index within HNSW's approximation (exactly, once compacted).
+//!
+//! Rows are upserted by the key column (`doc_id` by default): a row whose key exists replaces
+//! the old row and its vector. Each [`KnowledgeIndex::upsert`] or [`KnowledgeIndex::delete`]
+//! is one commit; it is all-or-nothing, on disk and in memory.
+
+#![warn(missing_docs)]
+
+mod ann;
+mod commit;
+mod error;
+mod files;
+mod manifest;
+mod offsets;
+mod search;
+mod state;
+pub mod vector;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{Field, Schema, SchemaRef};
+
+pub use ann::{AnnIndex, Hit, Quantization};
+pub use commit::MAX_DELTA_FILES;
+pub use error::IndexError;
+pub use manifest::{MANIFEST_FILE, Manifest};
+pub use offsets::SourceOffsets;
+pub use search::{DEFAULT_EXACT_SEARCH_MAX_ROWS, RowPredicate, SCORE_COLUMN};
+pub use vector::{vector_type, vector_values, vectors_to_array};
+
+#[cfg(test)]
+mod tests;
+
+use files::KEY_FIELD;
+use manifest::FORMAT_VERSION;
+use state::{Segment, State, doc_ids, live_rows, load_state};
+use vector::{extract_vectors, vectors_to_column};
+
+/// Settings of a new knowledge index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexSettings {
+    /// Embedding model whose vectors the index holds.
+    pub model: String,
+    /// Vector length.
+    pub dimensions: usize,
+    /// Storage of vectors in the ANN graph.
+    pub quantization: Quantization,
+    /// Document-identifier column (upsert key).
+    pub key_column: String,
+    /// Vector column (appended to the declared columns when absent).
+    pub vector_column: String,
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpsertStats {
+    /// Rows written.
+    pub rows: usize,
+    /// Of those, rows that replaced an existing row with the same key.
+    pub replaced: usize,
+}
+
+/// A persistent knowledge index. Cheap to share (`Arc`); reads run concurrently, commits one
+/// at a time.
+#[derive(Debug)]
+pub struct KnowledgeIndex {
+    dir: PathBuf,
+    schema: SchemaRef,
+    key_column: usize,
+    vector_column: usize,
+    state: RwLock<State>,
+    exact_search_max_rows: AtomicUsize,
+}
+
+impl KnowledgeIndex {
+    /// Opens the index in `dir`; errors when there is none.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, IndexError> {
+        let dir = dir.as_ref();
+        let manifest = Manifest::read(dir)?.ok_or_else(|| {
+            IndexError::Invalid(format!(
+                "{} holds no knowledge index ({MANIFEST_FILE} missing)",
+                dir.display()
+            ))
+        })?;
+        let (schema, state) = load_state(dir, manifest)?;
+        Self::from_parts(dir, schema, state)
+    }
+
+    /// Opens the index in `dir`, or creates it with `columns` (the vector column is appended)
+    /// and `settings`. An existing index must match the settings and columns.
+    pub fn open_or_create(
+        dir: impl AsRef<Path>,
+        columns: &Schema,
+        settings: &IndexSettings,
+    ) -> Result<Self, IndexError> {
+        let dir = dir.as_ref();
+        if Manifest::read(dir)?.is_some() {
+            let index = Self::open(dir)?;
+            index.check_compatible(columns, settings)?;
+            return Ok(index);
+        }
+        fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
+        let schema = table_schema(columns, settings)?;
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            generation: 0,
+            model: settings.model.clone(),
+            dimensions: settings.dimensions,
+            quantization: settings.quantization,
+            key_column: settings.key_column.clone(),
+            vector_column: settings.vector_column.clone(),
+            next_key: 0,
+            rows: 0,
+            rows_file: String::new(),
+            ann_file: String::new(),
+            deltas: Vec::new(),
+            delta_rows: 0,
+            source_offsets: Default::default(),
+        };
+        let state = State {
+            ann: AnnIndex::new(settings.dimensions, settings.quantization)?,
+            manifest,
+            segments: Vec::new(),
+            locations: HashMap::new(),
+            doc_keys: HashMap::new(),
+        };
+        let index = Self::from_parts(dir, schema, state)?;
+        {
+            let mut state = index.state.write().unwrap_or_else(|e| e.into_inner());
+            index.persist(&mut state)?;
+        }
+        Ok(index)
+    }
+
+    fn from_parts(dir: &Path, schema: SchemaRef, state: State) -> Result<Self, IndexError> {
+        let position = |name: &str| {
+            schema
+                .index_of(name)
+                .map_err(|_| IndexError::Invalid(format!("column '{name}' is not in the index schema")))
+        };
+        let key_column = position(&state.manifest.key_column)?;
+        let vector_column = position(&state.manifest.vector_column)?;
+        Ok(KnowledgeIndex {
+            dir: dir.to_path_buf(),
+            schema,
+            key_column,
+            vector_column,
+            state: RwLock::new(state),
+            exact_search_max_rows: AtomicUsize::new(search::DEFAULT_EXACT_SEARCH_MAX_ROWS),
+        })
+    }
+
+    fn check_compatible(&self, columns: &Schema, settings: &IndexSettings) -> Result<(), IndexError> {
+        let manifest = self.manifest();
+        let mismatch = |what: &str, have: String, want: String| {
+            Err(IndexError::Invalid(format!(
+                "{} already holds an index with {what} {have}, not {want} (hint: use another LOCATION or delete the directory)",
+                self.dir.display()
+            )))
+        };
+        if manifest.model != settings.model {
+            return mismatch("model", manifest.model, settings.model.clone());
+        }
+        if manifest.dimensions != settings.dimensions {
+            return mismatch(
+                "dimension",
+                manifest.dimensions.to_string(),
+                settings.dimensions.to_string(),
+            );
+        }
+        for field in columns.fields() {
+            match self.schema.field_with_name(field.name()) {
+                Ok(_) => {}
+                Err(_) => {
+                    return mismatch(
+                        "columns",
+                        self.column_names().join(", "),
+                        format!("a column '{}'", field.name()),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn column_names(&self) -> Vec<String> {
+        self.schema.fields().iter().map(|f| f.name().clone()).collect()
+    }
+
+    /// The directory holding the index.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The columns of the index (declared columns plus the vector column).
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Filtered searches passing at most this many rows are exact (brute force over the
+    /// passing rows) instead of a filtered HNSW walk.
+    pub fn exact_search_max_rows(&self) -> usize {
+        self.exact_search_max_rows.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`KnowledgeIndex::exact_search_max_rows`].
+    pub fn set_exact_search_max_rows(&self, rows: usize) {
+        self.exact_search_max_rows.store(rows, Ordering::Relaxed);
+    }
+
+    /// The columns of the index, by reference.
+    pub fn schema_ref(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// A copy of the current manifest.
+    pub fn manifest(&self) -> Manifest {
+        self.read_state().manifest.clone()
+    }
+
+    /// Live rows.
+    pub fn len(&self) -> usize {
+        self.read_state().locations.len()
+    }
+
+    /// Whether the index holds no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Vectors in the ANN graph, its capacity, and the bytes it uses.
+    pub fn ann_stats(&self) -> (usize, usize, usize) {
+        let state = self.read_state();
+        (state.ann.len(), state.ann.capacity(), state.ann.memory_usage())
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every live row, in key order within each commit.
+    pub fn snapshot(&self) -> Result<Vec<RecordBatch>, IndexError> {
+        let state = self.read_state();
+        state
+            .segments
+            .iter()
+            .map(|segment| live_rows(segment, &state.locations))
+            .filter(|b| !matches!(b, Ok(b) if b.num_rows() == 0))
+            .collect()
+    }
+
+    /// Where streaming sources resume: the offsets stored by the last commit that carried them.
+    pub fn source_offsets(&self) -> SourceOffsets {
+        self.read_state().manifest.source_offsets.clone()
+    }
+
+    /// Inserts or replaces rows (by the key column) and commits. Batches must have the index's
+    /// columns in order; the vector column may be a fixed-size or variable list of floats of the
+    /// index's dimension, or null (row stored, not searchable by vector).
+    pub fn upsert(&self, batches: &[RecordBatch]) -> Result<UpsertStats, IndexError> {
+        self.upsert_from_source(batches, &SourceOffsets::new())
+    }
+
+    /// [`KnowledgeIndex::upsert`] that also records, in the same atomic commit, where the
+    /// streaming sources that produced `batches` resume (merged into the stored offsets). With
+    /// offsets and no rows it still commits the offsets (a micro-batch of refused records).
+    pub fn upsert_from_source(
+        &self,
+        batches: &[RecordBatch],
+        offsets: &SourceOffsets,
+    ) -> Result<UpsertStats, IndexError> {
+        // Validate and convert everything before touching the index: an error leaves it as is.
+        let prepared = batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| self.prepare(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut stats = UpsertStats::default();
+        if prepared.is_empty() && offsets.is_empty() {
+            return Ok(stats);
+        }
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if prepared.is_empty() {
+            let mut manifest = state.manifest.clone();
+            manifest.source_offsets.merge(offsets);
+            manifest.write_atomic(&self.dir)?;
+            state.manifest = manifest;
+            return Ok(stats);
+        }
+        let applied = (|| {
+            state.manifest.source_offsets.merge(offsets);
+            let first_new_segment = state.segments.len();
+            let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
+            let first_new_key = state.manifest.next_key;
+            for (batch, doc_ids, vectors) in prepared {
+                let first_key = state.manifest.next_key;
+                let keys: Vec<u64> = (first_key..first_key + batch.num_rows() as u64).collect();
+                state.manifest.next_key += batch.num_rows() as u64;
+                stats.rows += keys.len();
+                stats.replaced +=
+                    state.place_segment(Segment { batch, keys }, doc_ids, vectors, &mut additions, first_new_key)?;
+            }
+            let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+            state.ann.add_many(&items)?;
+            self.commit_upsert(&mut state, first_new_segment)
+        })();
+        if let Err(e) = applied {
+            self.rollback(&mut state);
+            return Err(e);
+        }
+        Ok(stats)
+    }
+
+    /// Deletes the rows for which `predicate` is true and commits; returns their document ids.
+    pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let key_name = &state.manifest.key_column;
+        let mut doomed: Vec<(u64, String)> = Vec::new();
+        for segment in &state.segments {
+            let mask = predicate(&segment.batch)?;
+            if mask.true_count() == 0 {
+                continue;
+            }
+            let ids = doc_ids(&segment.batch, self.key_column, key_name)?;
+            for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
+                if mask.is_valid(row) && mask.value(row) && state.locations.contains_key(&key) {
+                    doomed.push((key, id));
+                }
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let applied = (|| {
+            for (key, doc_id) in &doomed {
+                state.locations.remove(key);
+                state.doc_keys.remove(doc_id);
+                state.ann.remove(*key)?;
+            }
+            self.persist(&mut state)
+        })();
+        if let Err(e) = applied {
+            self.rollback(&mut state);
+            return Err(e);
+        }
+        Ok(doomed.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Restores the last committed state after a failed commit.
+    fn rollback(&self, state: &mut State) {
+        let committed = state.manifest.generation;
+        match Manifest::read(&self.dir).and_then(|m| {
+            let manifest = m.ok_or_else(|| IndexError::Invalid("manifest vanished".into()))?;
+            load_state(&self.dir, manifest)
+        }) {
+            Ok((_, restored)) => *state = restored,
+            Err(e) => log::error!(
+                "index {}: rollback to generation {committed} failed: {e}",
+                self.dir.display()
+            ),
+        }
+    }
+
+    /// Validates a batch and splits out its document ids and vectors.
+    #[allow(clippy::type_complexity)]
+    fn prepare(&self, batch: &RecordBatch) -> Result<(RecordBatch, Vec<String>, Vec<Option<Vec<f32>>>), IndexError> {
+        if batch.num_columns() != self.schema.fields().len() {
+            return Err(IndexError::Invalid(format!(
+                "expected {} columns ({}), got {}",
+                self.schema.fields().len(),
+                self.column_names().join(", "),
+                batch.num_columns()
+            )));
+        }
+        let doc_ids = doc_ids(batch, self.key_column, self.schema.field(self.key_column).name())?;
+        let dims = self.read_state().manifest.dimensions;
+        let vectors = extract_vectors(batch.column(self.vector_column), dims)?;
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+        for (i, field) in self.schema.fields().iter().enumerate() {
+            let column = batch.column(i);
+            if i == self.vector_column {
+                columns.push(vectors_to_column(&vectors, dims)?);
+            } else if column.data_type() == field.data_type() {
+                columns.push(column.clone());
+            } else {
+                columns.push(
+                    cast(column, field.data_type())
+                        .map_err(|e| IndexError::Invalid(format!("column '{}': {e}", field.name())))?,
+                );
+            }
+        }
+        let batch =
+            RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| IndexError::Invalid(e.to_string()))?;
+        Ok((batch, doc_ids, vectors))
+    }
+}
+
+/// The declared columns plus the vector column.
+fn table_schema(columns: &Schema, settings: &IndexSettings) -> Result<SchemaRef, IndexError> {
+    if columns.field_with_name(&settings.key_column).is_err() {
+        return Err(IndexError::Invalid(format!(
+            "the index needs a key column '{}' (declare it, or set the 'key_column' option)",
+            settings.key_column
+        )));
+    }
+    let mut fields: Vec<Field> = Vec::new();
+    for field in columns.fields() {
+        if field.name() == KEY_FIELD {
+            return Err(IndexError::Invalid(format!("column name '{KEY_FIELD}' is reserved")));
+        }
+        if field.name() == &settings.vector_column {
+            continue;
+        }
+        fields.push(field.as_ref().clone());
+    }
+    fields.push(Field::new(
+        &settings.vector_column,
+        vector_type(settings.dimensions),
+        true,
+    ));
+    Ok(Arc::new(Schema::new(fields)))
+}

@@ -1,0 +1,157 @@
+//! The in-memory state of an index: its row segments, which rows are live, the document → key
+//! map and the ANN graph; and how a generation on disk is loaded into it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
+use arrow::compute::{cast, filter_record_batch};
+use arrow::datatypes::{DataType, SchemaRef};
+
+use crate::files::{read_rows, remove_stray_files};
+use crate::vector::extract_vectors;
+use crate::{AnnIndex, IndexError, Manifest};
+
+/// A block of rows with their keys.
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
+    /// The rows.
+    pub(crate) batch: RecordBatch,
+    /// Their keys, one per row.
+    pub(crate) keys: Vec<u64>,
+}
+
+/// Everything that changes on commit.
+#[derive(Debug)]
+pub(crate) struct State {
+    /// The committed generation's manifest.
+    pub(crate) manifest: Manifest,
+    /// Row blocks: the full rows file's, then one per delta or upsert since.
+    pub(crate) segments: Vec<Segment>,
+    /// Live key → (segment, row). Removed keys are absent.
+    pub(crate) locations: HashMap<u64, (usize, usize)>,
+    /// Document id → live key.
+    pub(crate) doc_keys: HashMap<String, u64>,
+    /// The HNSW graph over the live rows' vectors.
+    pub(crate) ann: AnnIndex,
+}
+
+impl State {
+    /// Makes the rows of `segment` the live rows of their documents (`ids`, one per row). A
+    /// document's previous row stops being live, and its vector leaves the graph — or leaves
+    /// `pending` when its key is `pending_from` or later (added by the same commit, not in the
+    /// graph yet). Each row's vector joins `pending`. Returns how many rows replaced a row whose
+    /// vector was in the graph.
+    pub(crate) fn place_segment(
+        &mut self,
+        segment: Segment,
+        ids: Vec<String>,
+        vectors: Vec<Option<Vec<f32>>>,
+        pending: &mut Vec<(u64, Vec<f32>)>,
+        pending_from: u64,
+    ) -> Result<usize, IndexError> {
+        let segment_index = self.segments.len();
+        let mut replaced = 0;
+        for (row, ((&key, id), vector)) in segment.keys.iter().zip(ids).zip(vectors).enumerate() {
+            if let Some(old) = self.doc_keys.insert(id, key) {
+                self.locations.remove(&old);
+                if old >= pending_from {
+                    pending.retain(|(k, _)| *k != old);
+                } else {
+                    self.ann.remove(old)?;
+                    replaced += 1;
+                }
+            }
+            self.locations.insert(key, (segment_index, row));
+            if let Some(vector) = vector {
+                pending.push((key, vector));
+            }
+        }
+        self.segments.push(segment);
+        Ok(replaced)
+    }
+}
+
+/// Reads the generation named by `manifest`: the full rows and graph, then each delta in order.
+pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), IndexError> {
+    let rows_path = dir.join(&manifest.rows_file);
+    let (schema, base) = read_rows(&rows_path)?;
+    let ann = AnnIndex::load(
+        &dir.join(&manifest.ann_file),
+        manifest.dimensions,
+        manifest.quantization,
+    )?;
+    let column = |role: &str, name: &str| {
+        schema
+            .index_of(name)
+            .map_err(|_| IndexError::Invalid(format!("{role} column '{name}' missing from {}", rows_path.display())))
+    };
+    let key_column = column("key", &manifest.key_column)?;
+    let vector_column = column("vector", &manifest.vector_column)?;
+    let mut state = State {
+        manifest,
+        segments: Vec::new(),
+        locations: HashMap::new(),
+        doc_keys: HashMap::new(),
+        ann,
+    };
+    for segment in base {
+        let ids = doc_ids(&segment.batch, key_column, &state.manifest.key_column)?;
+        for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
+            state.locations.insert(key, (state.segments.len(), row));
+            state.doc_keys.insert(id, key);
+        }
+        state.segments.push(segment);
+    }
+    for delta in state.manifest.deltas.clone() {
+        let (delta_schema, segments) = read_rows(&dir.join(&delta))?;
+        if delta_schema != schema {
+            return Err(IndexError::Invalid(format!(
+                "{} does not have the index's columns",
+                dir.join(&delta).display()
+            )));
+        }
+        for segment in segments {
+            replay(&mut state, segment, key_column, vector_column)?;
+        }
+    }
+    remove_stray_files(dir, &state.manifest);
+    Ok((schema, state))
+}
+
+/// Applies a delta segment as its upsert did: each row replaces the live row of its document
+/// and its vector joins the graph.
+fn replay(state: &mut State, segment: Segment, key_column: usize, vector_column: usize) -> Result<(), IndexError> {
+    let ids = doc_ids(&segment.batch, key_column, &state.manifest.key_column)?;
+    let vectors = extract_vectors(segment.batch.column(vector_column), state.manifest.dimensions)?;
+    let first_key = segment.keys.first().copied().unwrap_or(state.manifest.next_key);
+    let mut additions = Vec::new();
+    state.place_segment(segment, ids, vectors, &mut additions, first_key)?;
+    let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    state.ann.add_many(&items)
+}
+
+/// The key column of `batch` as text, one id per row; a null key is an error naming the row.
+pub(crate) fn doc_ids(batch: &RecordBatch, key_column: usize, key_name: &str) -> Result<Vec<String>, IndexError> {
+    let ids = cast(batch.column(key_column), &DataType::Utf8)?;
+    let ids: &StringArray = ids.as_string();
+    (0..ids.len())
+        .map(|row| {
+            ids.is_valid(row)
+                .then(|| ids.value(row).to_string())
+                .ok_or_else(|| IndexError::Invalid(format!("row {row}: key column '{key_name}' is null")))
+        })
+        .collect()
+}
+
+/// The rows of `segment` whose keys are still live.
+pub(crate) fn live_rows(
+    segment: &Segment,
+    locations: &HashMap<u64, (usize, usize)>,
+) -> Result<RecordBatch, IndexError> {
+    let mask: BooleanArray = segment.keys.iter().map(|k| Some(locations.contains_key(k))).collect();
+    if mask.true_count() == segment.keys.len() {
+        return Ok(segment.batch.clone());
+    }
+    Ok(filter_record_batch(&segment.batch, &mask)?)
+}

@@ -1,0 +1,14 @@
+//! Helpers shared by the modules above: they import nothing from the rest of the crate.
+//!
+//! - [`batch_table`]: a table whose scan produces record batches as it runs (every source and
+//!   in-memory table of mkflow is one);
+//! - [`blocking`]: index work off the async executor, index errors as DataFusion errors;
+//! - [`clock`]: wall-clock time as stored in tables.
+
+pub mod batch_table;
+pub mod blocking;
+pub mod clock;
+
+pub use batch_table::{BatchSource, BatchTable};
+pub use blocking::{blocking, index_error};
+pub use clock::now_ms;
