@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::arrow::ipc::reader::StreamReader;
 use kafka::Broker;
-use mkflow::index::{KnowledgeIndex, Manifest};
+use mkflow_index::{KnowledgeIndex, Manifest};
 use serde_json::Value;
 
 /// Records that must not become rows, each for a different reason.
