@@ -259,3 +259,54 @@ async fn bad_input_gives_clear_errors_and_loses_nothing() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_are_tables_of_the_default_schema_in_every_session() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let engine = engine(dir.path()).await;
+        engine
+            .sql(
+                "CREATE EXTERNAL TABLE kb (doc_id VARCHAR NOT NULL, body VARCHAR) STORED AS KB LOCATION 'kb' \
+                 OPTIONS ('meta_knowledge' 'true'); \
+                 CREATE EXTERNAL TABLE vecs (doc_id VARCHAR NOT NULL) STORED AS KB LOCATION 'vecs' \
+                 OPTIONS ('dimensions' '2'); \
+                 INSERT INTO vecs VALUES ('a', [1.0, 0.0]), ('b', [0.0, 1.0])",
+            )
+            .await
+            .unwrap();
+    }
+    // A later session finds both indexes (and the Meta-Knowledge index's own tables) the
+    // standard ways: SHOW TABLES, information_schema, qualified names.
+    let engine = engine(dir.path()).await;
+    let shown = strings(&engine.sql("SHOW TABLES").await.unwrap(), "table_name");
+    for table in ["kb", "kb_questions", "kb_clusters", "vecs", "dead_letters"] {
+        assert!(shown.contains(&table.to_string()), "{table} missing from {shown:?}");
+    }
+    let listed = strings(
+        &engine
+            .sql("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY table_name")
+            .await
+            .unwrap(),
+        "table_name",
+    );
+    assert_eq!(
+        listed,
+        vec!["dead_letters", "kb", "kb_clusters", "kb_questions", "vecs"]
+    );
+    let qualified = engine.sql("SELECT count(*) FROM datafusion.public.vecs").await.unwrap();
+    assert_eq!(single_int(&qualified), 2);
+    let nearest = engine
+        .sql("SELECT doc_id FROM vector_search(vecs, [0.9, 0.1], 1)")
+        .await
+        .unwrap();
+    assert_eq!(strings(&nearest, "doc_id"), vec!["a"]);
+    // A column that cannot hold what the vectors were computed from is refused, by name.
+    let refused = sql_error(&engine, "SELECT * FROM vector_search(kb, 'x', 'embedding_typo', 3)").await;
+    assert!(refused.contains("no column 'embedding_typo'"), "{refused}");
+    // DROP TABLE forgets the index for the session; its files stay for the next one.
+    engine.sql("DROP TABLE vecs").await.unwrap();
+    let error = sql_error(&engine, "SELECT * FROM vecs").await;
+    assert!(error.contains("vecs"), "{error}");
+    assert!(dir.path().join("vecs/manifest.json").is_file());
+}

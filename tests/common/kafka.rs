@@ -2,8 +2,8 @@
 
 //! A real Kafka-compatible broker for the streaming tests: `tansu` (Apache Kafka protocol,
 //! in-memory storage) on a free loopback port. The binary comes from `$MKFLOW_TANSU`, else
-//! `<mkflow home>/tansu/bin/tansu`, else `PATH`; when none exists it is installed into the
-//! mkflow home with `cargo install` (once per machine, ~18 min on 2 cores; `.ci/run` does it up
+//! `<mkflow home>/tansu/bin/tansu`, else `PATH`; when none exists `scripts/install-tansu.sh`
+//! installs it into the mkflow home (once per machine, ~18 min on 2 cores; `.ci/run` does it up
 //! front).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,9 +17,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-/// The tansu release the tests run against.
-pub const TANSU_VERSION: &str = "0.6.0";
 
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -39,24 +36,15 @@ pub fn tansu_binary() -> PathBuf {
     {
         return PathBuf::from("tansu");
     }
-    eprintln!(
-        "installing the tansu Kafka broker {TANSU_VERSION} into {} (once; ~18 min on 2 cores)",
-        root.display()
-    );
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "install",
-            &format!("tansu@{TANSU_VERSION}"),
-            "--locked",
-            "--features",
-            "dynostore",
-            "--root",
-        ])
-        .arg(&root)
-        .env("CARGO_TARGET_DIR", mkflow::assets::home_dir().join("tansu-build"))
+    // The installer script takes the tansu lock and stages the build, so concurrent test
+    // binaries (and `.ci/run`) never see a half-installed broker.
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-tansu.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .env("MKFLOW_HOME", mkflow::assets::home_dir())
         .status()
-        .expect("cargo runs");
-    assert!(status.success(), "cargo install tansu failed");
+        .expect("bash runs");
+    assert!(status.success(), "{} failed", script.display());
     installed
 }
 
