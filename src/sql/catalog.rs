@@ -132,7 +132,9 @@ impl KbSchema {
                 self.progress.clone(),
                 None,
             )),
-            Named::Clusters(mk) => Arc::new(BatchTable::new(SnapshotView(Arc::new(ClustersTable::new(mk.index.clone()))))),
+            Named::Clusters(mk) => Arc::new(BatchTable::new(SnapshotView(Arc::new(ClustersTable::new(
+                mk.index.clone(),
+            ))))),
         }
     }
 }
