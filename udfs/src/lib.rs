@@ -11,6 +11,8 @@
 //!
 //! Every UDF works on Arrow arrays, so it composes with any DataFusion query or pipeline.
 
+#![warn(missing_docs)]
+
 pub mod decoder;
 pub mod embedding;
 pub mod mk;

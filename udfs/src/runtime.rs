@@ -96,15 +96,20 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// A device name that is neither `cpu` nor `cuda`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a device is 'cpu' or 'cuda', not '{0}'")]
+pub struct UnknownDevice(pub String);
+
 impl std::str::FromStr for Device {
-    type Err = String;
+    type Err = UnknownDevice;
 
     /// `cpu` or `cuda`, as settings and model descriptions spell them.
-    fn from_str(text: &str) -> Result<Self, String> {
+    fn from_str(text: &str) -> Result<Self, UnknownDevice> {
         match text {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda),
-            other => Err(format!("a device is 'cpu' or 'cuda', not '{other}'")),
+            other => Err(UnknownDevice(other.to_string())),
         }
     }
 }
@@ -118,6 +123,22 @@ pub struct DeviceSession {
     pub device: Device,
 }
 
+/// Why [`build_session`] could not create a session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// ONNX Runtime refused the session options.
+    #[error(transparent)]
+    Options(#[from] ort::Error),
+    /// ONNX Runtime could not load the model file.
+    #[error("cannot load {}: {source}", .path.display())]
+    Load {
+        /// The model file.
+        path: PathBuf,
+        /// What ONNX Runtime said.
+        source: ort::Error,
+    },
+}
+
 /// Creates a session for `model` with `threads` intra-op threads on `device`. A CUDA request that
 /// cannot be met (a CPU-only ONNX Runtime library, missing CUDA libraries, no GPU) falls back to
 /// the CPU and says why in a warning.
@@ -126,28 +147,23 @@ pub fn build_session(
     model: &Path,
     threads: usize,
     device: Device,
-) -> Result<DeviceSession, String> {
+) -> Result<DeviceSession, SessionError> {
     use ort::ep::ExecutionProvider;
-    use ort::session::{Session, builder::GraphOptimizationLevel};
+    use ort::session::{Session, builder::GraphOptimizationLevel, builder::SessionBuilder};
 
-    let builder = || {
-        Session::builder(environment)
-            .and_then(|b| {
-                b.with_optimization_level(GraphOptimizationLevel::Level3)
-                    .map_err(Into::into)
-            })
-            .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
-            .map_err(|e| e.to_string())
+    let builder = || -> ort::Result<SessionBuilder> {
+        Ok(Session::builder(environment)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)?
+            .with_intra_threads(threads)?)
     };
     if device == Device::Cuda {
         let cuda = ort::ep::CUDA::default();
+        // Only logged: a CUDA failure falls back to the CPU.
         let attempt = match ort::ep::CUDA::is_available() {
             Ok(true) => builder()
-                .and_then(|b| {
-                    b.with_execution_providers([cuda.build().error_on_failure()])
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|mut b| b.commit_from_file(model).map_err(|e| e.to_string())),
+                .and_then(|b| Ok(b.with_execution_providers([cuda.build().error_on_failure()])?))
+                .and_then(|mut b| b.commit_from_file(model))
+                .map_err(|e| e.to_string()),
             Ok(false) => Err("this ONNX Runtime library has no CUDA execution provider (use onnxruntime-gpu's)".into()),
             Err(e) => Err(e.to_string()),
         };
@@ -163,7 +179,10 @@ pub fn build_session(
     }
     let session = builder()?
         .commit_from_file(model)
-        .map_err(|e| format!("cannot load {}: {e}", model.display()))?;
+        .map_err(|source| SessionError::Load {
+            path: model.to_path_buf(),
+            source,
+        })?;
     Ok(DeviceSession {
         session,
         device: Device::Cpu,

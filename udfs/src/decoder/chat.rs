@@ -3,6 +3,17 @@
 use minijinja::{Environment, Error, ErrorKind, context};
 use serde::Serialize;
 
+/// Why a chat template cannot be compiled or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatTemplateError {
+    /// The template is not valid Jinja.
+    #[error("the chat template does not compile: {0}")]
+    Compile(Error),
+    /// Rendering failed (e.g. the template called `raise_exception`).
+    #[error("cannot render the chat template: {0}")]
+    Render(Error),
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     environment: Environment<'static>,
@@ -18,7 +29,7 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the texts templates may insert.
-    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, String> {
+    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<Self, ChatTemplateError> {
         let mut environment = Environment::new();
         // Hugging Face renders templates with trim_blocks and lstrip_blocks, and with Python's
         // string methods (`.strip()`, `.startswith()`, …).
@@ -30,7 +41,7 @@ impl ChatTemplate {
         });
         environment
             .add_template_owned("chat", source.to_string())
-            .map_err(|e| format!("the chat template does not compile: {e}"))?;
+            .map_err(ChatTemplateError::Compile)?;
         Ok(ChatTemplate {
             environment,
             bos_token: bos_token.unwrap_or_default().to_string(),
@@ -40,8 +51,11 @@ impl ChatTemplate {
 
     /// The prompt for `messages` (anything serialising to `{role, content}` objects), ending
     /// with the opening of the assistant's turn.
-    pub fn render<M: Serialize>(&self, messages: &[M]) -> Result<String, String> {
-        let template = self.environment.get_template("chat").map_err(|e| e.to_string())?;
+    pub fn render<M: Serialize>(&self, messages: &[M]) -> Result<String, ChatTemplateError> {
+        let template = self
+            .environment
+            .get_template("chat")
+            .map_err(ChatTemplateError::Render)?;
         template
             .render(context! {
                 messages => messages,
@@ -49,7 +63,7 @@ impl ChatTemplate {
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
-            .map_err(|e| format!("cannot render the chat template: {e}"))
+            .map_err(ChatTemplateError::Render)
     }
 }
 
@@ -100,11 +114,13 @@ mod tests {
                 role: "system",
                 content: "x",
             }])
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only user turns"), "{err}");
         assert!(
             ChatTemplate::new("{% for %}", None, None)
                 .unwrap_err()
+                .to_string()
                 .contains("does not compile")
         );
     }

@@ -1,7 +1,7 @@
 //! `mkflow-decoder.json`: what the export tool (`scripts/export_decoder.py`) records beside a
 //! decoder's ONNX graphs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -49,24 +49,52 @@ pub struct DecoderConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Why a decoder description cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderConfigError {
+    /// The file is missing or unreadable.
+    #[error("{}: {source} (hint: export the model with scripts/export_decoder.py)", .path.display())]
+    Read {
+        /// The description file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not a decoder description.
+    #[error("{} is not a decoder description: {source}", .path.display())]
+    Parse {
+        /// The description file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        source: serde_json::Error,
+    },
+    /// The exporter wrote a contract version this mkflow cannot read.
+    #[error("{}: contract version {format} is not supported (this mkflow reads version 1)", .path.display())]
+    Version {
+        /// The description file.
+        path: PathBuf,
+        /// The version it declares.
+        format: u32,
+    },
+}
+
 impl DecoderConfig {
     /// Reads `dir/mkflow-decoder.json`.
-    pub fn read(dir: &Path) -> Result<Self, String> {
+    pub fn read(dir: &Path) -> Result<Self, DecoderConfigError> {
         let path = dir.join(DECODER_CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
-                "{}: {e} (hint: export the model with scripts/export_decoder.py)",
-                path.display()
-            )
-        })?;
-        let config: DecoderConfig =
-            serde_json::from_str(&text).map_err(|e| format!("{} is not a decoder description: {e}", path.display()))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(source) => return Err(DecoderConfigError::Read { path, source }),
+        };
+        let config: DecoderConfig = match serde_json::from_str(&text) {
+            Ok(config) => config,
+            Err(source) => return Err(DecoderConfigError::Parse { path, source }),
+        };
         if config.format != 1 {
-            return Err(format!(
-                "{}: contract version {} is not supported (this mkflow reads version 1)",
-                path.display(),
-                config.format
-            ));
+            return Err(DecoderConfigError::Version {
+                path,
+                format: config.format,
+            });
         }
         Ok(config)
     }
@@ -84,7 +112,7 @@ mod tests {
     #[test]
     fn descriptions_are_read_and_bad_ones_named() {
         let dir = tempfile::tempdir().unwrap();
-        let missing = DecoderConfig::read(dir.path()).unwrap_err();
+        let missing = DecoderConfig::read(dir.path()).unwrap_err().to_string();
         assert!(missing.contains("export_decoder.py"), "{missing}");
         let path = dir.path().join(DECODER_CONFIG_FILE);
         std::fs::write(
@@ -101,10 +129,10 @@ mod tests {
             .unwrap()
             .replace(r#""format": 1"#, r#""format": 2"#);
         std::fs::write(&path, newer).unwrap();
-        let err = DecoderConfig::read(dir.path()).unwrap_err();
+        let err = DecoderConfig::read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("contract version 2 is not supported"), "{err}");
         std::fs::write(&path, r#"{"format": 1}"#).unwrap();
-        let err = DecoderConfig::read(dir.path()).unwrap_err();
+        let err = DecoderConfig::read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not a decoder description"), "{err}");
     }
 }

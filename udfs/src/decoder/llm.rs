@@ -50,8 +50,8 @@ impl LocalLlm {
             .chat_template
             .as_deref()
             .ok_or_else(|| model_error("the model has no chat template (not a chat model?)".into()))?;
-        let template =
-            ChatTemplate::new(source, config.bos_token.as_deref(), config.eos_token.as_deref()).map_err(model_error)?;
+        let template = ChatTemplate::new(source, config.bos_token.as_deref(), config.eos_token.as_deref())
+            .map_err(|e| model_error(e.to_string()))?;
         // End-of-turn markers of the common chat formats, where the vocabulary has them.
         let stop_tokens = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>"]
             .iter()

@@ -15,8 +15,10 @@ mod latent;
 mod llm;
 mod model;
 
-pub use chat::ChatTemplate;
-pub use config::{DECODER_CONFIG_FILE, DecoderConfig, GENERATION_GRAPH, LATENT_GRAPH, TOKENIZER_FILE};
+pub use chat::{ChatTemplate, ChatTemplateError};
+pub use config::{
+    DECODER_CONFIG_FILE, DecoderConfig, DecoderConfigError, GENERATION_GRAPH, LATENT_GRAPH, TOKENIZER_FILE,
+};
 pub use generate::{Generated, Sampling};
 pub use llm::{ChatAnswer, LocalLlm};
 pub use model::{DecoderError, DecoderModel, Graph};

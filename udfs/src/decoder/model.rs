@@ -25,6 +25,16 @@ pub enum DecoderError {
         /// What is wrong.
         message: String,
     },
+    /// A graph lacks an input or output of the export contract.
+    #[error("decoder '{model}': graph has no {port} '{name}' (not an mkflow decoder export?)")]
+    Contract {
+        /// The model directory.
+        model: String,
+        /// `input` or `output`.
+        port: &'static str,
+        /// The missing input's or output's name.
+        name: String,
+    },
     /// A run failed or was asked something the model cannot do.
     #[error("running decoder '{model}': {message}")]
     Inference {
@@ -116,13 +126,14 @@ impl DecoderModel {
             model: dir.display().to_string(),
             message,
         };
-        let config = DecoderConfig::read(dir).map_err(model_error)?;
+        let config = DecoderConfig::read(dir).map_err(|e| model_error(e.to_string()))?;
         let path = dir.join(graph.file_name());
         if !path.is_file() {
             return Err(model_error(format!("{} not found", path.display())));
         }
         let environment = init_onnx_runtime(onnx_runtime)?;
-        let loaded = build_session(environment, &path, threads.max(1), device).map_err(model_error)?;
+        let loaded =
+            build_session(environment, &path, threads.max(1), device).map_err(|e| model_error(e.to_string()))?;
         let cache_type = if config.half_precision() {
             TensorElementType::Float16
         } else {
@@ -149,7 +160,7 @@ impl DecoderModel {
             cache_type,
             cache_memory,
         };
-        model.check_contract().map_err(model_error)?;
+        model.check_contract()?;
         Ok(model)
     }
 
@@ -168,10 +179,16 @@ impl DecoderModel {
         self.graph
     }
 
-    fn check_contract(&self) -> Result<(), String> {
+    /// Checks that the graph has every input and output of the export contract.
+    fn check_contract(&self) -> Result<(), DecoderError> {
         let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        let missing = |port: &'static str, name: &str| DecoderError::Contract {
+            model: self.dir.display().to_string(),
+            port,
+            name: name.to_string(),
+        };
         let expected_inputs = ["input_ids", "inputs_embeds", "attention_mask", "position_ids"];
         for name in expected_inputs
             .iter()
@@ -179,7 +196,7 @@ impl DecoderModel {
             .chain(self.past_names.iter().map(String::as_str))
         {
             if !inputs.contains(&name) {
-                return Err(format!("graph has no input '{name}' (not an mkflow decoder export?)"));
+                return Err(missing("input", name));
             }
         }
         for name in [self.graph.head(), "last_hidden_state"]
@@ -187,7 +204,7 @@ impl DecoderModel {
             .chain(self.present_names.iter().map(String::as_str))
         {
             if !outputs.contains(&name) {
-                return Err(format!("graph has no output '{name}' (not an mkflow decoder export?)"));
+                return Err(missing("output", name));
             }
         }
         Ok(())

@@ -189,8 +189,8 @@ impl Embedder {
             None => {
                 let environment = init_onnx_runtime(onnx_runtime)?;
                 let loaded = build_session(environment, &spec.model_path, spec.resolved_threads(), spec.device)
-                    .map_err(model_error)?;
-                let io = model_io(&loaded.session).map_err(model_error)?;
+                    .map_err(|e| model_error(e.to_string()))?;
+                let io = model_io(&loaded.session).map_err(|e| model_error(e.to_string()))?;
                 let session = Mutex::new(loaded.session);
                 (Backend::Encoder { session, io, pad_id }, loaded.device)
             }
@@ -375,18 +375,18 @@ impl Embedder {
         let shape = [rows, width];
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![(
             Cow::from(io.input_ids.as_str()),
-            input_tensor(shape, &ids).map_err(inference_error)?,
+            input_tensor(shape, &ids).map_err(|e| inference_error(e.to_string()))?,
         )];
         if let Some(name) = &io.attention_mask {
             inputs.push((
                 Cow::from(name.as_str()),
-                input_tensor(shape, &mask).map_err(inference_error)?,
+                input_tensor(shape, &mask).map_err(|e| inference_error(e.to_string()))?,
             ));
         }
         if let Some(name) = &io.token_type_ids {
             inputs.push((
                 Cow::from(name.as_str()),
-                input_tensor(shape, &type_ids).map_err(inference_error)?,
+                input_tensor(shape, &type_ids).map_err(|e| inference_error(e.to_string()))?,
             ));
         }
         let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
@@ -411,25 +411,35 @@ impl Embedder {
 }
 
 /// A borrowed `[rows, width]` int64 tensor as a session input.
-fn input_tensor(shape: [usize; 2], data: &[i64]) -> Result<SessionInputValue<'_>, String> {
-    TensorRef::from_array_view((shape, data))
-        .map(SessionInputValue::from)
-        .map_err(|e| e.to_string())
+fn input_tensor(shape: [usize; 2], data: &[i64]) -> ort::Result<SessionInputValue<'_>> {
+    TensorRef::from_array_view((shape, data)).map(SessionInputValue::from)
+}
+
+/// How an encoder graph departs from the usual Hugging Face encoder contract.
+#[derive(Debug, thiserror::Error)]
+enum ModelIoError {
+    /// No `input_ids` input; the graph's inputs are listed.
+    #[error("model has no input_ids input (inputs: {0:?})")]
+    NoInputIds(Vec<String>),
+    /// No output at all to pool.
+    #[error("model has no outputs")]
+    NoOutputs,
 }
 
 /// Finds the input names and the output to pool, failing with a clear message for a model
 /// that does not follow the usual Hugging Face encoder contract.
-fn model_io(session: &Session) -> Result<ModelIo, String> {
+fn model_io(session: &Session) -> Result<ModelIo, ModelIoError> {
     let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
     let find = |name: &str| inputs.iter().find(|i| **i == name).map(|s| s.to_string());
-    let input_ids = find("input_ids").ok_or_else(|| format!("model has no input_ids input (inputs: {inputs:?})"))?;
+    let input_ids =
+        find("input_ids").ok_or_else(|| ModelIoError::NoInputIds(inputs.iter().map(|s| s.to_string()).collect()))?;
     let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
     let output = ["sentence_embedding", "last_hidden_state", "token_embeddings"]
         .iter()
         .find(|name| outputs.contains(name))
         .map(|s| s.to_string())
         .or_else(|| outputs.first().map(|s| s.to_string()))
-        .ok_or("model has no outputs")?;
+        .ok_or(ModelIoError::NoOutputs)?;
     Ok(ModelIo {
         input_ids,
         attention_mask: find("attention_mask"),

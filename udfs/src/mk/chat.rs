@@ -170,7 +170,7 @@ impl<B: ChatBackend> ChatGenerator<B> {
         &self,
         mut messages: Vec<Message>,
         format: AnswerFormat,
-        parse: impl Fn(&str) -> Result<T, String>,
+        parse: impl Fn(&str) -> Result<T, prompts::AnswerError>,
     ) -> Result<T, GenerationError> {
         GenerationStats::bump(&self.stats.calls);
         let result = async {

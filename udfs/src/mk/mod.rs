@@ -28,6 +28,11 @@ pub use generator::{
 };
 pub use local::{LocalBackend, LocalGenerator, LocalSettings};
 pub use openai::{LlmSettings, OpenAiBackend, OpenAiGenerator};
-pub use options::{DEFAULT_LOCAL_MODEL, GeneratorRegistry, MkOptions, OPENAI_BASE_URL};
-pub use schema::{FieldKind, Label, MetadataField, MetadataSchema, UNCLUSTERED, first_string, string_list_type};
+pub use options::{
+    DEFAULT_LOCAL_MODEL, GeneratorKind, GeneratorRegistry, MkOptions, OPENAI_BASE_URL, SettingsError, UnknownGenerator,
+};
+pub use schema::{
+    FieldKind, Label, MetadataError, MetadataField, MetadataSchema, SchemaError, SchemaFileError, UNCLUSTERED,
+    first_string, string_list_type,
+};
 pub use udf::{ClusterUdf, PrepareUdf, PreparedPart, Preparer, SummaryUdaf, qa_type};

@@ -6,22 +6,74 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datafusion::common::extensions_options;
+use datafusion::common::{config_field, extensions_options};
 use datafusion::config::{ConfigExtension, ExtensionOptions};
+use datafusion::error::DataFusionError;
 
 use super::embedded::EmbeddedGenerator;
-use super::generator::Generator;
+use super::generator::{GenerationError, Generator};
 use super::local::{LocalGenerator, LocalSettings};
 use super::openai::{LlmSettings, OpenAiGenerator};
-use super::schema::MetadataSchema;
+use super::schema::{MetadataSchema, SchemaFileError};
 use crate::embedding::LazyEmbedder;
-use crate::runtime::Device;
+use crate::runtime::{Device, UnknownDevice};
 
 /// The local LLM `mkflow models pull --llm` installs (SmolLM2-135M-Instruct).
 pub const DEFAULT_LOCAL_MODEL: &str = "smollm2-135m-instruct";
 
 /// The public OpenAI endpoint, used when no base URL is configured.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// The Meta-Knowledge generation backend (`mkflow.generator`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum GeneratorKind {
+    /// No LLM: metadata by zero-shot classification on the embedding model, questions from the
+    /// text's own sentences ([`EmbeddedGenerator`]).
+    #[default]
+    Embedded,
+    /// Any OpenAI-compatible chat-completions endpoint ([`OpenAiGenerator`]).
+    OpenAi,
+    /// A local LLM on ONNX Runtime, offline ([`LocalGenerator`]).
+    Local,
+}
+
+impl std::fmt::Display for GeneratorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GeneratorKind::Embedded => "embedded",
+            GeneratorKind::OpenAi => "openai",
+            GeneratorKind::Local => "local",
+        })
+    }
+}
+
+/// A generator name other than `embedded`, `openai` and `local`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown generator '{0}' (mkflow.generator is 'embedded', 'openai' or 'local')")]
+pub struct UnknownGenerator(pub String);
+
+impl std::str::FromStr for GeneratorKind {
+    type Err = UnknownGenerator;
+
+    /// `embedded`, `openai` or `local`, as `mkflow.generator` spells them.
+    fn from_str(text: &str) -> Result<Self, UnknownGenerator> {
+        match text {
+            "embedded" => Ok(GeneratorKind::Embedded),
+            "openai" => Ok(GeneratorKind::OpenAi),
+            "local" => Ok(GeneratorKind::Local),
+            other => Err(UnknownGenerator(other.to_string())),
+        }
+    }
+}
+
+config_field!(GeneratorKind, value => value
+    .parse()
+    .map_err(|e: UnknownGenerator| DataFusionError::Configuration(e.to_string()))?);
+
+// `Device` is the type of `mkflow.local_device` only, so its refusal names that setting.
+config_field!(Device, value => value
+    .parse()
+    .map_err(|e: UnknownDevice| DataFusionError::Configuration(format!("mkflow.local_device: {e}")))?);
 
 extensions_options! {
     /// Meta-Knowledge settings of a session: `SET mkflow.generator = 'openai'`, or the
@@ -30,7 +82,7 @@ extensions_options! {
         /// Generation backend: `embedded` (no LLM; see the README), `openai` (any
         /// OpenAI-compatible chat-completions endpoint: OpenAI, vLLM, llama-server, Ollama) or
         /// `local` (a local LLM on ONNX Runtime, offline; see `local_model`).
-        pub generator: String, default = "embedded".to_string()
+        pub generator: GeneratorKind, default = GeneratorKind::Embedded
         /// Metadata schema file (JSON); empty for the built-in research-paper schema.
         pub metadata_schema: String, default = String::new()
         /// Most synthetic questions per document.
@@ -65,7 +117,7 @@ extensions_options! {
         /// directory of `scripts/export_decoder.py`.
         pub local_model: String, default = DEFAULT_LOCAL_MODEL.to_string()
         /// Where the local model runs: `cpu` or `cuda` (falls back to the CPU with a warning).
-        pub local_device: String, default = "cpu".to_string()
+        pub local_device: Device, default = Device::Cpu
         /// Most tokens per local answer.
         pub local_max_new_tokens: usize, default = 384
         /// Sampling temperature of the local model; 0 decodes greedily (reproducible).
@@ -84,48 +136,65 @@ impl MkOptions {
     }
 
     /// Defaults overridden by `MKFLOW_<NAME>` environment variables (e.g. `MKFLOW_LLM_MODEL`).
-    pub fn from_env() -> Result<Self, String> {
+    pub fn from_env() -> Result<Self, SettingsError> {
         let mut options = MkOptions::default();
         for entry in options.entries() {
             let variable = format!("MKFLOW_{}", entry.key.to_uppercase());
             if let Ok(value) = std::env::var(&variable) {
                 options
                     .set(&entry.key, &value)
-                    .map_err(|e| format!("environment variable {variable}: {e}"))?;
+                    .map_err(|source| SettingsError::Environment { variable, source })?;
             }
         }
         Ok(options)
     }
 
-    /// What identifies the generator these options make (settings that change its answers).
-    fn generator_key(&self) -> String {
-        match self.generator.as_str() {
-            "openai" => format!(
-                "openai|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
-                self.llm_base_url,
-                self.llm_model,
-                self.llm_api_key_env,
-                self.llm_concurrency,
-                self.llm_timeout_secs,
-                self.llm_max_retries,
-                self.llm_json_mode,
-                self.max_questions,
-                self.rewrite_queries,
-                self.metadata_schema
-            ),
-            "local" => format!(
-                "local|{}|{}|{}|{}|{}|{}|{}",
-                self.local_model,
-                self.local_device,
-                self.local_max_new_tokens,
-                self.local_temperature,
-                self.max_questions,
-                self.rewrite_queries,
-                self.metadata_schema
-            ),
-            other => format!("{other}|{}|{}", self.max_questions, self.metadata_schema),
-        }
+    /// What identifies the generator these options make: every setting with its value, so that
+    /// no setting, present or future, can be left out and reuse a generator made for others.
+    fn generator_key(&self) -> GeneratorKey {
+        self.entries().into_iter().map(|e| (e.key, e.value)).collect()
     }
+}
+
+/// Every setting of an [`MkOptions`] with its value, in declaration order.
+type GeneratorKey = Vec<(String, Option<String>)>;
+
+/// Why Meta-Knowledge settings cannot be read or turned into a generator.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// An `MKFLOW_<NAME>` environment variable holds a value its setting refuses.
+    #[error("environment variable {variable}: {source}")]
+    Environment {
+        /// The variable, e.g. `MKFLOW_GENERATOR`.
+        variable: String,
+        /// The setting's refusal, naming the accepted values.
+        source: DataFusionError,
+    },
+    /// The metadata schema file cannot be loaded.
+    #[error(transparent)]
+    Schema(#[from] SchemaFileError),
+    /// The `openai` generator has no model name.
+    #[error("the openai generator needs a model: SET mkflow.llm_model = '…' (or MKFLOW_LLM_MODEL)")]
+    NoLlmModel,
+    /// The public OpenAI endpoint was chosen but the key's environment variable is unset.
+    #[error("the OpenAI API needs a key in ${0} (or SET mkflow.llm_base_url to a local endpoint)")]
+    NoApiKey(String),
+    /// The `local` generator's model is not installed.
+    #[error(
+        "local model '{name}' not found at {} (hint: `mkflow models pull --llm` installs {}; \
+         scripts/export_decoder.py exports others)",
+        .dir.display(),
+        DEFAULT_LOCAL_MODEL
+    )]
+    LocalModelNotFound {
+        /// `mkflow.local_model` as set.
+        name: String,
+        /// The directory it was looked for in.
+        dir: PathBuf,
+    },
+    /// The generator could not be created.
+    #[error(transparent)]
+    Generator(#[from] GenerationError),
 }
 
 /// Where local LLMs live.
@@ -141,7 +210,7 @@ pub struct GeneratorRegistry {
     embedder: Arc<LazyEmbedder>,
     cache_dir: Option<PathBuf>,
     local_models: Option<LocalModels>,
-    generators: Mutex<HashMap<String, Arc<dyn Generator>>>,
+    generators: Mutex<HashMap<GeneratorKey, Arc<dyn Generator>>>,
     schemas: Mutex<HashMap<String, Arc<MetadataSchema>>>,
 }
 
@@ -166,7 +235,7 @@ impl GeneratorRegistry {
     }
 
     /// The metadata schema `options` name (the built-in one when none).
-    pub fn schema(&self, options: &MkOptions) -> Result<Arc<MetadataSchema>, String> {
+    pub fn schema(&self, options: &MkOptions) -> Result<Arc<MetadataSchema>, SettingsError> {
         let mut schemas = self.schemas.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = schemas.get(&options.metadata_schema) {
             return Ok(s.clone());
@@ -182,25 +251,20 @@ impl GeneratorRegistry {
     }
 
     /// The generator `options` select.
-    pub fn generator(&self, options: &MkOptions) -> Result<Arc<dyn Generator>, String> {
+    pub fn generator(&self, options: &MkOptions) -> Result<Arc<dyn Generator>, SettingsError> {
         let key = options.generator_key();
         if let Some(g) = self.generators.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(g.clone());
         }
         let schema = self.schema(options)?;
-        let generator: Arc<dyn Generator> = match options.generator.as_str() {
-            "embedded" => Arc::new(EmbeddedGenerator::new(
+        let generator: Arc<dyn Generator> = match options.generator {
+            GeneratorKind::Embedded => Arc::new(EmbeddedGenerator::new(
                 self.embedder.clone(),
                 schema,
                 options.max_questions,
             )),
-            "openai" => Arc::new(OpenAiGenerator::new(self.llm_settings(options)?, schema).map_err(|e| e.to_string())?),
-            "local" => Arc::new(LocalGenerator::new(self.local_settings(options)?, schema)),
-            other => {
-                return Err(format!(
-                    "unknown generator '{other}' (mkflow.generator is 'embedded', 'openai' or 'local')"
-                ));
-            }
+            GeneratorKind::OpenAi => Arc::new(OpenAiGenerator::new(self.llm_settings(options)?, schema)?),
+            GeneratorKind::Local => Arc::new(LocalGenerator::new(self.local_settings(options)?, schema)),
         };
         let mut generators = self.generators.lock().unwrap_or_else(|e| e.into_inner());
         Ok(generators.entry(key).or_insert(generator).clone())
@@ -221,27 +285,21 @@ impl GeneratorRegistry {
         self.cache_dir.as_ref().map(|d| d.join("generations.jsonl"))
     }
 
-    fn local_settings(&self, options: &MkOptions) -> Result<LocalSettings, String> {
-        let device: Device = options
-            .local_device
-            .parse()
-            .map_err(|e| format!("mkflow.local_device: {e}"))?;
+    fn local_settings(&self, options: &MkOptions) -> Result<LocalSettings, SettingsError> {
         let named = Path::new(&options.local_model);
         let model_dir = match &self.local_models {
             Some(local) if named.components().count() == 1 && !named.is_dir() => local.dir.join(named),
             _ => named.to_path_buf(),
         };
         if !model_dir.join(crate::decoder::DECODER_CONFIG_FILE).is_file() {
-            return Err(format!(
-                "local model '{}' not found at {} (hint: `mkflow models pull --llm` installs {DEFAULT_LOCAL_MODEL}; \
-                 scripts/export_decoder.py exports others)",
-                options.local_model,
-                model_dir.display()
-            ));
+            return Err(SettingsError::LocalModelNotFound {
+                name: options.local_model.clone(),
+                dir: model_dir,
+            });
         }
         Ok(LocalSettings {
             model_dir,
-            device,
+            device: options.local_device,
             threads: 0,
             onnx_runtime: self.local_models.as_ref().map(|l| l.onnx_runtime.clone()),
             max_new_tokens: options.local_max_new_tokens.max(1),
@@ -252,16 +310,13 @@ impl GeneratorRegistry {
         })
     }
 
-    fn llm_settings(&self, options: &MkOptions) -> Result<LlmSettings, String> {
+    fn llm_settings(&self, options: &MkOptions) -> Result<LlmSettings, SettingsError> {
         if options.llm_model.is_empty() {
-            return Err("the openai generator needs a model: SET mkflow.llm_model = '…' (or MKFLOW_LLM_MODEL)".into());
+            return Err(SettingsError::NoLlmModel);
         }
         let api_key = std::env::var(&options.llm_api_key_env).ok().filter(|k| !k.is_empty());
         if api_key.is_none() && options.llm_base_url == OPENAI_BASE_URL {
-            return Err(format!(
-                "the OpenAI API needs a key in ${} (or SET mkflow.llm_base_url to a local endpoint)",
-                options.llm_api_key_env
-            ));
+            return Err(SettingsError::NoApiKey(options.llm_api_key_env.clone()));
         }
         Ok(LlmSettings {
             base_url: options.llm_base_url.clone(),
@@ -294,21 +349,25 @@ mod tests {
             .with_local_models(home.join("llms"), home.join("libonnxruntime.so"))
     }
 
+    /// Makes `dir` look like a decoder export (the local generator loads it on first use only).
+    fn fake_export(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(crate::decoder::DECODER_CONFIG_FILE), "{}").unwrap();
+    }
+
     #[test]
     fn local_generators_are_found_by_name_or_path_and_refused_with_a_hint() {
         let home = tempfile::tempdir().unwrap();
         let registry = registry(home.path());
         let mut options = MkOptions {
-            generator: "local".into(),
+            generator: GeneratorKind::Local,
             ..MkOptions::default()
         };
-        let missing = registry.generator(&options).unwrap_err();
+        let missing = registry.generator(&options).unwrap_err().to_string();
         assert!(missing.contains("mkflow models pull --llm"), "{missing}");
         assert!(missing.contains(&home.path().join("llms/smollm2-135m-instruct").display().to_string()));
 
-        let dir = home.path().join("llms/smollm2-135m-instruct");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(crate::decoder::DECODER_CONFIG_FILE), "{}").unwrap();
+        fake_export(&home.path().join("llms/smollm2-135m-instruct"));
         let local = registry.generator(&options).unwrap();
         assert_eq!(local.name(), "local:smollm2-135m-instruct");
         // The same settings give the same generator; other settings another one.
@@ -318,13 +377,87 @@ mod tests {
 
         // A path works too.
         let elsewhere = home.path().join("exports/qwen");
-        std::fs::create_dir_all(&elsewhere).unwrap();
-        std::fs::write(elsewhere.join(crate::decoder::DECODER_CONFIG_FILE), "{}").unwrap();
+        fake_export(&elsewhere);
         options.local_model = elsewhere.display().to_string();
         assert_eq!(registry.generator(&options).unwrap().name(), "local:qwen");
+    }
 
-        options.local_device = "tpu".into();
-        let device = registry.generator(&options).unwrap_err();
-        assert!(device.contains("'cpu' or 'cuda', not 'tpu'"), "{device}");
+    #[test]
+    fn settings_parse_their_names_and_refuse_others_naming_the_accepted_values() {
+        let mut options = MkOptions::default();
+        assert_eq!(options.generator, GeneratorKind::Embedded);
+        assert_eq!(options.local_device, Device::Cpu);
+        for kind in [GeneratorKind::Embedded, GeneratorKind::OpenAi, GeneratorKind::Local] {
+            options.set("generator", &kind.to_string()).unwrap();
+            assert_eq!(options.generator, kind);
+        }
+        options.set("local_device", "cuda").unwrap();
+        assert_eq!(options.local_device, Device::Cuda);
+
+        let generator = options.set("generator", "psychic").unwrap_err().to_string();
+        assert!(
+            generator.contains("unknown generator 'psychic' (mkflow.generator is 'embedded', 'openai' or 'local')"),
+            "{generator}"
+        );
+        let device = options.set("local_device", "tpu").unwrap_err().to_string();
+        assert!(
+            device.contains("mkflow.local_device: a device is 'cpu' or 'cuda', not 'tpu'"),
+            "{device}"
+        );
+        // Refused values leave the settings as they were.
+        assert_eq!(
+            (options.generator, options.local_device),
+            (GeneratorKind::Local, Device::Cuda)
+        );
+        let entries = options.entries();
+        let value = |key: &str| entries.iter().find(|e| e.key == key).unwrap().value.clone();
+        assert_eq!(value("generator").as_deref(), Some("local"));
+        assert_eq!(value("local_device").as_deref(), Some("cuda"));
+    }
+
+    #[test]
+    fn changing_any_single_setting_makes_another_generator() {
+        let home = tempfile::tempdir().unwrap();
+        let registry = registry(home.path());
+        fake_export(&home.path().join("llms").join(DEFAULT_LOCAL_MODEL));
+        let other_model = home.path().join("exports/other");
+        fake_export(&other_model);
+        let schema_file = home.path().join("schema.json");
+        std::fs::write(&schema_file, serde_json::to_string(&MetadataSchema::default()).unwrap()).unwrap();
+
+        // The local generator needs no endpoint or key, so every other setting can change.
+        let base = MkOptions {
+            generator: GeneratorKind::Local,
+            ..MkOptions::default()
+        };
+        let generator = registry.generator(&base).unwrap();
+        for entry in base.entries() {
+            // Another valid value: a real file for the paths, else the first candidate the
+            // setting accepts and that changes it.
+            let candidates: Vec<String> = match entry.key.as_str() {
+                "metadata_schema" => vec![schema_file.display().to_string()],
+                "local_model" => vec![other_model.display().to_string()],
+                _ => ["7", "0.5", "true", "false", "embedded", "cuda", "other"]
+                    .map(String::from)
+                    .to_vec(),
+            };
+            let changed = candidates
+                .iter()
+                .find_map(|value| {
+                    let mut options = base.clone();
+                    options.set(&entry.key, value).ok()?;
+                    let now = options.entries().into_iter().find(|e| e.key == entry.key)?.value;
+                    (now != entry.value).then_some(options)
+                })
+                .unwrap_or_else(|| panic!("no other value for mkflow.{} in the test", entry.key));
+            let other = registry.generator(&changed).unwrap();
+            assert!(
+                !Arc::ptr_eq(&generator, &other),
+                "mkflow.{} changed, yet the generator was reused",
+                entry.key
+            );
+            assert!(Arc::ptr_eq(&other, &registry.generator(&changed).unwrap()));
+        }
+        assert!(Arc::ptr_eq(&generator, &registry.generator(&base).unwrap()));
     }
 }

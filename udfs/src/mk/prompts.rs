@@ -5,7 +5,34 @@
 use serde_json::Value;
 
 use super::generator::{ClusterBrief, ClusterDigest, Document, Prepared, QaPair};
-use super::schema::{FieldKind, MetadataSchema};
+use super::schema::{FieldKind, MetadataError, MetadataSchema};
+
+/// Why a model's answer is not valid; the message is sent back to the model once
+/// ([`correction`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// The answer holds nothing that looks like a JSON object.
+    #[error("the answer holds no JSON object")]
+    NoJson,
+    /// The JSON object in the answer does not parse.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(serde_json::Error),
+    /// The object lacks a key the prompt asked for (e.g. `"qa" list`).
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+    /// The metadata does not fit the schema.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// A QA item has an empty question or answer.
+    #[error("every qa item needs a non-empty \"question\" and \"answer\"")]
+    EmptyQa,
+    /// A question refers to "the document" instead of naming its subject.
+    #[error("question \"{0}\" is not self-contained (it refers to the document)")]
+    NotSelfContained(String),
+    /// A rewrite answer lists no query.
+    #[error("\"queries\" holds no query")]
+    NoQueries,
+}
 
 /// A chat message.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -101,13 +128,13 @@ pub fn prepare(schema: &MetadataSchema, document: &Document<'_>, max_questions: 
 }
 
 /// Checks and normalises a prepare answer.
-pub fn parse_prepared(schema: &MetadataSchema, content: &str, max_questions: usize) -> Result<Prepared, String> {
+pub fn parse_prepared(schema: &MetadataSchema, content: &str, max_questions: usize) -> Result<Prepared, AnswerError> {
     let value = parse_json(content)?;
-    let metadata = schema.validate(value.get("metadata").ok_or("the object has no \"metadata\"")?)?;
+    let metadata = schema.validate(value.get("metadata").ok_or(AnswerError::Missing("\"metadata\""))?)?;
     let items = value
         .get("qa")
         .and_then(Value::as_array)
-        .ok_or("the object has no \"qa\" list")?;
+        .ok_or(AnswerError::Missing("\"qa\" list"))?;
     let mut qa = Vec::new();
     for item in items {
         let question = item
@@ -117,7 +144,7 @@ pub fn parse_prepared(schema: &MetadataSchema, content: &str, max_questions: usi
             .unwrap_or("");
         let answer = item.get("answer").and_then(Value::as_str).map(str::trim).unwrap_or("");
         if question.is_empty() || answer.is_empty() {
-            return Err("every qa item needs a non-empty \"question\" and \"answer\"".into());
+            return Err(AnswerError::EmptyQa);
         }
         let lower = question.to_lowercase();
         if [
@@ -131,9 +158,7 @@ pub fn parse_prepared(schema: &MetadataSchema, content: &str, max_questions: usi
         .iter()
         .any(|p| lower.contains(p))
         {
-            return Err(format!(
-                "question \"{question}\" is not self-contained (it refers to the document)"
-            ));
+            return Err(AnswerError::NotSelfContained(question.to_string()));
         }
         qa.push(QaPair {
             question: question.to_string(),
@@ -183,12 +208,12 @@ pub fn rewrite(query: &str, clusters: &[ClusterBrief], count: usize) -> Vec<Mess
 }
 
 /// Checks a rewrite answer.
-pub fn parse_rewrite(content: &str, count: usize) -> Result<Vec<String>, String> {
+pub fn parse_rewrite(content: &str, count: usize) -> Result<Vec<String>, AnswerError> {
     let value = parse_json(content)?;
     let queries = value
         .get("queries")
         .and_then(Value::as_array)
-        .ok_or("the object has no \"queries\" list")?;
+        .ok_or(AnswerError::Missing("\"queries\" list"))?;
     let mut out: Vec<String> = queries
         .iter()
         .filter_map(Value::as_str)
@@ -197,14 +222,14 @@ pub fn parse_rewrite(content: &str, count: usize) -> Result<Vec<String>, String>
         .map(str::to_string)
         .collect();
     if out.is_empty() {
-        return Err("\"queries\" holds no query".into());
+        return Err(AnswerError::NoQueries);
     }
     out.truncate(count);
     Ok(out)
 }
 
 /// The corrective message sent once after an invalid answer.
-pub fn correction(error: &str) -> Message {
+pub fn correction(error: &AnswerError) -> Message {
     Message::new(
         "user",
         format!("That answer was not valid: {error}. Reply again with only the corrected JSON object."),
@@ -213,7 +238,7 @@ pub fn correction(error: &str) -> Message {
 
 /// Parses a JSON object from a model answer, tolerating Markdown code fences and prose around it,
 /// and trailing commas (`[1, 2,]`), which small models often write.
-pub fn parse_json(content: &str) -> Result<Value, String> {
+pub fn parse_json(content: &str) -> Result<Value, AnswerError> {
     let trimmed = content.trim();
     if let Ok(v) = serde_json::from_str::<Value>(trimmed) {
         return Ok(v);
@@ -225,9 +250,9 @@ pub fn parse_json(content: &str) -> Result<Value, String> {
             let object = &trimmed[s..=e];
             serde_json::from_str(object)
                 .or_else(|first| serde_json::from_str(&without_trailing_commas(object)).map_err(|_| first))
-                .map_err(|e| format!("invalid JSON: {e}"))
+                .map_err(AnswerError::InvalidJson)
         }
-        _ => Err("the answer holds no JSON object".into()),
+        _ => Err(AnswerError::NoJson),
     }
 }
 
@@ -270,18 +295,22 @@ mod tests {
         assert_eq!(p.qa.len(), 1);
         let not_self_contained = r#"{"metadata": {"research_fields": [], "study_type": "review"},
             "qa": [{"question": "What does this study find?", "answer": "x"}]}"#;
-        assert!(
-            parse_prepared(&schema, not_self_contained, 5)
-                .unwrap_err()
-                .contains("self-contained")
+        assert_eq!(
+            parse_prepared(&schema, not_self_contained, 5).unwrap_err().to_string(),
+            "question \"What does this study find?\" is not self-contained (it refers to the document)"
         );
-        assert!(
-            parse_prepared(&schema, "no json here", 5)
-                .unwrap_err()
-                .contains("no JSON")
-        );
+        assert!(matches!(
+            parse_prepared(&schema, "no json here", 5),
+            Err(AnswerError::NoJson)
+        ));
         let bad_label = r#"{"metadata": {"research_fields": ["Alchemy"], "study_type": "review"}, "qa": []}"#;
-        assert!(parse_prepared(&schema, bad_label, 5).unwrap_err().contains("Alchemy"));
+        let error = parse_prepared(&schema, bad_label, 5).unwrap_err().to_string();
+        assert!(error.contains("'Alchemy' is not one of"), "{error}");
+        let no_qa = r#"{"metadata": {"research_fields": [], "study_type": "review"}}"#;
+        assert_eq!(
+            parse_prepared(&schema, no_qa, 5).unwrap_err().to_string(),
+            "the object has no \"qa\" list"
+        );
     }
 
     #[test]

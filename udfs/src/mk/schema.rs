@@ -16,7 +16,7 @@
 //! string), `keyphrases` (free phrases from the text, a list), `urls` (links in the text, a
 //! list), `terms` (entries of a lexicon that the text mentions, a list).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, ListBuilder, StringBuilder, StructArray};
@@ -89,44 +89,139 @@ pub struct MetadataSchema {
 /// The cluster of documents whose cluster field is empty.
 pub const UNCLUSTERED: &str = "unclustered";
 
+/// Why a metadata schema is not usable ([`MetadataSchema::check`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// The schema lists no field.
+    #[error("it has no fields")]
+    NoFields,
+    /// Two fields share a name, or one has none.
+    #[error("field names must be unique and non-empty ('{0}')")]
+    BadFieldName(String),
+    /// A `labels` or `choice` field has no taxonomy.
+    #[error("field '{field}' ({kind:?}) needs labels")]
+    NoLabels {
+        /// The field's name.
+        field: String,
+        /// Its kind.
+        kind: FieldKind,
+    },
+    /// A `terms` field has no lexicon.
+    #[error("field '{0}' (terms) needs terms")]
+    NoTerms(String),
+    /// A field keeps no value.
+    #[error("field '{0}': max must be at least 1")]
+    ZeroMax(String),
+    /// The cluster field is not one of the fields.
+    #[error("cluster_field '{0}' is not one of the fields")]
+    UnknownClusterField(String),
+}
+
+/// Why a metadata schema file cannot be loaded ([`MetadataSchema::from_file`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaFileError {
+    /// The file cannot be read.
+    #[error("cannot read metadata schema {}: {source}", .path.display())]
+    Read {
+        /// The schema file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The file is not a schema in JSON.
+    #[error("metadata schema {}: {source}", .path.display())]
+    Parse {
+        /// The schema file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        source: serde_json::Error,
+    },
+    /// The schema is not usable.
+    #[error("metadata schema {}: {source}", .path.display())]
+    Invalid {
+        /// The schema file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: SchemaError,
+    },
+}
+
+/// Why a generated metadata object does not fit the schema ([`MetadataSchema::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    /// The metadata is not a JSON object.
+    #[error("metadata must be a JSON object")]
+    NotAnObject,
+    /// A `choice` field has no value.
+    #[error("field '{field}' needs one of {labels}")]
+    NoChoice {
+        /// The field's name.
+        field: String,
+        /// Its taxonomy, as `[a, b, …]`.
+        labels: String,
+    },
+    /// A value is not a label of the field's taxonomy.
+    #[error("field '{field}': '{value}' is not one of {labels}")]
+    UnknownLabel {
+        /// The field's name.
+        field: String,
+        /// The value given.
+        value: String,
+        /// The taxonomy, as `[a, b, …]`.
+        labels: String,
+    },
+    /// A list field holds something other than strings.
+    #[error("field '{0}' must hold strings")]
+    NotStrings(String),
+    /// A list field is neither a list nor a string.
+    #[error("field '{0}' must be a list of strings")]
+    NotAList(String),
+}
+
 impl MetadataSchema {
     /// Reads and checks a schema file.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read metadata schema {}: {e}", path.display()))?;
-        let schema: MetadataSchema =
-            serde_json::from_str(&text).map_err(|e| format!("metadata schema {}: {e}", path.display()))?;
-        schema
-            .check()
-            .map_err(|e| format!("metadata schema {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, SchemaFileError> {
+        let path_buf = || path.to_path_buf();
+        let text = std::fs::read_to_string(path).map_err(|source| SchemaFileError::Read {
+            path: path_buf(),
+            source,
+        })?;
+        let schema: MetadataSchema = serde_json::from_str(&text).map_err(|source| SchemaFileError::Parse {
+            path: path_buf(),
+            source,
+        })?;
+        schema.check().map_err(|source| SchemaFileError::Invalid {
+            path: path_buf(),
+            source,
+        })?;
         Ok(schema)
     }
 
     /// Checks that the schema is usable.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), SchemaError> {
         if self.fields.is_empty() {
-            return Err("it has no fields".into());
+            return Err(SchemaError::NoFields);
         }
         for (i, field) in self.fields.iter().enumerate() {
             if field.name.is_empty() || self.fields[..i].iter().any(|f| f.name == field.name) {
-                return Err(format!("field names must be unique and non-empty ('{}')", field.name));
+                return Err(SchemaError::BadFieldName(field.name.clone()));
             }
             let needs_labels = matches!(field.kind, FieldKind::Labels | FieldKind::Choice);
             if needs_labels && field.labels.is_empty() {
-                return Err(format!("field '{}' ({:?}) needs labels", field.name, field.kind));
+                return Err(SchemaError::NoLabels {
+                    field: field.name.clone(),
+                    kind: field.kind,
+                });
             }
             if field.kind == FieldKind::Terms && field.terms.is_empty() {
-                return Err(format!("field '{}' (terms) needs terms", field.name));
+                return Err(SchemaError::NoTerms(field.name.clone()));
             }
             if field.max == 0 {
-                return Err(format!("field '{}': max must be at least 1", field.name));
+                return Err(SchemaError::ZeroMax(field.name.clone()));
             }
         }
         if !self.fields.iter().any(|f| f.name == self.cluster_field) {
-            return Err(format!(
-                "cluster_field '{}' is not one of the fields",
-                self.cluster_field
-            ));
+            return Err(SchemaError::UnknownClusterField(self.cluster_field.clone()));
         }
         Ok(())
     }
@@ -157,8 +252,8 @@ impl MetadataSchema {
     /// Checks a generated metadata object against the schema and normalises it: labels are
     /// matched case-insensitively to the taxonomy, lists are cut to `max`, unknown keys
     /// dropped. Errors name the offending field.
-    pub fn validate(&self, value: &Value) -> Result<Map<String, Value>, String> {
-        let object = value.as_object().ok_or("metadata must be a JSON object")?;
+    pub fn validate(&self, value: &Value) -> Result<Map<String, Value>, MetadataError> {
+        let object = value.as_object().ok_or(MetadataError::NotAnObject)?;
         let mut out = Map::new();
         for field in &self.fields {
             let raw = object.get(&field.name).unwrap_or(&Value::Null);
@@ -168,10 +263,13 @@ impl MetadataSchema {
                         .as_str()
                         .or_else(|| raw.as_array().and_then(|a| a.first()?.as_str()));
                     match text {
-                        Some(t) => Value::String(field.canonical_label(t).ok_or_else(|| {
-                            format!("field '{}': '{t}' is not one of {}", field.name, field.label_names())
-                        })?),
-                        None => return Err(format!("field '{}' needs one of {}", field.name, field.label_names())),
+                        Some(t) => Value::String(field.label(t)?),
+                        None => {
+                            return Err(MetadataError::NoChoice {
+                                field: field.name.clone(),
+                                labels: field.label_names(),
+                            });
+                        }
                     }
                 }
                 _ => {
@@ -181,20 +279,15 @@ impl MetadataSchema {
                         Value::String(s) => vec![s.as_str()],
                         Value::Array(items) => items
                             .iter()
-                            .map(|v| {
-                                v.as_str()
-                                    .ok_or_else(|| format!("field '{}' must hold strings", field.name))
-                            })
+                            .map(|v| v.as_str().ok_or_else(|| MetadataError::NotStrings(field.name.clone())))
                             .collect::<Result<_, _>>()?,
-                        _ => return Err(format!("field '{}' must be a list of strings", field.name)),
+                        _ => return Err(MetadataError::NotAList(field.name.clone())),
                     };
                     let mut kept: Vec<String> = Vec::new();
                     for item in items {
                         let item = item.trim();
                         let value = if field.kind == FieldKind::Labels {
-                            field.canonical_label(item).ok_or_else(|| {
-                                format!("field '{}': '{item}' is not one of {}", field.name, field.label_names())
-                            })?
+                            field.label(item)?
                         } else {
                             item.to_string()
                         };
@@ -266,6 +359,15 @@ impl MetadataField {
             .iter()
             .find(|l| squash(&l.name) == wanted)
             .map(|l| l.name.clone())
+    }
+
+    /// The taxonomy label `text` names, or the error naming the field and its labels.
+    fn label(&self, text: &str) -> Result<String, MetadataError> {
+        self.canonical_label(text).ok_or_else(|| MetadataError::UnknownLabel {
+            field: self.name.clone(),
+            value: text.to_string(),
+            labels: self.label_names(),
+        })
     }
 
     fn label_names(&self) -> String {
@@ -544,9 +646,13 @@ mod tests {
         assert!(!ok.contains_key("extra"));
         let err = schema
             .validate(&json!({"research_fields": ["Astrology"], "study_type": "applied"}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("research_fields") && err.contains("Astrology"), "{err}");
-        let err = schema.validate(&json!({"research_fields": []})).unwrap_err();
+        let err = schema
+            .validate(&json!({"research_fields": []}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("study_type"), "{err}");
         assert!(schema.validate(&json!([1, 2])).is_err());
     }
@@ -580,9 +686,17 @@ mod tests {
             cluster_field: "nope".into(),
             ..Default::default()
         };
-        assert!(schema.check().unwrap_err().contains("cluster_field"));
+        assert_eq!(schema.check(), Err(SchemaError::UnknownClusterField("nope".into())));
         let mut schema = MetadataSchema::default();
         schema.fields[0].labels.clear();
-        assert!(schema.check().unwrap_err().contains("needs labels"));
+        let error = schema.check().unwrap_err();
+        assert_eq!(
+            error,
+            SchemaError::NoLabels {
+                field: "research_fields".into(),
+                kind: FieldKind::Labels
+            }
+        );
+        assert_eq!(error.to_string(), "field 'research_fields' (Labels) needs labels");
     }
 }
