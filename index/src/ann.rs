@@ -1,10 +1,14 @@
 //! The approximate-nearest-neighbour part of a knowledge index: a usearch HNSW graph over
 //! cosine distance, keyed by the row store's `u64` keys.
 //!
-//! usearch trusts its caller: a vector of the wrong length is undefined behaviour and adding
-//! past the reserved capacity fails. This wrapper checks lengths and grows capacity itself.
+//! usearch trusts its caller: a vector of the wrong length is undefined behaviour, adding past
+//! the reserved capacity fails, growing the capacity must not overlap any other call, and each
+//! concurrent call needs one of the thread contexts reserved ahead. This wrapper checks lengths,
+//! grows capacity itself (exclusively, while searches and inserts share the graph), and hands
+//! out the reserved contexts, so any number of threads may search while a commit inserts.
 
 use std::path::Path;
+use std::sync::{Condvar, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
@@ -55,10 +59,50 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// A usearch HNSW index with checked dimensions and automatic capacity growth.
+/// A usearch HNSW index with checked dimensions and automatic capacity growth, safe to search,
+/// insert into and remove from concurrently.
 pub struct AnnIndex {
     index: usearch::Index,
     dimensions: usize,
+    /// Growing the capacity holds it for writing; every other call for reading.
+    growth: RwLock<()>,
+    /// The thread contexts usearch reserved: each call holds one while it runs.
+    contexts: Contexts,
+}
+
+/// A counting semaphore over usearch's reserved thread contexts (a call beyond them would fail
+/// with "Reserve capacity ahead of searches").
+struct Contexts {
+    free: Mutex<usize>,
+    released: Condvar,
+}
+
+/// One thread context, held for the duration of a usearch call.
+struct ContextGuard<'a>(&'a Contexts);
+
+impl Contexts {
+    fn new(count: usize) -> Self {
+        Contexts {
+            free: Mutex::new(count),
+            released: Condvar::new(),
+        }
+    }
+
+    fn acquire(&self) -> ContextGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.released.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        *free -= 1;
+        ContextGuard(self)
+    }
+}
+
+impl Drop for ContextGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.released.notify_one();
+    }
 }
 
 impl std::fmt::Debug for AnnIndex {
@@ -70,9 +114,9 @@ impl std::fmt::Debug for AnnIndex {
     }
 }
 
-/// Concurrent searches usearch keeps scratch space for.
+/// Concurrent calls usearch keeps scratch space for (more wait for a free one).
 fn search_threads() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| n.get()).max(4) * 2
+    std::thread::available_parallelism().map_or(4, |n| n.get()).max(8) * 2
 }
 
 impl AnnIndex {
@@ -88,7 +132,12 @@ impl AnnIndex {
             multi: false,
         };
         let index = usearch::Index::new(&options).map_err(ann_error)?;
-        let ann = AnnIndex { index, dimensions };
+        let ann = AnnIndex {
+            index,
+            dimensions,
+            growth: RwLock::new(()),
+            contexts: Contexts::new(search_threads()),
+        };
         ann.reserve(1024)?;
         Ok(ann)
     }
@@ -112,15 +161,19 @@ impl AnnIndex {
         Ok(ann)
     }
 
-    /// Writes the index to `path`.
+    /// Writes the index to `path` (searches go on meanwhile).
     pub fn save(&self, path: &Path) -> Result<(), IndexError> {
         let path_str = path
             .to_str()
             .ok_or_else(|| IndexError::Invalid(format!("non-UTF-8 path {}", path.display())))?;
+        let _shared = self.growth.read().unwrap_or_else(|e| e.into_inner());
         self.index.save(path_str).map_err(ann_error)
     }
 
+    /// Grows the capacity to `capacity`, waiting for running calls and holding new ones back
+    /// meanwhile (usearch reallocates its tables).
     fn reserve(&self, capacity: usize) -> Result<(), IndexError> {
+        let _exclusive = self.growth.write().unwrap_or_else(|e| e.into_inner());
         self.index
             .reserve_capacity_and_threads(capacity, search_threads())
             .map_err(ann_error)
@@ -153,21 +206,20 @@ impl AnnIndex {
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .min(search_threads());
+        let _shared = self.growth.read().unwrap_or_else(|e| e.into_inner());
+        let add_all = |part: &[(u64, &[f32])]| {
+            let _context = self.contexts.acquire();
+            part.iter()
+                .try_for_each(|(key, vector)| self.index.add(*key, vector).map_err(ann_error))
+        };
         if threads <= 1 || items.len() < 256 {
-            return items
-                .iter()
-                .try_for_each(|(key, vector)| self.index.add(*key, vector).map_err(ann_error));
+            return add_all(items);
         }
         let chunk = items.len().div_ceil(threads);
         std::thread::scope(|scope| {
             let workers: Vec<_> = items
                 .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .try_for_each(|(key, vector)| self.index.add(*key, vector).map_err(ann_error))
-                    })
-                })
+                .map(|part| scope.spawn(move || add_all(part)))
                 .collect();
             workers.into_iter().try_for_each(|w| {
                 w.join()
@@ -178,10 +230,13 @@ impl AnnIndex {
 
     /// Removes `key` (no-op when absent).
     pub fn remove(&self, key: u64) -> Result<(), IndexError> {
+        let _shared = self.growth.read().unwrap_or_else(|e| e.into_inner());
+        let _context = self.contexts.acquire();
         self.index.remove(key).map(|_| ()).map_err(ann_error)
     }
 
     /// The `k` nearest vectors to `query` whose keys pass `filter` (all keys when `None`).
+    /// `k` is capped at the vectors held, so a huge `k` reserves nothing.
     pub fn search(
         &self,
         query: &[f32],
@@ -189,9 +244,12 @@ impl AnnIndex {
         filter: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<Vec<Hit>, IndexError> {
         self.check_vector(query)?;
-        if k == 0 || self.index.size() == 0 {
+        let _shared = self.growth.read().unwrap_or_else(|e| e.into_inner());
+        let k = k.min(self.index.size());
+        if k == 0 {
             return Ok(Vec::new());
         }
+        let _context = self.contexts.acquire();
         let matches = match filter {
             None => self.index.search(query, k),
             Some(f) => self.index.filtered_search(query, k, f),

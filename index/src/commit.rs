@@ -1,13 +1,21 @@
 //! Commit policy: a small upsert writes only its rows as a delta file; a large one, too many
 //! deltas, or a delete rewrites rows and graph in full and drops the deltas.
+//!
+//! A commit works on the next [`State`], not the published one: searches keep reading the
+//! published state while the files are written and flushed, and see the next one only once
+//! its manifest is on disk.
 
+use std::collections::HashMap;
 use std::fs;
+use std::sync::Arc;
 
 use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
 
 use crate::files::{fsync_file, write_rows};
-use crate::state::{Segment, State, live_rows};
+use crate::layered::LayeredMap;
+use crate::segment::Segment;
+use crate::state::{State, live_rows};
 use crate::{IndexError, KnowledgeIndex};
 
 /// Most delta files before a commit rewrites the index in full.
@@ -64,13 +72,16 @@ impl KnowledgeIndex {
         manifest.delta_rows = 0;
         manifest.write_atomic(&self.dir)?;
         state.manifest = manifest;
-        // Rebuild the in-memory maps around the compacted segment.
-        state.locations = compacted
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(row, &key)| (key, (0, row)))
-            .collect();
+        // Rebuild the in-memory maps around the compacted segment: fresh bases, no changes.
+        state.locations = LayeredMap::from(
+            compacted
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(row, &key)| (key, (0, row)))
+                .collect::<HashMap<_, _>>(),
+        );
+        state.doc_keys = LayeredMap::from(state.doc_keys.flattened());
         state.segments = vec![compacted];
         for old in old_files.iter().filter(|f| !f.is_empty()) {
             let _ = fs::remove_file(self.dir.join(old));
@@ -84,12 +95,7 @@ fn compact(schema: &SchemaRef, state: &State) -> Result<Segment, IndexError> {
     let mut batches = Vec::new();
     let mut keys = Vec::new();
     for segment in &state.segments {
-        let live: Vec<u64> = segment
-            .keys
-            .iter()
-            .copied()
-            .filter(|k| state.locations.contains_key(k))
-            .collect();
+        let live: Vec<u64> = segment.keys.iter().copied().filter(|&k| state.is_live(k)).collect();
         if live.is_empty() {
             continue;
         }
@@ -97,5 +103,8 @@ fn compact(schema: &SchemaRef, state: &State) -> Result<Segment, IndexError> {
         keys.extend(live);
     }
     let batch = concat_batches(schema, &batches)?;
-    Ok(Segment { batch, keys })
+    Ok(Segment {
+        batch,
+        keys: Arc::from(keys),
+    })
 }

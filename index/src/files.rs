@@ -10,7 +10,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 
-use crate::state::Segment;
+use crate::segment::Segment;
 use crate::{IndexError, Manifest};
 
 /// Name of the hidden key column inside row files.
@@ -35,11 +35,13 @@ pub(crate) fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexE
     let mut segments = Vec::new();
     for batch in reader {
         let batch = batch?;
-        let keys: Vec<u64> = batch
-            .column(key_position)
-            .as_primitive::<UInt64Type>()
-            .values()
-            .to_vec();
+        let keys: Arc<[u64]> = Arc::from(
+            batch
+                .column(key_position)
+                .as_primitive::<UInt64Type>()
+                .values()
+                .as_ref(),
+        );
         let mut columns = batch.columns().to_vec();
         columns.remove(key_position);
         segments.push(Segment {
@@ -60,7 +62,7 @@ pub(crate) fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) 
     let file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
     let mut writer = FileWriter::try_new(std::io::BufWriter::new(file), &file_schema)?;
     for segment in segments {
-        let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(segment.keys.clone()))];
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(segment.keys.to_vec()))];
         columns.extend(segment.batch.columns().iter().cloned());
         writer.write(&RecordBatch::try_new(file_schema.clone(), columns)?)?;
     }

@@ -25,17 +25,19 @@ mod ann;
 mod commit;
 mod error;
 mod files;
+mod layered;
 mod manifest;
 mod offsets;
+mod retire;
 mod search;
+mod segment;
 mod state;
 pub mod vector;
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use arrow::array::{Array, ArrayRef, RecordBatch};
 use arrow::compute::cast;
@@ -54,7 +56,8 @@ mod tests;
 
 use files::KEY_FIELD;
 use manifest::FORMAT_VERSION;
-use state::{Segment, State, doc_ids, live_rows, load_state};
+use segment::Segment;
+use state::{State, doc_ids, live_rows, load_state};
 use vector::{extract_vectors, vectors_to_column};
 
 /// Settings of a new knowledge index.
@@ -81,15 +84,19 @@ pub struct UpsertStats {
     pub replaced: usize,
 }
 
-/// A persistent knowledge index. Cheap to share (`Arc`); reads run concurrently, commits one
-/// at a time.
+/// A persistent knowledge index. Cheap to share (`Arc`); reads run concurrently with each other
+/// and with commits (each read sees one committed generation, whole), commits run one at a time.
 #[derive(Debug)]
 pub struct KnowledgeIndex {
     dir: PathBuf,
     schema: SchemaRef,
     key_column: usize,
     vector_column: usize,
-    state: RwLock<State>,
+    dimensions: usize,
+    /// The published state: reads clone the `Arc` and go on with it; a commit replaces it.
+    current: RwLock<Arc<State>>,
+    /// Held by a commit from its first change to its publication: one commit at a time.
+    writer: Mutex<()>,
     exact_search_max_rows: AtomicUsize,
 }
 
@@ -139,16 +146,19 @@ impl KnowledgeIndex {
             source_offsets: Default::default(),
         };
         let state = State {
-            ann: AnnIndex::new(settings.dimensions, settings.quantization)?,
+            ann: Arc::new(AnnIndex::new(settings.dimensions, settings.quantization)?),
             manifest,
             segments: Vec::new(),
-            locations: HashMap::new(),
-            doc_keys: HashMap::new(),
+            locations: Default::default(),
+            doc_keys: Default::default(),
+            vectors: 0,
         };
         let index = Self::from_parts(dir, schema, state)?;
         {
-            let mut state = index.state.write().unwrap_or_else(|e| e.into_inner());
-            index.persist(&mut state)?;
+            let _writer = index.lock_writer();
+            let mut next = (*index.current()).clone();
+            index.persist(&mut next)?;
+            index.publish(next);
         }
         Ok(index)
     }
@@ -166,7 +176,9 @@ impl KnowledgeIndex {
             schema,
             key_column,
             vector_column,
-            state: RwLock::new(state),
+            dimensions: state.manifest.dimensions,
+            current: RwLock::new(Arc::new(state)),
+            writer: Mutex::new(()),
             exact_search_max_rows: AtomicUsize::new(search::DEFAULT_EXACT_SEARCH_MAX_ROWS),
         })
     }
@@ -236,12 +248,12 @@ impl KnowledgeIndex {
 
     /// A copy of the current manifest.
     pub fn manifest(&self) -> Manifest {
-        self.read_state().manifest.clone()
+        self.current().manifest.clone()
     }
 
     /// Live rows.
     pub fn len(&self) -> usize {
-        self.read_state().locations.len()
+        self.current().locations.len()
     }
 
     /// Whether the index holds no rows.
@@ -251,17 +263,31 @@ impl KnowledgeIndex {
 
     /// Vectors in the ANN graph, its capacity, and the bytes it uses.
     pub fn ann_stats(&self) -> (usize, usize, usize) {
-        let state = self.read_state();
+        let state = self.current();
         (state.ann.len(), state.ann.capacity(), state.ann.memory_usage())
     }
 
-    fn read_state(&self) -> RwLockReadGuard<'_, State> {
-        self.state.read().unwrap_or_else(|e| e.into_inner())
+    /// The published state (a commit in progress does not change it).
+    pub(crate) fn current(&self) -> Arc<State> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Makes `next` the state every later read sees. The replaced state is freed after the
+    /// lock is released, and never by a reader (see [`retire`]): freeing a generation's rows
+    /// takes milliseconds, which no search should wait for.
+    fn publish(&self, next: State) {
+        let next = Arc::new(next);
+        let replaced = std::mem::replace(&mut *self.current.write().unwrap_or_else(|e| e.into_inner()), next);
+        retire::retire(replaced);
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, ()> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Every live row, in key order within each commit.
     pub fn snapshot(&self) -> Result<Vec<RecordBatch>, IndexError> {
-        let state = self.read_state();
+        let state = self.current();
         state
             .segments
             .iter()
@@ -272,7 +298,7 @@ impl KnowledgeIndex {
 
     /// Where streaming sources resume: the offsets stored by the last commit that carried them.
     pub fn source_offsets(&self) -> SourceOffsets {
-        self.read_state().manifest.source_offsets.clone()
+        self.current().manifest.source_offsets.clone()
     }
 
     /// Inserts or replaces rows (by the key column) and commits. Batches must have the index's
@@ -300,51 +326,65 @@ impl KnowledgeIndex {
         if prepared.is_empty() && offsets.is_empty() {
             return Ok(stats);
         }
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let _writer = self.lock_writer();
+        let mut next = (*self.current()).clone();
         if prepared.is_empty() {
-            let mut manifest = state.manifest.clone();
+            let mut manifest = next.manifest.clone();
             manifest.source_offsets.merge(offsets);
             manifest.write_atomic(&self.dir)?;
-            state.manifest = manifest;
+            next.manifest = manifest;
+            self.publish(next);
             return Ok(stats);
         }
         let applied = (|| {
-            state.manifest.source_offsets.merge(offsets);
-            let first_new_segment = state.segments.len();
+            next.manifest.source_offsets.merge(offsets);
+            let first_new_segment = next.segments.len();
             let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
-            let first_new_key = state.manifest.next_key;
+            let first_new_key = next.manifest.next_key;
             for (batch, doc_ids, vectors) in prepared {
-                let first_key = state.manifest.next_key;
-                let keys: Vec<u64> = (first_key..first_key + batch.num_rows() as u64).collect();
-                state.manifest.next_key += batch.num_rows() as u64;
+                let first_key = next.manifest.next_key;
+                let keys: Arc<[u64]> = (first_key..first_key + batch.num_rows() as u64).collect();
+                next.manifest.next_key += batch.num_rows() as u64;
                 stats.rows += keys.len();
-                stats.replaced +=
-                    state.place_segment(Segment { batch, keys }, doc_ids, vectors, &mut additions, first_new_key)?;
+                stats.replaced += next.place_segment(
+                    Segment { batch, keys },
+                    doc_ids,
+                    vectors,
+                    self.vector_column,
+                    &mut additions,
+                    first_new_key,
+                )?;
             }
             let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-            state.ann.add_many(&items)?;
-            self.commit_upsert(&mut state, first_new_segment)
+            next.ann.add_many(&items)?;
+            self.commit_upsert(&mut next, first_new_segment)
         })();
-        if let Err(e) = applied {
-            self.rollback(&mut state);
-            return Err(e);
+        match applied {
+            Ok(()) => {
+                self.publish(next);
+                Ok(stats)
+            }
+            Err(e) => {
+                self.recover();
+                Err(e)
+            }
         }
-        Ok(stats)
     }
 
     /// Deletes the rows for which `predicate` is true and commits; returns their document ids.
     pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
-        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        let key_name = &state.manifest.key_column;
+        let _writer = self.lock_writer();
+        let mut next = (*self.current()).clone();
+        let key_name = &next.manifest.key_column;
         let mut doomed: Vec<(u64, String)> = Vec::new();
-        for segment in &state.segments {
+        for segment in &next.segments {
             let mask = predicate(&segment.batch)?;
             if mask.true_count() == 0 {
                 continue;
             }
             let ids = doc_ids(&segment.batch, self.key_column, key_name)?;
             for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
-                if mask.is_valid(row) && mask.value(row) && state.locations.contains_key(&key) {
+                if mask.is_valid(row) && mask.value(row) && next.is_live(key) {
                     doomed.push((key, id));
                 }
             }
@@ -354,29 +394,35 @@ impl KnowledgeIndex {
         }
         let applied = (|| {
             for (key, doc_id) in &doomed {
-                state.locations.remove(key);
-                state.doc_keys.remove(doc_id);
-                state.ann.remove(*key)?;
+                next.remove(*key, doc_id, self.vector_column)?;
             }
-            self.persist(&mut state)
+            self.persist(&mut next)
         })();
-        if let Err(e) = applied {
-            self.rollback(&mut state);
-            return Err(e);
+        match applied {
+            Ok(()) => {
+                self.publish(next);
+                Ok(doomed.into_iter().map(|(_, id)| id).collect())
+            }
+            Err(e) => {
+                self.recover();
+                Err(e)
+            }
         }
-        Ok(doomed.into_iter().map(|(_, id)| id).collect())
     }
 
-    /// Restores the last committed state after a failed commit.
-    fn rollback(&self, state: &mut State) {
-        let committed = state.manifest.generation;
+    /// After a failed commit (its caller holds the writer lock): publishes the last committed
+    /// generation as read back from disk, since the failed commit may have changed the shared
+    /// graph. Should even that fail, the published state stays: its searches drop the graph's
+    /// hits it does not hold and fill in exactly, so they stay correct.
+    fn recover(&self) {
+        let committed = self.current().manifest.generation;
         match Manifest::read(&self.dir).and_then(|m| {
             let manifest = m.ok_or_else(|| IndexError::Invalid("manifest vanished".into()))?;
             load_state(&self.dir, manifest)
         }) {
-            Ok((_, restored)) => *state = restored,
+            Ok((_, restored)) => self.publish(restored),
             Err(e) => log::error!(
-                "index {}: rollback to generation {committed} failed: {e}",
+                "index {}: reloading generation {committed} after a failed commit failed: {e}",
                 self.dir.display()
             ),
         }
@@ -394,7 +440,7 @@ impl KnowledgeIndex {
             )));
         }
         let doc_ids = doc_ids(batch, self.key_column, self.schema.field(self.key_column).name())?;
-        let dims = self.read_state().manifest.dimensions;
+        let dims = self.dimensions;
         let vectors = extract_vectors(batch.column(self.vector_column), dims)?;
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
         for (i, field) in self.schema.fields().iter().enumerate() {

@@ -1,5 +1,9 @@
 //! Vector search over a knowledge index, with row filters evaluated inside the search.
 //!
+//! A search reads the state published when it starts (see [`crate::state`]): a commit running
+//! meanwhile changes nothing it sees. `k` is capped at the rows that can answer, so a huge `k`
+//! costs no more than the index.
+//!
 //! A filter is evaluated once over the row store into a set of allowed keys. When few rows
 //! pass, the search is exact over those rows (cheaper and exact); otherwise usearch's filtered
 //! HNSW search consults the set at every step. Should the graph walk still come back short of
@@ -52,6 +56,16 @@ impl KeySet {
     }
 }
 
+/// The hits whose rows are live in `state`, each once. A commit running meanwhile changes the
+/// shared graph: it may add keys this state does not hold, and usearch may hand a removed
+/// node's slot to a new key while a search walks it, so even a filtered walk can answer a key
+/// its filter never saw.
+fn live_hits(state: &State, mut hits: Vec<Hit>) -> Vec<Hit> {
+    let mut seen = std::collections::HashSet::with_capacity(hits.len());
+    hits.retain(|hit| state.is_live(hit.key) && seen.insert(hit.key));
+    hits
+}
+
 impl KnowledgeIndex {
     /// The schema of search results: the index's columns plus `score` (cosine similarity).
     pub fn search_schema(&self) -> SchemaRef {
@@ -68,23 +82,29 @@ impl KnowledgeIndex {
         k: usize,
         filter: Option<&RowPredicate<'_>>,
     ) -> Result<RecordBatch, IndexError> {
-        let state = self.read_state();
+        let state = self.current();
         state.ann.check_vector(query)?;
+        let k = k.min(state.vectors);
         let hits = match filter {
             None => {
-                let hits = state.ann.search(query, k, None)?;
-                if hits.len() < k.min(state.ann.len()) {
-                    self.exact_hits(&state, query, k, None)?
-                } else {
-                    hits
+                // The graph is shared with a commit that may be running: keep the hits live in
+                // this state; should too few be, walk again skipping the others, then exactly.
+                let mut hits = live_hits(&state, state.ann.search(query, k, None)?);
+                if hits.len() < k {
+                    hits = live_hits(&state, state.ann.search(query, k, Some(&|key| state.is_live(key)))?);
                 }
+                if hits.len() < k {
+                    hits = self.exact_hits(&state, query, k, None)?;
+                }
+                hits
             }
             Some(filter) => {
                 let allowed = self.allowed_keys(&state, filter)?;
                 if allowed.len <= self.exact_search_max_rows() || allowed.len <= k {
                     self.exact_hits(&state, query, k, Some(&allowed))?
                 } else {
-                    let hits = state.ann.search(query, k, Some(&|key| allowed.contains(key)))?;
+                    let mut hits = live_hits(&state, state.ann.search(query, k, Some(&|key| allowed.contains(key)))?);
+                    hits.retain(|hit| allowed.contains(hit.key));
                     if hits.len() < k.min(allowed.len) {
                         self.exact_hits(&state, query, k, Some(&allowed))?
                     } else {
@@ -99,9 +119,9 @@ impl KnowledgeIndex {
     /// The exact (brute-force) `k` nearest rows to `query`, best first; the reference that ANN
     /// recall is measured against.
     pub fn exact_search(&self, query: &[f32], k: usize) -> Result<RecordBatch, IndexError> {
-        let state = self.read_state();
+        let state = self.current();
         state.ann.check_vector(query)?;
-        let hits = self.exact_hits(&state, query, k, None)?;
+        let hits = self.exact_hits(&state, query, k.min(state.vectors), None)?;
         self.gather(&state, &hits)
     }
 
@@ -112,8 +132,7 @@ impl KnowledgeIndex {
             let mask = filter(&segment.batch)?;
             let vectors = segment.batch.column(self.vector_column);
             for (row, &key) in segment.keys.iter().enumerate() {
-                if mask.is_valid(row) && mask.value(row) && vectors.is_valid(row) && state.locations.contains_key(&key)
-                {
+                if mask.is_valid(row) && mask.value(row) && vectors.is_valid(row) && state.is_live(key) {
                     allowed.insert(key);
                 }
             }
@@ -137,7 +156,7 @@ impl KnowledgeIndex {
             let values = vector_values(column);
             for (row, &key) in segment.keys.iter().enumerate() {
                 let passes = allowed.is_none_or(|a| a.contains(key));
-                if !passes || !column.is_valid(row) || !state.locations.contains_key(&key) {
+                if !passes || !column.is_valid(row) || !state.is_live(key) {
                     continue;
                 }
                 let v = &values[row * dims..(row + 1) * dims];
@@ -166,11 +185,7 @@ impl KnowledgeIndex {
             .iter()
             .filter_map(|h| state.locations.get(&h.key).copied())
             .collect();
-        let scores: Vec<f32> = hits
-            .iter()
-            .filter(|h| state.locations.contains_key(&h.key))
-            .map(|h| h.score)
-            .collect();
+        let scores: Vec<f32> = hits.iter().filter(|h| state.is_live(h.key)).map(|h| h.score).collect();
         let mut columns = self.gather_columns(state, &positions)?;
         columns.push(Arc::new(Float32Array::from(scores)));
         Ok(RecordBatch::try_new(self.search_schema(), columns)?)
@@ -179,7 +194,7 @@ impl KnowledgeIndex {
     /// The live rows of the given document ids, in the order asked (ids without a row are
     /// skipped).
     pub fn lookup(&self, ids: &[&str]) -> Result<RecordBatch, IndexError> {
-        let state = self.read_state();
+        let state = self.current();
         let positions: Vec<(usize, usize)> = ids
             .iter()
             .filter_map(|id| state.doc_keys.get(*id))

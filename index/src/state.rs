@@ -1,42 +1,55 @@
-//! The in-memory state of an index: its row segments, which rows are live, the document → key
-//! map and the ANN graph; and how a generation on disk is loaded into it.
+//! The state of an index at one committed generation: its row segments, which rows are live,
+//! the document → key map and the ANN graph; and how a generation on disk is loaded into it.
+//!
+//! A [`State`] is never changed once searches can see it: a commit clones the current one (the
+//! rows and keys are shared, only the maps are copied), changes the clone, writes its files and
+//! then publishes it in place of the old one. Searches hold the state they started with, so a
+//! commit — fsync and full rewrite included — never makes them wait. The ANN graph is the one
+//! part shared between successive states and changed in place (usearch searches and inserts
+//! concurrently); a search therefore keeps only the graph's hits that are live in its own state.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 
 use crate::files::{read_rows, remove_stray_files};
+use crate::layered::LayeredMap;
+use crate::segment::Segment;
 use crate::vector::extract_vectors;
 use crate::{AnnIndex, IndexError, Manifest};
 
-/// A block of rows with their keys.
+/// Everything a commit changes.
 #[derive(Debug, Clone)]
-pub(crate) struct Segment {
-    /// The rows.
-    pub(crate) batch: RecordBatch,
-    /// Their keys, one per row.
-    pub(crate) keys: Vec<u64>,
-}
-
-/// Everything that changes on commit.
-#[derive(Debug)]
 pub(crate) struct State {
     /// The committed generation's manifest.
     pub(crate) manifest: Manifest,
     /// Row blocks: the full rows file's, then one per delta or upsert since.
     pub(crate) segments: Vec<Segment>,
     /// Live key → (segment, row). Removed keys are absent.
-    pub(crate) locations: HashMap<u64, (usize, usize)>,
+    pub(crate) locations: LayeredMap<u64, (usize, usize)>,
     /// Document id → live key.
-    pub(crate) doc_keys: HashMap<String, u64>,
-    /// The HNSW graph over the live rows' vectors.
-    pub(crate) ann: AnnIndex,
+    pub(crate) doc_keys: LayeredMap<Arc<str>, u64>,
+    /// Live rows that have a vector (the most a search can return).
+    pub(crate) vectors: usize,
+    /// The HNSW graph over the live rows' vectors (shared with the states before and after).
+    pub(crate) ann: Arc<AnnIndex>,
 }
 
 impl State {
+    /// Whether `key` is a live row of this state.
+    pub(crate) fn is_live(&self, key: u64) -> bool {
+        self.locations.contains_key(&key)
+    }
+
+    /// Whether the row at `(segment, row)` has a vector.
+    fn has_vector(&self, (segment, row): (usize, usize), vector_column: usize) -> bool {
+        self.segments[segment].batch.column(vector_column).is_valid(row)
+    }
+
     /// Makes the rows of `segment` the live rows of their documents (`ids`, one per row). A
     /// document's previous row stops being live, and its vector leaves the graph — or leaves
     /// `pending` when its key is `pending_from` or later (added by the same commit, not in the
@@ -47,14 +60,21 @@ impl State {
         segment: Segment,
         ids: Vec<String>,
         vectors: Vec<Option<Vec<f32>>>,
+        vector_column: usize,
         pending: &mut Vec<(u64, Vec<f32>)>,
         pending_from: u64,
     ) -> Result<usize, IndexError> {
         let segment_index = self.segments.len();
         let mut replaced = 0;
-        for (row, ((&key, id), vector)) in segment.keys.iter().zip(ids).zip(vectors).enumerate() {
-            if let Some(old) = self.doc_keys.insert(id, key) {
-                self.locations.remove(&old);
+        let keys = segment.keys.clone();
+        self.segments.push(segment);
+        for (row, ((&key, id), vector)) in keys.iter().zip(ids).zip(vectors).enumerate() {
+            if let Some(old) = self.doc_keys.insert(Arc::from(id), key)
+                && let Some(location) = self.locations.remove(&old)
+            {
+                if self.has_vector(location, vector_column) {
+                    self.vectors -= 1;
+                }
                 if old >= pending_from {
                     pending.retain(|(k, _)| *k != old);
                 } else {
@@ -64,11 +84,22 @@ impl State {
             }
             self.locations.insert(key, (segment_index, row));
             if let Some(vector) = vector {
+                self.vectors += 1;
                 pending.push((key, vector));
             }
         }
-        self.segments.push(segment);
         Ok(replaced)
+    }
+
+    /// Stops `key` from being live (a delete); its vector leaves the graph.
+    pub(crate) fn remove(&mut self, key: u64, doc_id: &str, vector_column: usize) -> Result<(), IndexError> {
+        if let Some(location) = self.locations.remove(&key)
+            && self.has_vector(location, vector_column)
+        {
+            self.vectors -= 1;
+        }
+        self.doc_keys.remove(&Arc::from(doc_id));
+        self.ann.remove(key)
     }
 }
 
@@ -88,21 +119,27 @@ pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, S
     };
     let key_column = column("key", &manifest.key_column)?;
     let vector_column = column("vector", &manifest.vector_column)?;
+    let (mut locations, mut keys_of) = (HashMap::new(), HashMap::new());
+    let mut vectors = 0;
+    let mut segments = Vec::new();
+    for segment in base {
+        let ids = doc_ids(&segment.batch, key_column, &manifest.key_column)?;
+        let with_vectors = segment.batch.column(vector_column);
+        vectors += with_vectors.len() - with_vectors.null_count();
+        for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
+            locations.insert(key, (segments.len(), row));
+            keys_of.insert(Arc::<str>::from(id), key);
+        }
+        segments.push(segment);
+    }
     let mut state = State {
         manifest,
-        segments: Vec::new(),
-        locations: HashMap::new(),
-        doc_keys: HashMap::new(),
-        ann,
+        segments,
+        locations: LayeredMap::from(locations),
+        doc_keys: LayeredMap::from(keys_of),
+        vectors,
+        ann: Arc::new(ann),
     };
-    for segment in base {
-        let ids = doc_ids(&segment.batch, key_column, &state.manifest.key_column)?;
-        for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
-            state.locations.insert(key, (state.segments.len(), row));
-            state.doc_keys.insert(id, key);
-        }
-        state.segments.push(segment);
-    }
     for delta in state.manifest.deltas.clone() {
         let (delta_schema, segments) = read_rows(&dir.join(&delta))?;
         if delta_schema != schema {
@@ -126,7 +163,7 @@ fn replay(state: &mut State, segment: Segment, key_column: usize, vector_column:
     let vectors = extract_vectors(segment.batch.column(vector_column), state.manifest.dimensions)?;
     let first_key = segment.keys.first().copied().unwrap_or(state.manifest.next_key);
     let mut additions = Vec::new();
-    state.place_segment(segment, ids, vectors, &mut additions, first_key)?;
+    state.place_segment(segment, ids, vectors, vector_column, &mut additions, first_key)?;
     let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
     state.ann.add_many(&items)
 }
@@ -147,7 +184,7 @@ pub(crate) fn doc_ids(batch: &RecordBatch, key_column: usize, key_name: &str) ->
 /// The rows of `segment` whose keys are still live.
 pub(crate) fn live_rows(
     segment: &Segment,
-    locations: &HashMap<u64, (usize, usize)>,
+    locations: &LayeredMap<u64, (usize, usize)>,
 ) -> Result<RecordBatch, IndexError> {
     let mask: BooleanArray = segment.keys.iter().map(|k| Some(locations.contains_key(k))).collect();
     if mask.true_count() == segment.keys.len() {

@@ -205,7 +205,7 @@ fn hnsw_agrees_with_exact_search() {
     let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
     index.upsert(&[batch(&index, 0..5000, |_| 0, 0)]).unwrap();
     // The graph's own answer, not `search` (which would top a short HNSW answer up exactly).
-    let state = index.read_state();
+    let state = index.current();
     let mut found = 0;
     for q in 0..50 {
         let query = vector(90_000 + q);
@@ -422,4 +422,134 @@ fn small_upserts_commit_as_deltas_that_replay_on_reopen() {
         KnowledgeIndex::open(dir.path()).unwrap().len(),
         440 + MAX_DELTA_FILES - 40
     );
+}
+
+#[test]
+fn a_huge_k_is_capped_at_the_rows_that_can_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    assert_eq!(index.search(&vector(1), usize::MAX, None).unwrap().num_rows(), 0);
+    index.upsert(&[batch(&index, 0..300, |i| (i % 3) as i64, 0)]).unwrap();
+    for k in [1_000_000_000_000usize, usize::MAX] {
+        assert_eq!(index.search(&vector(7), k, None).unwrap().num_rows(), 300);
+        let filtered = index.search(&vector(7), k, Some(&category_filter(1))).unwrap();
+        assert_eq!(filtered.num_rows(), 100);
+        assert_eq!(index.exact_search(&vector(7), k).unwrap().num_rows(), 300);
+    }
+}
+
+/// A search runs while a commit is stuck writing its files, and answers from the last
+/// generation; the stuck commit then fails, and the index goes on from that generation.
+#[test]
+fn searches_never_wait_for_a_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = Arc::new(KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap());
+    index.upsert(&[batch(&index, 0..400, |_| 0, 0)]).unwrap();
+    // The next small upsert is a delta: its file is written through `<name>.tmp`, which the
+    // test makes a FIFO, so the commit blocks opening it until the test reads the other end.
+    let generation = index.manifest().generation + 1;
+    let fifo = dir.path().join(format!("delta-{generation}.arrow.tmp"));
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let writer = {
+        let index = index.clone();
+        std::thread::spawn(move || index.upsert(&[batch(&index, 400..410, |_| 1, 0)]))
+    };
+    // Until the test opens the FIFO for reading, the commit cannot get past it: every search
+    // below runs while it is in progress, and sees the 400 committed rows only.
+    let (done, finished) = std::sync::mpsc::channel();
+    let searcher = {
+        let index = index.clone();
+        std::thread::spawn(move || {
+            for q in 0..20 {
+                let hits = index.search(&vector(q), 500, None).unwrap();
+                assert_eq!(hits.num_rows(), 400);
+                let near = index.search(&vector(405), 1, None).unwrap();
+                assert_ne!(ids_of(&near), vec!["doc-405".to_string()]);
+                assert_eq!(index.len(), 400);
+            }
+            done.send(()).unwrap();
+        })
+    };
+    finished
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("searches finished while the commit was blocked");
+    searcher.join().unwrap();
+    assert!(!writer.is_finished(), "the commit is still blocked on its file");
+    // Read the FIFO's other end: the commit writes into it, then fails to flush it to disk.
+    let mut reader = std::fs::File::open(&fifo).unwrap();
+    std::io::copy(&mut reader, &mut std::io::sink()).unwrap();
+    let outcome = writer.join().unwrap();
+    assert!(outcome.is_err(), "a FIFO cannot be flushed as a file: {outcome:?}");
+    // The failed commit left the last generation, in memory and on disk.
+    assert_eq!(index.len(), 400);
+    assert_eq!(index.manifest().generation, generation - 1);
+    assert_eq!(index.search(&vector(3), 1, None).unwrap().num_rows(), 1);
+    drop(reader);
+    // The recovery cleared the stray file (the FIFO) with the failed generation.
+    assert!(!fifo.exists());
+    index.upsert(&[batch(&index, 400..410, |_| 1, 0)]).unwrap();
+    assert_eq!(index.len(), 410);
+    let near = index.search(&vector(405), 1, None).unwrap();
+    assert_eq!(ids_of(&near), vec!["doc-405".to_string()]);
+    drop(index);
+    assert_eq!(KnowledgeIndex::open(dir.path()).unwrap().len(), 410);
+}
+
+/// Threads search while documents are upserted, replaced and deleted: every answer has the
+/// rows it asks for, each a live document of one committed generation.
+#[test]
+fn concurrent_searches_see_whole_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = Arc::new(KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap());
+    index.upsert(&[batch(&index, 0..2000, |i| (i % 2) as i64, 0)]).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let searchers: Vec<_> = (0..4)
+        .map(|t| {
+            let (index, stop) = (index.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut searches = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || searches < 50 {
+                    let query = vector(10_000 + t * 1000 + searches);
+                    let hits = index.search(&query, 10, None).unwrap();
+                    assert_eq!(hits.num_rows(), 10);
+                    let odd = index.search(&query, 10, Some(&category_filter(1))).unwrap();
+                    assert_eq!(odd.num_rows(), 10);
+                    let categories = odd.column(1).as_primitive::<Int64Type>();
+                    assert!(categories.iter().all(|c| c == Some(1)));
+                    let mut ids = ids_of(&hits);
+                    ids.dedup();
+                    assert_eq!(ids.len(), 10, "no document twice");
+                    searches += 1;
+                }
+                searches
+            })
+        })
+        .collect();
+    for round in 0..40u64 {
+        // Replace 20 documents, add 20, delete some now and then (full commits).
+        let start = (round * 37) % 1900;
+        index
+            .upsert(&[batch(&index, start..start + 20, |i| (i % 2) as i64, round + 1)])
+            .unwrap();
+        index
+            .upsert(&[batch(&index, 5000 + round * 20..5020 + round * 20, |_| 1, 0)])
+            .unwrap();
+        if round % 10 == 9 {
+            let victim = format!("doc-{}", 5000 + round * 20);
+            index
+                .delete(&|b: &RecordBatch| {
+                    Ok(b.column(0)
+                        .as_string::<i32>()
+                        .iter()
+                        .map(|id| Some(id == Some(victim.as_str())))
+                        .collect())
+                })
+                .unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let searches: usize = searchers.into_iter().map(|s| s.join().unwrap() as usize).sum();
+    assert!(searches >= 200);
+    assert_eq!(index.len(), 2000 + 40 * 20 - 4);
 }
