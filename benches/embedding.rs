@@ -107,7 +107,7 @@ async fn pipeline_docs_per_second(engine: &Engine, texts: &[String]) -> f64 {
     let _ = ctx.deregister_table("bench_docs");
     ctx.register_table("bench_docs", Arc::new(table)).unwrap();
     // Measure the model, not the recent-texts cache (the corpus repeats, and so do the runs).
-    engine.models().default_model().get().unwrap().forget_recent();
+    engine.models().default_model().get().unwrap().model().forget_recent();
     let started = Instant::now();
     let batches = engine.sql("SELECT embed(body) AS v FROM bench_docs").await.unwrap();
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
@@ -135,11 +135,11 @@ async fn main() {
     // Warm both paths once (session creation, allocator warm-up).
     let data = tempfile::tempdir().unwrap();
     let engine = Engine::new(EngineConfig {
-        data_dir: data.path().to_path_buf(),
         home: home.clone(),
         default_model: None,
         embed_threads: None,
         until_caught_up: false,
+        ..EngineConfig::new(data.path())
     })
     .await
     .unwrap();

@@ -1,5 +1,7 @@
 //! Search latency: `vector_search` through SQL against a bare usearch index on the same
-//! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count).
+//! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count);
+//! commit cost (delta vs full); and search latency while full commits run vs idle (searches
+//! read the published state, so a commit must not make them wait).
 //!
 //! Both hold the same 384-dimensional unit vectors with the same HNSW settings; both answer the
 //! same 500 queries for k = 10. The SQL path includes parsing, planning, the search, gathering
@@ -137,11 +139,11 @@ async fn main() {
     let index = Arc::new(index);
 
     let engine = Engine::new(EngineConfig {
-        data_dir: tempfile::tempdir().unwrap().keep(),
         home: assets::home_dir(),
         default_model: None,
         embed_threads: None,
         until_caught_up: false,
+        ..EngineConfig::new(tempfile::tempdir().unwrap().keep())
     })
     .await
     .unwrap();
@@ -241,5 +243,54 @@ async fn main() {
     println!(
         "commit into {count} rows: 10-row upsert (delta) p50 {delta50:.1} ms vs full commit {full_ms:.1} ms ({:.0}x less)",
         full_ms / delta50
+    );
+
+    // Search latency while full commits of the whole index run back to back, against idle
+    // (same queries, same session): a commit must not make searches wait.
+    let sql_of = |q: &[f32]| format!("SELECT doc_id, score FROM vector_search(bench, {}, 10)", literal(q));
+    let mut idle_us = Vec::new();
+    for q in &queries {
+        let started = Instant::now();
+        engine.sql(&sql_of(q)).await.unwrap();
+        idle_us.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let committer = {
+        let (index, stop, done) = (index.clone(), stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut commits = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let doomed = format!("doc-{commits}");
+                index
+                    .delete(&|b: &RecordBatch| {
+                        let ids = datafusion::arrow::array::AsArray::as_string::<i32>(b.column(0));
+                        Ok(ids.iter().map(|id| Some(id == Some(doomed.as_str()))).collect())
+                    })
+                    .unwrap();
+                commits += 1;
+                done.store(commits, Ordering::Relaxed);
+            }
+            commits
+        })
+    };
+    // At least 500 searches, and until three full commits have run under them.
+    let mut busy_us = Vec::new();
+    for q in queries.iter().cycle() {
+        if busy_us.len() >= queries.len() && done.load(Ordering::Relaxed) >= 3 {
+            break;
+        }
+        let started = Instant::now();
+        engine.sql(&sql_of(q)).await.unwrap();
+        busy_us.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let commits = committer.join().unwrap();
+    let (_, idle99) = summary("SQL vector_search, idle", idle_us);
+    let (_, busy99) = summary("SQL vector_search, during full commits", busy_us);
+    println!(
+        "search p99 during {commits} full commits of {count} rows / idle: {:.2}x (target <= 2)",
+        busy99 / idle99
     );
 }

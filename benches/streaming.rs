@@ -54,11 +54,11 @@ async fn engine(data: &Path, until_caught_up: bool) -> Engine {
         assets::pull(&home, &mut |l| eprintln!("{l}")).expect("assets");
     }
     Engine::new(EngineConfig {
-        data_dir: data.to_path_buf(),
         home,
         default_model: None,
         embed_threads: None,
         until_caught_up,
+        ..EngineConfig::new(data)
     })
     .await
     .expect("engine")
@@ -66,7 +66,7 @@ async fn engine(data: &Path, until_caught_up: bool) -> Engine {
 
 /// Runs `script` and returns the seconds it took, with the embedding cache cleared first.
 async fn timed(engine: &Engine, script: &str) -> f64 {
-    engine.models().default_model().get().unwrap().forget_recent();
+    engine.models().default_model().get().unwrap().model().forget_recent();
     let started = Instant::now();
     engine.run_script("bench", script, |_| {}).await.expect("pipeline runs");
     started.elapsed().as_secs_f64()

@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod assets;
 pub mod engine;
 pub mod eval;

@@ -78,6 +78,13 @@ enum Command {
     /// GET /healthz, GET /readyz (indexes loaded and every pipeline consuming or done).
     /// SIGTERM/SIGINT finish in-flight micro-batches, commit and exit 0.
     ///
+    /// Every request runs in a session of its own (a SET lasts for that request). A token with
+    /// the read role runs SELECT, EXPLAIN, SHOW, DESCRIBE and the searches; the admin role also
+    /// DDL, INSERT, DELETE and SET. With no token configured the endpoint is open and read-only.
+    /// Network LOCATIONs stay under the data directory (or allowed_paths); settings naming files,
+    /// URLs or variables (llm_base_url, llm_api_key_env, local_model, metadata_schema) come only
+    /// from the [mkflow] table below or pipeline files.
+    ///
     /// Configuration (all optional) comes from a TOML file, overridden by environment
     /// variables, overridden by flags:
     ///
@@ -85,9 +92,21 @@ enum Command {
     ///   model = "all-MiniLM-L6-v2"            # MKFLOW_MODEL, --model
     ///   [server]
     ///   listen = "127.0.0.1:8080"             # MKFLOW_LISTEN, --listen
-    ///   auth_token_env = "MKFLOW_AUTH_TOKEN"  # variable holding the bearer token for /v1/sql
+    ///   auth_token_env = "MKFLOW_AUTH_TOKEN"  # variable holding a read token
+    ///   admin_token_env = "MKFLOW_ADMIN_TOKEN" # variable holding an admin token
     ///   max_request_bytes = 1048576           # MKFLOW_MAX_REQUEST_BYTES
     ///   query_timeout_secs = 30               # MKFLOW_QUERY_TIMEOUT_SECS
+    ///   allowed_paths = ["/srv/docs"]         # more directories for network LOCATIONs
+    ///   max_k = 10000                         # rows a search may ask for
+    ///   max_result_rows = 1000000             # rows a statement may return
+    ///   max_result_bytes = 268435456          # bytes a statement's result may hold
+    ///   max_query_memory = 1073741824         # bytes a request's sorts/joins/aggregates may use
+    ///   max_value_bytes = 1073741824          # bytes one repeat()/lpad()/concat() call may make
+    ///   max_literal_bytes = 65536             # longest string literal of a request
+    ///   max_expression_depth = 1000           # deepest expression nesting (a+b+… chains)
+    ///   max_query_text_bytes = 65536          # longest search query text
+    ///   [[server.tokens]]                     # more tokens: env = "VAR", role = "read"|"admin"
+    ///   [mkflow]                              # Meta-Knowledge settings, e.g. generator = "openai"
     ///   [[pipelines]]
     ///   name = "papers"                       # label in metrics (default: file name)
     ///   file = "pipelines/kafka_to_kb.sql"    # relative to the config file
@@ -188,6 +207,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         default_model: cli.model.clone(),
         embed_threads: cli.threads,
         until_caught_up: false,
+        limits: mkflow::access::Limits::default(),
+        mk_settings: Vec::new(),
+        allowed_paths: Vec::new(),
     };
     match cli.command {
         Command::Models {
@@ -245,6 +267,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             config.default_model = config.default_model.or_else(|| file.model.clone());
             config.embed_threads = config.embed_threads.or(file.threads);
+            config.limits = file.limits();
+            config.mk_settings = file.mk_settings()?;
+            config.allowed_paths = file.server.allowed_paths.clone();
             let mut specs = file.pipeline_specs()?;
             specs.extend(pipelines.iter().map(|p| PipelineSpec::from_file(p)));
             let server = file.server_settings(listen.as_deref(), |name| std::env::var(name).ok())?;

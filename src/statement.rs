@@ -13,12 +13,20 @@
 //! [`search_function`] finds the search table function (`vector_search`, `qa_search`,
 //! `mk_search`) a statement calls anywhere in its tree: in subqueries, CTEs, joins, `EXPLAIN`
 //! or `COPY (…) TO`. Text that merely looks like a call (a string literal, a comment) is not one.
+//!
+//! [`expression_depth`] measures, from the tokens alone, how deep the trees the parser would build
+//! are: a chain of operators (`1+1+…`) builds a tree as deep as the chain is long, which every
+//! later pass (planning, display, drop) walks recursively; the engine refuses scripts that nest
+//! deeper than `max_expression_depth` before parsing them.
 
 use std::ops::ControlFlow;
 
 use datafusion::config::ConfigExtension;
 use datafusion::sql::parser::{CopyToSource, ResetStatement, Statement};
 use datafusion::sql::sqlparser::ast::{self, ObjectName, ObjectNamePart, TableFactor, Visit, Visitor};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer, TokenizerError};
 use mkflow_udfs::mk::MkOptions;
 
 /// The kind of a parsed statement.
@@ -57,8 +65,10 @@ pub enum StatementKind {
         /// (`SET TIME ZONE …`, `SET ROLE …`, `SET (a, b) = …`, `RESET ALL`).
         variable: Option<String>,
     },
-    /// Anything else: `COPY … TO` (writes files), transactions, `PREPARE`/`EXECUTE`, ….
-    /// Not looked into, so to be treated as the most privileged kind.
+    /// `COPY … TO`: writes the result of a query to files.
+    Copy,
+    /// Anything else: transactions, `PREPARE`/`EXECUTE`, …. Not looked into, so to be treated
+    /// as the most privileged kind.
     Other,
 }
 
@@ -68,7 +78,7 @@ impl StatementKind {
         match statement {
             Statement::Statement(statement) => Self::of_sql(statement),
             Statement::CreateExternalTable(_) => Self::CreateExternalTable,
-            Statement::CopyTo(_) => Self::Other,
+            Statement::CopyTo(_) => Self::Copy,
             Statement::Explain(explain) => Self::Explain {
                 analyze: explain.options.analyze,
                 statement: Box::new(Self::of(&explain.statement)),
@@ -76,6 +86,34 @@ impl StatementKind {
             Statement::Reset(ResetStatement::Variable(name)) => Self::Set {
                 variable: Some(setting_name(name)),
             },
+        }
+    }
+
+    /// Whether the statement only reads: a query, `SHOW`/`DESCRIBE`, or `EXPLAIN [ANALYZE]` of
+    /// a statement that only reads. Everything else changes rows, the catalog, settings or files.
+    pub fn only_reads(&self) -> bool {
+        match self {
+            Self::Query | Self::Show => true,
+            Self::Explain { statement, .. } => statement.only_reads(),
+            _ => false,
+        }
+    }
+
+    /// The kind as a refusal names it (`DELETE`, `EXPLAIN ANALYZE`, `SET`, …).
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Self::Query => "SELECT",
+            Self::Explain { analyze: true, .. } => "EXPLAIN ANALYZE",
+            Self::Explain { analyze: false, .. } => "EXPLAIN",
+            Self::Show => "SHOW",
+            Self::CreateExternalTable => "CREATE EXTERNAL TABLE",
+            Self::Ddl => "DDL (CREATE, DROP, ALTER)",
+            Self::Insert => "INSERT",
+            Self::Delete => "DELETE",
+            Self::Update => "UPDATE",
+            Self::Set { .. } => "SET",
+            Self::Copy => "COPY",
+            Self::Other => "this statement",
         }
     }
 
@@ -159,6 +197,96 @@ fn setting_name(name: &ObjectName) -> String {
         })
         .collect();
     parts.join(".")
+}
+
+/// The deepest expression nesting in `sql`, estimated from its tokens: within each bracket
+/// level, every operator since the last comma adds a level (a chain `a + b + c` nests as deep as
+/// it is long), and every bracket adds one. An upper bound of the depth of the trees the parser
+/// builds.
+pub fn expression_depth(sql: &str) -> Result<usize, TokenizerError> {
+    let tokens = Tokenizer::new(&GenericDialect {}, sql).tokenize()?;
+    // Operators counted at each open bracket level; the depth is the brackets plus their sum.
+    let mut levels: Vec<usize> = vec![0];
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for token in &tokens {
+        match token {
+            Token::LParen | Token::LBracket | Token::LBrace => {
+                levels.push(0);
+                depth += 1;
+            }
+            Token::RParen | Token::RBracket | Token::RBrace if levels.len() > 1 => {
+                depth -= 1 + levels.pop().unwrap_or(0);
+            }
+            Token::Comma | Token::SemiColon => {
+                let top = levels.last_mut().expect("the outermost level stays");
+                depth -= *top;
+                *top = 0;
+            }
+            token if is_operator(token) => {
+                *levels.last_mut().expect("the outermost level stays") += 1;
+                depth += 1;
+            }
+            _ => {}
+        }
+        deepest = deepest.max(depth);
+    }
+    Ok(deepest)
+}
+
+/// Whether a token joins expressions (an operator symbol or keyword, a cast).
+fn is_operator(token: &Token) -> bool {
+    match token {
+        Token::Word(word) => matches!(
+            word.keyword,
+            Keyword::AND
+                | Keyword::OR
+                | Keyword::XOR
+                | Keyword::NOT
+                | Keyword::IS
+                | Keyword::LIKE
+                | Keyword::ILIKE
+                | Keyword::SIMILAR
+                | Keyword::IN
+                | Keyword::BETWEEN
+                | Keyword::WHEN
+                | Keyword::COLLATE
+        ),
+        Token::EOF
+        | Token::Number(..)
+        | Token::Char(_)
+        | Token::Whitespace(_)
+        | Token::Period
+        | Token::Colon
+        | Token::Placeholder(_)
+        | Token::Comma
+        | Token::SemiColon
+        | Token::LParen
+        | Token::RParen
+        | Token::LBracket
+        | Token::RBracket
+        | Token::LBrace
+        | Token::RBrace
+        | Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_)
+        | Token::TripleSingleQuotedString(_)
+        | Token::TripleDoubleQuotedString(_)
+        | Token::DollarQuotedString(_)
+        | Token::SingleQuotedByteStringLiteral(_)
+        | Token::DoubleQuotedByteStringLiteral(_)
+        | Token::TripleSingleQuotedByteStringLiteral(_)
+        | Token::TripleDoubleQuotedByteStringLiteral(_)
+        | Token::SingleQuotedRawStringLiteral(_)
+        | Token::DoubleQuotedRawStringLiteral(_)
+        | Token::TripleSingleQuotedRawStringLiteral(_)
+        | Token::TripleDoubleQuotedRawStringLiteral(_)
+        | Token::NationalStringLiteral(_)
+        | Token::QuoteDelimitedStringLiteral(_)
+        | Token::NationalQuoteDelimitedStringLiteral(_)
+        | Token::EscapedStringLiteral(_)
+        | Token::UnicodeStringLiteral(_)
+        | Token::HexStringLiteral(_) => false,
+        _ => true,
+    }
 }
 
 /// A search table function of mkflow.
@@ -280,7 +408,7 @@ mod tests {
         assert_eq!(kind("DELETE FROM kb WHERE doc_id = 'a'"), StatementKind::Delete);
         assert_eq!(kind("TRUNCATE TABLE kb"), StatementKind::Delete);
         assert_eq!(kind("UPDATE kb SET text = 'x'"), StatementKind::Update);
-        assert_eq!(kind("COPY kb TO 'out.parquet'"), StatementKind::Other);
+        assert_eq!(kind("COPY kb TO 'out.parquet'"), StatementKind::Copy);
         assert_eq!(kind("BEGIN"), StatementKind::Other);
     }
 
@@ -360,6 +488,30 @@ mod tests {
             search("COPY (SELECT * FROM qa_search(kb, 'x', 3)) TO 'out.parquet'"),
             Some("qa_search")
         );
+    }
+
+    #[test]
+    fn expression_depth_follows_chains_and_brackets() {
+        let depth = |sql: &str| expression_depth(sql).unwrap();
+        assert_eq!(depth("SELECT doc_id FROM kb"), 0);
+        assert_eq!(depth("SELECT 1 + 2"), 1);
+        assert_eq!(depth("SELECT a, b, c FROM t WHERE x = 1 AND y = 2"), 3);
+        assert_eq!(depth(&format!("SELECT 1{}", "+1".repeat(5000))), 5000);
+        assert_eq!(depth(&format!("SELECT {}1{}", "(".repeat(40), ")".repeat(40))), 40);
+        // Lists are wide, not deep.
+        let vector = format!("[{}]", vec!["0.1"; 384].join(", "));
+        // (`*` counts as an operator: the estimate is an upper bound.)
+        assert_eq!(depth(&format!("SELECT * FROM vector_search(kb, {vector}, 3)")), 3);
+        let values = (0..1000)
+            .map(|i| format!("('{i}', {i})"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert_eq!(depth(&format!("INSERT INTO t VALUES {values}")), 1);
+        // Operators inside strings and comments are text.
+        assert_eq!(depth("SELECT '+ + + AND OR' -- + + +\n"), 0);
+        assert_eq!(depth("SELECT x::int::bigint"), 2);
+        // Unbalanced brackets never underflow.
+        assert_eq!(depth("SELECT 1))) + 1"), 1);
     }
 
     #[test]

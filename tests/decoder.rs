@@ -285,11 +285,11 @@ async fn embed_uses_a_laser_model_from_the_mkflow_home() {
     std::os::unix::fs::symlink(&fx.export, home.path().join("models/tiny-laser")).unwrap();
     let data = tempfile::tempdir().unwrap();
     let engine = Engine::new(EngineConfig {
-        data_dir: data.path().to_path_buf(),
         home: home.path().to_path_buf(),
         default_model: Some("tiny-laser".into()),
         embed_threads: Some(2),
         until_caught_up: false,
+        ..EngineConfig::new(data.path())
     })
     .await
     .unwrap();

@@ -5,6 +5,8 @@
 mod common;
 #[path = "common/kafka.rs"]
 mod kafka;
+#[path = "common/server.rs"]
+mod server;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use datafusion::arrow::ipc::reader::StreamReader;
 use kafka::Broker;
 use mkflow_index::{KnowledgeIndex, Manifest};
 use serde_json::Value;
+use server::{Server, mkflow};
 
 /// Records that must not become rows, each for a different reason.
 const MALFORMED: [&str; 4] = [
@@ -73,17 +76,6 @@ fn pipeline(dir: &Path, servers: &str, topic: &str) -> PathBuf {
     )
     .unwrap();
     path
-}
-
-fn mkflow(data_dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mkflow"));
-    command
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("MKFLOW_HOME", common::assets_home())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    command
 }
 
 /// Rows committed to the index in `dir`, as its manifest says (0 before the first commit).
@@ -194,47 +186,6 @@ async fn kafka_ingestion_is_exactly_once_across_sigkill_restarts() {
     assert_eq!(positions.len(), bad, "each dead letter recorded once");
 }
 
-/// A running `mkflow serve`, killed on drop if still running.
-struct Server {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.client.get(format!("{}{path}", self.base)).send().await.unwrap()
-    }
-
-    async fn sql(&self, token: Option<&str>, sql: &str) -> reqwest::Response {
-        let mut request = self.client.post(format!("{}/v1/sql", self.base)).body(sql.to_string());
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        request.send().await.unwrap()
-    }
-
-    async fn wait_for(&self, path: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(r) = self.client.get(format!("{}{path}", self.base)).send().await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{path} did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 const TOKEN: &str = "test-token-123";
 
 /// The value of a metric sample line `name{labels} value`.
@@ -250,22 +201,11 @@ async fn serve_streams_kafka_and_answers_sql_with_metrics() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     let pipeline = pipeline(work.path(), &broker.servers, "live");
-    let port = kafka::free_port();
-    let child = mkflow(&data)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--pipeline"])
-        .arg(&pipeline)
+    let mut command = mkflow(&data);
+    command
         .env("MKFLOW_AUTH_TOKEN", TOKEN)
-        .env("MKFLOW_MAX_REQUEST_BYTES", "4096")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let server = Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        client: reqwest::Client::new(),
-    };
-    server.wait_for("/healthz", Duration::from_secs(30)).await;
+        .env("MKFLOW_MAX_REQUEST_BYTES", "4096");
+    let server = Server::start(command, &["--pipeline", pipeline.to_str().unwrap()]).await;
     server.wait_for("/readyz", Duration::from_secs(60)).await;
 
     // Documents produced while the service runs become queryable.

@@ -1,39 +1,53 @@
-//! The engine: one DataFusion session with mkflow's functions, table formats and knowledge
-//! indexes registered, and a way to run SQL scripts statement by statement.
+//! The engine: what every session shares — models, knowledge indexes, generators, dead
+//! letters, running streams, and a template session state with mkflow's functions and table
+//! formats registered — and the sessions made from it ([`Session`]).
+//!
+//! Every statement runs in a session. Each network request gets a session of its own, and so
+//! does each pipeline: a `SET` lasts as long as its session, and a source table a session
+//! creates is seen by it alone, while knowledge indexes (the data directory) are shared by all.
+//! The engine keeps one local session of its own for [`Engine::sql`] and [`Engine::run_script`]
+//! (the command line, the shell, tests).
+
+mod authorize;
+mod session;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
+use datafusion::catalog::{CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList};
 use datafusion::common::{DataFusionError, Result};
-use datafusion::execution::context::SessionContext;
-use datafusion::logical_expr::async_udf::AsyncScalarUDF;
-use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::context::{SessionContext, SessionState};
+use datafusion::execution::disk_manager::{DiskManager, DiskManagerMode};
+use datafusion::execution::memory_pool::GreedyMemoryPool;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::SessionConfig;
-use datafusion::sql::parser::{DFParser, Statement};
-use mkflow_udfs::EmbedUdf;
-use mkflow_udfs::mk::{
-    ClusterUdf, GenerationCounts, GeneratorRegistry, MkOptions, PrepareUdf, PreparedPart, Preparer, SummaryUdaf,
-};
+use mkflow_udfs::mk::{GenerationCounts, GeneratorRegistry, MkOptions};
+use mkflow_udfs::{EmbedUdf, bounded};
 
+use crate::access::{Access, Limits};
 use crate::assets;
 use crate::metrics::{self, EmbeddingTotals, GenerationTotals, IndexSize, ScrapeSources};
 use crate::mk::MkServices;
 use crate::models::ModelRegistry;
 use crate::sources::kafka::{KAFKA_FORMAT, KafkaFactory};
 use crate::sources::{DeadLetters, JSONL_FORMAT, JsonlFactory, TEXT_FILES_FORMAT, TextFilesFactory};
+use crate::sql::async_calls::AsyncCalls;
 use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
 use crate::sql::mk_search::MkSearchFunction;
 use crate::sql::vector_search::SearchTarget;
-use crate::sql::{KbSchema, KbTableFactory, VectorSearchFunction};
-use crate::statement::StatementKind;
-use crate::streaming::{ContinuousInsert, StreamControl, count_batch};
+use crate::sql::{KbSchema, KbTableFactory, SessionSchema, VectorSearchFunction};
+use crate::streaming::StreamControl;
 use crate::support::batch_table::SnapshotView;
 use crate::support::{BatchTable, blocking};
 use mkflow_index::{KnowledgeIndex, MANIFEST_FILE};
 
-/// Where an engine keeps and finds things.
+pub use session::{Session, StatementResult};
+
+/// Where an engine keeps and finds things, and the bounds its sessions are held to.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Knowledge indexes live here: every subdirectory with a manifest is registered as a table
@@ -48,6 +62,16 @@ pub struct EngineConfig {
     /// Streaming statements end once their topics are read to the end, instead of running
     /// until stopped.
     pub until_caught_up: bool,
+    /// The bounds of every query (network sessions also get a memory pool of
+    /// `max_query_memory`).
+    pub limits: Limits,
+    /// Meta-Knowledge settings every session starts from (`name` → value, without the
+    /// `mkflow.` prefix), applied over the `MKFLOW_*` environment: the `[mkflow]` table of the
+    /// server configuration. The settings that name files, URLs or environment variables come
+    /// only from here, the environment and pipeline files, never from a network client.
+    pub mk_settings: Vec<(String, String)>,
+    /// Directories besides the data directory that network clients' `LOCATION`s may name.
+    pub allowed_paths: Vec<PathBuf>,
 }
 
 impl EngineConfig {
@@ -59,40 +83,53 @@ impl EngineConfig {
             default_model: std::env::var("MKFLOW_MODEL").ok(),
             embed_threads: None,
             until_caught_up: false,
+            limits: Limits::default(),
+            mk_settings: Vec::new(),
+            allowed_paths: Vec::new(),
         }
     }
 }
 
-/// The result of one statement of a script.
-#[derive(Debug)]
-pub struct StatementResult {
-    /// The statement, as SQL.
-    pub sql: String,
-    /// Its output rows.
-    pub batches: Vec<RecordBatch>,
+/// What the sessions of one engine share.
+pub(crate) struct Shared {
+    /// Meta-Knowledge models, generators and failure log.
+    pub(crate) mk_services: Arc<MkServices>,
+    /// The continuous statements of every session.
+    pub(crate) streams: StreamControl,
+    /// The data directory's indexes and the engine's own tables.
+    kbs: Arc<KbSchema>,
+    /// The data directory.
+    pub(crate) data_dir: PathBuf,
+    /// Network sessions' disk manager: spilling disabled, so a request past its memory is
+    /// refused instead of filling the disk.
+    network_disk: Arc<DiskManager>,
 }
 
-/// A DataFusion session with mkflow's extensions.
+/// A DataFusion engine with mkflow's extensions, and the sessions made from it.
 pub struct Engine {
-    ctx: SessionContext,
+    /// Everything registered; every session starts from a copy.
+    base: SessionState,
     config: EngineConfig,
     models: Arc<ModelRegistry>,
-    kbs: Arc<KbSchema>,
     kb_factory: Arc<KbTableFactory>,
     progress: Arc<IngestProgress>,
     dead_letters: Arc<DeadLetters>,
-    mk_services: Arc<MkServices>,
-    streams: StreamControl,
+    shared: Arc<Shared>,
+    /// The allowed directories of network sessions, resolved once (the data directory first).
+    network_paths: Vec<PathBuf>,
+    /// The engine's own local session ([`Engine::sql`]).
+    session: Session,
 }
 
 /// Subdirectory of the data directory where LLM answers are cached.
 pub const GENERATION_CACHE_DIR: &str = "cache";
 
 impl Engine {
-    /// Builds the session: registers `embed`, the Meta-Knowledge functions, `vector_search`,
+    /// Builds the engine: registers `embed`, the Meta-Knowledge functions, `vector_search`,
     /// `qa_search`, `mk_search`, the `KB`, `JSONL`, `TEXT_FILES` and `KAFKA` formats, the
     /// `dead_letters` table, and every knowledge index found in the data directory.
-    /// Meta-Knowledge settings start from `MKFLOW_*` environment variables.
+    /// Meta-Knowledge settings start from `MKFLOW_*` environment variables, then the
+    /// configuration's [`EngineConfig::mk_settings`].
     pub async fn new(config: EngineConfig) -> Result<Self> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             DataFusionError::Execution(format!(
@@ -126,19 +163,18 @@ impl Engine {
             ),
             failures: dead_letters.clone(),
         });
-        let mk_options = MkOptions::from_env().map_err(|e| DataFusionError::Configuration(e.to_string()))?;
+        let mut mk_options = MkOptions::from_env().map_err(|e| DataFusionError::Configuration(e.to_string()))?;
+        for (name, value) in &config.mk_settings {
+            use datafusion::config::ExtensionOptions;
+            mk_options.set(name, value).map_err(|e| {
+                DataFusionError::Configuration(format!("setting mkflow.{name} of the configuration: {e}"))
+            })?;
+        }
         let session_config = SessionConfig::new()
             .with_information_schema(true)
-            .with_option_extension(mk_options);
+            .with_option_extension(mk_options)
+            .with_create_default_catalog_and_schema(false);
         let ctx = SessionContext::new_with_config(session_config);
-        // The data directory's indexes are the tables of the default schema.
-        let (catalog, schema) = {
-            let options = ctx.state().config_options().catalog.clone();
-            (options.default_catalog, options.default_schema)
-        };
-        ctx.catalog(&catalog)
-            .ok_or_else(|| DataFusionError::Internal(format!("default catalog '{catalog}' missing")))?
-            .register_schema(&schema, kbs.clone())?;
         let kb_factory = Arc::new(KbTableFactory::new(
             config.data_dir.clone(),
             kbs.clone(),
@@ -155,8 +191,14 @@ impl Engine {
             factories.insert(KAFKA_FORMAT.into(), Arc::new(KafkaFactory::new(dead_letters.clone())));
         }
         metrics::install_udf_observer();
-        ctx.register_udf(ScalarUDF::new_from_impl(EmbedUdf::new("embed", models.default_model())));
-        ctx.register_table(
+        ctx.register_udf(EmbedUdf::new("embed", models.default_model()).into_scalar_udf());
+        let builtins: Vec<Arc<ScalarUDF>> = ctx.state().scalar_functions().values().cloned().collect();
+        for udf in &builtins {
+            if let Some(guarded) = bounded::bound(udf, config.limits.max_value_bytes) {
+                ctx.register_udf(guarded);
+            }
+        }
+        kbs.register_global(
             "dead_letters",
             Arc::new(BatchTable::new(SnapshotView(dead_letters.clone()))),
         )?;
@@ -170,52 +212,63 @@ impl Engine {
             );
         }
         ctx.register_udtf("mk_search", Arc::new(MkSearchFunction::new(kbs.clone())));
-        let engine = Engine {
-            ctx,
-            models,
+        ctx.add_analyzer_rule(Arc::new(AsyncCalls));
+        session::register_mk_functions(&ctx, &mk_services)?;
+        let base = ctx.state();
+        let shared = Arc::new(Shared {
+            mk_services,
+            streams: StreamControl::new(config.until_caught_up),
             kbs,
+            data_dir: config.data_dir.clone(),
+            network_disk: Arc::new(DiskManager::builder().with_mode(DiskManagerMode::Disabled).build()?),
+        });
+        let network_paths = allowed_directories(&config)?;
+        let own = Access {
+            limits: config.limits.clone(),
+            ..Access::default()
+        };
+        let session = Session::start(new_state(&base, &shared, own)?, shared.clone());
+        let engine = Engine {
+            base,
+            models,
             kb_factory,
             progress,
             dead_letters,
-            mk_services,
-            streams: StreamControl::new(config.until_caught_up),
+            shared,
+            network_paths,
+            session,
             config,
         };
-        engine.register_mk_functions()?;
         engine.register_data_dir().await?;
         Ok(engine)
     }
 
-    /// The session's Meta-Knowledge settings.
-    pub fn mk_options(&self) -> MkOptions {
-        MkOptions::of(self.ctx.state().config_options())
+    /// A new local session (a pipeline's): trusted, with the engine's limits.
+    pub fn local_session(&self) -> Result<Session> {
+        let access = Access {
+            limits: self.config.limits.clone(),
+            ..Access::default()
+        };
+        Ok(Session::start(
+            new_state(&self.base, &self.shared, access)?,
+            self.shared.clone(),
+        ))
     }
 
-    /// (Re)registers `mk_metadata`, `mk_qa`, `mk_cluster` and `mk_summary` for the session's
-    /// current settings (their result types follow the metadata schema).
-    fn register_mk_functions(&self) -> Result<()> {
-        let options = self.mk_options();
-        let generators = &self.mk_services.generators;
-        let schema = generators
-            .schema(&options)
-            .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
-        let generator = generators
-            .generator(&options)
-            .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
-        let preparer = Arc::new(Preparer::new(
-            generator.clone(),
-            schema.clone(),
-            self.mk_services.failures.clone(),
-        ));
-        for part in [PreparedPart::Metadata, PreparedPart::Questions] {
-            let udf = PrepareUdf::new(part, preparer.clone());
-            self.ctx
-                .register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
-        }
-        self.ctx.register_udf(ScalarUDF::new_from_impl(ClusterUdf::new(schema)));
-        self.ctx
-            .register_udaf(AggregateUDF::new_from_impl(SummaryUdaf::new(generator)));
-        Ok(())
+    /// A new session for a network client with `role`: its `LOCATION`s confined to the data
+    /// directory and the allowed paths, server-only settings refused, and a memory pool of
+    /// `max_query_memory` for its operators.
+    pub fn network_session(&self, role: crate::access::Role) -> Result<Session> {
+        let access = Access::network(role, self.config.limits.clone(), self.network_paths.clone());
+        Ok(Session::start(
+            new_state(&self.base, &self.shared, access)?,
+            self.shared.clone(),
+        ))
+    }
+
+    /// The engine's own local session's Meta-Knowledge settings.
+    pub fn mk_options(&self) -> MkOptions {
+        self.session.mk_options()
     }
 
     /// Registers every knowledge index under the data directory as a table named after its
@@ -238,16 +291,16 @@ impl Engine {
     }
 
     /// Makes `index` queryable as table `name` and by the search functions (with its
-    /// questions and clusters when it has a Meta-Knowledge side).
+    /// questions and clusters when it has a Meta-Knowledge side), in every session.
     pub async fn register_index(&self, name: &str, index: Arc<KnowledgeIndex>) -> Result<()> {
         let mk = self.kb_factory.attach_mk(&index, false).await?;
-        self.kbs.insert(name, index, mk);
+        self.shared.kbs.insert(name, index, mk);
         Ok(())
     }
 
-    /// The DataFusion session.
+    /// The engine's own session's DataFusion context.
     pub fn context(&self) -> &SessionContext {
-        &self.ctx
+        self.session.context()
     }
 
     /// The engine's configuration.
@@ -262,7 +315,7 @@ impl Engine {
 
     /// The knowledge index registered as `name`.
     pub fn index(&self, name: &str) -> Option<Arc<KnowledgeIndex>> {
-        self.kbs.get(name)
+        self.shared.kbs.get(name)
     }
 
     /// Records sources refused so far (the `dead_letters` table).
@@ -275,83 +328,77 @@ impl Engine {
         self.progress.rows()
     }
 
-    /// Runs one or more `;`-separated statements and returns the last one's rows.
+    /// Runs one or more `;`-separated statements in the engine's own session and returns the
+    /// last one's rows.
     pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
-        let mut results = self.run_script("sql", sql, |_| {}).await?;
-        Ok(results.pop().map(|r| r.batches).unwrap_or_default())
+        self.session.sql(sql).await
     }
 
-    /// Runs a script statement by statement; `before` is told each statement before it runs.
-    /// Stops at the first failing statement, naming it in the error. `pipeline` names the
-    /// script in metrics and logs; an `INSERT` reading a Kafka table runs as a continuous
-    /// stream (see [`crate::streaming`]) until [`Engine::streams`] stops it.
+    /// Runs a script statement by statement in the engine's own session (see
+    /// [`Session::run_script`]).
     pub async fn run_script(
         &self,
         pipeline: &str,
         script: &str,
-        mut before: impl FnMut(&str),
+        before: impl FnMut(&str),
     ) -> Result<Vec<StatementResult>> {
-        let statements = DFParser::parse_sql(script)?;
-        let mut results = Vec::with_capacity(statements.len());
-        let count = statements.len();
-        for (i, statement) in statements.into_iter().enumerate() {
-            // Rendering a statement back to SQL costs time on large literals: a single
-            // statement is its own script.
-            let sql = if count == 1 {
-                script.trim().to_string()
-            } else {
-                statement.to_string()
-            };
-            before(&sql);
-            let batches = self.execute(pipeline, statement).await.map_err(|e| {
-                if count > 1 {
-                    e.context(format!("statement {} of {count}: {}", i + 1, abbreviate(&sql)))
-                } else {
-                    e
-                }
-            })?;
-            results.push(StatementResult { sql, batches });
-        }
-        Ok(results)
+        self.session.run_script(pipeline, script, before).await
     }
 
-    async fn execute(&self, pipeline: &str, statement: Statement) -> Result<Vec<RecordBatch>> {
-        let sets_mk_option = StatementKind::of(&statement).sets_mkflow_option();
-        let previous = sets_mk_option.then(|| self.mk_options());
-        let plan = self.ctx.state().statement_to_plan(statement).await?;
-        if let Some(stream) = ContinuousInsert::find(&plan)? {
-            let rows = stream.run(&self.ctx, pipeline, &self.streams).await?;
-            return Ok(vec![count_batch(rows)?]);
-        }
-        let frame = self.ctx.execute_logical_plan(plan).await?;
-        let batches = frame.collect().await?;
-        if let Some(previous) = previous
-            && let Err(e) = self.register_mk_functions()
-        {
-            // Refused settings do not stay in force.
-            self.ctx
-                .state_ref()
-                .write()
-                .config_mut()
-                .options_mut()
-                .extensions
-                .insert(previous);
-            return Err(e);
-        }
-        Ok(batches)
-    }
-
-    /// Runs the SQL file at `path` as pipeline `name` (see [`Engine::run_script`]).
+    /// Runs the SQL file at `path` as pipeline `name` in the engine's own session.
     pub async fn run_file(&self, name: &str, path: &Path, before: impl FnMut(&str)) -> Result<Vec<StatementResult>> {
-        let script = std::fs::read_to_string(path)
-            .map_err(|e| DataFusionError::Execution(format!("cannot read pipeline {}: {e}", path.display())))?;
-        self.run_script(name, &script, before).await
+        self.session.run_file(name, path, before).await
     }
 
-    /// Controls the continuous statements this engine runs (stop them, see their state).
+    /// Controls the continuous statements of every session (stop them, see their state).
     pub fn streams(&self) -> &StreamControl {
-        &self.streams
+        &self.shared.streams
     }
+}
+
+/// A session's state: the engine's template with a catalog of its own (the shared indexes plus
+/// room for the session's own tables), `access` in its configuration and, for network sessions,
+/// a memory pool of `max_query_memory` and no spilling.
+fn new_state(base: &SessionState, shared: &Arc<Shared>, access: Access) -> Result<SessionState> {
+    let options = base.config_options().catalog.clone();
+    let catalog = MemoryCatalogProvider::new();
+    catalog.register_schema(
+        &options.default_schema,
+        Arc::new(SessionSchema::new(shared.kbs.clone())),
+    )?;
+    let catalogs = MemoryCatalogProviderList::new();
+    catalogs.register_catalog(options.default_catalog.clone(), Arc::new(catalog));
+    if !access.is_network() {
+        let mut state = base.clone();
+        state.register_catalog_list(Arc::new(catalogs));
+        state.config_mut().set_extension(Arc::new(access));
+        return Ok(state);
+    }
+    let base_runtime = base.runtime_env();
+    let runtime = Arc::new(RuntimeEnv {
+        memory_pool: Arc::new(GreedyMemoryPool::new(access.limits.max_query_memory)),
+        disk_manager: shared.network_disk.clone(),
+        cache_manager: base_runtime.cache_manager.clone(),
+        object_store_registry: base_runtime.object_store_registry.clone(),
+    });
+    let config = base.config().clone().with_extension(Arc::new(access));
+    Ok(SessionStateBuilder::new_from_existing(base.clone())
+        .with_config(config)
+        .with_catalog_list(Arc::new(catalogs))
+        .with_runtime_env(runtime)
+        .build())
+}
+
+/// The directories network sessions may name: the data directory and the allowed paths, each
+/// resolved to its real path (all must exist).
+fn allowed_directories(config: &EngineConfig) -> Result<Vec<PathBuf>> {
+    std::iter::once(&config.data_dir)
+        .chain(&config.allowed_paths)
+        .map(|dir| {
+            dir.canonicalize()
+                .map_err(|e| DataFusionError::Configuration(format!("allowed path {}: {e}", dir.display())))
+        })
+        .collect()
 }
 
 impl ScrapeSources for Engine {
@@ -360,7 +407,7 @@ impl ScrapeSources for Engine {
         self.models
             .all()
             .filter_map(|model| {
-                let stats = model.loaded()?.stats();
+                let stats = model.loaded()?.model().stats();
                 Some(EmbeddingTotals {
                     model: model.spec().name.clone(),
                     documents: stats.texts.load(Relaxed),
@@ -375,7 +422,7 @@ impl ScrapeSources for Engine {
     /// (each `SET` that changes them makes one) add up, so every metric series is unique.
     fn generation_totals(&self) -> Vec<GenerationTotals> {
         let mut by_name: std::collections::BTreeMap<String, GenerationCounts> = Default::default();
-        for generator in self.mk_services.generators.generators() {
+        for generator in self.shared.mk_services.generators.generators() {
             *by_name.entry(generator.name()).or_default() += generator.stats().counts();
         }
         by_name
@@ -386,8 +433,8 @@ impl ScrapeSources for Engine {
 
     fn index_sizes(&self) -> Vec<IndexSize> {
         let mut sizes = Vec::new();
-        for name in self.kbs.names() {
-            let Some((index, mk)) = self.kbs.entry(&name) else {
+        for name in self.shared.kbs.names() {
+            let Some((index, mk)) = self.shared.kbs.entry(&name) else {
                 continue;
             };
             let mut add = |label: String, index: &KnowledgeIndex| {

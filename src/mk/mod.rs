@@ -19,7 +19,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBat
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use mkflow_index::vectors_to_array;
-use mkflow_udfs::Embedder;
+use mkflow_udfs::EmbedQueue;
 use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, qa_type};
 
 pub use attachment::{MkAttachment, MkServices};
@@ -141,7 +141,7 @@ impl MkIndex {
         &self,
         documents: &[RecordBatch],
         key_column: &str,
-        embedder: &Embedder,
+        embedder: &EmbedQueue,
     ) -> Result<PendingQuestions, IndexError> {
         let schema = self.questions.schema();
         let mut pending = PendingQuestions {
@@ -190,7 +190,7 @@ impl MkIndex {
             }
             let texts: Vec<Option<&str>> = questions.iter().map(|q| Some(q.as_str())).collect();
             let embeddings = embedder
-                .embed(&texts)
+                .embed_blocking(&texts)
                 .map_err(|e| IndexError::Invalid(format!("cannot embed synthetic questions: {e}")))?;
             let indices = UInt32Array::from(rows);
             let columns: Vec<ArrayRef> = vec![
@@ -330,8 +330,10 @@ impl MkIndex {
         if written.is_empty() {
             return Ok(());
         }
-        let mut clusters = self.clusters.write().unwrap_or_else(|e| e.into_inner());
+        // Lock order: summaries, then clusters (as in `refresh_clusters`). The file is written
+        // before the clusters are locked, so searches routing meanwhile never wait for it.
         let mut file = self.summaries.lock().unwrap_or_else(|e| e.into_inner());
+        let sizes: HashMap<String, usize> = self.clusters().into_iter().map(|c| (c.name, c.questions)).collect();
         let mut next = SummaryFile {
             summaries: file.summaries.clone(),
         };
@@ -340,13 +342,13 @@ impl MkIndex {
                 text,
                 version: next.summaries.get(&cluster).map_or(0, |s| s.version) + 1,
                 written_at_ms: now_ms,
-                questions: clusters.iter().find(|c| c.name == cluster).map_or(0, |c| c.questions),
+                questions: sizes.get(&cluster).copied().unwrap_or(0),
                 generator: generator.to_string(),
             };
             next.summaries.insert(cluster, summary);
         }
         next.write(&self.dir.join(CLUSTERS_FILE))?;
-        for c in clusters.iter_mut() {
+        for c in self.clusters.write().unwrap_or_else(|e| e.into_inner()).iter_mut() {
             if let Some(summary) = next.summaries.get(&c.name) {
                 c.summary = Some(summary.clone());
             }

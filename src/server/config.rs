@@ -7,20 +7,34 @@
 //!
 //! [server]
 //! listen = "127.0.0.1:8080"         # env MKFLOW_LISTEN, --listen
-//! auth_token_env = "MKFLOW_AUTH_TOKEN"  # variable holding the bearer token for /v1/sql
+//! auth_token_env = "MKFLOW_AUTH_TOKEN"    # variable holding a read token for /v1/sql
+//! admin_token_env = "MKFLOW_ADMIN_TOKEN"  # variable holding an admin token
 //! max_request_bytes = 1048576       # env MKFLOW_MAX_REQUEST_BYTES
 //! query_timeout_secs = 30           # env MKFLOW_QUERY_TIMEOUT_SECS
+//! allowed_paths = ["/srv/docs"]     # besides the data directory, for network LOCATIONs
+//! max_k = 10000                     # and the other limits of `access::Limits`
+//!
+//! [[server.tokens]]                 # more tokens, each from its own variable
+//! env = "ANALYST_TOKEN"
+//! role = "read"
+//!
+//! [mkflow]                          # Meta-Knowledge settings of every session
+//! generator = "openai"
+//! llm_base_url = "http://127.0.0.1:8000/v1"
 //!
 //! [[pipelines]]
 //! name = "papers"                   # label in metrics (default: the file name)
 //! file = "pipelines/kafka_to_kb.sql"
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
+
+use crate::access::{Limits, Role};
 
 /// The configuration file's contents.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -35,6 +49,9 @@ pub struct ServeFile {
     /// HTTP settings.
     #[serde(default)]
     pub server: ServerFile,
+    /// Meta-Knowledge settings every session starts from (`mkflow.<name>` without the prefix).
+    #[serde(default)]
+    pub mkflow: BTreeMap<String, toml::Value>,
     /// Pipelines to run.
     #[serde(default)]
     pub pipelines: Vec<PipelineFile>,
@@ -46,13 +63,48 @@ pub struct ServeFile {
 pub struct ServerFile {
     /// Address to listen on.
     pub listen: Option<String>,
-    /// Name of the environment variable holding the bearer token (the token itself never goes
-    /// in the file).
+    /// Name of the environment variable holding a bearer token with the read role (the token
+    /// itself never goes in the file).
     pub auth_token_env: Option<String>,
+    /// Name of the environment variable holding a bearer token with the admin role.
+    pub admin_token_env: Option<String>,
+    /// More tokens, each with its role.
+    #[serde(default)]
+    pub tokens: Vec<TokenFile>,
     /// Largest accepted request body.
     pub max_request_bytes: Option<usize>,
     /// Longest a query may run.
     pub query_timeout_secs: Option<u64>,
+    /// Directories besides the data directory that network clients' `LOCATION`s may name
+    /// (relative to the configuration file).
+    #[serde(default)]
+    pub allowed_paths: Vec<PathBuf>,
+    /// Most rows a search may ask for.
+    pub max_k: Option<usize>,
+    /// Longest query text a search embeds, in bytes.
+    pub max_query_text_bytes: Option<usize>,
+    /// Most bytes one growing function call (`repeat`, `lpad`, …) may make.
+    pub max_value_bytes: Option<usize>,
+    /// Longest string literal of a network statement, in bytes.
+    pub max_literal_bytes: Option<usize>,
+    /// Deepest expression nesting of a statement.
+    pub max_expression_depth: Option<usize>,
+    /// Most rows a statement may return.
+    pub max_result_rows: Option<usize>,
+    /// Most bytes a statement's result may hold.
+    pub max_result_bytes: Option<usize>,
+    /// Memory a network request's operators may reserve, in bytes.
+    pub max_query_memory: Option<usize>,
+}
+
+/// One `[[server.tokens]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    /// The environment variable holding the token.
+    pub env: String,
+    /// What the token's holder may do.
+    pub role: Role,
 }
 
 /// One `[[pipelines]]` entry.
@@ -96,8 +148,9 @@ pub fn pipeline_name(file: &Path) -> String {
 pub struct ServerSettings {
     /// Address to listen on.
     pub listen: String,
-    /// Bearer token required by `/v1/sql` (none: open).
-    pub auth_token: Option<String>,
+    /// Bearer tokens `/v1/sql` accepts, each with its role. None: the endpoint is open and
+    /// read-only.
+    pub tokens: Vec<(String, Role)>,
     /// Largest accepted request body.
     pub max_request_bytes: usize,
     /// Longest a query may run.
@@ -106,8 +159,10 @@ pub struct ServerSettings {
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-/// Default environment variable holding the bearer token.
+/// Default environment variable holding a read token.
 pub const DEFAULT_AUTH_TOKEN_ENV: &str = "MKFLOW_AUTH_TOKEN";
+/// Default environment variable holding an admin token.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "MKFLOW_ADMIN_TOKEN";
 
 impl ServeFile {
     /// Reads and parses a configuration file; pipeline paths become relative to its directory.
@@ -126,7 +181,45 @@ impl ServeFile {
         {
             file.data_dir = Some(base.join(dir));
         }
+        for dir in &mut file.server.allowed_paths {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
         Ok(file)
+    }
+
+    /// The `[mkflow]` settings as `SET` would give them (name without the prefix, value as text).
+    pub fn mk_settings(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.mkflow
+            .iter()
+            .map(|(name, value)| {
+                let text = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    other => bail!("[mkflow] {name}: {other:?} is not a string, number or boolean"),
+                };
+                Ok((name.clone(), text))
+            })
+            .collect()
+    }
+
+    /// The query limits: the file's, the defaults for the rest.
+    pub fn limits(&self) -> Limits {
+        let server = &self.server;
+        let defaults = Limits::default();
+        Limits {
+            max_k: server.max_k.unwrap_or(defaults.max_k),
+            max_query_text_bytes: server.max_query_text_bytes.unwrap_or(defaults.max_query_text_bytes),
+            max_value_bytes: server.max_value_bytes.unwrap_or(defaults.max_value_bytes),
+            max_literal_bytes: server.max_literal_bytes.unwrap_or(defaults.max_literal_bytes),
+            max_expression_depth: server.max_expression_depth.unwrap_or(defaults.max_expression_depth),
+            max_result_rows: server.max_result_rows.unwrap_or(defaults.max_result_rows),
+            max_result_bytes: server.max_result_bytes.unwrap_or(defaults.max_result_bytes),
+            max_query_memory: server.max_query_memory.unwrap_or(defaults.max_query_memory),
+        }
     }
 
     /// The pipelines, named.
@@ -160,11 +253,27 @@ impl ServeFile {
             .or_else(|| env("MKFLOW_LISTEN"))
             .or_else(|| server.listen.clone())
             .unwrap_or_else(|| DEFAULT_LISTEN.into());
-        let token_env = server
+        let read_env = server
             .auth_token_env
             .clone()
             .unwrap_or_else(|| DEFAULT_AUTH_TOKEN_ENV.into());
-        let auth_token = env(&token_env).filter(|t| !t.trim().is_empty());
+        let admin_env = server
+            .admin_token_env
+            .clone()
+            .unwrap_or_else(|| DEFAULT_ADMIN_TOKEN_ENV.into());
+        let mut tokens = Vec::new();
+        let named = [(read_env, Role::Read), (admin_env, Role::Admin)];
+        let listed = server.tokens.iter().map(|t| (t.env.clone(), t.role));
+        for (variable, role) in named.into_iter().chain(listed) {
+            if let Some(token) = env(&variable).filter(|t| !t.trim().is_empty()) {
+                if let Some((_, other)) = tokens.iter().find(|(t, _)| *t == token) {
+                    bail!(
+                        "${variable} holds the same token as another variable (role {other}): give each role its own token"
+                    );
+                }
+                tokens.push((token, role));
+            }
+        }
         let number = |name: &str, from_file: Option<u64>, default: u64| -> anyhow::Result<u64> {
             match env(name) {
                 Some(v) => v
@@ -178,7 +287,7 @@ impl ServeFile {
         };
         Ok(ServerSettings {
             listen,
-            auth_token,
+            tokens,
             max_request_bytes: number(
                 "MKFLOW_MAX_REQUEST_BYTES",
                 server.max_request_bytes.map(|n| n as u64),
@@ -224,7 +333,7 @@ file = "/abs/other.sql"
         let lookup = |k: &str| env.get(k).map(|v| v.to_string());
         let settings = file.server_settings(None, lookup).unwrap();
         assert_eq!(settings.listen, "0.0.0.0:9000");
-        assert_eq!(settings.auth_token.as_deref(), Some("s3cret"));
+        assert_eq!(settings.tokens, vec![("s3cret".to_string(), Role::Read)]);
         assert_eq!(settings.max_request_bytes, 2048);
         assert_eq!(settings.query_timeout, Duration::from_secs(5));
         let flagged = file.server_settings(Some("127.0.0.1:1"), lookup).unwrap();
@@ -240,7 +349,57 @@ file = "/abs/other.sql"
         assert!(specs[0].file.is_file(), "{}", specs[0].file.display());
         let settings = file.server_settings(None, |_| None).unwrap();
         assert_eq!(settings.listen, DEFAULT_LISTEN);
-        assert_eq!(settings.auth_token, None);
+        assert!(settings.tokens.is_empty());
+    }
+
+    #[test]
+    fn tokens_roles_limits_and_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mkflow.toml");
+        std::fs::write(
+            &path,
+            r#"
+[server]
+allowed_paths = ["docs"]
+max_k = 50
+max_query_memory = 1000000
+[[server.tokens]]
+env = "ANALYST"
+role = "read"
+[mkflow]
+generator = "embedded"
+route_clusters = 3
+strict_routing = true
+"#,
+        )
+        .unwrap();
+        let file = ServeFile::read(&path).unwrap();
+        assert_eq!(file.server.allowed_paths, vec![dir.path().join("docs")]);
+        let limits = file.limits();
+        assert_eq!((limits.max_k, limits.max_query_memory), (50, 1_000_000));
+        assert_eq!(limits.max_result_rows, Limits::default().max_result_rows);
+        let settings = file.mk_settings().unwrap();
+        assert!(settings.contains(&("route_clusters".to_string(), "3".to_string())));
+        assert!(settings.contains(&("strict_routing".to_string(), "true".to_string())));
+        let env: HashMap<&str, &str> = [("MKFLOW_ADMIN_TOKEN", "root"), ("ANALYST", "reader")].into();
+        let settings = file
+            .server_settings(None, |k| env.get(k).map(|v| v.to_string()))
+            .unwrap();
+        assert_eq!(
+            settings.tokens,
+            vec![("root".to_string(), Role::Admin), ("reader".to_string(), Role::Read)]
+        );
+        // One token for two roles is a mistake.
+        let same: HashMap<&str, &str> = [("MKFLOW_ADMIN_TOKEN", "x"), ("MKFLOW_AUTH_TOKEN", "x")].into();
+        let error = file
+            .server_settings(None, |k| same.get(k).map(|v| v.to_string()))
+            .unwrap_err();
+        assert!(error.to_string().contains("same token"), "{error}");
+        std::fs::write(&path, "[server.tokens]\nenv = 1\n").unwrap();
+        assert!(ServeFile::read(&path).is_err());
+        std::fs::write(&path, "[[server.tokens]]\nenv = \"A\"\nrole = \"owner\"\n").unwrap();
+        let error = format!("{:#}", ServeFile::read(&path).unwrap_err());
+        assert!(error.contains("owner"), "{error}");
     }
 
     #[test]

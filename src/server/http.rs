@@ -24,10 +24,12 @@ use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::json::writer::{JsonArray, WriterBuilder};
 use datafusion::common::DataFusionError;
 use datafusion::sql::parser::DFParser;
+use futures::FutureExt;
 use serde_json::json;
 
 use super::config::ServerSettings;
 use crate::Engine;
+use crate::access::{Refusal, Role};
 use crate::metrics;
 use crate::statement::{StatementKind, search_function};
 use crate::streaming::PipelineState;
@@ -65,29 +67,71 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The status that fits an engine error: the caller's mistake (bad SQL, unknown table, wrong
-/// types, a refused vector) is a 400, anything else a 500.
+/// types, a refused vector, a limit exceeded by what was asked) is a 400, and so is a statement
+/// DataFusion reports an internal error for (some functions answer bad arguments that way: the
+/// statement cannot run, and retrying will not help); a statement the caller's role does not
+/// allow is a 403, a result or memory use past its limit a 413; a failure of the server's own
+/// parts (disk, model, a panic) a 500.
 pub fn status_of(error: &DataFusionError) -> StatusCode {
     match error.find_root() {
         DataFusionError::SQL(..)
         | DataFusionError::Plan(_)
         | DataFusionError::SchemaError(..)
         | DataFusionError::NotImplemented(_)
-        | DataFusionError::Configuration(_) => StatusCode::BAD_REQUEST,
+        | DataFusionError::Configuration(_)
+        | DataFusionError::Execution(_)
+        | DataFusionError::Internal(_) => StatusCode::BAD_REQUEST,
+        DataFusionError::ResourcesExhausted(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        // Arrow's errors while evaluating a query come from its values (a cast, an overflow),
+        // except for I/O and memory.
         DataFusionError::ArrowError(e, _) => match e.as_ref() {
-            ArrowError::CastError(_)
-            | ArrowError::ParseError(_)
-            | ArrowError::InvalidArgumentError(_)
-            | ArrowError::DivideByZero
-            | ArrowError::ComputeError(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        },
-        DataFusionError::External(e) => match e.downcast_ref::<mkflow_index::IndexError>() {
-            Some(mkflow_index::IndexError::DimensionMismatch { .. } | mkflow_index::IndexError::Invalid(_)) => {
-                StatusCode::BAD_REQUEST
+            ArrowError::IoError(..) | ArrowError::IpcError(_) | ArrowError::CDataInterface(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
             }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
+            ArrowError::MemoryError(_) | ArrowError::OffsetOverflowError(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ArrowError::ExternalError(inner) => external_status(inner.as_ref()),
+            _ => StatusCode::BAD_REQUEST,
         },
+        DataFusionError::External(e) => external_status(e.as_ref()),
         _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A panic while running a statement (a bug some input reaches): that request fails with a 500,
+/// the server goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine failed on this statement ({0}); the server goes on")]
+struct EnginePanic(String);
+
+/// The status of an error raised outside DataFusion: a refusal says its own; the failures of
+/// the server's own parts (disk, model, a crashed task) are 500s; anything else was raised by a
+/// function over the request's own data (a regex that does not compile, a malformed value) and
+/// is a 400.
+fn external_status(error: &(dyn std::error::Error + Send + Sync + 'static)) -> StatusCode {
+    use mkflow_index::IndexError;
+    if let Some(refusal) = error.downcast_ref::<Refusal>() {
+        return match refusal {
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            Refusal::Limit(_) => StatusCode::BAD_REQUEST,
+            Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+    }
+    if error.downcast_ref::<mkflow_udfs::bounded::ValueTooLarge>().is_some() {
+        return StatusCode::PAYLOAD_TOO_LARGE;
+    }
+    let failed = match error.downcast_ref::<IndexError>() {
+        Some(e) => matches!(e, IndexError::Io { .. } | IndexError::Ann(_) | IndexError::Arrow(_)),
+        None => {
+            error.is::<mkflow_udfs::embedding::EmbedError>()
+                || error.is::<EnginePanic>()
+                || error.is::<std::io::Error>()
+                || error.is::<tokio::task::JoinError>()
+        }
+    };
+    if failed {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::BAD_REQUEST
     }
 }
 
@@ -106,21 +150,28 @@ pub fn query_function(sql: &str) -> &'static str {
         Some(StatementKind::Insert) => "insert",
         Some(StatementKind::Delete) => "delete",
         Some(StatementKind::CreateExternalTable | StatementKind::Ddl | StatementKind::Set { .. }) => "ddl",
-        Some(StatementKind::Update | StatementKind::Other) | None => "other",
+        Some(StatementKind::Update | StatementKind::Copy | StatementKind::Other) | None => "other",
     }
 }
 
-fn authorized(settings: &ServerSettings, headers: &HeaderMap) -> bool {
-    let Some(token) = &settings.auth_token else {
-        return true;
-    };
+/// The role of a request: its bearer token's, `None` (a 401) when tokens are configured and it
+/// holds none of them; with no token configured every request reads.
+fn role_of(settings: &ServerSettings, headers: &HeaderMap) -> Option<Role> {
+    if settings.tokens.is_empty() {
+        return Some(Role::Read);
+    }
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    // Compare without an early exit, so timing does not reveal the matching prefix.
-    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    // Compare with every token, without an early exit, so timing reveals neither a matching
+    // prefix nor which token matched.
+    settings.tokens.iter().fold(None, |found, (token, role)| {
+        let same =
+            given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same { Some(*role) } else { found }
+    })
 }
 
 /// The SQL text of a request body: JSON `{"sql": "…"}` when the content type says JSON, else
@@ -148,7 +199,7 @@ fn sql_text(headers: &HeaderMap, body: &[u8]) -> Result<String, String> {
 }
 
 async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    if !authorized(&state.settings, &headers) {
+    let Some(role) = role_of(&state.settings, &headers) else {
         let mut response = error(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token (send Authorization: Bearer <token>)",
@@ -157,7 +208,7 @@ async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Byt
             .headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
-    }
+    };
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
@@ -183,10 +234,36 @@ async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Byt
             "mkflow is still loading its indexes; retry shortly",
         );
     };
-    let function = query_function(&sql);
+    // The label comes from the parsed statement: parse only what the session will accept (a
+    // too deeply nested statement is refused by it before parsing).
+    let nested_too_deeply =
+        crate::statement::expression_depth(&sql).is_ok_and(|depth| depth > engine.config().limits.max_expression_depth);
+    let function = if nested_too_deeply {
+        "invalid"
+    } else {
+        query_function(&sql)
+    };
     let started = Instant::now();
     let timeout = state.settings.query_timeout;
-    let outcome = tokio::time::timeout(timeout, engine.sql(&sql)).await;
+    // Each request runs in a session of its own: its SETs and tables end with it.
+    let session = match engine.network_session(role) {
+        Ok(session) => session,
+        Err(e) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot open a session: {e}"));
+        }
+    };
+    // A panic in the engine (a bug some input reaches) fails this request only.
+    let guarded = std::panic::AssertUnwindSafe(session.sql(&sql)).catch_unwind();
+    let outcome = tokio::time::timeout(timeout, guarded).await.map(|ran| {
+        ran.unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(DataFusionError::External(Box::new(EnginePanic(message))))
+        })
+    });
     let elapsed = started.elapsed();
     let batches = match outcome {
         Err(_) => {
@@ -362,8 +439,30 @@ mod tests {
         }));
         assert_eq!(status_of(&refused), StatusCode::BAD_REQUEST);
         assert_eq!(
-            status_of(&DataFusionError::Execution("disk".into())),
+            status_of(&DataFusionError::Internal("size to usize".into())),
+            StatusCode::BAD_REQUEST
+        );
+        let panic = DataFusionError::External(Box::new(EnginePanic("capacity overflow".into())));
+        assert_eq!(status_of(&panic), StatusCode::INTERNAL_SERVER_ERROR);
+        let io = mkflow_index::IndexError::Io {
+            path: "x".into(),
+            source: std::io::Error::other("disk"),
+        };
+        assert_eq!(
+            status_of(&DataFusionError::External(Box::new(io))),
             StatusCode::INTERNAL_SERVER_ERROR
+        );
+        for (refusal, status) in [
+            (Refusal::Forbidden("x".into()), StatusCode::FORBIDDEN),
+            (Refusal::Limit("x".into()), StatusCode::BAD_REQUEST),
+            (Refusal::TooLarge("x".into()), StatusCode::PAYLOAD_TOO_LARGE),
+        ] {
+            let wrapped = refusal.into_error().context("statement 1 of 2");
+            assert_eq!(status_of(&wrapped), status);
+        }
+        assert_eq!(
+            status_of(&DataFusionError::ResourcesExhausted("pool".into())),
+            StatusCode::PAYLOAD_TOO_LARGE
         );
     }
 

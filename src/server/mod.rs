@@ -35,10 +35,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     eprintln!(
         "mkflow serving on http://{address} (POST /v1/sql, GET /metrics, /healthz, /readyz){}",
-        if options.server.auth_token.is_some() {
-            "; /v1/sql needs the bearer token"
+        if options.server.tokens.is_empty() {
+            "; no token configured: /v1/sql is open and read-only"
         } else {
-            ""
+            "; /v1/sql needs a bearer token (read or admin)"
         }
     );
     let slot: Arc<OnceLock<Arc<Engine>>> = Arc::new(OnceLock::new());
@@ -57,7 +57,11 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         engine.streams().set_state(&pipeline.name, PipelineState::Starting);
         let engine = engine.clone();
         running.push(tokio::spawn(async move {
-            let result = engine.run_file(&pipeline.name, &pipeline.file, |_| {}).await;
+            // Each pipeline runs in a session of its own: its SETs and sources are its own.
+            let result = match engine.local_session() {
+                Ok(session) => session.run_file(&pipeline.name, &pipeline.file, |_| {}).await,
+                Err(e) => Err(e),
+            };
             let state = match &result {
                 Ok(_) => PipelineState::Finished,
                 Err(e) => {

@@ -1,10 +1,11 @@
-//! The session's default schema: the data directory's knowledge indexes as tables, with the
-//! questions and clusters tables of those that have a Meta-Knowledge side, and every other
-//! table a session creates (sources, `dead_letters`).
+//! The default schema of every session: the data directory's knowledge indexes as tables, with
+//! the questions and clusters tables of those that have a Meta-Knowledge side, the engine's own
+//! tables (`dead_letters`) — all shared by every session ([`KbSchema`]) — and the tables one
+//! session creates (its sources), which no other session sees ([`SessionSchema`]).
 //!
-//! It is a DataFusion [`SchemaProvider`], so `SHOW TABLES`, `information_schema` and qualified
-//! names (`datafusion.public.kb`) work as for any table; the search functions look their index
-//! up here too ([`KbSchema::entry_or_error`]).
+//! [`SessionSchema`] is a DataFusion [`SchemaProvider`], so `SHOW TABLES`, `information_schema`
+//! and qualified names (`datafusion.public.kb`) work as for any table; the search functions look
+//! their index up in the shared part ([`KbSchema::entry_or_error`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -28,11 +29,11 @@ pub const QUESTIONS_SUFFIX: &str = "_questions";
 /// Suffix of a Meta-Knowledge index's clusters table.
 pub const CLUSTERS_SUFFIX: &str = "_clusters";
 
-/// Knowledge indexes by table name, and the session's other tables.
+/// What every session sees: knowledge indexes by table name, and the engine's own tables.
 #[derive(Debug)]
 pub struct KbSchema {
     indexes: RwLock<HashMap<String, KbEntry>>,
-    others: MemorySchemaProvider,
+    globals: MemorySchemaProvider,
     progress: Arc<IngestProgress>,
 }
 
@@ -51,9 +52,14 @@ impl KbSchema {
     pub fn new(progress: Arc<IngestProgress>) -> Self {
         KbSchema {
             indexes: RwLock::default(),
-            others: MemorySchemaProvider::new(),
+            globals: MemorySchemaProvider::new(),
             progress,
         }
+    }
+
+    /// Makes `table` visible to every session as `name` (the engine's own tables).
+    pub fn register_global(&self, name: &str, table: Arc<dyn TableProvider>) -> Result<()> {
+        self.globals.register_table(name.to_string(), table).map(drop)
     }
 
     /// Records `index` (with its Meta-Knowledge side) under `name`, replacing any previous one.
@@ -139,9 +145,9 @@ impl KbSchema {
     }
 }
 
-#[async_trait]
-impl SchemaProvider for KbSchema {
-    fn table_names(&self) -> Vec<String> {
+impl KbSchema {
+    /// Every name the shared part knows, unsorted.
+    fn shared_names(&self) -> Vec<String> {
         let mut names = Vec::new();
         for (name, (_, mk)) in self.indexes.read().unwrap_or_else(|e| e.into_inner()).iter() {
             names.push(name.clone());
@@ -150,49 +156,104 @@ impl SchemaProvider for KbSchema {
                 names.push(format!("{name}{CLUSTERS_SUFFIX}"));
             }
         }
-        names.extend(self.others.table_names());
+        names.extend(self.globals.table_names());
+        names
+    }
+
+    /// The shared table called `name`, if any.
+    async fn shared_table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        match self.named(name) {
+            Some(named) => Ok(Some(self.table_for(name, named))),
+            None => self.globals.table(name).await,
+        }
+    }
+
+    /// Whether the shared part has a table called `name`.
+    fn shares(&self, name: &str) -> bool {
+        self.named(name).is_some() || self.globals.table_exist(name)
+    }
+}
+
+/// One session's default schema: the shared indexes and tables, and the session's own tables.
+#[derive(Debug)]
+pub struct SessionSchema {
+    shared: Arc<KbSchema>,
+    local: MemorySchemaProvider,
+}
+
+impl SessionSchema {
+    /// A session's schema over the engine's shared one.
+    pub fn new(shared: Arc<KbSchema>) -> Self {
+        SessionSchema {
+            shared,
+            local: MemorySchemaProvider::new(),
+        }
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for SessionSchema {
+    fn table_names(&self) -> Vec<String> {
+        let mut names = self.shared.shared_names();
+        names.extend(self.local.table_names());
         names.sort();
         names.dedup();
         names
     }
 
     async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        match self.named(name) {
-            Some(named) => Ok(Some(self.table_for(name, named))),
-            None => self.others.table(name).await,
+        match self.shared.shared_table(name).await? {
+            Some(table) => Ok(Some(table)),
+            None => self.local.table(name).await,
         }
     }
 
-    /// A knowledge index made by `CREATE EXTERNAL TABLE … STORED AS KB` is already recorded
-    /// (by the table factory, with its Meta-Knowledge side); any other table is kept as given.
+    /// A knowledge index made by `CREATE EXTERNAL TABLE … STORED AS KB` is already shared (the
+    /// table factory recorded it, with its Meta-Knowledge side); any other table belongs to this
+    /// session.
     fn register_table(&self, name: String, table: Arc<dyn TableProvider>) -> Result<Option<Arc<dyn TableProvider>>> {
         if let Some(kb) = table.downcast_ref::<KbTable>()
-            && self.get(&name).is_some_and(|index| Arc::ptr_eq(&index, kb.index()))
+            && self
+                .shared
+                .get(&name)
+                .is_some_and(|index| Arc::ptr_eq(&index, kb.index()))
         {
             return Ok(None);
         }
-        if self.named(&name).is_some() {
-            return plan_err!("table '{name}' already exists (a knowledge index or one of its tables)");
+        if self.shared.shares(&name) {
+            return plan_err!(
+                "table '{name}' already exists (a knowledge index, one of its tables, or an engine table)"
+            );
         }
-        self.others.register_table(name, table)
+        self.local.register_table(name, table)
     }
 
-    /// Dropping a knowledge index forgets it for the session; its files stay in the data
+    /// Dropping a knowledge index forgets it for every session; its files stay in the data
     /// directory (delete the directory to remove it).
     fn deregister_table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        match self.named(name) {
+        if self.local.table_exist(name) {
+            return self.local.deregister_table(name);
+        }
+        match self.shared.named(name) {
             Some(Named::Index(entry)) => {
-                let table = self.table_for(name, Named::Index(entry));
-                self.indexes.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+                let table = self.shared.table_for(name, Named::Index(entry));
+                self.shared
+                    .indexes
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(name);
                 Ok(Some(table))
             }
             Some(_) => plan_err!("'{name}' belongs to a Meta-Knowledge index: drop the index itself"),
-            None => self.others.deregister_table(name),
+            None if self.shared.globals.table_exist(name) => {
+                plan_err!("'{name}' is an engine table and cannot be dropped")
+            }
+            None => Ok(None),
         }
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.named(name).is_some() || self.others.table_exist(name)
+        self.shared.shares(name) || self.local.table_exist(name)
     }
 }
 
@@ -216,23 +277,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn indexes_and_other_tables_are_listed_found_and_dropped() {
+    async fn indexes_are_shared_and_other_tables_belong_to_their_session() {
         let dir = tempfile::tempdir().unwrap();
-        let schema = KbSchema::new(Arc::default());
-        schema.insert("kb", index(dir.path()), None);
+        let shared = Arc::new(KbSchema::new(Arc::default()));
+        shared.insert("kb", index(dir.path()), None);
+        let (one, two) = (SessionSchema::new(shared.clone()), SessionSchema::new(shared.clone()));
         let other = Arc::new(MemTable::try_new(Arc::new(Schema::empty()), vec![vec![]]).unwrap());
-        schema.register_table("notes".into(), other.clone()).unwrap();
-        assert_eq!(schema.table_names(), vec!["kb", "notes"]);
-        assert!(schema.table_exist("kb") && schema.table_exist("notes"));
+        one.register_table("notes".into(), other.clone()).unwrap();
+        assert_eq!(one.table_names(), vec!["kb", "notes"]);
+        assert_eq!(two.table_names(), vec!["kb"], "a session's own tables stay its own");
+        assert!(one.table_exist("kb") && one.table_exist("notes") && !two.table_exist("notes"));
         // An index without a Meta-Knowledge side has no questions table.
-        assert!(!schema.table_exist("kb_questions"));
-        let kb = schema.table("kb").await.unwrap().unwrap();
+        assert!(!one.table_exist("kb_questions"));
+        let kb = two.table("kb").await.unwrap().unwrap();
         assert!(kb.downcast_ref::<KbTable>().is_some());
         // A name taken by an index is refused to any other table.
-        assert!(schema.register_table("kb".into(), other).is_err());
-        assert!(schema.deregister_table("kb").unwrap().is_some());
-        assert_eq!(schema.table_names(), vec!["notes"]);
-        let error = schema.entry_or_error("vector_search", "kb").unwrap_err().to_string();
+        assert!(two.register_table("kb".into(), other).is_err());
+        // Dropping an index forgets it for every session.
+        assert!(one.deregister_table("kb").unwrap().is_some());
+        assert_eq!(two.table_names(), Vec::<String>::new());
+        assert_eq!(one.table_names(), vec!["notes"]);
+        let error = shared.entry_or_error("vector_search", "kb").unwrap_err().to_string();
         assert!(error.contains("no knowledge index called 'kb'"), "{error}");
     }
 }

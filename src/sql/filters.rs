@@ -21,9 +21,14 @@ pub fn is_row_filter(filter: &Expr, schema: &SchemaRef) -> bool {
     columns_known && !is_volatile(filter)
 }
 
+/// Whether `expr` calls a volatile function, or an async one (`embed`, `mk_metadata`: they run
+/// in their own plan step, not inside a search).
 fn is_volatile(expr: &Expr) -> bool {
-    expr.exists(|e| Ok(matches!(e, Expr::ScalarFunction(f) if f.func.signature().volatility == Volatility::Volatile)))
-        .unwrap_or(true)
+    expr.exists(|e| {
+        Ok(matches!(e, Expr::ScalarFunction(f)
+            if f.func.signature().volatility == Volatility::Volatile || f.func.as_async().is_some()))
+    })
+    .unwrap_or(true)
 }
 
 /// Pushdown support for each filter: exact where it reads only index columns.

@@ -22,11 +22,14 @@ use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TablePr
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
+use futures::FutureExt;
 use mkflow_udfs::mk::{MkOptions, string_list_type};
 
+use super::KbSchema;
 use super::vector_search::{DEFAULT_K, int_arg, string_arg, table_arg};
-use super::{KbSchema, memory_scan};
+use crate::access::Access;
 use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
+use crate::support::batch_table::deferred_scan;
 use crate::support::index_error;
 use mkflow_index::{IndexError, KnowledgeIndex};
 
@@ -52,6 +55,7 @@ impl MkSearchFunction {
 impl TableFunctionImpl for MkSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         const USAGE: &str = "usage: mk_search(kb, 'query text' [, k])";
+        let access = Access::of(args.session().config());
         let exprs = args.exprs();
         if !(2..=3).contains(&exprs.len()) {
             return plan_err!("mk_search takes 2 or 3 arguments; {USAGE}");
@@ -68,13 +72,14 @@ impl TableFunctionImpl for MkSearchFunction {
         let query = string_arg(&exprs[1])
             .filter(|q| !q.trim().is_empty())
             .ok_or_else(|| DataFusionError::Plan(format!("mk_search: the query must be a non-empty text; {USAGE}")))?;
+        access.check_query_text("mk_search", &query)?;
         let k = match exprs.get(2) {
-            Some(e) => Some(
-                int_arg(e)
-                    .filter(|v| *v > 0)
-                    .ok_or_else(|| DataFusionError::Plan(format!("mk_search: k must be a positive integer; {USAGE}")))?
-                    as usize,
-            ),
+            Some(e) => {
+                let k = int_arg(e).filter(|v| *v > 0).ok_or_else(|| {
+                    DataFusionError::Plan(format!("mk_search: k must be a positive integer; {USAGE}"))
+                })?;
+                Some(access.check_k("mk_search", usize::try_from(k).unwrap_or(usize::MAX))?)
+            }
             None => None,
         };
         let schema = result_schema(&documents);
@@ -124,8 +129,8 @@ fn result_schema(documents: &KnowledgeIndex) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
-/// One `mk_search` call, computed when scanned.
-#[derive(Debug)]
+/// One `mk_search` call, computed when the plan runs.
+#[derive(Debug, Clone)]
 struct MkSearchTable {
     documents: Arc<KnowledgeIndex>,
     mk: MkAttachment,
@@ -146,14 +151,14 @@ impl MkSearchTable {
     async fn search(&self, options: &MkOptions, k: usize) -> Result<RecordBatch> {
         let services = &self.mk.services;
         let questions = self.mk.index.questions().clone();
+        let external = |e| DataFusionError::External(Box::new(e));
         let embedder = services
             .models
             .model_of(&questions)?
-            .get()
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let query_vector = embedder
-            .embed_one(&self.query)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            .get_async()
+            .await
+            .map_err(external)?;
+        let query_vector = embedder.embed_one(&self.query).await.map_err(external)?;
 
         let routed_clusters: Vec<Cluster> = self
             .mk
@@ -188,10 +193,35 @@ impl MkSearchTable {
             }
         }
         let texts: Vec<Option<&str>> = sub_queries.iter().map(|q| Some(q.as_str())).collect();
-        let embeddings = embedder
-            .embed(&texts)
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let embeddings = embedder.embed(&texts).await.map_err(external)?;
+        let vectors: Vec<Vec<f32>> = (0..sub_queries.len())
+            .map(|i| embeddings.get(i).unwrap_or(&query_vector).to_vec())
+            .collect();
+        // CPU work like any operator's (a few graph walks): it runs where DataFusion runs.
+        self.rank(
+            &questions,
+            &query_vector,
+            &vectors,
+            &routed,
+            &sub_queries,
+            options.strict_routing,
+            k,
+        )
+    }
 
+    /// Matches every sub-query's vector inside the routed clusters (and the original query
+    /// everywhere unless routing is strict), fuses the rankings and builds the result rows.
+    #[allow(clippy::too_many_arguments)]
+    fn rank(
+        &self,
+        questions: &KnowledgeIndex,
+        query_vector: &[f32],
+        vectors: &[Vec<f32>],
+        routed: &[String],
+        sub_queries: &[String],
+        strict_routing: bool,
+        k: usize,
+    ) -> Result<RecordBatch> {
         let cluster_column = questions.schema().index_of(CLUSTER_COLUMN)?;
         let allowed: HashSet<&str> = routed.iter().map(String::as_str).collect();
         let in_routed = |batch: &RecordBatch| -> std::result::Result<BooleanArray, IndexError> {
@@ -201,19 +231,18 @@ impl MkSearchTable {
                 .map(|c| Some(c.is_some_and(|c| allowed.contains(c))))
                 .collect::<BooleanArray>())
         };
-        let pool = (k * POOL_PER_RESULT).max(30);
+        let pool = k.saturating_mul(POOL_PER_RESULT).max(30);
         // (sub-query index, hits): every sub-query inside the routed clusters, and the
         // original query everywhere unless routing is strict.
         let mut rankings: Vec<(usize, RecordBatch)> = Vec::new();
-        for i in 0..sub_queries.len() {
-            let vector = embeddings.get(i).unwrap_or(&query_vector);
+        for (i, vector) in vectors.iter().enumerate() {
             rankings.push((
                 i,
                 questions.search(vector, pool, Some(&in_routed)).map_err(index_error)?,
             ));
         }
-        if !options.strict_routing {
-            rankings.push((0, questions.search(&query_vector, pool, None).map_err(index_error)?));
+        if !strict_routing {
+            rankings.push((0, questions.search(query_vector, pool, None).map_err(index_error)?));
         }
 
         let mut fused: HashMap<String, Fused> = HashMap::new();
@@ -235,7 +264,7 @@ impl MkSearchTable {
         let mut ranked: Vec<(String, Fused)> = fused.into_iter().collect();
         ranked.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
         ranked.truncate(k);
-        self.assemble(&rankings, &ranked, &routed, &sub_queries)
+        self.assemble(&rankings, &ranked, routed, sub_queries)
     }
 
     /// Builds the result rows: question columns from the hits, provenance, document columns.
@@ -334,8 +363,14 @@ impl TableProvider for MkSearchTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let options = MkOptions::of(state.config_options());
-        let k = self.k.or(limit).unwrap_or(DEFAULT_K);
-        let batch = self.search(&options, k).await?;
-        memory_scan(vec![batch], self.schema.clone(), projection, None)
+        let k = match self.k {
+            Some(k) => k,
+            None => Access::of(state.config()).check_k("mk_search", limit.unwrap_or(DEFAULT_K))?,
+        };
+        let table = Arc::new(self.clone());
+        deferred_scan(self.schema.clone(), projection, None, move |_| {
+            let (table, options) = (table.clone(), options.clone());
+            async move { table.search(&options, k).await }.boxed()
+        })
     }
 }

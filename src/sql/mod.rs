@@ -4,8 +4,10 @@
 //! - [`kb_factory`]: `CREATE EXTERNAL TABLE … STORED AS KB` creates or opens one;
 //! - [`vector_search`]: the `vector_search(kb, 'query', k)` and `qa_search` table functions;
 //! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`;
-//! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches.
+//! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches;
+//! - [`async_calls`]: async functions (`embed`) in `ORDER BY` keys and `VALUES` rows.
 
+pub mod async_calls;
 pub mod catalog;
 pub mod filters;
 pub mod kb_factory;
@@ -22,7 +24,7 @@ use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::physical_plan::ExecutionPlan;
 
-pub use catalog::KbSchema;
+pub use catalog::{KbSchema, SessionSchema};
 pub use kb_factory::KbTableFactory;
 pub use kb_table::KbTable;
 pub use vector_search::VectorSearchFunction;

@@ -7,9 +7,13 @@
 //!   vector column or the text column the vectors were computed from;
 //! - the query may also be a vector literal (`[0.1, 0.2, …]`).
 //!
-//! Without `k`, the query's `LIMIT` (when DataFusion pushes it) or 10 rows. `WHERE` clauses on
-//! the index's columns are evaluated inside the search, so the answer holds `k` rows whenever
-//! `k` rows match.
+//! Without `k`, the query's `LIMIT` (when DataFusion pushes it) or 10 rows; either is checked
+//! against the session's `max_k`. `WHERE` clauses on the index's columns are evaluated inside the
+//! search, so the answer holds `k` rows whenever `k` rows match.
+//!
+//! Nothing is computed while the statement is planned: when it runs, a text query is embedded
+//! by the model's queue (batched with other queries, off the async runtime), then searched in
+//! the index's published state (a commit running meanwhile changes nothing it reads).
 //!
 //! `qa_search(kb, 'query' [, k])` is the same search over the synthetic questions of a
 //! Meta-Knowledge index (columns `question_id`, `doc_id`, `question`, `answer`, `cluster_name`,
@@ -18,16 +22,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, Float32Type, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{DataFusionError, Result, ScalarValue, plan_err};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
+use futures::FutureExt;
 
+use super::KbSchema;
 use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
-use super::{KbSchema, memory_scan};
+use crate::access::Access;
 use crate::models::ModelRegistry;
+use crate::support::batch_table::deferred_scan;
 use crate::support::index_error;
 use mkflow_index::KnowledgeIndex;
 
@@ -143,6 +150,7 @@ impl TableFunctionImpl for VectorSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let function = self.function_name();
         let usage = format!("usage: {function}(kb, 'query text' [, column] [, k])");
+        let access = Access::of(args.session().config());
         let exprs = args.exprs();
         if !(2..=4).contains(&exprs.len()) {
             return plan_err!("{function} takes 2 to 4 arguments; {usage}");
@@ -168,10 +176,16 @@ impl TableFunctionImpl for VectorSearchFunction {
             let value = int_arg(limit)
                 .filter(|v| *v > 0)
                 .ok_or_else(|| DataFusionError::Plan(format!("{function}: k must be a positive integer; {usage}")))?;
-            k = Some(value as usize);
+            k = Some(access.check_k(function, usize::try_from(value).unwrap_or(usize::MAX))?);
         }
-        let query = self.query_vector(&index, &exprs[1])?;
-        Ok(Arc::new(VectorSearchTable { index, query, k }))
+        let query = self.query(&access, &exprs[1])?;
+        Ok(Arc::new(VectorSearchTable {
+            function,
+            index,
+            models: self.models.clone(),
+            query,
+            k,
+        }))
     }
 }
 
@@ -198,32 +212,55 @@ fn searched_column(index: &KnowledgeIndex, column: &str) -> std::result::Result<
     }
 }
 
+/// What a search looks for.
+#[derive(Debug, Clone)]
+enum Query {
+    /// A text, embedded with the index's model when the search runs.
+    Text(String),
+    /// A vector given as a literal.
+    Vector(Vec<f32>),
+}
+
 impl VectorSearchFunction {
-    /// Embeds a text query with the index's model, or takes a vector literal as is.
-    fn query_vector(&self, index: &KnowledgeIndex, expr: &Expr) -> Result<Vec<f32>> {
+    /// The query argument: a text (checked against `max_query_text_bytes`) or a vector literal
+    /// (checked against the index's dimension when the search runs).
+    fn query(&self, access: &Access, expr: &Expr) -> Result<Query> {
         if let Some(vector) = vector_arg(expr) {
-            return Ok(vector);
+            return Ok(Query::Vector(vector));
         }
         let Some(text) = string_arg(expr) else {
             return plan_err!("{}: the query must be a text or a vector literal", self.function_name());
         };
-        let embedder = self
-            .models
-            .model_of(index)?
-            .get()
-            .map_err(|e| DataFusionError::External(Box::new(e)))?;
-        embedder
-            .embed_one(&text)
-            .map_err(|e| DataFusionError::External(Box::new(e)))
+        if text.trim().is_empty() {
+            return plan_err!("{}: the query text is empty", self.function_name());
+        }
+        access.check_query_text(self.function_name(), &text)?;
+        Ok(Query::Text(text))
     }
 }
 
-/// The result of one `vector_search` call, computed when scanned.
+/// The result of one `vector_search` call, computed when the plan runs.
 #[derive(Debug)]
 struct VectorSearchTable {
+    function: &'static str,
     index: Arc<KnowledgeIndex>,
-    query: Vec<f32>,
+    models: Arc<ModelRegistry>,
+    query: Query,
     k: Option<usize>,
+}
+
+impl VectorSearchTable {
+    /// The query as a vector: embedded by the index model's queue when it is a text.
+    async fn query_vector(&self) -> Result<Vec<f32>> {
+        match &self.query {
+            Query::Vector(vector) => Ok(vector.clone()),
+            Query::Text(text) => {
+                let external = |e| DataFusionError::External(Box::new(e));
+                let queue = self.models.model_of(&self.index)?.get_async().await.map_err(external)?;
+                queue.embed_one(text).await.map_err(external)
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -247,7 +284,10 @@ impl TableProvider for VectorSearchTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let k = self.k.or(limit).unwrap_or(DEFAULT_K);
+        let k = match self.k {
+            Some(k) => k,
+            None => Access::of(state.config()).check_k(self.function, limit.unwrap_or(DEFAULT_K))?,
+        };
         let row_schema = self.index.schema();
         let pushed: Vec<Expr> = filters
             .iter()
@@ -255,11 +295,40 @@ impl TableProvider for VectorSearchTable {
             .cloned()
             .collect();
         let filter = CompiledFilter::compile(state, &row_schema, &pushed)?;
-        let batch = match &filter {
-            Some(f) => self.index.search(&self.query, k, Some(&|b| f.evaluate(b))),
-            None => self.index.search(&self.query, k, None),
+        let search = Arc::new(SearchCall {
+            table: VectorSearchTable {
+                function: self.function,
+                index: self.index.clone(),
+                models: self.models.clone(),
+                query: self.query.clone(),
+                k: Some(k),
+            },
+            filter,
+        });
+        deferred_scan(self.schema(), projection, None, move |_| {
+            let search = search.clone();
+            async move { search.run().await }.boxed()
+        })
+    }
+}
+
+/// A planned search: the table's query and `k`, and the filters pushed into it.
+#[derive(Debug)]
+struct SearchCall {
+    table: VectorSearchTable,
+    filter: Option<CompiledFilter>,
+}
+
+impl SearchCall {
+    async fn run(&self) -> Result<RecordBatch> {
+        let query = self.table.query_vector().await?;
+        let (index, k) = (&self.table.index, self.table.k.unwrap_or(DEFAULT_K));
+        // The search is CPU work like any operator's (no I/O, no lock a commit holds): it runs
+        // where DataFusion runs its operators, without a hop to another thread.
+        match &self.filter {
+            Some(f) => index.search(&query, k, Some(&|b| f.evaluate(b))),
+            None => index.search(&query, k, None),
         }
-        .map_err(index_error)?;
-        memory_scan(vec![batch], self.schema(), projection, None)
+        .map_err(index_error)
     }
 }

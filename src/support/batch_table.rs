@@ -7,7 +7,8 @@
 //! The shapes mkflow's sources take: [`SnapshotView`] (one batch of in-memory state taken when
 //! the scan starts), [`blocking_batches`] (batches pushed from a
 //! blocking thread, with backpressure: files) and [`RecordBatchStreamAdapter`] for async
-//! sources (Kafka).
+//! sources (Kafka). [`deferred_scan`] is the scan of one computed batch (a search's answer),
+//! computed when the plan runs.
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use futures::future::BoxFuture;
 
 /// Batches pushed by a blocking producer are buffered at most this many at a time: a slow
 /// consumer slows the producer instead of letting it read ahead without bound.
@@ -160,4 +162,56 @@ pub fn blocking_batches(
     let sender = BatchSender { tx: builder.tx() };
     builder.spawn_blocking(move || produce(&sender));
     builder.build()
+}
+
+/// Computes one batch when a plan runs.
+type Compute = dyn Fn(Arc<TaskContext>) -> BoxFuture<'static, Result<RecordBatch>> + Send + Sync;
+
+/// The partition of a [`deferred_scan`].
+struct Deferred {
+    schema: SchemaRef,
+    compute: Arc<Compute>,
+}
+
+impl fmt::Debug for Deferred {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deferred").field("schema", &self.schema).finish()
+    }
+}
+
+impl PartitionStream for Deferred {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let future = (self.compute)(ctx);
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::once(future),
+        ))
+    }
+}
+
+/// A scan of the one batch `compute` produces when the plan runs — not when it is made, so
+/// planning (`EXPLAIN`, a cancelled query) costs nothing — with the scan's projection and limit
+/// applied as it flows. Search table functions answer this way.
+pub fn deferred_scan(
+    schema: SchemaRef,
+    projection: Option<&Vec<usize>>,
+    limit: Option<usize>,
+    compute: impl Fn(Arc<TaskContext>) -> BoxFuture<'static, Result<RecordBatch>> + Send + Sync + 'static,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let partition: Arc<dyn PartitionStream> = Arc::new(Deferred {
+        schema: schema.clone(),
+        compute: Arc::new(compute),
+    });
+    Ok(Arc::new(StreamingTableExec::try_new(
+        schema,
+        vec![partition],
+        projection,
+        [],
+        false,
+        limit,
+    )?))
 }

@@ -21,11 +21,11 @@ pub fn assets_home() -> PathBuf {
 /// An engine whose data directory is `data_dir`.
 pub async fn engine(data_dir: &Path) -> Engine {
     let config = EngineConfig {
-        data_dir: data_dir.to_path_buf(),
         home: assets_home(),
         default_model: None,
         embed_threads: None,
         until_caught_up: false,
+        ..EngineConfig::new(data_dir)
     };
     Engine::new(config).await.expect("engine starts")
 }

@@ -9,15 +9,19 @@
 //!   (`mk_qa`), clusters (`mk_cluster`) and cluster summaries (`mk_summary`), on an embedded
 //!   generator, any OpenAI-compatible LLM endpoint or a local LLM.
 //!
+//! - [`bounded`]: guards on DataFusion's own functions whose output can dwarf their input
+//!   (`repeat`, `lpad`, `range`, …).
+//!
 //! Every UDF works on Arrow arrays, so it composes with any DataFusion query or pipeline.
 
 #![warn(missing_docs)]
 
+pub mod bounded;
 pub mod decoder;
 pub mod embedding;
 pub mod mk;
 pub mod observe;
 pub mod runtime;
 
-pub use embedding::{BatchingStrategy, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling};
+pub use embedding::{BatchingStrategy, EmbedQueue, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling};
 pub use runtime::Device;

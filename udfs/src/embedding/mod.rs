@@ -2,16 +2,21 @@
 //!
 //! - [`EmbeddingModelSpec`] describes a model: the ONNX file, its `tokenizer.json`, pooling,
 //!   normalisation and the token limits.
-//! - [`Embedder`] loads one model once (one ONNX Runtime session, shared) and embeds texts in
-//!   token-budget batches ([`batching`]).
-//! - [`EmbedUdf`] exposes it to SQL as `embed(text)`.
+//! - [`Embedder`] is one loaded model (one ONNX Runtime session) that embeds texts in
+//!   token-budget batches ([`batching`]) on the calling thread.
+//! - [`EmbedQueue`] owns an [`Embedder`] on a worker thread and serves every caller of the
+//!   process, batching concurrent requests ([`queue`]).
+//! - [`EmbedUdf`] exposes it to SQL as the async function `embed(text)`; [`LazyEmbedder`] loads
+//!   the model and starts its queue on first use.
 
 pub mod batching;
 mod model;
+pub mod queue;
 mod spec;
 mod udf;
 
 pub use batching::BatchingStrategy;
 pub use model::{EmbedError, Embedder, EmbedderStats, Embeddings};
+pub use queue::EmbedQueue;
 pub use spec::{EmbeddingModelSpec, Pooling};
 pub use udf::{EmbedUdf, LazyEmbedder};

@@ -115,6 +115,8 @@ pub struct EmbedderStats {
     pub tokens: std::sync::atomic::AtomicU64,
     /// Nanoseconds spent in model calls.
     pub model_nanos: std::sync::atomic::AtomicU64,
+    /// Model calls (batches run through the model).
+    pub calls: std::sync::atomic::AtomicU64,
 }
 
 /// How an [`Embedder`] turns token ids into vectors.
@@ -252,33 +254,15 @@ impl Embedder {
 
     /// Embeds texts. `None`, empty and whitespace-only texts get no vector (see
     /// [`Embeddings::present`]); texts longer than the model's `max_tokens` are truncated.
+    ///
+    /// This runs the model on the calling thread. Queries and pipelines go through the model's
+    /// [`EmbedQueue`](super::EmbedQueue) instead, which batches concurrent callers.
     pub fn embed(&self, texts: &[Option<&str>]) -> Result<Embeddings, EmbedError> {
-        let dims = self.spec.dimensions;
-        let mut out = Embeddings {
-            dimensions: dims,
-            vectors: vec![0.0; texts.len() * dims],
-            present: vec![false; texts.len()],
-            tokens: 0,
-        };
-        let (slots, contents): (Vec<usize>, Vec<&str>) = {
-            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            texts
-                .iter()
-                .enumerate()
-                .filter_map(|(i, t)| t.filter(|s| !s.trim().is_empty()).map(|s| (i, s)))
-                .filter(|&(slot, text)| match recent.get(text) {
-                    Some(vector) => {
-                        out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(&vector);
-                        out.present[slot] = true;
-                        false
-                    }
-                    None => true,
-                })
-                .unzip()
-        };
-        if contents.is_empty() {
+        let (mut out, misses) = self.recalled(texts);
+        if misses.is_empty() {
             return Ok(out);
         }
+        let contents: Vec<&str> = misses.iter().map(|&(_, text)| text).collect();
         let encodings = self.tokenize(&contents)?;
         let lengths: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
         out.tokens = lengths.iter().sum();
@@ -286,25 +270,63 @@ impl Embedder {
         for call in self.spec.batching.plan(&lengths) {
             let batch: Vec<&Encoding> = call.iter().map(|&i| &encodings[i]).collect();
             let pooled = self.run_encoded(&batch)?;
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            for (row, &i) in call.iter().enumerate() {
-                let slot = slots[i];
-                let vector = &pooled[row * dims..(row + 1) * dims];
-                out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(vector);
-                out.present[slot] = true;
-                recent.insert(contents[i], vector);
-            }
+            let placed: Vec<(usize, &str)> = call.iter().map(|&i| misses[i]).collect();
+            self.place(&mut out, &placed, &pooled);
         }
-        use std::sync::atomic::Ordering::Relaxed;
-        self.stats.texts.fetch_add(contents.len() as u64, Relaxed);
-        self.stats.tokens.fetch_add(out.tokens as u64, Relaxed);
-        self.stats
-            .model_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Relaxed);
+        self.record(contents.len(), out.tokens, started.elapsed());
         Ok(out)
     }
 
-    /// Embeds one text (a query); errors when the text is empty.
+    /// The answer to `texts` as far as the recent-texts cache knows it, and the texts it does
+    /// not know (with their positions), which still need the model. Texts without content are
+    /// neither.
+    pub(crate) fn recalled<'t>(&self, texts: &[Option<&'t str>]) -> (Embeddings, Vec<(usize, &'t str)>) {
+        let dims = self.spec.dimensions;
+        let mut out = Embeddings {
+            dimensions: dims,
+            vectors: vec![0.0; texts.len() * dims],
+            present: vec![false; texts.len()],
+            tokens: 0,
+        };
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let misses = texts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.filter(|s| !s.trim().is_empty()).map(|s| (i, s)))
+            .filter(|&(slot, text)| match recent.get(text) {
+                Some(vector) => {
+                    out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(&vector);
+                    out.present[slot] = true;
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        (out, misses)
+    }
+
+    /// Puts the pooled vectors of one model call (one per `(slot, text)`, in order) into `out`
+    /// and remembers them in the recent-texts cache.
+    pub(crate) fn place(&self, out: &mut Embeddings, texts: &[(usize, &str)], pooled: &[f32]) {
+        let dims = self.spec.dimensions;
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for (row, &(slot, text)) in texts.iter().enumerate() {
+            let vector = &pooled[row * dims..(row + 1) * dims];
+            out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(vector);
+            out.present[slot] = true;
+            recent.insert(text, vector);
+        }
+    }
+
+    /// Counts texts and tokens run through the model and the time it took.
+    pub(crate) fn record(&self, texts: usize, tokens: usize, elapsed: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.texts.fetch_add(texts as u64, Relaxed);
+        self.stats.tokens.fetch_add(tokens as u64, Relaxed);
+        self.stats.model_nanos.fetch_add(elapsed.as_nanos() as u64, Relaxed);
+    }
+
+    /// Embeds one text (a query) on the calling thread; errors when the text is empty.
     pub fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
         let embeddings = self.embed(&[Some(text)])?;
         embeddings
@@ -320,6 +342,7 @@ impl Embedder {
     /// normalised vectors, `dimensions` floats per text.
     pub fn run_encoded(&self, batch: &[&Encoding]) -> Result<Vec<f32>, EmbedError> {
         let dims = self.spec.dimensions;
+        self.stats.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut pooled = match &self.backend {
             Backend::Encoder { session, io, pad_id } => self.run_encoder(session, io, *pad_id, batch)?,
             Backend::Latent { model, steps } => {

@@ -1,28 +1,32 @@
-//! `embed(text)`: the SQL face of an [`Embedder`].
+//! `embed(text)`: the SQL face of an embedding model, an async UDF served by the model's
+//! [`EmbedQueue`].
 
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use async_trait::async_trait;
 use datafusion::arrow::array::{Array, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
-use datafusion::common::{DataFusionError, Result, ScalarValue};
+use datafusion::common::{DataFusionError, Result, ScalarValue, not_impl_err};
+use datafusion::logical_expr::async_udf::{AsyncScalarUDF, AsyncScalarUDFImpl};
 use datafusion::logical_expr::{
-    ColumnarValue, Documentation, ScalarFunctionArgs, ScalarUDFImpl, Signature, TypeSignature, Volatility,
+    ColumnarValue, Documentation, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, TypeSignature, Volatility,
 };
 
 use mkflow_index::vector::{vector_type, vectors_to_array};
 
-use super::{EmbedError, Embedder, EmbeddingModelSpec};
+use super::{EmbedError, EmbedQueue, Embedder, EmbeddingModelSpec};
 
-/// An embedder loaded on first use, so that registering `embed` costs nothing until a query
-/// calls it. Load errors are reported to that query and retried by the next.
+/// An embedding model loaded on first use, with its queue started then, so that registering
+/// `embed` costs nothing until a query calls it. Load errors are reported to that query and
+/// retried by the next.
 #[derive(Debug)]
 pub struct LazyEmbedder {
     spec: EmbeddingModelSpec,
     onnx_runtime: Option<PathBuf>,
-    loaded: OnceLock<Arc<Embedder>>,
+    loaded: OnceLock<Arc<EmbedQueue>>,
     loading: Mutex<()>,
 }
 
@@ -43,29 +47,51 @@ impl LazyEmbedder {
         &self.spec
     }
 
-    /// The model if it has been loaded (nothing is loaded by asking).
-    pub fn loaded(&self) -> Option<&Arc<Embedder>> {
+    /// The model's queue if the model has been loaded (nothing is loaded by asking).
+    pub fn loaded(&self) -> Option<&Arc<EmbedQueue>> {
         self.loaded.get()
     }
 
-    /// The loaded model, loading it now if needed.
-    pub fn get(&self) -> Result<Arc<Embedder>, EmbedError> {
-        if let Some(e) = self.loaded.get() {
-            return Ok(e.clone());
+    /// The model's queue, loading the model and starting its worker now if needed. Loading
+    /// blocks: async callers use [`LazyEmbedder::get_async`].
+    pub fn get(&self) -> Result<Arc<EmbedQueue>, EmbedError> {
+        if let Some(queue) = self.loaded.get() {
+            return Ok(queue.clone());
         }
         let _guard = self.loading.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = self.loaded.get() {
-            return Ok(e.clone());
+        if let Some(queue) = self.loaded.get() {
+            return Ok(queue.clone());
         }
         let embedder = Arc::new(Embedder::load(self.spec.clone(), self.onnx_runtime.as_deref())?);
-        Ok(self.loaded.get_or_init(|| embedder).clone())
+        let queue = EmbedQueue::start(embedder).map_err(|e| EmbedError::Model {
+            model: self.spec.name.clone(),
+            message: format!("cannot start its worker thread: {e}"),
+        })?;
+        Ok(self.loaded.get_or_init(|| Arc::new(queue)).clone())
+    }
+
+    /// [`LazyEmbedder::get`] for async callers: a first load runs on the blocking pool.
+    pub async fn get_async(self: &Arc<Self>) -> Result<Arc<EmbedQueue>, EmbedError> {
+        if let Some(queue) = self.loaded.get() {
+            return Ok(queue.clone());
+        }
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.get()).await {
+            Ok(loaded) => loaded,
+            Err(e) => Err(EmbedError::Model {
+                model: self.spec.name.clone(),
+                message: format!("loading failed: {e}"),
+            }),
+        }
     }
 }
 
-/// The scalar UDF `embed(text) -> FixedSizeList<Float32, D>`.
+/// The async scalar UDF `embed(text) -> FixedSizeList<Float32, D>`.
 ///
 /// Null, empty and whitespace-only texts give a null vector; texts longer than the model's
-/// token limit are truncated. One call embeds a whole Arrow batch in token-budget batches.
+/// token limit are truncated. One call sends a whole Arrow batch to the model's queue, which
+/// runs it in token-budget batches off the async runtime. Register it with
+/// [`EmbedUdf::into_scalar_udf`].
 #[derive(Debug)]
 pub struct EmbedUdf {
     name: String,
@@ -88,6 +114,13 @@ impl EmbedUdf {
                 Volatility::Immutable,
             ),
         }
+    }
+}
+
+impl EmbedUdf {
+    /// The UDF to register with a session (DataFusion runs it as an async function).
+    pub fn into_scalar_udf(self) -> ScalarUDF {
+        AsyncScalarUDF::new(Arc::new(self)).into_scalar_udf()
     }
 }
 
@@ -119,9 +152,23 @@ impl ScalarUDFImpl for EmbedUdf {
         Ok(vector_type(self.embedder.spec.dimensions))
     }
 
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+    fn invoke_with_args(&self, _args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        not_impl_err!(
+            "{}() cannot be evaluated here (a join condition or a window): compute it in a subquery's SELECT list",
+            self.name
+        )
+    }
+
+    fn documentation(&self) -> Option<&Documentation> {
+        None
+    }
+}
+
+#[async_trait]
+impl AsyncScalarUDFImpl for EmbedUdf {
+    async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let started = std::time::Instant::now();
-        let embedder = self.embedder.get().map_err(external)?;
+        let queue = self.embedder.get_async().await.map_err(external)?;
         let [arg] = args.args.as_slice() else {
             return Err(DataFusionError::Plan(format!("{}(text) takes one argument", self.name)));
         };
@@ -131,19 +178,22 @@ impl ScalarUDFImpl for EmbedUdf {
             .as_any()
             .downcast_ref::<StringArray>()
             .expect("cast to Utf8 gives a StringArray");
-        let inputs: Vec<Option<&str>> = texts.iter().collect();
-        let embeddings = embedder.embed(&inputs).map_err(external)?;
+        let inputs: Vec<Option<&str>> = if is_scalar {
+            vec![texts.iter().next().flatten()]
+        } else {
+            texts.iter().collect()
+        };
+        let embeddings = queue.embed(&inputs).await.map_err(external)?;
         let array = vectors_to_array(embeddings.vectors, embeddings.present, embeddings.dimensions)?;
         crate::observe::record(&self.name, inputs.len(), started);
+        // DataFusion's async function step takes arrays only (a scalar answer would count as
+        // one row): a constant text is embedded once and its vector repeated per row.
         if is_scalar {
-            Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&array, 0)?))
+            let vector = ScalarValue::try_from_array(&array, 0)?;
+            Ok(ColumnarValue::Array(vector.to_array_of_size(args.number_rows.max(1))?))
         } else {
             Ok(ColumnarValue::Array(array))
         }
-    }
-
-    fn documentation(&self) -> Option<&Documentation> {
-        None
     }
 }
 

@@ -25,7 +25,7 @@ use super::generator::{
 };
 use super::schema::{FieldKind, MetadataField, MetadataSchema};
 use super::text::{self, Sentence};
-use crate::embedding::{Embedder, Embeddings, LazyEmbedder};
+use crate::embedding::{EmbedQueue, Embeddings, LazyEmbedder};
 
 /// Marker of the key-concepts line of summaries (also read back by query rewriting).
 const KEY_CONCEPTS: &str = "Key concepts:";
@@ -157,15 +157,24 @@ impl EmbeddedGenerator {
         }
     }
 
-    fn model(&self) -> Result<Arc<Embedder>, GenerationError> {
+    fn model(&self) -> Result<Arc<EmbedQueue>, GenerationError> {
         self.embedder.get().map_err(|e| GenerationError::Model(e.to_string()))
     }
 
+    /// Embeds texts, blocking the thread (for work already off the async runtime).
     fn embed(&self, texts: &[&str]) -> Result<Embeddings, GenerationError> {
         let inputs: Vec<Option<&str>> = texts.iter().map(|t| Some(*t)).collect();
         self.model()?
-            .embed(&inputs)
+            .embed_blocking(&inputs)
             .map_err(|e| GenerationError::Model(e.to_string()))
+    }
+
+    /// Embeds texts through the model's queue without blocking the async runtime.
+    async fn embed_async(&self, texts: &[&str]) -> Result<Embeddings, GenerationError> {
+        let inputs: Vec<Option<&str>> = texts.iter().map(|t| Some(*t)).collect();
+        let model_error = |e: crate::embedding::EmbedError| GenerationError::Model(e.to_string());
+        let queue = self.embedder.get_async().await.map_err(model_error)?;
+        queue.embed(&inputs).await.map_err(model_error)
     }
 
     fn labels(&self) -> Result<&Vec<Vec<Vec<f32>>>, GenerationError> {
@@ -445,7 +454,7 @@ impl Generator for EmbeddedGenerator {
         let embedder = self.embedder.clone();
         let (texts, embedded) = blocking(move || {
             let inputs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
-            let embedded = embedder.get().and_then(|e| e.embed(&inputs));
+            let embedded = embedder.get().and_then(|e| e.embed_blocking(&inputs));
             (texts, embedded)
         })
         .await;
@@ -475,7 +484,7 @@ impl Generator for EmbeddedGenerator {
             cluster.vectors.clone()
         } else {
             let refs: Vec<&str> = cluster.questions.iter().map(String::as_str).collect();
-            self.embed(&refs)?.vectors
+            self.embed_async(&refs).await?.vectors
         };
         let content: Vec<&str> = cluster.questions.iter().map(|q| question_content(q)).collect();
         let concepts: Vec<String> = text::keyphrases(&content.join(". "), SUMMARY_CONCEPTS)
@@ -524,7 +533,7 @@ impl Generator for EmbeddedGenerator {
         if !concepts.is_empty() {
             let mut texts: Vec<&str> = vec![query];
             texts.extend(concepts.iter().map(String::as_str));
-            let embeddings = self.embed(&texts)?;
+            let embeddings = self.embed_async(&texts).await?;
             let query_vector = embeddings.get(0).unwrap_or(&[]).to_vec();
             let mut ranked: Vec<(f32, &str)> = concepts
                 .iter()

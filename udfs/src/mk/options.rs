@@ -130,6 +130,11 @@ impl ConfigExtension for MkOptions {
 }
 
 impl MkOptions {
+    /// Settings that name a file, a URL or an environment variable: a server takes them from
+    /// its configuration, its environment and its pipeline files only, never from a network
+    /// client (which could otherwise read the server's files or send its secrets elsewhere).
+    pub const SERVER_ONLY: [&'static str; 4] = ["llm_base_url", "llm_api_key_env", "local_model", "metadata_schema"];
+
     /// The settings a session's configuration holds (the defaults when it holds none).
     pub fn of(config: &datafusion::config::ConfigOptions) -> Self {
         config.extensions.get::<MkOptions>().cloned().unwrap_or_default()

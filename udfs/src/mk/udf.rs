@@ -118,11 +118,10 @@ fn document_signature() -> Signature {
 }
 
 /// The string arrays of a call's arguments.
-fn string_args(name: &str, args: &ScalarFunctionArgs) -> Result<Vec<StringArray>> {
+fn string_args(name: &str, args: &ScalarFunctionArgs, rows: usize) -> Result<Vec<StringArray>> {
     if !(1..=2).contains(&args.args.len()) {
         return exec_err!("{name}([title,] body) takes one or two text arguments");
     }
-    let rows = args.number_rows.max(1);
     args.args
         .iter()
         .map(|a| {
@@ -268,7 +267,10 @@ impl ScalarUDFImpl for PrepareUdf {
 impl AsyncScalarUDFImpl for PrepareUdf {
     async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let started = std::time::Instant::now();
-        let arrays = string_args(self.name(), &args)?;
+        // Constant arguments make one document, prepared once.
+        let scalar = is_scalar_call(&args);
+        let rows = if scalar { 1 } else { args.number_rows.max(1) };
+        let arrays = string_args(self.name(), &args, rows)?;
         let docs = documents(&arrays);
         let outcomes = self.preparer.prepare(&docs).await;
         let prepared: Vec<Option<&Prepared>> = outcomes
@@ -286,7 +288,14 @@ impl AsyncScalarUDFImpl for PrepareUdf {
             }
         };
         crate::observe::record(self.name(), docs.len(), started);
-        columnar(array, is_scalar_call(&args))
+        // DataFusion's async function step takes arrays only (a scalar answer would count as
+        // one row): the one document's answer is repeated per row.
+        if scalar {
+            let value = ScalarValue::try_from_array(&array, 0)?;
+            Ok(ColumnarValue::Array(value.to_array_of_size(args.number_rows.max(1))?))
+        } else {
+            Ok(ColumnarValue::Array(array))
+        }
     }
 }
 

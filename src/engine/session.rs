@@ -1,0 +1,229 @@
+//! One session: a DataFusion context of its own (settings, its own tables) over the engine's
+//! shared indexes, running scripts statement by statement.
+//!
+//! Before a statement of a network session is planned, it is checked against the session's
+//! [`Access`] (see [`super::authorize`]); while a statement's result is gathered, it is held to
+//! `max_result_rows` and `max_result_bytes`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::common::{DataFusionError, Result};
+use datafusion::execution::context::{SessionContext, SessionState};
+use datafusion::logical_expr::async_udf::AsyncScalarUDF;
+use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
+use datafusion::sql::parser::{DFParser, Statement};
+use futures::StreamExt;
+use mkflow_udfs::mk::{ClusterUdf, MkOptions, PrepareUdf, PreparedPart, Preparer, SummaryUdaf};
+
+use super::Shared;
+use super::authorize::{authorize, confine};
+use crate::access::{Access, Refusal};
+use crate::mk::MkServices;
+use crate::statement::StatementKind;
+use crate::streaming::{ContinuousInsert, count_batch};
+
+/// The result of one statement of a script.
+#[derive(Debug)]
+pub struct StatementResult {
+    /// The statement, as SQL.
+    pub sql: String,
+    /// Its output rows.
+    pub batches: Vec<RecordBatch>,
+}
+
+/// A session: its own settings and tables, the engine's indexes and services.
+pub struct Session {
+    ctx: SessionContext,
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    /// A session over `state` (the engine's template: its Meta-Knowledge functions are those of
+    /// the template's settings, until a `SET mkflow.…` changes them).
+    pub(super) fn start(state: SessionState, shared: Arc<Shared>) -> Self {
+        Session {
+            ctx: SessionContext::new_with_state(state),
+            shared,
+        }
+    }
+
+    /// The session's DataFusion context.
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// Who runs the session's statements, and their bounds.
+    pub fn access(&self) -> Arc<Access> {
+        Access::of(self.ctx.state().config())
+    }
+
+    /// The session's Meta-Knowledge settings.
+    pub fn mk_options(&self) -> MkOptions {
+        MkOptions::of(self.ctx.state().config_options())
+    }
+
+    /// Registers the Meta-Knowledge functions of the session's current settings anew.
+    fn register_mk_functions(&self) -> Result<()> {
+        register_mk_functions(&self.ctx, &self.shared.mk_services)
+    }
+
+    /// Runs one or more `;`-separated statements and returns the last one's rows.
+    pub async fn sql(&self, sql: &str) -> Result<Vec<RecordBatch>> {
+        let mut results = self.run_script("sql", sql, |_| {}).await?;
+        Ok(results.pop().map(|r| r.batches).unwrap_or_default())
+    }
+
+    /// Runs a script statement by statement; `before` is told each statement before it runs.
+    /// Stops at the first failing statement, naming it in the error. `pipeline` names the
+    /// script in metrics and logs; an `INSERT` reading a Kafka table runs as a continuous
+    /// stream (see [`crate::streaming`]) until the engine's streams are stopped.
+    pub async fn run_script(
+        &self,
+        pipeline: &str,
+        script: &str,
+        mut before: impl FnMut(&str),
+    ) -> Result<Vec<StatementResult>> {
+        self.access().check_expression_depth(script)?;
+        let statements = DFParser::parse_sql(script)?;
+        let mut results = Vec::with_capacity(statements.len());
+        let count = statements.len();
+        for (i, statement) in statements.into_iter().enumerate() {
+            // Rendering a statement back to SQL costs time on large literals: a single
+            // statement is its own script.
+            let sql = if count == 1 {
+                script.trim().to_string()
+            } else {
+                statement.to_string()
+            };
+            before(&sql);
+            let batches = self.execute(pipeline, statement).await.map_err(|e| {
+                if count > 1 {
+                    e.context(format!("statement {} of {count}: {}", i + 1, super::abbreviate(&sql)))
+                } else {
+                    e
+                }
+            })?;
+            results.push(StatementResult { sql, batches });
+        }
+        Ok(results)
+    }
+
+    /// Runs the SQL file at `path` as pipeline `name` (see [`Session::run_script`]).
+    pub async fn run_file(&self, name: &str, path: &Path, before: impl FnMut(&str)) -> Result<Vec<StatementResult>> {
+        let script = std::fs::read_to_string(path)
+            .map_err(|e| DataFusionError::Execution(format!("cannot read pipeline {}: {e}", path.display())))?;
+        self.run_script(name, &script, before).await
+    }
+
+    async fn execute(&self, pipeline: &str, statement: Statement) -> Result<Vec<RecordBatch>> {
+        let access = self.access();
+        let outcome = self.execute_as(&access, pipeline, statement).await;
+        match outcome {
+            // The memory pool of a network session is its max_query_memory: say so.
+            Err(e) if access.is_network() && matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) => {
+                Err(too_large(format!(
+                    "the query needs more memory than max_query_memory ({} bytes): {e}",
+                    access.limits.max_query_memory
+                )))
+            }
+            other => other,
+        }
+    }
+
+    async fn execute_as(&self, access: &Access, pipeline: &str, mut statement: Statement) -> Result<Vec<RecordBatch>> {
+        if let Some(role) = access.role() {
+            authorize(&statement, role, access)?;
+            confine(&mut statement, access, &self.shared.data_dir)?;
+        }
+        let sets_mk_option = StatementKind::of(&statement).sets_mkflow_option();
+        let previous = sets_mk_option.then(|| self.mk_options());
+        let state = self.ctx.state();
+        let plan = state.statement_to_plan(statement).await?;
+        if let Some(role) = access.role() {
+            super::authorize::authorize_plan(&plan, role)?;
+        }
+        if let Some(stream) = ContinuousInsert::find(&plan)? {
+            let rows = stream.run(&self.ctx, pipeline, &self.shared.streams).await?;
+            return Ok(vec![count_batch(rows)?]);
+        }
+        let frame = self.ctx.execute_logical_plan(plan).await?;
+        let stream = frame.execute_stream().await?;
+        let batches = collect_bounded(stream, access).await?;
+        if let Some(previous) = previous
+            && let Err(e) = self.register_mk_functions()
+        {
+            // Refused settings do not stay in force.
+            self.ctx
+                .state_ref()
+                .write()
+                .config_mut()
+                .options_mut()
+                .extensions
+                .insert(previous);
+            return Err(e);
+        }
+        Ok(batches)
+    }
+}
+
+/// (Re)registers `mk_metadata`, `mk_qa`, `mk_cluster` and `mk_summary` in `ctx` for its current
+/// settings (their result types follow the metadata schema).
+pub(super) fn register_mk_functions(ctx: &SessionContext, services: &MkServices) -> Result<()> {
+    let options = MkOptions::of(ctx.state().config_options());
+    let schema = services
+        .generators
+        .schema(&options)
+        .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
+    let generator = services
+        .generators
+        .generator(&options)
+        .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
+    let preparer = Arc::new(Preparer::new(
+        generator.clone(),
+        schema.clone(),
+        services.failures.clone(),
+    ));
+    for part in [PreparedPart::Metadata, PreparedPart::Questions] {
+        let udf = PrepareUdf::new(part, preparer.clone());
+        ctx.register_udf(AsyncScalarUDF::new(Arc::new(udf)).into_scalar_udf());
+    }
+    ctx.register_udf(ScalarUDF::new_from_impl(ClusterUdf::new(schema)));
+    ctx.register_udaf(AggregateUDF::new_from_impl(SummaryUdaf::new(generator)));
+    Ok(())
+}
+
+/// Gathers a statement's result, refusing it once it passes `max_result_rows` or
+/// `max_result_bytes` (the rest is not computed).
+async fn collect_bounded(
+    mut stream: datafusion::execution::SendableRecordBatchStream,
+    access: &Access,
+) -> Result<Vec<RecordBatch>> {
+    let limits = &access.limits;
+    let (mut rows, mut bytes) = (0usize, 0usize);
+    let mut batches = Vec::new();
+    while let Some(batch) = stream.next().await {
+        let batch = batch?;
+        rows += batch.num_rows();
+        bytes += batch.get_array_memory_size();
+        if rows > limits.max_result_rows {
+            return Err(too_large(format!(
+                "the result has more than max_result_rows ({}) rows; add a LIMIT or aggregate",
+                limits.max_result_rows
+            )));
+        }
+        if bytes > limits.max_result_bytes {
+            return Err(too_large(format!(
+                "the result holds more than max_result_bytes ({} bytes); select fewer columns or rows",
+                limits.max_result_bytes
+            )));
+        }
+        batches.push(batch);
+    }
+    Ok(batches)
+}
+
+fn too_large(message: String) -> DataFusionError {
+    Refusal::TooLarge(message).into_error()
+}

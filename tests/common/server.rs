@@ -1,0 +1,93 @@
+//! The real `mkflow` binary in integration tests: a command over a data directory, and a
+//! running `mkflow serve` with an HTTP client.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `mkflow` binary over `data_dir`, with the test assets' home.
+pub fn mkflow(data_dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mkflow"));
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("MKFLOW_HOME", super::common::assets_home())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    command
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `mkflow serve`, killed on drop if still running.
+pub struct Server {
+    /// The process.
+    pub child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A client for it.
+    pub client: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `mkflow serve <serve_args>` on a free port with `command` (an [`mkflow`] command,
+    /// given its environment) and waits until it is healthy.
+    pub async fn start(mut command: Command, serve_args: &[&str]) -> Server {
+        let port = free_port();
+        let child = command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(serve_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let server = Server {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+        };
+        server.wait_for("/healthz", Duration::from_secs(30)).await;
+        server
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(format!("{}{path}", self.base)).send().await.unwrap()
+    }
+
+    /// `POST /v1/sql` with `sql` as the body, with `token` as the bearer token when given.
+    pub async fn sql(&self, token: Option<&str>, sql: &str) -> reqwest::Response {
+        let mut request = self.client.post(format!("{}/v1/sql", self.base)).body(sql.to_string());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Waits until `GET path` succeeds.
+    pub async fn wait_for(&self, path: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = self.client.get(format!("{}{path}", self.base)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{path} did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
