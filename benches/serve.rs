@@ -13,10 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use mkflow::assets;
-use mkflow_index::{IndexSettings, KnowledgeIndex, Quantization};
+use mkflow_index::{IndexSettings, KnowledgeIndex, Quantization, vectors_to_array};
 
 const DIMS: usize = 384;
 const WORDS: [&str; 16] = [
@@ -58,13 +58,6 @@ fn build_index(dir: &Path, rows: usize) {
         ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
     };
     let flat: Vec<f32> = (0..rows * DIMS).map(|_| uniform()).collect();
-    let vectors = FixedSizeListArray::try_new(
-        Arc::new(Field::new("item", DataType::Float32, false)),
-        DIMS as i32,
-        Arc::new(Float32Array::from(flat)),
-        None,
-    )
-    .unwrap();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(
             (0..rows).map(|i| format!("doc-{i}")).collect::<Vec<_>>(),
@@ -72,7 +65,7 @@ fn build_index(dir: &Path, rows: usize) {
         Arc::new(StringArray::from(
             (0..rows).map(|i| format!("title {i}")).collect::<Vec<_>>(),
         )),
-        Arc::new(vectors),
+        vectors_to_array(flat, vec![true; rows], DIMS).unwrap(),
     ];
     index
         .upsert(&[RecordBatch::try_new(index.schema(), columns).unwrap()])
