@@ -2,12 +2,14 @@
 # The benchmark suite, one command: every comparison runs its baseline in the same run.
 #   benches/run_all.sh            (about 15 minutes on 2 cores)
 # 1. embed() through SQL vs a bare ort loop; token-budget vs fixed-size batching
-# 2. vector_search through SQL vs bare usearch on 100k vectors (p50/p99), plus filtered search
+# 2. vector_search through SQL vs bare usearch on 100k vectors (p50/p99), plus filtered search,
+#    commit cost, and search p99 while full commits run vs idle
 # 3. ingest: mkflow vs a hand-written Python pipeline (onnxruntime + tokenizers + usearch)
 # 4. streaming: Kafka vs file ingestion throughput, produce-to-visible freshness (needs tansu:
 #    scripts/install-tansu.sh)
 # 5. decoder: LaSER latent (K=3) vs plain (K=0) encode at batch 1/8/32, generation tokens/s
 #    (SmolLM2-135M; pulled and exported on first use)
+# 6. serve: text-query vector_search over HTTP, 1 vs 16 concurrent clients (QPS, p50/p99)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Dependencies are optimised in the dev profile (see Cargo.toml), so benchmarks reuse the test
@@ -18,3 +20,4 @@ benches/compare_python.sh data/sample/scifact-sample.jsonl 400
 bash scripts/install-tansu.sh
 cargo bench --profile dev --bench streaming
 cargo bench --profile dev --bench decoder
+cargo bench --profile dev --bench serve
