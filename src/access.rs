@@ -3,10 +3,10 @@
 //! is held to.
 //!
 //! An [`Access`] travels in each session's configuration ([`Access::of`]); the engine checks
-//! statements against it before planning them, the file and index factories resolve locations
-//! through it, and the search functions check `k` and query sizes with it. Local sessions (the
-//! command line, pipeline files) are trusted; network sessions (`mkflow serve`) get a
-//! [`Role`] from their bearer token.
+//! statements against it before planning them, and the search functions check `k` and query
+//! sizes with it. Local sessions (the command line, pipeline files) are trusted and held only to
+//! the bounds that keep the process alive (`max_value_bytes`, `max_expression_depth`); network
+//! sessions (`mkflow serve`) get a [`Role`] from their bearer token and every bound.
 //!
 //! Refusals are [`Refusal`] errors, which the HTTP layer answers with the status they carry
 //! (403 for a role, 400 or 413 for a limit), naming the limit or the role.
@@ -49,9 +49,9 @@ pub enum Origin {
 /// The bounds a query is held to. Every refusal names the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
-    /// Most rows a search may ask for (`k`, or a `LIMIT` pushed into it).
+    /// Most rows a network search may ask for (`k`, or a `LIMIT` pushed into it).
     pub max_k: usize,
-    /// Longest query text a search embeds, in bytes.
+    /// Longest query text a network search embeds, in bytes.
     pub max_query_text_bytes: usize,
     /// Most bytes one call of a growing function (`repeat`, `lpad`, `concat`, …) may make over
     /// a batch, estimated from its arguments before it runs (every session: a local one too
@@ -62,9 +62,9 @@ pub struct Limits {
     /// Deepest expression nesting a script may hold (a chain of `n` operators nests `n` deep:
     /// write long disjunctions as `IN (…)`).
     pub max_expression_depth: usize,
-    /// Most rows a statement may return.
+    /// Most rows a network statement may return.
     pub max_result_rows: usize,
-    /// Most bytes (Arrow memory) a statement's result may hold.
+    /// Most bytes (Arrow memory) a network statement's result may hold.
     pub max_result_bytes: usize,
     /// Memory a network request's operators (sorts, joins, aggregates) may reserve.
     pub max_query_memory: usize,
@@ -163,9 +163,10 @@ impl Access {
         }
     }
 
-    /// Checks a search's `k` against `max_k`.
+    /// Checks a network search's `k` against `max_k` (a local one may ask for any `k`: the
+    /// index caps it at its rows).
     pub fn check_k(&self, function: &str, k: usize) -> Result<usize> {
-        if k > self.limits.max_k {
+        if self.is_network() && k > self.limits.max_k {
             return Err(Refusal::Limit(format!(
                 "{function}: k = {k} exceeds max_k ({}); ask for fewer rows",
                 self.limits.max_k
@@ -190,9 +191,9 @@ impl Access {
         }
     }
 
-    /// Checks a search's query text against `max_query_text_bytes`.
+    /// Checks a network search's query text against `max_query_text_bytes`.
     pub fn check_query_text(&self, function: &str, text: &str) -> Result<()> {
-        if text.len() > self.limits.max_query_text_bytes {
+        if self.is_network() && text.len() > self.limits.max_query_text_bytes {
             return Err(Refusal::Limit(format!(
                 "{function}: the query text has {} bytes, more than max_query_text_bytes ({})",
                 text.len(),
@@ -304,7 +305,11 @@ mod tests {
 
     #[test]
     fn limits_are_named_in_refusals() {
-        let access = Access::default();
+        assert!(
+            Access::default().check_k("vector_search", 1_000_000_000_000).is_ok(),
+            "local: capped by the index"
+        );
+        let access = Access::network(Role::Read, Limits::default(), vec![]);
         assert_eq!(access.check_k("vector_search", 10_000).unwrap(), 10_000);
         let error = access
             .check_k("vector_search", 1_000_000_000_000)

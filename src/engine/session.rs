@@ -194,12 +194,15 @@ pub(super) fn register_mk_functions(ctx: &SessionContext, services: &MkServices)
     Ok(())
 }
 
-/// Gathers a statement's result, refusing it once it passes `max_result_rows` or
-/// `max_result_bytes` (the rest is not computed).
+/// Gathers a statement's result, refusing a network session's once it passes `max_result_rows`
+/// or `max_result_bytes` (the rest is not computed).
 async fn collect_bounded(
     mut stream: datafusion::execution::SendableRecordBatchStream,
     access: &Access,
 ) -> Result<Vec<RecordBatch>> {
+    if !access.is_network() {
+        return datafusion::physical_plan::common::collect(stream).await;
+    }
     let limits = &access.limits;
     let (mut rows, mut bytes) = (0usize, 0usize);
     let mut batches = Vec::new();
