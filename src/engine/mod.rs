@@ -62,8 +62,9 @@ pub struct EngineConfig {
     /// Streaming statements end once their topics are read to the end, instead of running
     /// until stopped.
     pub until_caught_up: bool,
-    /// The bounds of every query (network sessions also get a memory pool of
-    /// `max_query_memory`).
+    /// Query bounds. Network sessions are held to all of them (and get a memory pool of
+    /// `max_query_memory`); local sessions only to `max_value_bytes` and
+    /// `max_expression_depth`, the bounds that keep the process alive.
     pub limits: Limits,
     /// Meta-Knowledge settings every session starts from (`name` → value, without the
     /// `mkflow.` prefix), applied over the `MKFLOW_*` environment: the `[mkflow]` table of the
@@ -264,11 +265,6 @@ impl Engine {
             new_state(&self.base, &self.shared, access)?,
             self.shared.clone(),
         ))
-    }
-
-    /// The engine's own local session's Meta-Knowledge settings.
-    pub fn mk_options(&self) -> MkOptions {
-        self.session.mk_options()
     }
 
     /// Registers every knowledge index under the data directory as a table named after its
