@@ -120,6 +120,7 @@ async fn main() {
         quantization: Quantization::F32,
         key_column: "doc_id".into(),
         vector_column: "embedding".into(),
+        text_columns: None,
     };
     let index = KnowledgeIndex::open_or_create(data.path().join("bench"), &columns, &settings).unwrap();
     let batch = index_rows(

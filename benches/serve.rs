@@ -48,6 +48,7 @@ fn build_index(dir: &Path, rows: usize) {
         quantization: Quantization::F32,
         key_column: "doc_id".into(),
         vector_column: "embedding".into(),
+        text_columns: None,
     };
     let index = KnowledgeIndex::open_or_create(dir.join("kb"), &columns, &settings).unwrap();
     let mut state = 7u64;

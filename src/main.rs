@@ -148,9 +148,11 @@ enum Command {
         #[arg(long)]
         dataset: PathBuf,
         /// Comma-separated modes: doc (HNSW vector_search), exact (brute force in SQL),
-        /// qa (qa_search over synthetic questions), mk (mk_search). qa and mk run the
-        /// Meta-Knowledge prepare stage while building the index.
-        #[arg(long, default_value = "doc,exact", value_delimiter = ',')]
+        /// bm25 (text_search), hybrid (hybrid_search: vector and BM25 fused by reciprocal
+        /// rank), qa (qa_search over synthetic questions), qa_hybrid (qa_hybrid_search), mk
+        /// (mk_search). qa, qa_hybrid and mk run the Meta-Knowledge prepare stage while
+        /// building the index.
+        #[arg(long, default_value = "doc,exact,bm25,hybrid", value_delimiter = ',')]
         modes: Vec<String>,
         /// Judgement split.
         #[arg(long, default_value = "test")]
@@ -305,8 +307,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let modes = modes
                 .iter()
                 .map(|m| {
-                    eval::Mode::parse(m.trim())
-                        .ok_or_else(|| anyhow::anyhow!("unknown mode '{m}' (modes: doc, exact, qa, mk)"))
+                    eval::Mode::parse(m.trim()).ok_or_else(|| {
+                        let names: Vec<&str> = eval::Mode::ALL.iter().map(|m| m.name()).collect();
+                        anyhow::anyhow!("unknown mode '{m}' (modes: {})", names.join(", "))
+                    })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             ensure_assets(&config.home)?;

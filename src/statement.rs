@@ -298,10 +298,29 @@ pub enum SearchFunction {
     QaSearch,
     /// `mk_search(kb, query, k)`: Meta-Knowledge search (questions within a cluster summary).
     MkSearch,
+    /// `text_search(kb, query, k)`: BM25 over the documents' text columns.
+    TextSearch,
+    /// `qa_text_search(kb, query, k)`: BM25 over the synthetic questions.
+    QaTextSearch,
+    /// `hybrid_search(kb, query, k)`: `vector_search` and `text_search` fused.
+    HybridSearch,
+    /// `qa_hybrid_search(kb, query, k)`: `qa_search` and `qa_text_search` fused.
+    QaHybridSearch,
+    /// `rrf(search, search, …)`: searches fused by reciprocal rank.
+    Rrf,
 }
 
 impl SearchFunction {
-    const ALL: [SearchFunction; 3] = [Self::VectorSearch, Self::QaSearch, Self::MkSearch];
+    const ALL: [SearchFunction; 8] = [
+        Self::VectorSearch,
+        Self::QaSearch,
+        Self::MkSearch,
+        Self::TextSearch,
+        Self::QaTextSearch,
+        Self::HybridSearch,
+        Self::QaHybridSearch,
+        Self::Rrf,
+    ];
 
     /// The function's SQL name.
     pub fn name(self) -> &'static str {
@@ -309,6 +328,11 @@ impl SearchFunction {
             Self::VectorSearch => "vector_search",
             Self::QaSearch => "qa_search",
             Self::MkSearch => "mk_search",
+            Self::TextSearch => "text_search",
+            Self::QaTextSearch => "qa_text_search",
+            Self::HybridSearch => "hybrid_search",
+            Self::QaHybridSearch => "qa_hybrid_search",
+            Self::Rrf => "rrf",
         }
     }
 

@@ -3,7 +3,7 @@
 //!
 //! A commit works on the next [`State`], not the published one: searches keep reading the
 //! published state while the files are written and flushed, and see the next one only once
-//! its manifest is on disk.
+//! its manifest is on disk. The text index commits between the row files and the manifest.
 
 use std::collections::HashMap;
 use std::fs;
@@ -42,6 +42,7 @@ impl KnowledgeIndex {
         manifest.rows = state.locations.len();
         manifest.deltas.push(delta_file);
         manifest.delta_rows += new_rows;
+        self.commit_text(state, generation)?;
         manifest.write_atomic(&self.dir)?;
         state.manifest = manifest;
         Ok(())
@@ -70,6 +71,7 @@ impl KnowledgeIndex {
         manifest.ann_file = ann_file;
         manifest.deltas.clear();
         manifest.delta_rows = 0;
+        self.commit_text(state, generation)?;
         manifest.write_atomic(&self.dir)?;
         state.manifest = manifest;
         // Rebuild the in-memory maps around the compacted segment: fresh bases, no changes.
@@ -85,6 +87,18 @@ impl KnowledgeIndex {
         state.segments = vec![compacted];
         for old in old_files.iter().filter(|f| !f.is_empty()) {
             let _ = fs::remove_file(self.dir.join(old));
+        }
+        Ok(())
+    }
+}
+
+impl KnowledgeIndex {
+    /// Commits the staged text changes as `generation`, after the row files and before the
+    /// manifest: a crash between the two leaves the text index one generation ahead, which
+    /// opening detects and repairs (see [`crate::fulltext`]).
+    fn commit_text(&self, state: &mut State, generation: u64) -> Result<(), IndexError> {
+        if let Some(full_text) = &self.full_text {
+            state.text = Some(full_text.commit(generation)?);
         }
         Ok(())
     }

@@ -36,6 +36,12 @@ pub enum IndexError {
     /// Evaluating a row filter failed.
     #[error("filter: {0}")]
     Filter(String),
+    /// The full-text index (tantivy) reported an error.
+    #[error("full-text index: {0}")]
+    FullText(String),
+    /// A text query in tantivy's query language does not parse; the message names the position.
+    #[error("text query: {0}")]
+    QuerySyntax(String),
 }
 
 impl IndexError {

@@ -16,11 +16,9 @@ use crate::{IndexError, Manifest};
 /// Name of the hidden key column inside row files.
 pub(crate) const KEY_FIELD: &str = "_key";
 
-/// Reads an Arrow IPC row file: its schema without the key column, and each batch with its keys.
-pub(crate) fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexError> {
-    let file = fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
-    let reader = FileReader::try_new(std::io::BufReader::new(file), None)?;
-    let stored_schema = reader.schema();
+/// The row schema of an Arrow IPC row file (without the key column), and where its key
+/// column is.
+fn row_schema(path: &Path, stored_schema: &Schema) -> Result<(SchemaRef, usize), IndexError> {
     let key_position = stored_schema
         .index_of(KEY_FIELD)
         .map_err(|_| IndexError::Invalid(format!("{} lacks the {KEY_FIELD} column", path.display())))?;
@@ -31,7 +29,24 @@ pub(crate) fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexE
         .filter(|(i, _)| *i != key_position)
         .map(|(_, f)| f.clone())
         .collect();
-    let schema = Arc::new(Schema::new(fields));
+    Ok((Arc::new(Schema::new(fields)), key_position))
+}
+
+fn open_rows(path: &Path) -> Result<FileReader<std::io::BufReader<fs::File>>, IndexError> {
+    let file = fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
+    Ok(FileReader::try_new(std::io::BufReader::new(file), None)?)
+}
+
+/// The row schema of an Arrow IPC row file, without reading its rows.
+pub(crate) fn read_schema(path: &Path) -> Result<SchemaRef, IndexError> {
+    let reader = open_rows(path)?;
+    Ok(row_schema(path, &reader.schema())?.0)
+}
+
+/// Reads an Arrow IPC row file: its schema without the key column, and each batch with its keys.
+pub(crate) fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexError> {
+    let reader = open_rows(path)?;
+    let (schema, key_position) = row_schema(path, &reader.schema())?;
     let mut segments = Vec::new();
     for batch in reader {
         let batch = batch?;

@@ -5,7 +5,9 @@
 //! - `manifest.json`: model, dimension, quantization, key and vector columns, current files;
 //! - `rows-G.arrow`: every live row (Arrow IPC file) with its `u64` key in column `_key`;
 //! - `ann-G.usearch`: the HNSW graph with the vectors of those keys;
-//! - `delta-G.arrow`: rows upserted by a later commit `G` (same format), replayed on open.
+//! - `delta-G.arrow`: rows upserted by a later commit `G` (same format), replayed on open;
+//! - `fulltext/`: the tantivy BM25 index over the text columns, committed with generation `G`
+//!   as its payload just before the manifest (see [`fulltext`]).
 //!
 //! An upsert that is small next to the index (at most an eighth of its rows) writes only its
 //! rows as a delta, so a streaming micro-batch costs time proportional to what it adds, not to
@@ -25,6 +27,7 @@ mod ann;
 mod commit;
 mod error;
 mod files;
+pub mod fulltext;
 mod layered;
 mod manifest;
 mod offsets;
@@ -32,6 +35,7 @@ mod retire;
 mod search;
 mod segment;
 mod state;
+mod text_search;
 pub mod vector;
 
 use std::fs;
@@ -46,6 +50,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 pub use ann::{AnnIndex, Hit, Quantization};
 pub use commit::MAX_DELTA_FILES;
 pub use error::IndexError;
+pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery};
 pub use manifest::{MANIFEST_FILE, Manifest};
 pub use offsets::SourceOffsets;
 pub use search::{DEFAULT_EXACT_SEARCH_MAX_ROWS, RowPredicate, SCORE_COLUMN};
@@ -53,8 +58,11 @@ pub use vector::{vector_type, vector_values, vectors_to_array};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod text_tests;
 
 use files::KEY_FIELD;
+use fulltext::{FullText, default_text_columns};
 use manifest::FORMAT_VERSION;
 use segment::Segment;
 use state::{State, doc_ids, live_rows, load_state};
@@ -73,6 +81,9 @@ pub struct IndexSettings {
     pub key_column: String,
     /// Vector column (appended to the declared columns when absent).
     pub vector_column: String,
+    /// Columns indexed for full-text search (BM25); `None`: every string column but the key
+    /// column, with the English analyzer; empty: no full-text index.
+    pub text_columns: Option<Vec<TextColumn>>,
 }
 
 /// What an upsert did.
@@ -93,6 +104,8 @@ pub struct KnowledgeIndex {
     key_column: usize,
     vector_column: usize,
     dimensions: usize,
+    /// The full-text index (`None`: no text columns).
+    full_text: Option<Arc<FullText>>,
     /// The published state: reads clone the `Arc` and go on with it; a commit replaces it.
     current: RwLock<Arc<State>>,
     /// Held by a commit from its first change to its publication: one commit at a time.
@@ -110,25 +123,57 @@ impl KnowledgeIndex {
                 dir.display()
             ))
         })?;
-        let (schema, state) = load_state(dir, manifest)?;
-        Self::from_parts(dir, schema, state)
+        let (schema, mut state) = load_state(dir, manifest)?;
+        let columns = match &state.manifest.text_columns {
+            Some(columns) => columns.clone(),
+            None => default_text_columns(&schema, &state.manifest.key_column),
+        };
+        state.manifest.text_columns = Some(columns.clone());
+        let full_text = open_full_text(dir, &schema, columns)?;
+        if let Some(full_text) = &full_text {
+            state.text = Some(full_text.sync(&state)?);
+        }
+        Self::from_parts(dir, schema, state, full_text)
     }
 
     /// Opens the index in `dir`, or creates it with `columns` (the vector column is appended)
-    /// and `settings`. An existing index must match the settings and columns.
+    /// and `settings`. An existing index must match the settings and columns; when the settings
+    /// name other text columns, its text index is rebuilt for them.
     pub fn open_or_create(
         dir: impl AsRef<Path>,
         columns: &Schema,
         settings: &IndexSettings,
     ) -> Result<Self, IndexError> {
         let dir = dir.as_ref();
-        if Manifest::read(dir)?.is_some() {
+        if let Some(mut manifest) = Manifest::read(dir)? {
+            if let Some(wanted) = &settings.text_columns
+                && manifest.text_columns.as_ref() != Some(wanted)
+            {
+                let schema = files::read_schema(&dir.join(&manifest.rows_file))?;
+                fulltext::check_text_columns(&schema, wanted)?;
+                log::info!(
+                    "{}: text columns are now '{}'; rebuilding the text index",
+                    dir.display(),
+                    wanted
+                        .iter()
+                        .map(|c| format!("{}:{}", c.name, c.analyzer))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                manifest.text_columns = Some(wanted.clone());
+                manifest.write_atomic(dir)?;
+            }
             let index = Self::open(dir)?;
             index.check_compatible(columns, settings)?;
             return Ok(index);
         }
         fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
         let schema = table_schema(columns, settings)?;
+        let text_columns = match &settings.text_columns {
+            Some(columns) => columns.clone(),
+            None => default_text_columns(&schema, &settings.key_column),
+        };
+        let full_text = open_full_text(dir, &schema, text_columns.clone())?;
         let manifest = Manifest {
             format_version: FORMAT_VERSION,
             generation: 0,
@@ -144,6 +189,7 @@ impl KnowledgeIndex {
             deltas: Vec::new(),
             delta_rows: 0,
             source_offsets: Default::default(),
+            text_columns: Some(text_columns),
         };
         let state = State {
             ann: Arc::new(AnnIndex::new(settings.dimensions, settings.quantization)?),
@@ -152,8 +198,9 @@ impl KnowledgeIndex {
             locations: Default::default(),
             doc_keys: Default::default(),
             vectors: 0,
+            text: None,
         };
-        let index = Self::from_parts(dir, schema, state)?;
+        let index = Self::from_parts(dir, schema, state, full_text)?;
         {
             let _writer = index.lock_writer();
             let mut next = (*index.current()).clone();
@@ -163,7 +210,12 @@ impl KnowledgeIndex {
         Ok(index)
     }
 
-    fn from_parts(dir: &Path, schema: SchemaRef, state: State) -> Result<Self, IndexError> {
+    fn from_parts(
+        dir: &Path,
+        schema: SchemaRef,
+        state: State,
+        full_text: Option<Arc<FullText>>,
+    ) -> Result<Self, IndexError> {
         let position = |name: &str| {
             schema
                 .index_of(name)
@@ -177,6 +229,7 @@ impl KnowledgeIndex {
             key_column,
             vector_column,
             dimensions: state.manifest.dimensions,
+            full_text,
             current: RwLock::new(Arc::new(state)),
             writer: Mutex::new(()),
             exact_search_max_rows: AtomicUsize::new(search::DEFAULT_EXACT_SEARCH_MAX_ROWS),
@@ -345,6 +398,9 @@ impl KnowledgeIndex {
                 let first_key = next.manifest.next_key;
                 let keys: Arc<[u64]> = (first_key..first_key + batch.num_rows() as u64).collect();
                 next.manifest.next_key += batch.num_rows() as u64;
+                if let Some(full_text) = &self.full_text {
+                    full_text.stage_rows(&batch, &keys, &next)?;
+                }
                 stats.rows += keys.len();
                 stats.replaced += next.place_segment(
                     Segment { batch, keys },
@@ -395,6 +451,9 @@ impl KnowledgeIndex {
         let applied = (|| {
             for (key, doc_id) in &doomed {
                 next.remove(*key, doc_id, self.vector_column)?;
+                if let Some(full_text) = &self.full_text {
+                    full_text.stage_delete(doc_id)?;
+                }
             }
             self.persist(&mut next)
         })();
@@ -416,9 +475,17 @@ impl KnowledgeIndex {
     /// hits it does not hold and fill in exactly, so they stay correct.
     fn recover(&self) {
         let committed = self.current().manifest.generation;
+        if let Some(full_text) = &self.full_text {
+            full_text.rollback();
+        }
         match Manifest::read(&self.dir).and_then(|m| {
             let manifest = m.ok_or_else(|| IndexError::Invalid("manifest vanished".into()))?;
-            load_state(&self.dir, manifest)
+            let (schema, mut state) = load_state(&self.dir, manifest)?;
+            state.manifest.text_columns = self.current().manifest.text_columns.clone();
+            if let Some(full_text) = &self.full_text {
+                state.text = Some(full_text.sync(&state)?);
+            }
+            Ok((schema, state))
         }) {
             Ok((_, restored)) => self.publish(restored),
             Err(e) => log::error!(
@@ -460,6 +527,18 @@ impl KnowledgeIndex {
             RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| IndexError::Invalid(e.to_string()))?;
         Ok((batch, doc_ids, vectors))
     }
+}
+
+/// The full-text index for `columns` (`None` when there are none).
+fn open_full_text(dir: &Path, schema: &Schema, columns: Vec<TextColumn>) -> Result<Option<Arc<FullText>>, IndexError> {
+    if columns.is_empty() {
+        let stale = dir.join(fulltext::FULLTEXT_DIR);
+        if stale.exists() {
+            fs::remove_dir_all(&stale).map_err(|e| IndexError::io(&stale, e))?;
+        }
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(FullText::open(dir, schema, columns)?)))
 }
 
 /// The declared columns plus the vector column.

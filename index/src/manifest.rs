@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::files::sync_dir;
-use crate::{IndexError, Quantization, SourceOffsets};
+use crate::{IndexError, Quantization, SourceOffsets, TextColumn};
 
 /// The manifest's file name inside an index directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -57,6 +57,11 @@ pub struct Manifest {
     /// next offset to read.
     #[serde(default, skip_serializing_if = "SourceOffsets::is_empty")]
     pub source_offsets: SourceOffsets,
+    /// Columns indexed for full-text search (in `fulltext/`, committed with this generation);
+    /// empty: none. Absent in indexes made before full-text search: their string columns but
+    /// the key column, indexed when they are opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_columns: Option<Vec<TextColumn>>,
 }
 
 impl Manifest {

@@ -50,7 +50,7 @@ impl KeySet {
         }
     }
 
-    fn contains(&self, key: u64) -> bool {
+    pub(crate) fn contains(&self, key: u64) -> bool {
         let word = (key / 64) as usize;
         word < self.bits.len() && self.bits[word] & (1 << (key % 64)) != 0
     }
@@ -99,7 +99,7 @@ impl KnowledgeIndex {
                 hits
             }
             Some(filter) => {
-                let allowed = self.allowed_keys(&state, filter)?;
+                let allowed = self.allowed_keys(&state, filter, true)?;
                 if allowed.len <= self.exact_search_max_rows() || allowed.len <= k {
                     self.exact_hits(&state, query, k, Some(&allowed))?
                 } else {
@@ -125,14 +125,20 @@ impl KnowledgeIndex {
         self.gather(&state, &hits)
     }
 
-    /// Keys of live rows with a vector that pass `filter`.
-    fn allowed_keys(&self, state: &State, filter: &RowPredicate<'_>) -> Result<KeySet, IndexError> {
+    /// Keys of live rows that pass `filter` (and have a vector, when `with_vector`).
+    pub(crate) fn allowed_keys(
+        &self,
+        state: &State,
+        filter: &RowPredicate<'_>,
+        with_vector: bool,
+    ) -> Result<KeySet, IndexError> {
         let mut allowed = KeySet::with_capacity(state.manifest.next_key);
         for segment in &state.segments {
             let mask = filter(&segment.batch)?;
             let vectors = segment.batch.column(self.vector_column);
             for (row, &key) in segment.keys.iter().enumerate() {
-                if mask.is_valid(row) && mask.value(row) && vectors.is_valid(row) && state.is_live(key) {
+                let has_vector = !with_vector || vectors.is_valid(row);
+                if mask.is_valid(row) && mask.value(row) && has_vector && state.is_live(key) {
                     allowed.insert(key);
                 }
             }
@@ -180,7 +186,7 @@ impl KnowledgeIndex {
     }
 
     /// The rows of `hits`, in order, with their scores.
-    fn gather(&self, state: &State, hits: &[Hit]) -> Result<RecordBatch, IndexError> {
+    pub(crate) fn gather(&self, state: &State, hits: &[Hit]) -> Result<RecordBatch, IndexError> {
         let positions: Vec<(usize, usize)> = hits
             .iter()
             .filter_map(|h| state.locations.get(&h.key).copied())

@@ -17,6 +17,7 @@ use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 
 use crate::files::{read_rows, remove_stray_files};
+use crate::fulltext::TextView;
 use crate::layered::LayeredMap;
 use crate::segment::Segment;
 use crate::vector::extract_vectors;
@@ -37,6 +38,8 @@ pub(crate) struct State {
     pub(crate) vectors: usize,
     /// The HNSW graph over the live rows' vectors (shared with the states before and after).
     pub(crate) ann: Arc<AnnIndex>,
+    /// The full-text index as of this generation (`None`: no text columns).
+    pub(crate) text: Option<TextView>,
 }
 
 impl State {
@@ -139,6 +142,7 @@ pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, S
         doc_keys: LayeredMap::from(keys_of),
         vectors,
         ann: Arc::new(ann),
+        text: None,
     };
     for delta in state.manifest.deltas.clone() {
         let (delta_schema, segments) = read_rows(&dir.join(&delta))?;

@@ -18,6 +18,7 @@ fn settings() -> IndexSettings {
         quantization: Quantization::F32,
         key_column: "doc_id".into(),
         vector_column: "embedding".into(),
+        text_columns: None,
     }
 }
 

@@ -24,6 +24,7 @@ use datafusion::execution::memory_pool::GreedyMemoryPool;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::SessionConfig;
+use mkflow_udfs::chunking::ChunkUdf;
 use mkflow_udfs::mk::{GenerationCounts, GeneratorRegistry, MkOptions};
 use mkflow_udfs::{EmbedUdf, bounded};
 
@@ -35,10 +36,13 @@ use crate::models::ModelRegistry;
 use crate::sources::kafka::{KAFKA_FORMAT, KafkaFactory};
 use crate::sources::{DeadLetters, JSONL_FORMAT, JsonlFactory, TEXT_FILES_FORMAT, TextFilesFactory};
 use crate::sql::async_calls::AsyncCalls;
+use crate::sql::call_args::CallMarker;
+use crate::sql::catalog::SearchTarget;
+use crate::sql::fusion::{HybridSearchFunction, RrfFunction, SearchFunctions};
 use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
 use crate::sql::mk_search::MkSearchFunction;
-use crate::sql::vector_search::SearchTarget;
+use crate::sql::text_search::TextSearchFunction;
 use crate::sql::{KbSchema, KbTableFactory, SessionSchema, VectorSearchFunction};
 use crate::streaming::StreamControl;
 use crate::support::batch_table::SnapshotView;
@@ -193,6 +197,9 @@ impl Engine {
         }
         metrics::install_udf_observer();
         ctx.register_udf(EmbedUdf::new("embed", models.default_model()).into_scalar_udf());
+        ctx.register_udf(ScalarUDF::new_from_impl(ChunkUdf::new(
+            models.default_model().spec().clone(),
+        )));
         let builtins: Vec<Arc<ScalarUDF>> = ctx.state().scalar_functions().values().cloned().collect();
         for udf in &builtins {
             if let Some(guarded) = bounded::bound(udf, config.limits.max_value_bytes) {
@@ -203,16 +210,46 @@ impl Engine {
             "dead_letters",
             Arc::new(BatchTable::new(SnapshotView(dead_letters.clone()))),
         )?;
+        let mut searches = SearchFunctions::new();
         for (name, target) in [
             ("vector_search", SearchTarget::Documents),
             ("qa_search", SearchTarget::Questions),
         ] {
-            ctx.register_udtf(
+            searches.insert(
                 name,
                 Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone(), target)),
             );
         }
-        ctx.register_udtf("mk_search", Arc::new(MkSearchFunction::new(kbs.clone())));
+        searches.insert(
+            "text_search",
+            Arc::new(TextSearchFunction::new(kbs.clone(), SearchTarget::Documents)),
+        );
+        searches.insert(
+            "qa_text_search",
+            Arc::new(TextSearchFunction::new(kbs.clone(), SearchTarget::Questions)),
+        );
+        searches.insert("mk_search", Arc::new(MkSearchFunction::new(kbs.clone())));
+        let fusable = Arc::new(searches.clone());
+        for (name, target) in [
+            ("hybrid_search", SearchTarget::Documents),
+            ("qa_hybrid_search", SearchTarget::Questions),
+        ] {
+            searches.insert(
+                name,
+                Arc::new(HybridSearchFunction::new(kbs.clone(), target, fusable.clone())),
+            );
+        }
+        let searches = Arc::new(searches);
+        for (name, function) in searches.iter() {
+            ctx.register_udtf(name, function.clone());
+        }
+        ctx.register_udtf("rrf", Arc::new(RrfFunction::new(searches.clone())));
+        // Search calls passed to rrf(…) and named arguments plan as these markers.
+        let mut markers: Vec<&str> = searches.keys().copied().collect();
+        markers.push("rrf");
+        for marker in CallMarker::all(&markers) {
+            ctx.register_udf(marker);
+        }
         ctx.add_analyzer_rule(Arc::new(AsyncCalls));
         session::register_mk_functions(&ctx, &mk_services)?;
         let base = ctx.state();

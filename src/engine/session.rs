@@ -21,6 +21,7 @@ use super::Shared;
 use super::authorize::{authorize, confine};
 use crate::access::{Access, Refusal};
 use crate::mk::MkServices;
+use crate::sql::call_args::rewrite_call_args;
 use crate::statement::StatementKind;
 use crate::streaming::{ContinuousInsert, count_batch};
 
@@ -133,6 +134,7 @@ impl Session {
     }
 
     async fn execute_as(&self, access: &Access, pipeline: &str, mut statement: Statement) -> Result<Vec<RecordBatch>> {
+        rewrite_call_args(&mut statement);
         if let Some(role) = access.role() {
             authorize(&statement, role, access)?;
             confine(&mut statement, access, &self.shared.data_dir)?;

@@ -5,7 +5,11 @@
 //! - `doc`: `vector_search` over document vectors (HNSW);
 //! - `exact`: brute-force cosine ranking in plain SQL (`ORDER BY cosine_distance(…)`), the
 //!   reference the ANN search is checked against;
+//! - `bm25`: `text_search` (BM25 over the title and body);
+//! - `hybrid`: `hybrid_search` (`vector_search` and `text_search` fused by reciprocal rank);
 //! - `qa`: `qa_search` over the synthetic questions, a document scoring as its best question;
+//! - `qa_hybrid`: `qa_hybrid_search` (`qa_search` and BM25 over the questions, fused), a
+//!   document scoring as its best question;
 //! - `mk`: `mk_search` (route, rewrite, match questions, fuse), a document ranked by its best
 //!   QA pair.
 //!
@@ -45,8 +49,14 @@ pub enum Mode {
     Doc,
     /// Exact cosine ranking over document vectors, in plain SQL.
     Exact,
+    /// BM25 over the documents' text (`text_search`).
+    Bm25,
+    /// Dense and BM25 fused (`hybrid_search`).
+    Hybrid,
     /// Matching the synthetic questions (`qa_search`).
     Qa,
+    /// Matching the synthetic questions, dense and BM25 fused (`qa_hybrid_search`).
+    QaHybrid,
     /// Meta-Knowledge retrieval (`mk_search`).
     Mk,
 }
@@ -57,21 +67,32 @@ const QUESTION_DEPTH: usize = 300;
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 4] = [Mode::Doc, Mode::Exact, Mode::Qa, Mode::Mk];
+    pub const ALL: [Mode; 7] = [
+        Mode::Doc,
+        Mode::Exact,
+        Mode::Bm25,
+        Mode::Hybrid,
+        Mode::Qa,
+        Mode::QaHybrid,
+        Mode::Mk,
+    ];
 
     /// The mode's name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
             Mode::Doc => "doc",
             Mode::Exact => "exact",
+            Mode::Bm25 => "bm25",
+            Mode::Hybrid => "hybrid",
             Mode::Qa => "qa",
+            Mode::QaHybrid => "qa_hybrid",
             Mode::Mk => "mk",
         }
     }
 
     /// Whether the mode needs the index's Meta-Knowledge side.
     pub fn needs_meta_knowledge(self) -> bool {
-        matches!(self, Mode::Qa | Mode::Mk)
+        matches!(self, Mode::Qa | Mode::QaHybrid | Mode::Mk)
     }
 
     /// Parses a mode name.
@@ -87,6 +108,12 @@ impl Mode {
             Mode::Exact => format!(
                 "SELECT doc_id, CAST(1 - cosine_distance(embedding, embed({q})) AS FLOAT) AS score \
                  FROM {kb} ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
+            ),
+            Mode::Bm25 => format!("SELECT doc_id, score FROM text_search({kb}, {q}, {RUN_DEPTH})"),
+            Mode::Hybrid => format!("SELECT doc_id, fused_score FROM hybrid_search({kb}, {q}, {RUN_DEPTH})"),
+            Mode::QaHybrid => format!(
+                "SELECT doc_id, max(fused_score) AS score FROM qa_hybrid_search({kb}, {q}, {QUESTION_DEPTH}) \
+                 GROUP BY doc_id ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
             ),
             Mode::Qa | Mode::Mk => format!(
                 "SELECT doc_id, max(score) AS score FROM {function}({kb}, {q}, {QUESTION_DEPTH}) \

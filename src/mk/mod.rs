@@ -27,7 +27,7 @@ pub use clusters::{Cluster, Summary, SummaryPolicy};
 use clusters::{SummaryFile, cluster_shapes};
 pub use tables::ClustersTable;
 
-use mkflow_index::{IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE};
+use mkflow_index::{Analyzer, IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE, TextColumn};
 
 /// Subdirectory of the questions index.
 pub const QUESTIONS_DIR: &str = "questions";
@@ -113,6 +113,11 @@ impl MkIndex {
             quantization: manifest.quantization,
             key_column: "question_id".into(),
             vector_column: manifest.vector_column,
+            // BM25 over the questions (qa_text_search) reads what a user's query resembles.
+            text_columns: Some(vec![TextColumn {
+                name: "question".into(),
+                analyzer: Analyzer::default(),
+            }]),
         };
         let questions = KnowledgeIndex::open_or_create(documents.dir().join(QUESTIONS_DIR), &columns, &settings)?;
         let mk = MkIndex {

@@ -120,7 +120,10 @@ fn external_status(error: &(dyn std::error::Error + Send + Sync + 'static)) -> S
         return StatusCode::PAYLOAD_TOO_LARGE;
     }
     let failed = match error.downcast_ref::<IndexError>() {
-        Some(e) => matches!(e, IndexError::Io { .. } | IndexError::Ann(_) | IndexError::Arrow(_)),
+        Some(e) => matches!(
+            e,
+            IndexError::Io { .. } | IndexError::Ann(_) | IndexError::Arrow(_) | IndexError::FullText(_)
+        ),
         None => {
             error.is::<mkflow_udfs::embedding::EmbedError>()
                 || error.is::<EnginePanic>()

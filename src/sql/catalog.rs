@@ -16,6 +16,15 @@ use datafusion::common::{DataFusionError, Result, plan_err};
 use mkflow_index::KnowledgeIndex;
 
 use super::kb_table::{IngestProgress, KbTable};
+
+/// What a search function searches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchTarget {
+    /// The documents (`vector_search`, `text_search`).
+    Documents,
+    /// The synthetic questions of a Meta-Knowledge index (`qa_search`, `qa_text_search`).
+    Questions,
+}
 use crate::mk::{ClustersTable, MkAttachment};
 use crate::support::BatchTable;
 use crate::support::batch_table::SnapshotView;
@@ -98,6 +107,20 @@ impl KbSchema {
                 }
             ))
         })
+    }
+
+    /// The index `function` searches for table `name`: the documents, or the synthetic
+    /// questions of its Meta-Knowledge side.
+    pub fn search_target(&self, function: &str, name: &str, target: SearchTarget) -> Result<Arc<KnowledgeIndex>> {
+        let (index, mk) = self.entry_or_error(function, name)?;
+        match target {
+            SearchTarget::Documents => Ok(index),
+            SearchTarget::Questions => mk.map(|mk| mk.index.questions().clone()).ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "{function}: '{name}' has no synthetic questions (create it with OPTIONS ('meta_knowledge' 'true'))"
+                ))
+            }),
+        }
     }
 
     /// Names of all knowledge indexes, sorted.
@@ -272,6 +295,7 @@ mod tests {
             quantization: Quantization::F32,
             key_column: "doc_id".into(),
             vector_column: "embedding".into(),
+            text_columns: None,
         };
         Arc::new(KnowledgeIndex::open_or_create(dir, &columns, &settings).unwrap())
     }

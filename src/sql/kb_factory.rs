@@ -9,6 +9,12 @@
 //! - `key_column`: the document-id column upserts replace by (default `doc_id`);
 //! - `vector_column`: the vector column, appended to the declared columns (default
 //!   `embedding`);
+//! - `text_columns`: the columns indexed for full-text search (`text_search`, `hybrid_search`),
+//!   separated by commas, each optionally with its analyzer (`'title:simple, body'`); `''`
+//!   for none. Default: every declared text column but the key column;
+//! - `text_analyzer`: the analyzer of the text columns that name none: `english` (default:
+//!   words, lowercased, English stop words removed, Snowball-stemmed), another Snowball
+//!   language (`french`, `german`, …), `simple` (words, lowercased) or `whitespace`;
 //! - `meta_knowledge`: `true` gives the index a Meta-Knowledge side: the columns `metadata`
 //!   (the session's metadata schema, see `mkflow.metadata_schema`), `qa` and `cluster_name` are
 //!   appended (fill them with `mk_metadata`, `mk_qa`, `mk_cluster`), and every insert keeps
@@ -30,7 +36,8 @@ use super::kb_table::{IngestProgress, KbTable};
 use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns};
 use crate::support::blocking;
 use crate::support::index_error;
-use mkflow_index::{IndexSettings, KnowledgeIndex, Quantization};
+use mkflow_index::fulltext::default_text_columns;
+use mkflow_index::{Analyzer, IndexSettings, KnowledgeIndex, MANIFEST_FILE, Quantization, TextColumn};
 
 /// The `STORED AS` name of knowledge indexes.
 pub const KB_FORMAT: &str = "KB";
@@ -70,7 +77,9 @@ impl KbTableFactory {
         }
     }
 
-    fn settings(&self, cmd: &CreateExternalTable) -> Result<IndexSettings> {
+    /// The settings `cmd` asks for; an index already in `dir` keeps its text columns unless
+    /// `text_columns` is given.
+    fn settings(&self, cmd: &CreateExternalTable, dir: &Path) -> Result<IndexSettings> {
         let option = |name: &str| option(cmd, name);
         let known = [
             "model",
@@ -78,6 +87,8 @@ impl KbTableFactory {
             "quantization",
             "key_column",
             "vector_column",
+            "text_columns",
+            "text_analyzer",
             "meta_knowledge",
         ];
         for key in cmd.options.keys() {
@@ -106,12 +117,33 @@ impl KbTableFactory {
             Some(q) => Quantization::parse(&q).map_err(index_error)?,
             None => Quantization::F32,
         };
+        let key_column = option("key_column").unwrap_or_else(|| "doc_id".into());
+        let analyzer = match option("text_analyzer") {
+            Some(name) => name
+                .parse::<Analyzer>()
+                .map_err(|e| DataFusionError::Plan(format!("option text_analyzer: {e}")))?,
+            None => Analyzer::default(),
+        };
+        let text_columns = match option("text_columns") {
+            Some(list) => Some(
+                TextColumn::parse_list(&list, analyzer)
+                    .map_err(|e| DataFusionError::Plan(format!("option text_columns: {e}")))?,
+            ),
+            None if dir.join(MANIFEST_FILE).is_file() => None,
+            None => Some(
+                default_text_columns(cmd.schema.as_arrow(), &key_column)
+                    .into_iter()
+                    .map(|c| TextColumn { analyzer, ..c })
+                    .collect(),
+            ),
+        };
         Ok(IndexSettings {
             model,
             dimensions,
             quantization,
-            key_column: option("key_column").unwrap_or_else(|| "doc_id".into()),
+            key_column,
             vector_column: option("vector_column").unwrap_or_else(|| "embedding".into()),
+            text_columns,
         })
     }
 }
@@ -155,7 +187,7 @@ impl TableProviderFactory for KbTableFactory {
         let index = if columns.fields().is_empty() {
             blocking(move || KnowledgeIndex::open(dir)).await?
         } else {
-            let settings = self.settings(cmd)?;
+            let settings = self.settings(cmd, &dir)?;
             if meta_knowledge {
                 let options = MkOptions::of(state.config_options());
                 let schema = self

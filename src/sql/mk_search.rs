@@ -26,11 +26,12 @@ use futures::FutureExt;
 use mkflow_udfs::mk::{MkOptions, string_list_type};
 
 use super::KbSchema;
-use super::vector_search::{DEFAULT_K, int_arg, string_arg, table_arg};
+use super::call_args::{int_arg, string_arg, table_arg};
+use super::vector_search::DEFAULT_K;
 use crate::access::Access;
 use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
 use crate::support::batch_table::deferred_scan;
-use crate::support::index_error;
+use crate::support::{index_error, tag_call};
 use mkflow_index::{IndexError, KnowledgeIndex};
 
 /// The constant of reciprocal rank fusion (Cormack et al., 2009).
@@ -82,7 +83,7 @@ impl TableFunctionImpl for MkSearchFunction {
             }
             None => None,
         };
-        let schema = result_schema(&documents);
+        let schema = tag_call(&result_schema(&documents), "mk_search", exprs);
         Ok(Arc::new(MkSearchTable {
             documents,
             mk,

@@ -3,16 +3,22 @@
 //! - [`kb_table`]: a knowledge index as a table (`SELECT`, `INSERT` = upsert, `DELETE`);
 //! - [`kb_factory`]: `CREATE EXTERNAL TABLE … STORED AS KB` creates or opens one;
 //! - [`vector_search`]: the `vector_search(kb, 'query', k)` and `qa_search` table functions;
+//! - [`text_search`]: BM25 full-text search, `text_search(kb, 'query', k)` and `qa_text_search`;
+//! - [`fusion`]: `rrf(search, search, …)`, `hybrid_search` and `qa_hybrid_search`;
+//! - [`call_args`]: table-function arguments (literals, `name => value`, nested search calls);
 //! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`;
 //! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches;
 //! - [`async_calls`]: async functions (`embed`) in `ORDER BY` keys and `VALUES` rows.
 
 pub mod async_calls;
+pub mod call_args;
 pub mod catalog;
 pub mod filters;
+pub mod fusion;
 pub mod kb_factory;
 pub mod kb_table;
 pub mod mk_search;
+pub mod text_search;
 pub mod vector_search;
 
 use std::sync::Arc;

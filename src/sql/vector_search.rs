@@ -31,24 +31,17 @@ use datafusion::physical_plan::ExecutionPlan;
 use futures::FutureExt;
 
 use super::KbSchema;
+use super::call_args::{int_arg, literal_arg, string_arg, table_arg};
+use super::catalog::SearchTarget;
 use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
 use crate::access::Access;
 use crate::models::ModelRegistry;
 use crate::support::batch_table::deferred_scan;
-use crate::support::index_error;
+use crate::support::{index_error, tag_call};
 use mkflow_index::KnowledgeIndex;
 
 /// Rows returned when neither `k` nor a pushed `LIMIT` says how many.
 pub const DEFAULT_K: usize = 10;
-
-/// What a search function searches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SearchTarget {
-    /// The documents (`vector_search`).
-    Documents,
-    /// The synthetic questions of a Meta-Knowledge index (`qa_search`).
-    Questions,
-}
 
 /// The `vector_search` and `qa_search` table functions.
 #[derive(Debug)]
@@ -75,59 +68,11 @@ impl VectorSearchFunction {
             SearchTarget::Questions => "qa_search",
         }
     }
-
-    /// The index searched for table `name`.
-    fn resolve(&self, name: &str) -> Result<Arc<KnowledgeIndex>> {
-        let function = self.function_name();
-        let (index, mk) = self.registry.entry_or_error(function, name)?;
-        match self.target {
-            SearchTarget::Documents => Ok(index),
-            SearchTarget::Questions => mk.map(|mk| mk.index.questions().clone()).ok_or_else(|| {
-                DataFusionError::Plan(format!(
-                    "{function}: '{name}' has no synthetic questions (create it with OPTIONS ('meta_knowledge' 'true'))"
-                ))
-            }),
-        }
-    }
-}
-
-/// The literal value of a table-function argument.
-fn literal(expr: &Expr) -> Option<&ScalarValue> {
-    match expr {
-        Expr::Literal(value, _) => Some(value),
-        Expr::Cast(cast) => literal(&cast.expr),
-        _ => None,
-    }
-}
-
-/// The string literal value of an argument.
-pub fn string_arg(expr: &Expr) -> Option<String> {
-    match literal(expr)? {
-        ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
-            Some(s.clone())
-        }
-        _ => None,
-    }
-}
-
-/// The integer literal value of an argument.
-pub fn int_arg(expr: &Expr) -> Option<i64> {
-    match literal(expr)? {
-        ScalarValue::Int8(Some(v)) => Some(*v as i64),
-        ScalarValue::Int16(Some(v)) => Some(*v as i64),
-        ScalarValue::Int32(Some(v)) => Some(*v as i64),
-        ScalarValue::Int64(Some(v)) => Some(*v),
-        ScalarValue::UInt8(Some(v)) => Some(*v as i64),
-        ScalarValue::UInt16(Some(v)) => Some(*v as i64),
-        ScalarValue::UInt32(Some(v)) => Some(*v as i64),
-        ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok(),
-        _ => None,
-    }
 }
 
 /// A literal list of numbers (`[0.1, 0.2]`), as floats.
 fn vector_arg(expr: &Expr) -> Option<Vec<f32>> {
-    let array = match literal(expr)? {
+    let array = match literal_arg(expr)? {
         ScalarValue::List(list) => list.value(0),
         ScalarValue::LargeList(list) => list.value(0),
         ScalarValue::FixedSizeList(list) => list.value(0),
@@ -136,14 +81,6 @@ fn vector_arg(expr: &Expr) -> Option<Vec<f32>> {
     let floats = datafusion::arrow::compute::cast(&array, &DataType::Float32).ok()?;
     let floats = floats.as_primitive::<Float32Type>();
     (floats.null_count() == 0).then(|| floats.values().to_vec())
-}
-
-/// The table name an argument designates: a bare identifier or a string.
-pub fn table_arg(expr: &Expr) -> Option<String> {
-    match expr {
-        Expr::Column(c) => Some(c.name.clone()),
-        other => string_arg(other),
-    }
 }
 
 impl TableFunctionImpl for VectorSearchFunction {
@@ -160,7 +97,7 @@ impl TableFunctionImpl for VectorSearchFunction {
                 "{function}: the first argument must name a knowledge index; {usage}"
             ))
         })?;
-        let index = self.resolve(&name)?;
+        let index = self.registry.search_target(function, &name, self.target)?;
         let mut k = None;
         let mut rest = &exprs[2..];
         if let Some(first) = rest.first().filter(|e| int_arg(e).is_none()) {
@@ -181,6 +118,7 @@ impl TableFunctionImpl for VectorSearchFunction {
         let query = self.query(&access, &exprs[1])?;
         Ok(Arc::new(VectorSearchTable {
             function,
+            schema: tag_call(&index.search_schema(), function, exprs),
             index,
             models: self.models.clone(),
             query,
@@ -243,6 +181,8 @@ impl VectorSearchFunction {
 #[derive(Debug)]
 struct VectorSearchTable {
     function: &'static str,
+    /// The index's search schema, tagged with this call.
+    schema: SchemaRef,
     index: Arc<KnowledgeIndex>,
     models: Arc<ModelRegistry>,
     query: Query,
@@ -266,7 +206,7 @@ impl VectorSearchTable {
 #[async_trait]
 impl TableProvider for VectorSearchTable {
     fn schema(&self) -> SchemaRef {
-        self.index.search_schema()
+        self.schema.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -298,6 +238,7 @@ impl TableProvider for VectorSearchTable {
         let search = Arc::new(SearchCall {
             table: VectorSearchTable {
                 function: self.function,
+                schema: self.schema.clone(),
                 index: self.index.clone(),
                 models: self.models.clone(),
                 query: self.query.clone(),

@@ -23,6 +23,7 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use futures::FutureExt;
 use futures::future::BoxFuture;
 
 /// Batches pushed by a blocking producer are buffered at most this many at a time: a slow
@@ -185,7 +186,9 @@ impl PartitionStream for Deferred {
     }
 
     fn execute(&self, ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let future = (self.compute)(ctx);
+        let schema = self.schema.clone();
+        // The batch takes the declared schema (its metadata, e.g. a call tag, included).
+        let future = (self.compute)(ctx).map(move |batch| Ok(batch?.with_schema(schema)?));
         Box::pin(RecordBatchStreamAdapter::new(
             self.schema.clone(),
             futures::stream::once(future),

@@ -68,13 +68,14 @@ pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
         .collect()
 }
 
-/// Values of a float column across batches.
+/// Values of a float column (any float type, as `f32`) across batches.
 pub fn floats(batches: &[RecordBatch], column: &str) -> Vec<f32> {
     batches
         .iter()
         .flat_map(|b| {
-            b.column_by_name(column)
-                .expect("column exists")
+            let column = b.column_by_name(column).expect("column exists");
+            datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Float32)
+                .expect("a float column")
                 .as_primitive::<Float32Type>()
                 .values()
                 .to_vec()

@@ -5,6 +5,8 @@
 //!   encoder models or LaSER latent-reasoning decoders.
 //! - [`decoder`]: the decoder runtime (exported causal LMs with a KV cache): latent embeddings,
 //!   generation, chat templates, the local LLM.
+//! - [`chunking`]: `chunk(text [, max_tokens [, overlap_tokens]])`, long texts cut within the
+//!   embedding model's token limit at section, paragraph, sentence and word boundaries.
 //! - [`mk`]: Meta-Knowledge preparation — metadata (`mk_metadata`), synthetic questions
 //!   (`mk_qa`), clusters (`mk_cluster`) and cluster summaries (`mk_summary`), on an embedded
 //!   generator, any OpenAI-compatible LLM endpoint or a local LLM.
@@ -17,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod bounded;
+pub mod chunking;
 pub mod decoder;
 pub mod embedding;
 pub mod mk;

@@ -1,0 +1,171 @@
+//! `text_search(kb, 'query' [, column] [, k] [, syntax => 'tantivy'])`: the `k` rows of a
+//! knowledge index scoring best for a query under BM25, with a `score` column (the BM25 score).
+//!
+//! Spice.ai's signature: `column` names one text column to search (default: all of the index's
+//! text columns, read as one text); without `k`, the query's `LIMIT` (when DataFusion pushes
+//! it) or 10 rows, either checked against the session's `max_k`. The query is plain terms —
+//! any text is valid, nothing in it is an operator — unless `syntax => 'tantivy'` asks for
+//! tantivy's query language (`+must -not "a phrase" title:word`); a query that does not parse is
+//! refused when the statement is planned, naming the position. `WHERE` clauses on the index's
+//! columns are evaluated inside the search, as for `vector_search`.
+//!
+//! `qa_text_search(kb, 'query' [, column] [, k])` is the same search over the synthetic
+//! questions (and answers) of a Meta-Knowledge index.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{DataFusionError, Result, plan_err};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use futures::FutureExt;
+
+use super::KbSchema;
+use super::call_args::{CallArgs, int_arg, string_arg, table_arg};
+use super::catalog::SearchTarget;
+use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
+use super::vector_search::DEFAULT_K;
+use crate::access::Access;
+use crate::support::batch_table::deferred_scan;
+use crate::support::{index_error, tag_call};
+use mkflow_index::{KnowledgeIndex, QuerySyntax, TextQuery};
+
+/// The `text_search` and `qa_text_search` table functions.
+#[derive(Debug)]
+pub struct TextSearchFunction {
+    registry: Arc<KbSchema>,
+    target: SearchTarget,
+}
+
+impl TextSearchFunction {
+    /// A function searching `target`, resolving tables in `registry`.
+    pub fn new(registry: Arc<KbSchema>, target: SearchTarget) -> Self {
+        TextSearchFunction { registry, target }
+    }
+
+    fn function_name(&self) -> &'static str {
+        match self.target {
+            SearchTarget::Documents => "text_search",
+            SearchTarget::Questions => "qa_text_search",
+        }
+    }
+}
+
+impl TableFunctionImpl for TextSearchFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let function = self.function_name();
+        let usage = format!("usage: {function}(kb, 'query' [, column] [, k] [, syntax => 'tantivy'])");
+        let access = Access::of(args.session().config());
+        let call = CallArgs::of(function, args.exprs(), &["syntax"])?;
+        let exprs = &call.positional;
+        if !(2..=4).contains(&exprs.len()) {
+            return plan_err!("{function} takes 2 to 4 arguments; {usage}");
+        }
+        let name = table_arg(&exprs[0]).ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "{function}: the first argument must name a knowledge index; {usage}"
+            ))
+        })?;
+        let index = self.registry.search_target(function, &name, self.target)?;
+        let text = string_arg(&exprs[1])
+            .ok_or_else(|| DataFusionError::Plan(format!("{function}: the query must be a text; {usage}")))?;
+        access.check_query_text(function, &text)?;
+        let mut rest = &exprs[2..];
+        let mut column = None;
+        if let Some(first) = rest.first().filter(|e| int_arg(e).is_none()) {
+            column = Some(string_arg(first).or_else(|| table_arg(first)).ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "{function}: the third argument must be k or a column name; {usage}"
+                ))
+            })?);
+            rest = &rest[1..];
+        }
+        let k = match rest.first() {
+            Some(limit) => {
+                let value = int_arg(limit).filter(|v| *v > 0).ok_or_else(|| {
+                    DataFusionError::Plan(format!("{function}: k must be a positive integer; {usage}"))
+                })?;
+                Some(access.check_k(function, usize::try_from(value).unwrap_or(usize::MAX))?)
+            }
+            None => None,
+        };
+        let syntax = match call.named_string("syntax")? {
+            None => QuerySyntax::Terms,
+            Some(name) => QuerySyntax::parse(&name).ok_or_else(|| {
+                DataFusionError::Plan(format!("{function}: syntax must be 'terms' or 'tantivy', not '{name}'"))
+            })?,
+        };
+        let query = TextQuery { text, column, syntax };
+        index
+            .check_text_query(&query)
+            .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+        Ok(Arc::new(TextSearchTable {
+            function,
+            schema: tag_call(&index.search_schema(), function, args.exprs()),
+            index,
+            query,
+            k,
+        }))
+    }
+}
+
+/// The result of one `text_search` call, computed when the plan runs.
+#[derive(Debug, Clone)]
+pub struct TextSearchTable {
+    function: &'static str,
+    /// The index's search schema, tagged with this call.
+    schema: SchemaRef,
+    index: Arc<KnowledgeIndex>,
+    query: TextQuery,
+    k: Option<usize>,
+}
+
+#[async_trait]
+impl TableProvider for TextSearchTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Temporary
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(pushdown_support(filters, &self.index.schema()))
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let k = match self.k {
+            Some(k) => k,
+            None => Access::of(state.config()).check_k(self.function, limit.unwrap_or(DEFAULT_K))?,
+        };
+        let row_schema = self.index.schema();
+        let pushed: Vec<Expr> = filters
+            .iter()
+            .filter(|f| is_row_filter(f, &row_schema))
+            .cloned()
+            .collect();
+        let filter = CompiledFilter::compile(state, &row_schema, &pushed)?;
+        let (index, query) = (self.index.clone(), Arc::new(self.query.clone()));
+        deferred_scan(self.schema(), projection, None, move |_| {
+            let (index, query, filter) = (index.clone(), query.clone(), filter.clone());
+            async move {
+                // CPU work over the published state, like an operator's: no thread hop.
+                match &filter {
+                    Some(f) => index.text_search(&query, k, Some(&|b| f.evaluate(b))),
+                    None => index.text_search(&query, k, None),
+                }
+                .map_err(index_error)
+            }
+            .boxed()
+        })
+    }
+}
