@@ -10,6 +10,7 @@
 # 5. decoder: LaSER latent (K=3) vs plain (K=0) encode at batch 1/8/32, generation tokens/s
 #    (SmolLM2-135M; pulled and exported on first use)
 # 6. serve: text-query vector_search over HTTP, 1 vs 16 concurrent clients (QPS, p50/p99)
+# 7. text_search through SQL vs bare tantivy on 100k documents; ingest with the text index on/off
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Dependencies are optimised in the dev profile (see Cargo.toml), so benchmarks reuse the test
@@ -21,3 +22,4 @@ bash scripts/install-tansu.sh
 cargo bench --profile dev --bench streaming
 cargo bench --profile dev --bench decoder
 cargo bench --profile dev --bench serve
+cargo bench --profile dev --bench text_search

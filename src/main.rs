@@ -149,8 +149,8 @@ enum Command {
         dataset: PathBuf,
         /// Comma-separated modes: doc (HNSW vector_search), exact (brute force in SQL),
         /// bm25 (text_search), hybrid (hybrid_search: vector and BM25 fused by reciprocal
-        /// rank), qa (qa_search over synthetic questions), qa_hybrid (qa_hybrid_search), mk
-        /// (mk_search). qa, qa_hybrid and mk run the Meta-Knowledge prepare stage while
+        /// rank), qa (qa_search over synthetic questions), qa_hybrid (hybrid_search over
+        /// documents and questions), mk (mk_search). qa, qa_hybrid and mk run the Meta-Knowledge prepare stage while
         /// building the index.
         #[arg(long, default_value = "doc,exact,bm25,hybrid", value_delimiter = ',')]
         modes: Vec<String>,

@@ -335,6 +335,43 @@ async fn qa_search_and_mk_search_find_documents_with_provenance() {
         "mk_search finds the document by its title: {mk_found}/20"
     );
 
+    // Hybrid search on a Meta-Knowledge index fuses the questions too; without them it is
+    // the documents' dense and BM25 searches alone.
+    let query = titles[0].replace('\'', "''");
+    let with = engine
+        .sql(&format!(
+            "SELECT doc_id, fused_score FROM hybrid_search(scifact_mk, '{query}', 10)"
+        ))
+        .await
+        .unwrap();
+    let fused = floats(&with, "fused_score");
+    assert_eq!(strings(&with, "doc_id")[0], ids[0]);
+    assert!(
+        fused[0] > 2.0 / 61.0,
+        "four searches agree on the first document: {}",
+        fused[0]
+    );
+    let without = engine
+        .sql(&format!(
+            "SELECT doc_id FROM hybrid_search(scifact_mk, '{query}', 10, questions => false)"
+        ))
+        .await
+        .unwrap();
+    let explicit = engine
+        .sql(&format!(
+            "SELECT doc_id FROM rrf(vector_search(scifact_mk, '{query}'), text_search(scifact_mk, '{query}')) LIMIT 10"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(strings(&without, "doc_id"), strings(&explicit, "doc_id"));
+    let qa = engine
+        .sql(&format!(
+            "SELECT question_id, doc_id, question, fused_score FROM qa_hybrid_search(scifact_mk, '{query}', 5)"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(strings(&qa, "question_id").len(), 5);
+
     let error = engine
         .sql("SELECT * FROM mk_search(nope, 'x')")
         .await

@@ -538,7 +538,7 @@ fn open_full_text(dir: &Path, schema: &Schema, columns: Vec<TextColumn>) -> Resu
         }
         return Ok(None);
     }
-    Ok(Some(Arc::new(FullText::open(dir, schema, columns)?)))
+    Ok(Some(FullText::open_shared(dir, schema, columns)?))
 }
 
 /// The declared columns plus the vector column.

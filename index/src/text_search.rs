@@ -52,13 +52,10 @@ impl KnowledgeIndex {
         };
         let k = k.min(state.locations.len());
         let hits = match filter {
-            None => {
-                let live = state.clone();
-                full_text.search(view, query, k, move |key| live.is_live(key))?
-            }
+            None => full_text.search(view, query, k, None::<fn(u64) -> bool>)?,
             Some(filter) => {
                 let allowed = Arc::new(self.allowed_keys(&state, filter, false)?);
-                full_text.search(view, query, k, move |key| allowed.contains(key))?
+                full_text.search(view, query, k, Some(move |key| allowed.contains(key)))?
             }
         };
         self.gather(&state, &hits)

@@ -371,3 +371,20 @@ fn text_columns_are_chosen_and_can_change() {
     );
     assert!(wrong.unwrap_err().to_string().contains("only text columns"));
 }
+
+#[test]
+fn two_handles_on_one_index_share_its_text_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = create(dir.path());
+    first.upsert(&[rows(&first, &[("a", "quokka", "smile", 1)])]).unwrap();
+    // A second engine over the same data directory opens the index again; tantivy allows one
+    // writer per directory, so both handles share it.
+    let second = KnowledgeIndex::open(dir.path()).unwrap();
+    second
+        .upsert(&[rows(&second, &[("b", "wombat", "burrow", 1)])])
+        .unwrap();
+    assert_eq!(search(&second, "quokka wombat", 10).len(), 2);
+    drop((first, second));
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(search(&reopened, "quokka wombat", 10).len(), 2);
+}

@@ -8,8 +8,9 @@
 //! - `bm25`: `text_search` (BM25 over the title and body);
 //! - `hybrid`: `hybrid_search` (`vector_search` and `text_search` fused by reciprocal rank);
 //! - `qa`: `qa_search` over the synthetic questions, a document scoring as its best question;
-//! - `qa_hybrid`: `qa_hybrid_search` (`qa_search` and BM25 over the questions, fused), a
-//!   document scoring as its best question;
+//! - `qa_hybrid`: `hybrid_search` on the Meta-Knowledge index: documents and their synthetic
+//!   questions, each by vector and by BM25, fused by reciprocal rank (a document ranked by its
+//!   best question in the question searches);
 //! - `mk`: `mk_search` (route, rewrite, match questions, fuse), a document ranked by its best
 //!   QA pair.
 //!
@@ -55,7 +56,8 @@ pub enum Mode {
     Hybrid,
     /// Matching the synthetic questions (`qa_search`).
     Qa,
-    /// Matching the synthetic questions, dense and BM25 fused (`qa_hybrid_search`).
+    /// Documents and synthetic questions, dense and BM25, fused (`hybrid_search` on a
+    /// Meta-Knowledge index).
     QaHybrid,
     /// Meta-Knowledge retrieval (`mk_search`).
     Mk,
@@ -110,11 +112,10 @@ impl Mode {
                  FROM {kb} ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
             ),
             Mode::Bm25 => format!("SELECT doc_id, score FROM text_search({kb}, {q}, {RUN_DEPTH})"),
-            Mode::Hybrid => format!("SELECT doc_id, fused_score FROM hybrid_search({kb}, {q}, {RUN_DEPTH})"),
-            Mode::QaHybrid => format!(
-                "SELECT doc_id, max(fused_score) AS score FROM qa_hybrid_search({kb}, {q}, {QUESTION_DEPTH}) \
-                 GROUP BY doc_id ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
-            ),
+            Mode::Hybrid => {
+                format!("SELECT doc_id, fused_score FROM hybrid_search({kb}, {q}, {RUN_DEPTH}, questions => false)")
+            }
+            Mode::QaHybrid => format!("SELECT doc_id, fused_score FROM hybrid_search({kb}, {q}, {RUN_DEPTH})"),
             Mode::Qa | Mode::Mk => format!(
                 "SELECT doc_id, max(score) AS score FROM {function}({kb}, {q}, {QUESTION_DEPTH}) \
                  GROUP BY doc_id ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}",

@@ -109,6 +109,11 @@ impl KbSchema {
         })
     }
 
+    /// Whether index `name` has a Meta-Knowledge side (synthetic questions).
+    pub fn has_questions(&self, name: &str) -> bool {
+        self.entry(name).is_some_and(|(_, mk)| mk.is_some())
+    }
+
     /// The index `function` searches for table `name`: the documents, or the synthetic
     /// questions of its Meta-Knowledge side.
     pub fn search_target(&self, function: &str, name: &str, target: SearchTarget) -> Result<Arc<KnowledgeIndex>> {

@@ -11,8 +11,10 @@
 //!   taken from the first search that returned the row and has it; `score` left out), plus
 //!   `fused_score`. Each search returns its own `k` rows, or, without one, the larger of the
 //!   query's `LIMIT` and [`FUSION_DEPTH`].
-//! - `hybrid_search(kb, 'query' [, k])` is `rrf(vector_search(kb, 'query'), text_search(kb,
-//!   'query'))` joined on the index's key column.
+//! - `hybrid_search(kb, 'query' [, k] [, questions => bool])` is `rrf(vector_search(kb,
+//!   'query'), text_search(kb, 'query'))` joined on the index's key column; on a Meta-Knowledge
+//!   index it also fuses `qa_search` and `qa_text_search` (joined on the questions' `doc_id`, a
+//!   document ranked by its best question, three times deeper), unless `questions => false`.
 //! - `qa_hybrid_search(kb, 'query' [, k])` is `rrf(qa_search(kb, 'query'),
 //!   qa_text_search(kb, 'query'))` over the synthetic questions, joined on `question_id`.
 //!
@@ -46,6 +48,10 @@ pub const FUSION_DEPTH: usize = 100;
 
 /// The RRF smoothing constant when `k` is not given (Cormack et al.'s 60).
 pub const DEFAULT_RRF_K: f64 = 60.0;
+
+/// Questions retrieved per document a fusion wants: a document has several (5 on average
+/// with the embedded generator), so a question search goes this many times deeper.
+const QUESTIONS_PER_DOCUMENT: usize = 3;
 
 /// The column holding the fused score.
 pub const FUSED_SCORE_COLUMN: &str = "fused_score";
@@ -90,11 +96,19 @@ impl TableFunctionImpl for RrfFunction {
             // The searched function sees its own arguments, less the weight rrf applies.
             let own: Vec<Expr> = nested.iter().filter(|e| !is_named(e, "rank_weight")).cloned().collect();
             let provider = function.call_with_args(TableFunctionArgs::new(&own, args.session()))?;
-            inputs.push(FusedInput { provider, weight });
+            inputs.push(FusedInput {
+                provider,
+                weight,
+                join_column: String::new(),
+                depth_factor: 1,
+            });
         }
-        let join_key = call.named_string("join_key")?;
+        let join_key = call.named_string("join_key")?.unwrap_or_else(|| "doc_id".to_string());
+        for input in &mut inputs {
+            input.join_column = join_key.clone();
+        }
         let k = call.named_number("k")?.unwrap_or(DEFAULT_RRF_K);
-        let mut table = RrfTable::new(inputs, join_key, k)?;
+        let mut table = RrfTable::new(inputs, k)?;
         table.schema = tag_call(&table.schema, "rrf", args.exprs());
         Ok(Arc::new(table))
     }
@@ -135,7 +149,11 @@ impl TableFunctionImpl for HybridSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let (function, dense, lexical) = self.names();
         let usage = format!("usage: {function}(kb, 'query' [, k])");
-        let call = CallArgs::of(function, args.exprs(), &[])?;
+        let accepted: &[&str] = match self.target {
+            SearchTarget::Documents => &["questions"],
+            SearchTarget::Questions => &[],
+        };
+        let call = CallArgs::of(function, args.exprs(), accepted)?;
         let exprs = &call.positional;
         if !(2..=3).contains(&exprs.len()) {
             return plan_err!("{function} takes 2 or 3 arguments; {usage}");
@@ -163,15 +181,35 @@ impl TableFunctionImpl for HybridSearchFunction {
         let k = k
             .map(|k| Access::of(args.session().config()).check_k(function, k))
             .transpose()?;
+        let key = index.manifest().key_column;
+        // On a Meta-Knowledge index the documents' synthetic questions join the fusion (a
+        // document ranked by its best question), unless `questions => false`.
+        let questions = match call.named("questions") {
+            None => self.target == SearchTarget::Documents && self.registry.has_questions(&name),
+            Some(e) => match super::call_args::literal_arg(e) {
+                Some(ScalarValue::Boolean(Some(b))) => *b,
+                _ => return plan_err!("{function}: questions must be true or false"),
+            },
+        };
+        let mut searches = vec![(dense, key.clone(), 1), (lexical, key.clone(), 1)];
+        if questions {
+            // Each document has several questions: a deeper list covers as many documents.
+            searches.push(("qa_search", "doc_id".to_string(), QUESTIONS_PER_DOCUMENT));
+            searches.push(("qa_text_search", "doc_id".to_string(), QUESTIONS_PER_DOCUMENT));
+        }
         let table = Expr::Literal(ScalarValue::Utf8(Some(name)), None);
         let inner_args = [table, exprs[1].clone()];
-        let mut inputs = Vec::with_capacity(2);
-        for search in [dense, lexical] {
+        let mut inputs = Vec::with_capacity(searches.len());
+        for (search, join_column, depth_factor) in searches {
             let provider = self.searches[search].call_with_args(TableFunctionArgs::new(&inner_args, args.session()))?;
-            inputs.push(FusedInput { provider, weight: 1.0 });
+            inputs.push(FusedInput {
+                provider,
+                weight: 1.0,
+                join_column,
+                depth_factor,
+            });
         }
-        let key = index.manifest().key_column;
-        let mut table = RrfTable::new(inputs, Some(key), DEFAULT_RRF_K)?;
+        let mut table = RrfTable::new(inputs, DEFAULT_RRF_K)?;
         table.limit = k;
         table.schema = tag_call(&table.schema, function, args.exprs());
         Ok(Arc::new(table))
@@ -183,13 +221,16 @@ impl TableFunctionImpl for HybridSearchFunction {
 struct FusedInput {
     provider: Arc<dyn TableProvider>,
     weight: f64,
+    /// The column of its rows that names what is fused (a document id).
+    join_column: String,
+    /// Its depth, in multiples of the fusion's depth.
+    depth_factor: usize,
 }
 
 /// The fused result, computed when the plan runs.
 #[derive(Debug)]
 struct RrfTable {
     inputs: Vec<FusedInput>,
-    join_key: String,
     k: f64,
     /// Rows returned at most (`hybrid_search`'s `k`), before the query's `LIMIT`.
     limit: Option<usize>,
@@ -197,11 +238,11 @@ struct RrfTable {
 }
 
 impl RrfTable {
-    fn new(inputs: Vec<FusedInput>, join_key: Option<String>, k: f64) -> Result<Self> {
+    fn new(inputs: Vec<FusedInput>, k: f64) -> Result<Self> {
         let schemas: Vec<SchemaRef> = inputs.iter().map(|i| i.provider.schema()).collect();
-        let join_key = join_key.unwrap_or_else(|| "doc_id".to_string());
-        for (i, schema) in schemas.iter().enumerate() {
-            if schema.field_with_name(&join_key).is_err() {
+        for (i, (schema, input)) in schemas.iter().zip(&inputs).enumerate() {
+            let join_key = &input.join_column;
+            if schema.field_with_name(join_key).is_err() {
                 return plan_err!(
                     "rrf: search {} returns no column '{join_key}' to join on (its columns: {}); name one with join_key => 'column'",
                     i + 1,
@@ -225,7 +266,6 @@ impl RrfTable {
         fields.push(Field::new(FUSED_SCORE_COLUMN, DataType::Float64, false));
         Ok(RrfTable {
             inputs,
-            join_key,
             k,
             limit: None,
             schema: Arc::new(Schema::new(fields)),
@@ -272,12 +312,17 @@ impl TableProvider for RrfTable {
         let depth = limit.unwrap_or(DEFAULT_K).max(FUSION_DEPTH);
         let mut plans = Vec::with_capacity(self.inputs.len());
         for input in &self.inputs {
-            plans.push(input.provider.scan(state, None, filters, Some(depth)).await?);
+            plans.push(
+                input
+                    .provider
+                    .scan(state, None, filters, Some(depth * input.depth_factor))
+                    .await?,
+            );
         }
         let fusion = Arc::new(Fusion {
             plans,
             weights: self.inputs.iter().map(|i| i.weight).collect(),
-            join_key: self.join_key.clone(),
+            join_columns: self.inputs.iter().map(|i| i.join_column.clone()).collect(),
             k: self.k,
             limit,
             schema: self.schema.clone(),
@@ -299,7 +344,8 @@ impl TableProvider for RrfTable {
 struct Fusion {
     plans: Vec<Arc<dyn ExecutionPlan>>,
     weights: Vec<f64>,
-    join_key: String,
+    /// The join column of each search.
+    join_columns: Vec<String>,
     k: f64,
     /// Fused rows kept, best first (`None`: all).
     limit: Option<usize>,
@@ -327,7 +373,9 @@ impl Fusion {
         let mut by_key: HashMap<String, usize> = HashMap::new();
         for (search, answer) in answers.iter().enumerate() {
             let keys = cast(
-                answer.column_by_name(&self.join_key).expect("checked when planned"),
+                answer
+                    .column_by_name(&self.join_columns[search])
+                    .expect("checked when planned"),
                 &DataType::Utf8,
             )?;
             let keys = keys.as_string::<i32>();
@@ -448,7 +496,7 @@ mod tests {
                 Arc::new(EmptyExec::new(second.schema())),
             ],
             weights: vec![1.0, 2.0],
-            join_key: "doc_id".into(),
+            join_columns: vec!["doc_id".into(), "doc_id".into()],
             k: 60.0,
             limit: Some(10),
             schema,

@@ -20,9 +20,10 @@
 mod analyzer;
 mod query;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
@@ -45,6 +46,10 @@ pub const FULLTEXT_DIR: &str = "fulltext";
 const KEY_FIELD: &str = "_key";
 const DOC_FIELD: &str = "_doc";
 const ALL_FIELD: &str = "_all";
+
+/// The text indexes open in this process, by index directory: opening an index twice (two
+/// engines over one data directory) shares one, since a directory has one writer.
+static OPEN: LazyLock<Mutex<HashMap<PathBuf, Weak<FullText>>>> = LazyLock::new(Default::default);
 
 /// Memory the tantivy writer buffers before it flushes a segment on its own.
 const WRITER_MEMORY_BYTES: usize = 64 << 20;
@@ -156,12 +161,31 @@ fn text_error(what: &str, e: impl fmt::Display) -> IndexError {
 }
 
 impl FullText {
-    /// Opens the text index in `index_dir/fulltext` for `columns` of the row `schema`, or
-    /// creates an empty one when it is missing, unreadable or built for other columns (the
-    /// caller's [`FullText::sync`] then rebuilds it from the rows).
-    pub(crate) fn open(index_dir: &Path, schema: &Schema, columns: Vec<TextColumn>) -> Result<Self, IndexError> {
+    /// The text index in `index_dir/fulltext` for `columns` of the row `schema`: the one this
+    /// process already has open there (its writer is the directory's only one), else opened —
+    /// or created empty when it is missing, unreadable or built for other columns (the caller's
+    /// [`FullText::sync`] then rebuilds it from the rows).
+    pub(crate) fn open_shared(
+        index_dir: &Path,
+        schema: &Schema,
+        columns: Vec<TextColumn>,
+    ) -> Result<Arc<Self>, IndexError> {
         check_text_columns(schema, &columns)?;
         let dir = index_dir.join(FULLTEXT_DIR);
+        let key = std::fs::canonicalize(index_dir).unwrap_or_else(|_| index_dir.to_path_buf());
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, text| text.strong_count() > 0);
+        if let Some(text) = open.get(&key).and_then(Weak::upgrade)
+            && text.columns == columns
+        {
+            return Ok(text);
+        }
+        let text = Arc::new(Self::open(dir, schema, columns)?);
+        open.insert(key, Arc::downgrade(&text));
+        Ok(text)
+    }
+
+    fn open(dir: PathBuf, schema: &Schema, columns: Vec<TextColumn>) -> Result<Self, IndexError> {
         let (tantivy_schema, fields) = tantivy_schema(schema, &columns)?;
         let existing = if dir.join("meta.json").is_file() {
             match Index::open_in_dir(&dir) {
@@ -229,7 +253,15 @@ impl FullText {
                 committed.map_or("none".to_string(), |g| g.to_string()),
                 state.locations.len()
             );
-            self.rebuild(state)?;
+            if let Err(e) = self.rebuild(state) {
+                // Another process writing this index is mid-commit (its text index commits just
+                // before its manifest): read the text index as it is rather than fail.
+                let Some(committed) = committed else { return Err(e) };
+                log::warn!(
+                    "{}: cannot rebuild ({e}); text searches in this process read generation {committed}",
+                    self.dir.display()
+                );
+            }
         }
         self.view()
     }
@@ -423,25 +455,31 @@ impl FullText {
         Ok(())
     }
 
-    /// The `k` best-scoring live rows of `view`'s generation for `query` among those `accept`
-    /// lets through, best first (BM25 scores).
+    /// The `k` best-scoring rows of `view`'s generation for `query` (among those `accept` lets
+    /// through, when given), best first (BM25 scores). The view holds exactly the live rows of
+    /// its generation (deletes are applied when the text index commits), so an unfiltered
+    /// search checks nothing per matching document.
     pub(crate) fn search(
         &self,
         view: &TextView,
         query: &TextQuery,
         k: usize,
-        accept: impl Fn(u64) -> bool + Send + Sync + Clone + 'static,
+        accept: Option<impl Fn(u64) -> bool + Send + Sync + Clone + 'static>,
     ) -> Result<Vec<Hit>, IndexError> {
         if k == 0 {
             return Ok(Vec::new());
         }
         let (field, analyzer) = self.field_of(query.column.as_deref())?;
         let tantivy_query = query.build(&self.index, field, analyzer, &self.columns, self.fields.all)?;
-        let collector = FilterCollector::new(KEY_FIELD.to_string(), accept, TopDocs::with_limit(k).order_by_score());
-        let top = view
-            .searcher
-            .search(tantivy_query.as_ref(), &collector)
-            .map_err(|e| text_error("text search", e))?;
+        let top_k = TopDocs::with_limit(k).order_by_score();
+        let top = match accept {
+            Some(accept) => view.searcher.search(
+                tantivy_query.as_ref(),
+                &FilterCollector::new(KEY_FIELD.to_string(), accept, top_k),
+            ),
+            None => view.searcher.search(tantivy_query.as_ref(), &top_k),
+        }
+        .map_err(|e| text_error("text search", e))?;
         let mut hits = Vec::with_capacity(top.len());
         for (score, address) in top {
             let keys = view
