@@ -17,7 +17,7 @@ use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 
 use crate::files::{read_rows, remove_stray_files};
-use crate::fulltext::TextView;
+use crate::fulltext::view::TextView;
 use crate::layered::LayeredMap;
 use crate::segment::Segment;
 use crate::vector::extract_vectors;

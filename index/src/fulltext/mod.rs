@@ -19,6 +19,7 @@
 
 mod analyzer;
 mod query;
+pub(crate) mod view;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,10 +32,11 @@ use arrow::datatypes::{DataType, Schema};
 use tantivy::collector::{FilterCollector, TopDocs};
 use tantivy::indexer::IndexWriterOptions;
 use tantivy::schema::{FAST, Field, INDEXED, IndexRecordOption, STRING, TextFieldIndexing, TextOptions};
-use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, Term};
+use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
 
 pub use analyzer::{Analyzer, TextColumn};
 pub use query::{QuerySyntax, TextQuery};
+use view::TextView;
 
 use crate::state::State;
 use crate::{Hit, IndexError};
@@ -138,20 +140,6 @@ impl fmt::Debug for FullText {
         f.debug_struct("FullText")
             .field("dir", &self.dir)
             .field("columns", &self.columns)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The text index as one generation sees it.
-#[derive(Clone)]
-pub(crate) struct TextView {
-    searcher: Searcher,
-}
-
-impl fmt::Debug for TextView {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TextView")
-            .field("documents", &self.searcher.num_docs())
             .finish_non_exhaustive()
     }
 }
@@ -271,9 +259,7 @@ impl FullText {
         self.reader
             .reload()
             .map_err(|e| text_error("reloading the text index", e))?;
-        Ok(TextView {
-            searcher: self.reader.searcher(),
-        })
+        Ok(TextView::new(self.reader.searcher()))
     }
 
     /// Replaces the text index's documents with the live rows of `state`.
@@ -473,17 +459,17 @@ impl FullText {
         let tantivy_query = query.build(&self.index, field, analyzer, &self.columns, self.fields.all)?;
         let top_k = TopDocs::with_limit(k).order_by_score();
         let top = match accept {
-            Some(accept) => view.searcher.search(
+            Some(accept) => view.searcher().search(
                 tantivy_query.as_ref(),
                 &FilterCollector::new(KEY_FIELD.to_string(), accept, top_k),
             ),
-            None => view.searcher.search(tantivy_query.as_ref(), &top_k),
+            None => view.searcher().search(tantivy_query.as_ref(), &top_k),
         }
         .map_err(|e| text_error("text search", e))?;
         let mut hits = Vec::with_capacity(top.len());
         for (score, address) in top {
             let keys = view
-                .searcher
+                .searcher()
                 .segment_reader(address.segment_ord)
                 .fast_fields()
                 .u64(KEY_FIELD)
