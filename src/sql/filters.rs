@@ -52,6 +52,13 @@ pub struct CompiledFilter {
 }
 
 impl CompiledFilter {
+    /// Compiles the filters among `filters` that read only columns of `schema` (those a scan
+    /// reported as pushed down); `None` when there are none.
+    pub fn pushed(state: &dyn Session, schema: &SchemaRef, filters: &[Expr]) -> Result<Option<Self>> {
+        let rows: Vec<Expr> = filters.iter().filter(|f| is_row_filter(f, schema)).cloned().collect();
+        Self::compile(state, schema, &rows)
+    }
+
     /// Compiles `filters` (ANDed) against the rows of `schema`; `None` when there are none.
     pub fn compile(state: &dyn Session, schema: &SchemaRef, filters: &[Expr]) -> Result<Option<Self>> {
         let unqualified = filters

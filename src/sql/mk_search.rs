@@ -27,7 +27,7 @@ use mkflow_udfs::mk::{MkOptions, string_list_type};
 
 use super::KbSchema;
 use super::call_args::{int_arg, string_arg, table_arg};
-use super::vector_search::DEFAULT_K;
+use super::vector_search::search_k;
 use crate::access::Access;
 use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
 use crate::support::batch_table::deferred_scan;
@@ -364,10 +364,7 @@ impl TableProvider for MkSearchTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let options = MkOptions::of(state.config_options());
-        let k = match self.k {
-            Some(k) => k,
-            None => Access::of(state.config()).check_k("mk_search", limit.unwrap_or(DEFAULT_K))?,
-        };
+        let k = search_k(state, "mk_search", self.k, limit)?;
         let table = Arc::new(self.clone());
         deferred_scan(self.schema.clone(), projection, None, move |_| {
             let (table, options) = (table.clone(), options.clone());

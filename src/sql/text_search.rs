@@ -25,8 +25,8 @@ use futures::FutureExt;
 use super::KbSchema;
 use super::call_args::{CallArgs, int_arg, string_arg, table_arg};
 use super::catalog::SearchTarget;
-use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
-use super::vector_search::DEFAULT_K;
+use super::filters::{CompiledFilter, pushdown_support};
+use super::vector_search::search_k;
 use crate::access::Access;
 use crate::support::batch_table::deferred_scan;
 use crate::support::{index_error, tag_call};
@@ -143,17 +143,8 @@ impl TableProvider for TextSearchTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let k = match self.k {
-            Some(k) => k,
-            None => Access::of(state.config()).check_k(self.function, limit.unwrap_or(DEFAULT_K))?,
-        };
-        let row_schema = self.index.schema();
-        let pushed: Vec<Expr> = filters
-            .iter()
-            .filter(|f| is_row_filter(f, &row_schema))
-            .cloned()
-            .collect();
-        let filter = CompiledFilter::compile(state, &row_schema, &pushed)?;
+        let k = search_k(state, self.function, self.k, limit)?;
+        let filter = CompiledFilter::pushed(state, &self.index.schema(), filters)?;
         let (index, query) = (self.index.clone(), Arc::new(self.query.clone()));
         deferred_scan(self.schema(), projection, None, move |_| {
             let (index, query, filter) = (index.clone(), query.clone(), filter.clone());

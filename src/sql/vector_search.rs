@@ -33,7 +33,7 @@ use futures::FutureExt;
 use super::KbSchema;
 use super::call_args::{int_arg, literal_arg, string_arg, table_arg};
 use super::catalog::SearchTarget;
-use super::filters::{CompiledFilter, is_row_filter, pushdown_support};
+use super::filters::{CompiledFilter, pushdown_support};
 use crate::access::Access;
 use crate::models::ModelRegistry;
 use crate::support::batch_table::deferred_scan;
@@ -42,6 +42,15 @@ use mkflow_index::KnowledgeIndex;
 
 /// Rows returned when neither `k` nor a pushed `LIMIT` says how many.
 pub const DEFAULT_K: usize = 10;
+
+/// The rows a search returns: its own `k`, else the query's pushed `LIMIT` or [`DEFAULT_K`]
+/// checked against the session's `max_k`.
+pub fn search_k(state: &dyn Session, function: &str, k: Option<usize>, limit: Option<usize>) -> Result<usize> {
+    match k {
+        Some(k) => Ok(k),
+        None => Access::of(state.config()).check_k(function, limit.unwrap_or(DEFAULT_K)),
+    }
+}
 
 /// The `vector_search` and `qa_search` table functions.
 #[derive(Debug)]
@@ -224,17 +233,8 @@ impl TableProvider for VectorSearchTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let k = match self.k {
-            Some(k) => k,
-            None => Access::of(state.config()).check_k(self.function, limit.unwrap_or(DEFAULT_K))?,
-        };
-        let row_schema = self.index.schema();
-        let pushed: Vec<Expr> = filters
-            .iter()
-            .filter(|f| is_row_filter(f, &row_schema))
-            .cloned()
-            .collect();
-        let filter = CompiledFilter::compile(state, &row_schema, &pushed)?;
+        let k = search_k(state, self.function, self.k, limit)?;
+        let filter = CompiledFilter::pushed(state, &self.index.schema(), filters)?;
         let search = Arc::new(SearchCall {
             table: VectorSearchTable {
                 function: self.function,
