@@ -51,7 +51,18 @@ const TABLES: &[&str] = &[
     "datafusion.public.kb",
     "\"kb\"",
 ];
-const SEARCHES: &[&str] = &["vector_search", "qa_search", "mk_search", "generate_series", "range"];
+const SEARCHES: &[&str] = &[
+    "vector_search",
+    "qa_search",
+    "mk_search",
+    "text_search",
+    "qa_text_search",
+    "hybrid_search",
+    "qa_hybrid_search",
+    "rrf",
+    "generate_series",
+    "range",
+];
 const FUNCTIONS: &[&str] = &[
     "embed",
     "mk_cluster",
@@ -70,11 +81,14 @@ const FUNCTIONS: &[&str] = &[
     "array_resize",
     "regexp_replace",
     "to_hex",
+    "chunk",
+    "vector_search",
+    "named_arg",
 ];
 
 /// One argument of any kind.
 fn argument(rng: &mut Rng, depth: usize) -> String {
-    match rng.below(if depth > 3 { 14 } else { 17 }) {
+    match rng.below(if depth > 3 { 16 } else { 20 }) {
         0 => rng.pick(TABLES).to_string(),
         1 => "'gene therapy'".into(),
         2 => "''".into(),
@@ -100,8 +114,30 @@ fn argument(rng: &mut Rng, depth: usize) -> String {
         11 => "CAST(NULL AS VARCHAR)".into(),
         12 => "'😀 ünïcödé'".into(),
         13 => format!("{}", rng.next() as i64),
-        14 => format!("({})", select(rng, depth + 1)),
-        15 => call(rng, depth + 1),
+        14 => rng
+            .pick(&[
+                "k => 60.0",
+                "k => 0",
+                "join_key => 'doc_id'",
+                "join_key => 'nope'",
+                "syntax => 'tantivy'",
+                "syntax => 1",
+                "rank_weight => 2",
+                "questions => false",
+                "nope => 1",
+            ])
+            .into(),
+        15 => rng
+            .pick(&[
+                "'+gene -therapy \"a phrase'",
+                "'title:(gene OR'",
+                "'gene^2 body:therapy'",
+                "'*'",
+            ])
+            .into(),
+        16 => format!("{}(kb, {})", rng.pick(SEARCHES), argument(rng, depth + 1)),
+        17 => format!("({})", select(rng, depth + 1)),
+        18 => call(rng, depth + 1),
         _ => format!("{}({})", rng.pick(FUNCTIONS), argument(rng, depth + 1)),
     }
 }
