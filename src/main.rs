@@ -38,8 +38,9 @@ Examples:
   mkflow eval --dataset ../shared/data/beir/scifact   nDCG@10 / Recall@100 / MRR@10 per mode
 
 Knowledge indexes live in the data directory (--data-dir); each one is a table named after
-its directory. SQL extensions: embed(text), vector_search(kb, 'query' [, column] [, k]),
-qa_search, mk_search, CREATE EXTERNAL TABLE … STORED AS KB | JSONL | TEXT_FILES | KAFKA.
+its directory. SQL extensions: embed(text), chunk(text), vector_search(kb, 'query' [, column]
+[, k]), text_search (BM25), hybrid_search and rrf(search, search, …) (fusion), qa_search,
+mk_search, CREATE EXTERNAL TABLE … STORED AS KB | JSONL | TEXT_FILES | KAFKA.
 See README.md for the full reference."
 )]
 struct Cli {

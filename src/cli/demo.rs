@@ -28,6 +28,16 @@ const QUERIES: &[(&str, &str)] = &[
          FROM vector_search(scifact, 'gene expression in cancer', 'body', 3)",
     ),
     (
+        "Keyword search: BM25 over title and abstract (text_search)",
+        "SELECT doc_id, substr(title, 1, 70) AS title, round(score, 2) AS bm25 \
+         FROM text_search(scifact, 'vitamin D bone fractures', 3)",
+    ),
+    (
+        "Hybrid search: vector and BM25 results fused by reciprocal rank (hybrid_search)",
+        "SELECT doc_id, substr(title, 1, 70) AS title, round(fused_score, 4) AS fused_score \
+         FROM hybrid_search(scifact, 'vitamin D bone fractures', 3)",
+    ),
+    (
         "embed() in any query: cosine similarity of two pairs of texts",
         "SELECT round(1 - cosine_distance(embed('A dog chases a ball'), embed('A puppy runs after a toy')), 3) AS related, \
                 round(1 - cosine_distance(embed('A dog chases a ball'), embed('Quarterly revenue grew by 5%')), 3) AS unrelated",

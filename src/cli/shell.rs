@@ -16,6 +16,8 @@ Type SQL ending with ';' (it may span lines). Commands:
   \\q          quit (or Ctrl-D)
 Examples:
   SELECT doc_id, title, score FROM vector_search(kb, 'how do vaccines work', 5);
+  SELECT doc_id, title, score FROM text_search(kb, 'vaccine adjuvant', 5);
+  SELECT doc_id, title, fused_score FROM hybrid_search(kb, 'how do vaccines work', 5);
   SELECT count(*) FROM kb;";
 
 /// Runs the prompt until the user quits. History persists in `history_file`.
