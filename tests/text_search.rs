@@ -160,6 +160,18 @@ async fn rrf_fuses_searches_and_hybrid_search_is_its_shorthand() {
             "SELECT * FROM rrf(text_search(kb, 'x'), k => -1)",
             "k must be a positive number",
         ),
+        (
+            "SELECT * FROM rrf(vector_search(kb, 'x', syntax => 'tantivy'))",
+            "vector_search takes no argument named 'syntax'",
+        ),
+        (
+            "SELECT * FROM vector_search(kb, 'x', k => 3)",
+            "vector_search takes no argument named 'k'",
+        ),
+        (
+            "SELECT * FROM rrf(text_search(kb, 'x', rank_weight => 0))",
+            "rank_weight must be a positive number",
+        ),
         ("SELECT vector_search(kb, 'x')", "No field named kb"),
         ("SELECT vector_search('kb', 'x')", "is a table function"),
     ] {

@@ -258,6 +258,19 @@ impl CallArgs {
     }
 }
 
+/// The name of the named argument `expr` is, if it is one.
+pub fn named_arg_name(expr: &Expr) -> Option<&str> {
+    match marker_call(expr) {
+        Some((NAMED_ARG, [name, _])) => match literal(name)? {
+            ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => {
+                Some(s.as_str())
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// A table-function call given as an argument: the function's name and arguments.
 pub fn nested_call(expr: &Expr) -> Option<(&str, &[Expr])> {
     marker_call(expr).filter(|(name, _)| *name != NAMED_ARG)

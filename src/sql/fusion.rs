@@ -35,7 +35,7 @@ use futures::FutureExt;
 use futures::future::try_join_all;
 
 use super::KbSchema;
-use super::call_args::{CallArgs, int_arg, nested_call, string_arg, table_arg};
+use super::call_args::{CallArgs, int_arg, named_arg_name, nested_call, string_arg, table_arg};
 use super::catalog::SearchTarget;
 use super::vector_search::DEFAULT_K;
 use crate::access::Access;
@@ -91,10 +91,14 @@ impl TableFunctionImpl for RrfFunction {
                 known.sort();
                 DataFusionError::Plan(format!("rrf cannot fuse {name}(…) (searches: {})", known.join(", ")))
             })?;
-            let nested_args = CallArgs::of(name, nested, &["rank_weight", "syntax"])?;
-            let weight = nested_args.named_number("rank_weight")?.unwrap_or(1.0);
-            // The searched function sees its own arguments, less the weight rrf applies.
-            let own: Vec<Expr> = nested.iter().filter(|e| !is_named(e, "rank_weight")).cloned().collect();
+            // The weight is rrf's; the searched function judges the rest of its arguments.
+            let (weights, own): (Vec<Expr>, Vec<Expr>) = nested
+                .iter()
+                .cloned()
+                .partition(|e| named_arg_name(e) == Some("rank_weight"));
+            let weight = CallArgs::of(name, &weights, &["rank_weight"])?
+                .named_number("rank_weight")?
+                .unwrap_or(1.0);
             let provider = function.call_with_args(TableFunctionArgs::new(&own, args.session()))?;
             inputs.push(FusedInput {
                 provider,
@@ -112,11 +116,6 @@ impl TableFunctionImpl for RrfFunction {
         table.schema = tag_call(&table.schema, "rrf", args.exprs());
         Ok(Arc::new(table))
     }
-}
-
-/// Whether `expr` is the named argument `name`.
-fn is_named(expr: &Expr, name: &str) -> bool {
-    CallArgs::of("", std::slice::from_ref(expr), &[name]).is_ok_and(|c| c.named(name).is_some())
 }
 
 /// `hybrid_search` and `qa_hybrid_search`.

@@ -26,7 +26,7 @@ use futures::FutureExt;
 use mkflow_udfs::mk::{MkOptions, string_list_type};
 
 use super::KbSchema;
-use super::call_args::{int_arg, string_arg, table_arg};
+use super::call_args::{CallArgs, int_arg, string_arg, table_arg};
 use super::vector_search::search_k;
 use crate::access::Access;
 use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
@@ -57,7 +57,8 @@ impl TableFunctionImpl for MkSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         const USAGE: &str = "usage: mk_search(kb, 'query text' [, k])";
         let access = Access::of(args.session().config());
-        let exprs = args.exprs();
+        let call = CallArgs::of("mk_search", args.exprs(), &[])?;
+        let exprs = &call.positional;
         if !(2..=3).contains(&exprs.len()) {
             return plan_err!("mk_search takes 2 or 3 arguments; {USAGE}");
         }

@@ -31,7 +31,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use futures::FutureExt;
 
 use super::KbSchema;
-use super::call_args::{int_arg, literal_arg, string_arg, table_arg};
+use super::call_args::{CallArgs, int_arg, literal_arg, string_arg, table_arg};
 use super::catalog::SearchTarget;
 use super::filters::{CompiledFilter, pushdown_support};
 use crate::access::Access;
@@ -97,7 +97,8 @@ impl TableFunctionImpl for VectorSearchFunction {
         let function = self.function_name();
         let usage = format!("usage: {function}(kb, 'query text' [, column] [, k])");
         let access = Access::of(args.session().config());
-        let exprs = args.exprs();
+        let call = CallArgs::of(function, args.exprs(), &[])?;
+        let exprs = &call.positional;
         if !(2..=4).contains(&exprs.len()) {
             return plan_err!("{function} takes 2 to 4 arguments; {usage}");
         }
