@@ -9,16 +9,6 @@ async fn count_rows(engine: &mkflow::Engine) -> i64 {
     single_int(&engine.sql("SELECT count(*) FROM kb").await.unwrap())
 }
 
-/// The error message of a statement that must fail.
-async fn sql_error(engine: &mkflow::Engine, sql: &str) -> String {
-    engine.sql(sql).await.expect_err(sql).to_string()
-}
-
-/// SQL string literal.
-fn quoted(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn title_queries_find_their_documents() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,15 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use server::mkflow;
 
-/// SQL string literal.
-fn quoted(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-async fn sql_error(engine: &mkflow::Engine, sql: &str) -> String {
-    engine.sql(sql).await.expect_err(sql).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_search_finds_documents_by_their_words() {
     let dir = tempfile::tempdir().unwrap();

@@ -68,6 +68,16 @@ pub fn strings(batches: &[RecordBatch], column: &str) -> Vec<String> {
         .collect()
 }
 
+/// SQL string literal.
+pub fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The error message of a statement that must fail.
+pub async fn sql_error(engine: &Engine, sql: &str) -> String {
+    engine.sql(sql).await.expect_err(sql).to_string()
+}
+
 /// Values of a float column (any float type, as `f32`) across batches.
 pub fn floats(batches: &[RecordBatch], column: &str) -> Vec<f32> {
     batches
