@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod assets;
+pub mod chunks;
 pub mod engine;
 pub mod eval;
 pub mod llm_assets;

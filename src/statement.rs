@@ -306,12 +306,18 @@ pub enum SearchFunction {
     HybridSearch,
     /// `qa_hybrid_search(kb, query, k)`: `qa_search` and `qa_text_search` fused.
     QaHybridSearch,
+    /// `chunk_search(kb, query, k)`: nearest chunks (passages) of a chunked index.
+    ChunkSearch,
+    /// `chunk_text_search(kb, query, k)`: BM25 over the chunks.
+    ChunkTextSearch,
+    /// `chunk_hybrid_search(kb, query, k)`: `chunk_search` and `chunk_text_search` fused.
+    ChunkHybridSearch,
     /// `rrf(search, search, …)`: searches fused by reciprocal rank.
     Rrf,
 }
 
 impl SearchFunction {
-    const ALL: [SearchFunction; 8] = [
+    const ALL: [SearchFunction; 11] = [
         Self::VectorSearch,
         Self::QaSearch,
         Self::MkSearch,
@@ -319,6 +325,9 @@ impl SearchFunction {
         Self::QaTextSearch,
         Self::HybridSearch,
         Self::QaHybridSearch,
+        Self::ChunkSearch,
+        Self::ChunkTextSearch,
+        Self::ChunkHybridSearch,
         Self::Rrf,
     ];
 
@@ -332,6 +341,9 @@ impl SearchFunction {
             Self::QaTextSearch => "qa_text_search",
             Self::HybridSearch => "hybrid_search",
             Self::QaHybridSearch => "qa_hybrid_search",
+            Self::ChunkSearch => "chunk_search",
+            Self::ChunkTextSearch => "chunk_text_search",
+            Self::ChunkHybridSearch => "chunk_hybrid_search",
             Self::Rrf => "rrf",
         }
     }

@@ -37,7 +37,7 @@ use crate::sources::kafka::{KAFKA_FORMAT, KafkaFactory};
 use crate::sources::{DeadLetters, JSONL_FORMAT, JsonlFactory, TEXT_FILES_FORMAT, TextFilesFactory};
 use crate::sql::async_calls::AsyncCalls;
 use crate::sql::call_args::CallMarker;
-use crate::sql::catalog::SearchTarget;
+use crate::sql::catalog::{CHUNKS_SUFFIX, KbEntry, QUESTIONS_SUFFIX, SearchTarget};
 use crate::sql::fusion::{HybridSearchFunction, RrfFunction, SearchFunctions};
 use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
@@ -214,25 +214,26 @@ impl Engine {
         for (name, target) in [
             ("vector_search", SearchTarget::Documents),
             ("qa_search", SearchTarget::Questions),
+            ("chunk_search", SearchTarget::Chunks),
         ] {
             searches.insert(
                 name,
                 Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone(), target)),
             );
         }
-        searches.insert(
-            "text_search",
-            Arc::new(TextSearchFunction::new(kbs.clone(), SearchTarget::Documents)),
-        );
-        searches.insert(
-            "qa_text_search",
-            Arc::new(TextSearchFunction::new(kbs.clone(), SearchTarget::Questions)),
-        );
+        for (name, target) in [
+            ("text_search", SearchTarget::Documents),
+            ("qa_text_search", SearchTarget::Questions),
+            ("chunk_text_search", SearchTarget::Chunks),
+        ] {
+            searches.insert(name, Arc::new(TextSearchFunction::new(kbs.clone(), target)));
+        }
         searches.insert("mk_search", Arc::new(MkSearchFunction::new(kbs.clone())));
         let fusable = Arc::new(searches.clone());
         for (name, target) in [
             ("hybrid_search", SearchTarget::Documents),
             ("qa_hybrid_search", SearchTarget::Questions),
+            ("chunk_hybrid_search", SearchTarget::Chunks),
         ] {
             searches.insert(
                 name,
@@ -326,8 +327,8 @@ impl Engine {
     /// Makes `index` queryable as table `name` and by the search functions (with its
     /// questions and clusters when it has a Meta-Knowledge side), in every session.
     pub async fn register_index(&self, name: &str, index: Arc<KnowledgeIndex>) -> Result<()> {
-        let mk = self.kb_factory.attach_mk(&index, false).await?;
-        self.shared.kbs.insert(name, index, mk);
+        let entry = self.kb_factory.attach(index, false, None).await?;
+        self.shared.kbs.insert(name, entry);
         Ok(())
     }
 
@@ -467,7 +468,7 @@ impl ScrapeSources for Engine {
     fn index_sizes(&self) -> Vec<IndexSize> {
         let mut sizes = Vec::new();
         for name in self.shared.kbs.names() {
-            let Some((index, mk)) = self.shared.kbs.entry(&name) else {
+            let Some(KbEntry { index, mk, chunks }) = self.shared.kbs.entry(&name) else {
                 continue;
             };
             let mut add = |label: String, index: &KnowledgeIndex| {
@@ -481,7 +482,10 @@ impl ScrapeSources for Engine {
             };
             add(name.clone(), &index);
             if let Some(mk) = mk {
-                add(format!("{name}_questions"), mk.index.questions());
+                add(format!("{name}{QUESTIONS_SUFFIX}"), mk.index.questions());
+            }
+            if let Some(chunks) = chunks {
+                add(format!("{name}{CHUNKS_SUFFIX}"), chunks.chunks());
             }
         }
         sizes

@@ -24,13 +24,37 @@ pub enum SearchTarget {
     Documents,
     /// The synthetic questions of a Meta-Knowledge index (`qa_search`, `qa_text_search`).
     Questions,
+    /// The chunks of a chunked index (`chunk_search`, `chunk_text_search`).
+    Chunks,
 }
+use crate::chunks::ChunkIndex;
 use crate::mk::{ClustersTable, MkAttachment};
 use crate::support::BatchTable;
 use crate::support::batch_table::SnapshotView;
 
-/// A registered index and its Meta-Knowledge side, if it has one.
-pub type KbEntry = (Arc<KnowledgeIndex>, Option<MkAttachment>);
+/// A registered index with its Meta-Knowledge side and its chunks, if it has them.
+#[derive(Debug, Clone)]
+pub struct KbEntry {
+    /// The documents.
+    pub index: Arc<KnowledgeIndex>,
+    /// The synthetic questions and clusters (`OPTIONS ('meta_knowledge' 'true')`).
+    pub mk: Option<MkAttachment>,
+    /// The chunks (`OPTIONS ('chunk_tokens' 'N')`).
+    pub chunks: Option<Arc<ChunkIndex>>,
+}
+
+/// What a search reads: an index and, when the index is chunked and the documents are searched,
+/// its chunks (the documents are then ranked by their best chunk).
+#[derive(Debug, Clone)]
+pub struct Searched {
+    /// The index whose rows answer.
+    pub index: Arc<KnowledgeIndex>,
+    /// The chunks searched in its place.
+    pub chunks: Option<Arc<ChunkIndex>>,
+}
+
+/// Suffix of a chunked index's chunks table.
+pub const CHUNKS_SUFFIX: &str = "_chunks";
 
 /// Suffix of a Meta-Knowledge index's questions table.
 pub const QUESTIONS_SUFFIX: &str = "_questions";
@@ -54,6 +78,8 @@ enum Named {
     Questions(MkAttachment),
     /// The clusters of a Meta-Knowledge index.
     Clusters(MkAttachment),
+    /// The chunks of a chunked index.
+    Chunks(Arc<ChunkIndex>),
 }
 
 impl KbSchema {
@@ -71,20 +97,20 @@ impl KbSchema {
         self.globals.register_table(name.to_string(), table).map(drop)
     }
 
-    /// Records `index` (with its Meta-Knowledge side) under `name`, replacing any previous one.
-    pub fn insert(&self, name: &str, index: Arc<KnowledgeIndex>, mk: Option<MkAttachment>) {
+    /// Records `entry` under `name`, replacing any previous one.
+    pub fn insert(&self, name: &str, entry: KbEntry) {
         self.indexes
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), (index, mk));
+            .insert(name.to_string(), entry);
     }
 
     /// The index called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<KnowledgeIndex>> {
-        self.entry(name).map(|(index, _)| index)
+        self.entry(name).map(|entry| entry.index)
     }
 
-    /// The index called `name` and its Meta-Knowledge side.
+    /// The index called `name` and its attachments.
     pub fn entry(&self, name: &str) -> Option<KbEntry> {
         self.indexes
             .read()
@@ -93,7 +119,7 @@ impl KbSchema {
             .cloned()
     }
 
-    /// The index called `name` and its Meta-Knowledge side, or an error for `function` that
+    /// The index called `name` and its attachments, or an error for `function` that
     /// lists the known indexes.
     pub fn entry_or_error(&self, function: &str, name: &str) -> Result<KbEntry> {
         self.entry(name).ok_or_else(|| {
@@ -111,21 +137,32 @@ impl KbSchema {
 
     /// Whether index `name` has a Meta-Knowledge side (synthetic questions).
     pub fn has_questions(&self, name: &str) -> bool {
-        self.entry(name).is_some_and(|(_, mk)| mk.is_some())
+        self.entry(name).is_some_and(|entry| entry.mk.is_some())
     }
 
-    /// The index `function` searches for table `name`: the documents, or the synthetic
-    /// questions of its Meta-Knowledge side.
-    pub fn search_target(&self, function: &str, name: &str, target: SearchTarget) -> Result<Arc<KnowledgeIndex>> {
-        let (index, mk) = self.entry_or_error(function, name)?;
-        match target {
-            SearchTarget::Documents => Ok(index),
-            SearchTarget::Questions => mk.map(|mk| mk.index.questions().clone()).ok_or_else(|| {
+    /// What `function` searches for table `name`: the documents (through their chunks when the
+    /// index is chunked), the synthetic questions of its Meta-Knowledge side, or its chunks.
+    pub fn search_target(&self, function: &str, name: &str, target: SearchTarget) -> Result<Searched> {
+        let entry = self.entry_or_error(function, name)?;
+        let index = match target {
+            SearchTarget::Documents => {
+                return Ok(Searched {
+                    index: entry.index,
+                    chunks: entry.chunks,
+                });
+            }
+            SearchTarget::Questions => entry.mk.map(|mk| mk.index.questions().clone()).ok_or_else(|| {
                 DataFusionError::Plan(format!(
                     "{function}: '{name}' has no synthetic questions (create it with OPTIONS ('meta_knowledge' 'true'))"
                 ))
-            }),
-        }
+            })?,
+            SearchTarget::Chunks => entry.chunks.map(|c| c.chunks().clone()).ok_or_else(|| {
+                DataFusionError::Plan(format!(
+                    "{function}: '{name}' is not chunked (create it with OPTIONS ('chunk_tokens' '200'))"
+                ))
+            })?,
+        };
+        Ok(Searched { index, chunks: None })
     }
 
     /// Names of all knowledge indexes, sorted.
@@ -146,25 +183,37 @@ impl KbSchema {
         if let Some(entry) = self.entry(name) {
             return Some(Named::Index(entry));
         }
-        let attachment = |suffix: &str| {
-            let (_, mk) = self.entry(name.strip_suffix(suffix)?)?;
-            mk
-        };
-        if let Some(mk) = attachment(QUESTIONS_SUFFIX) {
+        let owner = |suffix: &str| self.entry(name.strip_suffix(suffix)?);
+        if let Some(chunks) = owner(CHUNKS_SUFFIX).and_then(|e| e.chunks) {
+            return Some(Named::Chunks(chunks));
+        }
+        if let Some(mk) = owner(QUESTIONS_SUFFIX).and_then(|e| e.mk) {
             return Some(Named::Questions(mk));
         }
-        attachment(CLUSTERS_SUFFIX).map(Named::Clusters)
+        owner(CLUSTERS_SUFFIX).and_then(|e| e.mk).map(Named::Clusters)
     }
 
     /// The table `name` stands for.
     fn table_for(&self, name: &str, named: Named) -> Arc<dyn TableProvider> {
         match named {
-            Named::Index((index, mk)) => Arc::new(KbTable::new(name, index, self.progress.clone(), mk)),
+            Named::Index(entry) => Arc::new(KbTable::new(name, entry, self.progress.clone())),
             Named::Questions(mk) => Arc::new(KbTable::new(
                 name,
-                mk.index.questions().clone(),
+                KbEntry {
+                    index: mk.index.questions().clone(),
+                    mk: None,
+                    chunks: None,
+                },
                 self.progress.clone(),
-                None,
+            )),
+            Named::Chunks(chunks) => Arc::new(KbTable::new(
+                name,
+                KbEntry {
+                    index: chunks.chunks().clone(),
+                    mk: None,
+                    chunks: None,
+                },
+                self.progress.clone(),
             )),
             Named::Clusters(mk) => Arc::new(BatchTable::new(SnapshotView(Arc::new(ClustersTable::new(
                 mk.index.clone(),
@@ -177,11 +226,14 @@ impl KbSchema {
     /// Every name the shared part knows, unsorted.
     fn shared_names(&self) -> Vec<String> {
         let mut names = Vec::new();
-        for (name, (_, mk)) in self.indexes.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for (name, entry) in self.indexes.read().unwrap_or_else(|e| e.into_inner()).iter() {
             names.push(name.clone());
-            if mk.is_some() {
+            if entry.mk.is_some() {
                 names.push(format!("{name}{QUESTIONS_SUFFIX}"));
                 names.push(format!("{name}{CLUSTERS_SUFFIX}"));
+            }
+            if entry.chunks.is_some() {
+                names.push(format!("{name}{CHUNKS_SUFFIX}"));
             }
         }
         names.extend(self.globals.table_names());
@@ -272,7 +324,7 @@ impl SchemaProvider for SessionSchema {
                     .remove(name);
                 Ok(Some(table))
             }
-            Some(_) => plan_err!("'{name}' belongs to a Meta-Knowledge index: drop the index itself"),
+            Some(_) => plan_err!("'{name}' belongs to a knowledge index: drop the index itself"),
             None if self.shared.globals.table_exist(name) => {
                 plan_err!("'{name}' is an engine table and cannot be dropped")
             }
@@ -309,7 +361,14 @@ mod tests {
     async fn indexes_are_shared_and_other_tables_belong_to_their_session() {
         let dir = tempfile::tempdir().unwrap();
         let shared = Arc::new(KbSchema::new(Arc::default()));
-        shared.insert("kb", index(dir.path()), None);
+        shared.insert(
+            "kb",
+            KbEntry {
+                index: index(dir.path()),
+                mk: None,
+                chunks: None,
+            },
+        );
         let (one, two) = (SessionSchema::new(shared.clone()), SessionSchema::new(shared.clone()));
         let other = Arc::new(MemTable::try_new(Arc::new(Schema::empty()), vec![vec![]]).unwrap());
         one.register_table("notes".into(), other.clone()).unwrap();

@@ -140,6 +140,7 @@ impl HybridSearchFunction {
         match self.target {
             SearchTarget::Documents => ("hybrid_search", "vector_search", "text_search"),
             SearchTarget::Questions => ("qa_hybrid_search", "qa_search", "qa_text_search"),
+            SearchTarget::Chunks => ("chunk_hybrid_search", "chunk_search", "chunk_text_search"),
         }
     }
 }
@@ -150,7 +151,7 @@ impl TableFunctionImpl for HybridSearchFunction {
         let usage = format!("usage: {function}(kb, 'query' [, k])");
         let accepted: &[&str] = match self.target {
             SearchTarget::Documents => &["questions"],
-            SearchTarget::Questions => &[],
+            SearchTarget::Questions | SearchTarget::Chunks => &[],
         };
         let call = CallArgs::of(function, args.exprs(), accepted)?;
         let exprs = &call.positional;
@@ -162,7 +163,7 @@ impl TableFunctionImpl for HybridSearchFunction {
                 "{function}: the first argument must name a knowledge index; {usage}"
             ))
         })?;
-        let index = self.registry.search_target(function, &name, self.target)?;
+        let index = self.registry.search_target(function, &name, self.target)?.index;
         if string_arg(&exprs[1]).is_none() {
             return plan_err!("{function}: the query must be a text; {usage}");
         }

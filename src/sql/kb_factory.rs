@@ -19,12 +19,24 @@
 //!   (the session's metadata schema, see `mkflow.metadata_schema`), `qa` and `cluster_name` are
 //!   appended (fill them with `mk_metadata`, `mk_qa`, `mk_cluster`), and every insert keeps
 //!   the questions index and the cluster summaries current (`<name>_questions`,
-//!   `<name>_clusters`, `qa_search`, `mk_search`).
+//!   `<name>_clusters`, `qa_search`, `mk_search`);
+//! - `chunk_tokens`: cut each document's long text into chunks of at most this many tokens
+//!   (the model's tokenizer counts), each with a vector and a BM25 entry of its own; the index
+//!   keeps one row per document and its searches rank documents by their best chunk
+//!   (`best_chunk`, …), `chunk_search` returns passages, the chunks are the table
+//!   `<name>_chunks`. With it: `chunk_overlap` (tokens repeated from the chunk before;
+//!   default a tenth of `chunk_tokens`), `chunk_column` (the column cut; default the first of
+//!   `body`, `text`, `content` declared), `chunk_context` (a column read before every chunk,
+//!   default `title` when declared, `''` for none). The document rows get no full-text index
+//!   of their own unless `text_columns` asks; a document inserted without a vector (`NULL`)
+//!   gets the normalised mean of its chunks' vectors. Changing these options for an existing
+//!   index cuts its documents again.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use datafusion::arrow::datatypes::Schema;
 use datafusion::catalog::{Session, TableProvider, TableProviderFactory};
 use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::logical_expr::CreateExternalTable;
@@ -32,7 +44,9 @@ use datafusion::logical_expr::CreateExternalTable;
 use mkflow_udfs::mk::MkOptions;
 
 use super::KbSchema;
+use super::catalog::KbEntry;
 use super::kb_table::{IngestProgress, KbTable};
+use crate::chunks::{ChunkIndex, ChunkSettings};
 use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns};
 use crate::support::blocking;
 use crate::support::index_error;
@@ -78,7 +92,7 @@ impl KbTableFactory {
     }
 
     /// The settings `cmd` asks for; an index already in `dir` keeps its text columns unless
-    /// `text_columns` is given.
+    /// `text_columns` is given (a new chunked index has none: its chunks are indexed).
     fn settings(&self, cmd: &CreateExternalTable, dir: &Path) -> Result<IndexSettings> {
         let option = |name: &str| option(cmd, name);
         let known = [
@@ -90,6 +104,10 @@ impl KbTableFactory {
             "text_columns",
             "text_analyzer",
             "meta_knowledge",
+            "chunk_tokens",
+            "chunk_overlap",
+            "chunk_column",
+            "chunk_context",
         ];
         for key in cmd.options.keys() {
             let bare = key.strip_prefix("format.").unwrap_or(key);
@@ -118,18 +136,14 @@ impl KbTableFactory {
             None => Quantization::F32,
         };
         let key_column = option("key_column").unwrap_or_else(|| "doc_id".into());
-        let analyzer = match option("text_analyzer") {
-            Some(name) => name
-                .parse::<Analyzer>()
-                .map_err(|e| DataFusionError::Plan(format!("option text_analyzer: {e}")))?,
-            None => Analyzer::default(),
-        };
+        let analyzer = text_analyzer(cmd)?;
         let text_columns = match option("text_columns") {
             Some(list) => Some(
                 TextColumn::parse_list(&list, analyzer)
                     .map_err(|e| DataFusionError::Plan(format!("option text_columns: {e}")))?,
             ),
             None if dir.join(MANIFEST_FILE).is_file() => None,
+            None if option("chunk_tokens").is_some() => Some(Vec::new()),
             None => Some(
                 default_text_columns(cmd.schema.as_arrow(), &key_column)
                     .into_iter()
@@ -148,6 +162,39 @@ impl KbTableFactory {
     }
 }
 
+/// The analyzer option `text_analyzer` names (default: English).
+fn text_analyzer(cmd: &CreateExternalTable) -> Result<Analyzer> {
+    match option(cmd, "text_analyzer") {
+        Some(name) => name
+            .parse::<Analyzer>()
+            .map_err(|e| DataFusionError::Plan(format!("option text_analyzer: {e}"))),
+        None => Ok(Analyzer::default()),
+    }
+}
+
+/// The chunk settings `cmd` asks for (`chunk_tokens` and its companions), if any.
+fn chunk_settings(cmd: &CreateExternalTable, columns: &Schema, key_column: &str) -> Result<Option<ChunkSettings>> {
+    let option = |name: &str| option(cmd, name);
+    let Some(tokens) = option("chunk_tokens") else {
+        for companion in ["chunk_overlap", "chunk_column", "chunk_context"] {
+            if option(companion).is_some() {
+                return plan_err!("option {companion} needs chunk_tokens (e.g. OPTIONS ('chunk_tokens' '200'))");
+            }
+        }
+        return Ok(None);
+    };
+    ChunkSettings::from_options(
+        columns,
+        key_column,
+        &tokens,
+        option("chunk_overlap").as_deref(),
+        option("chunk_column").as_deref(),
+        option("chunk_context").as_deref(),
+    )
+    .map(Some)
+    .map_err(DataFusionError::Plan)
+}
+
 /// The value of option `name` (with or without DataFusion's `format.` prefix).
 fn option(cmd: &CreateExternalTable, name: &str) -> Option<String> {
     cmd.options
@@ -157,17 +204,37 @@ fn option(cmd: &CreateExternalTable, name: &str) -> Option<String> {
 }
 
 impl KbTableFactory {
-    /// Opens the index in `dir`'s Meta-Knowledge side (creating it when `create`), if any.
-    pub async fn attach_mk(&self, index: &Arc<KnowledgeIndex>, create: bool) -> Result<Option<MkAttachment>> {
-        if !create && !MkIndex::exists(index.dir()) {
-            return Ok(None);
-        }
-        let documents = index.clone();
-        let mk = blocking(move || MkIndex::open_or_create(&documents)).await?;
-        Ok(Some(MkAttachment {
-            index: Arc::new(mk),
-            services: self.mk_services.clone(),
-        }))
+    /// `index` with its Meta-Knowledge side (created when `create_mk`) and its chunks (cut
+    /// with `chunks`, else as stored), when it has them.
+    pub async fn attach(
+        &self,
+        index: Arc<KnowledgeIndex>,
+        create_mk: bool,
+        chunks: Option<(ChunkSettings, Analyzer)>,
+    ) -> Result<KbEntry> {
+        let mk = if create_mk || MkIndex::exists(index.dir()) {
+            let documents = index.clone();
+            let mk = blocking(move || MkIndex::open_or_create(&documents)).await?;
+            Some(MkAttachment {
+                index: Arc::new(mk),
+                services: self.mk_services.clone(),
+            })
+        } else {
+            None
+        };
+        let chunks = if chunks.is_some() || ChunkIndex::exists(index.dir()) {
+            let embedder = self.mk_services.models.model_of(&index)?;
+            let documents = index.clone();
+            let (settings, analyzer) = match chunks {
+                Some((settings, analyzer)) => (Some(settings), analyzer),
+                None => (None, Analyzer::default()),
+            };
+            let chunks = blocking(move || ChunkIndex::open_or_create(&documents, settings, analyzer, embedder)).await?;
+            Some(Arc::new(chunks))
+        } else {
+            None
+        };
+        Ok(KbEntry { index, mk, chunks })
     }
 }
 
@@ -184,10 +251,14 @@ impl TableProviderFactory for KbTableFactory {
             Some(other) => return plan_err!("option meta_knowledge: '{other}' is not true or false"),
         };
         let mut columns = cmd.schema.as_arrow().clone();
-        let index = if columns.fields().is_empty() {
-            blocking(move || KnowledgeIndex::open(dir)).await?
+        let (index, chunks) = if columns.fields().is_empty() {
+            let index = blocking(move || KnowledgeIndex::open(dir)).await?;
+            let chunks = chunk_settings(cmd, &index.schema(), &index.manifest().key_column)?;
+            (index, chunks)
         } else {
             let settings = self.settings(cmd, &dir)?;
+            // Checked before anything is created.
+            let chunks = chunk_settings(cmd, &columns, &settings.key_column)?;
             if meta_knowledge {
                 let options = MkOptions::of(state.config_options());
                 let schema = self
@@ -197,16 +268,19 @@ impl TableProviderFactory for KbTableFactory {
                     .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
                 columns = document_columns(&columns, schema.data_type());
             }
-            blocking(move || KnowledgeIndex::open_or_create(dir, &columns, &settings)).await?
+            let index = blocking(move || KnowledgeIndex::open_or_create(dir, &columns, &settings)).await?;
+            (index, chunks)
         };
-        let index = Arc::new(index);
-        let mk = self.attach_mk(&index, meta_knowledge).await?;
-        self.registry.insert(cmd.name.table(), index.clone(), mk.clone());
+        let chunks = match chunks {
+            Some(settings) => Some((settings, text_analyzer(cmd)?)),
+            None => None,
+        };
+        let entry = self.attach(Arc::new(index), meta_knowledge, chunks).await?;
+        self.registry.insert(cmd.name.table(), entry.clone());
         Ok(Arc::new(KbTable::new(
             &cmd.name.to_string(),
-            index,
+            entry,
             self.progress.clone(),
-            mk,
         )))
     }
 }

@@ -17,8 +17,10 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use futures::StreamExt;
 
+use super::catalog::KbEntry;
 use super::filters::{CompiledFilter, pushdown_support};
 use super::memory_scan;
+use crate::chunks::ChunkIndex;
 use crate::metrics;
 use crate::mk::{MkAttachment, PendingQuestions};
 use crate::support::{blocking, index_error};
@@ -48,22 +50,19 @@ pub struct KbTable {
     index: Arc<KnowledgeIndex>,
     progress: Arc<IngestProgress>,
     mk: Option<MkAttachment>,
+    chunks: Option<Arc<ChunkIndex>>,
 }
 
 impl KbTable {
-    /// Table `name` over `index`, reporting ingested rows to `progress`; with `mk`, inserts and
-    /// deletes also maintain the index's questions and clusters.
-    pub fn new(
-        name: &str,
-        index: Arc<KnowledgeIndex>,
-        progress: Arc<IngestProgress>,
-        mk: Option<MkAttachment>,
-    ) -> Self {
+    /// Table `name` over `entry`'s index, reporting ingested rows to `progress`; inserts and
+    /// deletes also maintain the entry's questions and clusters, and its chunks.
+    pub fn new(name: &str, entry: KbEntry, progress: Arc<IngestProgress>) -> Self {
         KbTable {
             name: name.to_string(),
-            index,
+            index: entry.index,
             progress,
-            mk,
+            mk: entry.mk,
+            chunks: entry.chunks,
         }
     }
 
@@ -135,6 +134,7 @@ impl TableProvider for KbTable {
             index: self.index.clone(),
             progress: self.progress.clone(),
             mk: self.mk.clone(),
+            chunks: self.chunks.clone(),
         };
         Ok(Arc::new(DataSinkExec::new(input, Arc::new(sink), None)))
     }
@@ -146,6 +146,7 @@ impl TableProvider for KbTable {
             filter,
             schema: self.schema(),
             mk: self.mk.clone(),
+            chunks: self.chunks.clone(),
         };
         // The sink ignores its (empty) input and deletes when the plan runs, so planning a
         // DELETE (e.g. EXPLAIN) changes nothing.
@@ -155,13 +156,15 @@ impl TableProvider for KbTable {
 }
 
 /// Collects an `INSERT`'s rows and upserts them as one commit (for Meta-Knowledge indexes, the
-/// documents' questions are replaced first and the clusters refreshed after).
+/// documents' questions are replaced first and the clusters refreshed after; for chunked
+/// indexes, the documents' chunks are replaced first).
 #[derive(Debug)]
 struct UpsertSink {
     name: String,
     index: Arc<KnowledgeIndex>,
     progress: Arc<IngestProgress>,
     mk: Option<MkAttachment>,
+    chunks: Option<Arc<ChunkIndex>>,
 }
 
 impl DisplayAs for UpsertSink {
@@ -183,14 +186,27 @@ impl DataSink for UpsertSink {
             self.progress.add(batch.num_rows());
             batches.push(batch);
         }
+        // Chunks and questions are embedded before anything is committed: a failure leaves all
+        // as it was.
+        let mut pending_chunks = None;
+        if let Some(chunks) = &self.chunks {
+            let (chunks, key_column) = (chunks.clone(), self.index.manifest().key_column);
+            let vector_column = self.index.manifest().vector_column;
+            let mut pending = blocking(move || chunks.pending(&batches, &key_column, Some(&vector_column))).await?;
+            batches = std::mem::take(&mut pending.documents);
+            pending_chunks = Some(pending);
+        }
         let batches = Arc::new(batches);
-        // Questions are embedded before anything is committed: a failure leaves all as it was.
         let pending: Option<PendingQuestions> = match &self.mk {
             Some(mk) => Some(mk.pending_questions(&self.index, batches.clone()).await?),
             None => None,
         };
         if let (Some(mk), Some(pending)) = (&self.mk, pending) {
             mk.commit_questions(pending).await?;
+        }
+        if let (Some(chunks), Some(pending)) = (&self.chunks, pending_chunks) {
+            let chunks = chunks.clone();
+            blocking(move || chunks.commit(&pending)).await?;
         }
         // A streaming micro-batch commits where its sources resume together with its rows.
         let offsets = context
@@ -217,6 +233,7 @@ struct DeleteSink {
     filter: Option<CompiledFilter>,
     schema: SchemaRef,
     mk: Option<MkAttachment>,
+    chunks: Option<Arc<ChunkIndex>>,
 }
 
 impl DisplayAs for DeleteSink {
@@ -239,6 +256,10 @@ impl DataSink for DeleteSink {
             None => index.delete(&|batch| Ok(vec![true; batch.num_rows()].into())),
         })
         .await?;
+        if let Some(chunks) = &self.chunks {
+            let (chunks, documents) = (chunks.clone(), deleted.iter().cloned().collect());
+            blocking(move || chunks.remove_chunks_of(&documents)).await?;
+        }
         if let Some(mk) = &self.mk {
             mk.forget(&self.index, deleted.iter().cloned().collect(), context)
                 .await?;

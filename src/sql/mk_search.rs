@@ -65,7 +65,8 @@ impl TableFunctionImpl for MkSearchFunction {
         let name = table_arg(&exprs[0]).ok_or_else(|| {
             DataFusionError::Plan(format!("mk_search: the first argument must name an index; {USAGE}"))
         })?;
-        let (documents, mk) = self.registry.entry_or_error("mk_search", &name)?;
+        let entry = self.registry.entry_or_error("mk_search", &name)?;
+        let (documents, mk) = (entry.index, entry.mk);
         let Some(mk) = mk else {
             return plan_err!(
                 "mk_search: '{name}' has no Meta-Knowledge side (create it with OPTIONS ('meta_knowledge' 'true'))"

@@ -10,7 +10,10 @@
 //! columns are evaluated inside the search, as for `vector_search`.
 //!
 //! `qa_text_search(kb, 'query' [, column] [, k])` is the same search over the synthetic
-//! questions (and answers) of a Meta-Knowledge index.
+//! questions of a Meta-Knowledge index, and `chunk_text_search` over the chunks of a chunked
+//! index (passages). On a chunked index, `text_search` ranks documents by their best chunk
+//! (BM25 over each chunk with its context) and returns that chunk (`best_chunk`, …); its
+//! `column` may name the chunked column or the context column.
 
 use std::sync::Arc;
 
@@ -28,9 +31,10 @@ use super::catalog::SearchTarget;
 use super::filters::{CompiledFilter, pushdown_support};
 use super::vector_search::search_k;
 use crate::access::Access;
+use crate::chunks::{ChunkIndex, search::search_schema as chunked_schema};
 use crate::support::batch_table::deferred_scan;
 use crate::support::{index_error, tag_call};
-use mkflow_index::{KnowledgeIndex, QuerySyntax, TextQuery};
+use mkflow_index::{KnowledgeIndex, QuerySyntax, RowPredicate, TextQuery};
 
 /// The `text_search` and `qa_text_search` table functions.
 #[derive(Debug)]
@@ -49,6 +53,7 @@ impl TextSearchFunction {
         match self.target {
             SearchTarget::Documents => "text_search",
             SearchTarget::Questions => "qa_text_search",
+            SearchTarget::Chunks => "chunk_text_search",
         }
     }
 }
@@ -68,7 +73,8 @@ impl TableFunctionImpl for TextSearchFunction {
                 "{function}: the first argument must name a knowledge index; {usage}"
             ))
         })?;
-        let index = self.registry.search_target(function, &name, self.target)?;
+        let searched = self.registry.search_target(function, &name, self.target)?;
+        let (index, chunks) = (searched.index, searched.chunks);
         let text = string_arg(&exprs[1])
             .ok_or_else(|| DataFusionError::Plan(format!("{function}: the query must be a text; {usage}")))?;
         access.check_query_text(function, &text)?;
@@ -97,27 +103,66 @@ impl TableFunctionImpl for TextSearchFunction {
                 DataFusionError::Plan(format!("{function}: syntax must be 'terms' or 'tantivy', not '{name}'"))
             })?,
         };
+        if let (Some(chunks), Some(name)) = (&chunks, &column) {
+            column = Some(chunk_field(chunks, name).map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?);
+        }
         let query = TextQuery { text, column, syntax };
-        index
-            .check_text_query(&query)
-            .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+        let schema = match &chunks {
+            Some(chunks) => {
+                chunks
+                    .chunks()
+                    .check_text_query(&query)
+                    .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+                chunked_schema(&index)
+            }
+            None => {
+                index
+                    .check_text_query(&query)
+                    .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+                index.search_schema()
+            }
+        };
         Ok(Arc::new(TextSearchTable {
             function,
-            schema: tag_call(&index.search_schema(), function, args.exprs()),
+            schema: tag_call(&schema, function, args.exprs()),
             index,
+            chunks,
             query,
             k,
         }))
     }
 }
 
+/// The field of a chunks index that a document column of a chunked index names in
+/// `text_search(kb, 'q', column)`: the chunked column's text, or the context.
+fn chunk_field(chunks: &ChunkIndex, column: &str) -> std::result::Result<String, String> {
+    let settings = chunks.settings();
+    if column == settings.column {
+        Ok("text".into())
+    } else if settings.context.as_deref() == Some(column) {
+        Ok("context".into())
+    } else {
+        Err(format!(
+            "the index is chunked: its full-text index holds the chunks of '{}'{}, not '{column}'",
+            settings.column,
+            settings
+                .context
+                .as_ref()
+                .map(|c| format!(" with their '{c}'"))
+                .unwrap_or_default()
+        ))
+    }
+}
+
 /// The result of one `text_search` call, computed when the plan runs.
 #[derive(Debug, Clone)]
-pub struct TextSearchTable {
+struct TextSearchTable {
     function: &'static str,
-    /// The index's search schema, tagged with this call.
+    /// The search schema, tagged with this call.
     schema: SchemaRef,
     index: Arc<KnowledgeIndex>,
+    /// The chunks searched in the documents' place, when the index is chunked.
+    chunks: Option<Arc<ChunkIndex>>,
     query: TextQuery,
     k: Option<usize>,
 }
@@ -146,13 +191,18 @@ impl TableProvider for TextSearchTable {
         let k = search_k(state, self.function, self.k, limit)?;
         let filter = CompiledFilter::pushed(state, &self.index.schema(), filters)?;
         let (index, query) = (self.index.clone(), Arc::new(self.query.clone()));
+        let chunks = self.chunks.clone();
         deferred_scan(self.schema(), projection, None, move |_| {
-            let (index, query, filter) = (index.clone(), query.clone(), filter.clone());
+            let (index, query, filter, chunks) = (index.clone(), query.clone(), filter.clone(), chunks.clone());
             async move {
                 // CPU work over the published state, like an operator's: no thread hop.
-                match &filter {
-                    Some(f) => index.text_search(&query, k, Some(&|b| f.evaluate(b))),
-                    None => index.text_search(&query, k, None),
+                let evaluate = filter.as_ref().map(|f| move |b: &_| f.evaluate(b));
+                let filter = evaluate.as_ref().map(|f| f as &RowPredicate<'_>);
+                match &chunks {
+                    Some(chunks) => chunks.best_documents(&index, k, filter, &|depth, within| {
+                        chunks.chunks().text_search(&query, depth, within)
+                    }),
+                    None => index.text_search(&query, k, filter),
                 }
                 .map_err(index_error)
             }

@@ -17,7 +17,10 @@
 //!
 //! `qa_search(kb, 'query' [, k])` is the same search over the synthetic questions of a
 //! Meta-Knowledge index (columns `question_id`, `doc_id`, `question`, `answer`, `cluster_name`,
-//! `metadata`, `score`).
+//! `metadata`, `score`), and `chunk_search(kb, 'query' [, k])` over the chunks of a chunked index
+//! (passages: `chunk_id`, `doc_id`, `chunk_index`, `context`, `text`, `start_char`, `end_char`,
+//! `tokens`, `score`). On a chunked index, `vector_search` ranks documents by their best chunk
+//! and returns it (`best_chunk`, `best_chunk_index`, `best_chunk_start`, `best_chunk_end`).
 
 use std::sync::Arc;
 
@@ -35,10 +38,11 @@ use super::call_args::{CallArgs, int_arg, literal_arg, string_arg, table_arg};
 use super::catalog::SearchTarget;
 use super::filters::{CompiledFilter, pushdown_support};
 use crate::access::Access;
+use crate::chunks::{ChunkIndex, search::search_schema as chunked_schema};
 use crate::models::ModelRegistry;
 use crate::support::batch_table::deferred_scan;
 use crate::support::{index_error, tag_call};
-use mkflow_index::KnowledgeIndex;
+use mkflow_index::{KnowledgeIndex, RowPredicate};
 
 /// Rows returned when neither `k` nor a pushed `LIMIT` says how many.
 pub const DEFAULT_K: usize = 10;
@@ -75,6 +79,7 @@ impl VectorSearchFunction {
         match self.target {
             SearchTarget::Documents => "vector_search",
             SearchTarget::Questions => "qa_search",
+            SearchTarget::Chunks => "chunk_search",
         }
     }
 }
@@ -107,7 +112,8 @@ impl TableFunctionImpl for VectorSearchFunction {
                 "{function}: the first argument must name a knowledge index; {usage}"
             ))
         })?;
-        let index = self.registry.search_target(function, &name, self.target)?;
+        let searched = self.registry.search_target(function, &name, self.target)?;
+        let (index, chunks) = (searched.index, searched.chunks);
         let mut k = None;
         let mut rest = &exprs[2..];
         if let Some(first) = rest.first().filter(|e| int_arg(e).is_none()) {
@@ -126,10 +132,15 @@ impl TableFunctionImpl for VectorSearchFunction {
             k = Some(access.check_k(function, usize::try_from(value).unwrap_or(usize::MAX))?);
         }
         let query = self.query(&access, &exprs[1])?;
+        let schema = match &chunks {
+            Some(_) => chunked_schema(&index),
+            None => index.search_schema(),
+        };
         Ok(Arc::new(VectorSearchTable {
             function,
-            schema: tag_call(&index.search_schema(), function, exprs),
+            schema: tag_call(&schema, function, exprs),
             index,
+            chunks,
             models: self.models.clone(),
             query,
             k,
@@ -191,9 +202,11 @@ impl VectorSearchFunction {
 #[derive(Debug)]
 struct VectorSearchTable {
     function: &'static str,
-    /// The index's search schema, tagged with this call.
+    /// The search schema, tagged with this call.
     schema: SchemaRef,
     index: Arc<KnowledgeIndex>,
+    /// The chunks searched in the documents' place, when the index is chunked.
+    chunks: Option<Arc<ChunkIndex>>,
     models: Arc<ModelRegistry>,
     query: Query,
     k: Option<usize>,
@@ -241,6 +254,7 @@ impl TableProvider for VectorSearchTable {
                 function: self.function,
                 schema: self.schema.clone(),
                 index: self.index.clone(),
+                chunks: self.chunks.clone(),
                 models: self.models.clone(),
                 query: self.query.clone(),
                 k: Some(k),
@@ -267,9 +281,13 @@ impl SearchCall {
         let (index, k) = (&self.table.index, self.table.k.unwrap_or(DEFAULT_K));
         // The search is CPU work like any operator's (no I/O, no lock a commit holds): it runs
         // where DataFusion runs its operators, without a hop to another thread.
-        match &self.filter {
-            Some(f) => index.search(&query, k, Some(&|b| f.evaluate(b))),
-            None => index.search(&query, k, None),
+        let evaluate = self.filter.as_ref().map(|f| move |b: &_| f.evaluate(b));
+        let filter = evaluate.as_ref().map(|f| f as &RowPredicate<'_>);
+        match &self.table.chunks {
+            Some(chunks) => chunks.best_documents(index, k, filter, &|depth, within| {
+                chunks.chunks().search(&query, depth, within)
+            }),
+            None => index.search(&query, k, filter),
         }
         .map_err(index_error)
     }

@@ -4,10 +4,12 @@
 //!
 //! The text is split recursively: a span over the limit is cut at its section starts, each part
 //! still over the limit at its paragraph breaks, and so on down to tokens, giving *pieces* that
-//! each fit. Pieces are then packed greedily into chunks, with three rules: a heading line is
-//! never the last piece of a chunk (it stays with its section), a section that does not fit in
-//! what is left of a chunk starts the next one, and each chunk after the first may begin with up
-//! to `overlap_tokens` tokens of the end of the one before (cut at a word boundary).
+//! each fit. Pieces are then packed greedily into chunks, with four rules: a heading line is
+//! never the last piece of a chunk (it stays with its section); a section that does not fit in
+//! what is left of a chunk starts the next one; a chunk that begins inside a section (the rest
+//! of a long one) takes no other section, so a short section is never read mixed with the tail
+//! of a long one; and each chunk after the first may begin with up to `overlap_tokens` tokens
+//! of the end of the one before (cut at a word boundary), unless it begins a section.
 //!
 //! Token counts come from the model's own tokenizer: the caller gives the byte offset where
 //! each token of the whole text starts, and the tokens of a span are those starting inside it.
@@ -186,14 +188,16 @@ pub fn split(text: &str, token_starts: &[usize], max_tokens: usize, overlap_toke
     let mut i = 0;
     let mut chunk_start = pieces[0].0;
     while i < pieces.len() {
+        let whole_sections = i == 0 || pieces[i].2 == SECTION;
         let mut j = i;
         while j + 1 < pieces.len() {
             let next = pieces[j + 1];
             if doc.tokens(chunk_start, next.1) > max {
                 break;
             }
-            // A section that will not fit whole in this chunk starts the next one.
-            if next.2 == SECTION && doc.tokens(chunk_start, section_end(next.0)) > max {
+            // A section that will not fit whole in this chunk starts the next one, as does any
+            // section after the rest of a long one.
+            if next.2 == SECTION && (!whole_sections || doc.tokens(chunk_start, section_end(next.0)) > max) {
                 break;
             }
             j += 1;
@@ -225,7 +229,7 @@ pub fn split(text: &str, token_starts: &[usize], max_tokens: usize, overlap_toke
         i = j + 1;
         if i < pieces.len() {
             chunk_start = pieces[i].0;
-            if overlap > 0 {
+            if overlap > 0 && pieces[i].2 != SECTION {
                 // Back up into the previous chunk, word by word, while the overlap and the next
                 // piece stay within their limits.
                 let words = doc.boundaries(WORD, s, e);
@@ -311,6 +315,27 @@ mod tests {
         assert_eq!(got[0], "# A\n\none two three four");
         assert!(got.iter().any(|c| c.starts_with("# B")), "{got:?}");
         assert!(got.iter().all(|c| !c.ends_with("# B")), "{got:?}");
+    }
+
+    #[test]
+    fn a_short_section_is_not_mixed_with_the_tail_of_a_long_one() {
+        let text = "# A
+
+one two three four five six seven
+
+## B
+
+eight nine";
+        // The rest of A ("five six seven") and all of B would fit in 6 tokens together.
+        let got = chunks(text, 6, 2);
+        assert_eq!(
+            got.last().unwrap(),
+            "## B
+
+eight nine",
+            "{got:?}"
+        );
+        assert!(got.iter().filter(|c| c.contains("## B")).count() == 1, "{got:?}");
     }
 
     #[test]
