@@ -17,6 +17,7 @@ pub mod eval;
 pub mod llm_assets;
 pub mod metrics;
 pub mod mk;
+pub mod model_add;
 pub mod models;
 pub mod server;
 pub mod sources;

@@ -151,7 +151,9 @@ enum Command {
         /// Comma-separated modes: doc (HNSW vector_search), exact (brute force in SQL),
         /// bm25 (text_search), hybrid (hybrid_search: vector and BM25 fused by reciprocal
         /// rank), qa (qa_search over synthetic questions), qa_hybrid (hybrid_search over
-        /// documents and questions), mk (mk_search). qa, qa_hybrid and mk run the Meta-Knowledge prepare stage while
+        /// documents and questions), mk (mk_search), chunk_doc, chunk_bm25, chunk_hybrid (the
+        /// same searches on a second, chunked index: 200-token chunks, a document ranked by its
+        /// best chunk). qa, qa_hybrid and mk run the Meta-Knowledge prepare stage while
         /// building the index.
         #[arg(long, default_value = "doc,exact,bm25,hybrid", value_delimiter = ',')]
         modes: Vec<String>,
@@ -188,6 +190,42 @@ enum ModelsAction {
         /// Arguments of scripts/export_decoder.py (`mkflow models export --help` lists them).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
+    },
+    /// Register an ONNX model you have: a cross-encoder reranker (`rerank()`, `hybrid_search(…,
+    /// rerank => N)`) or an embedding model (`OPTIONS ('model' 'NAME')`, `--model NAME`). The
+    /// files are copied under the mkflow home and the model is run once to check it works.
+    ///
+    /// Examples:
+    ///   mkflow models add --kind reranker --name ms-marco --onnx model.onnx --tokenizer tokenizer.json
+    ///   mkflow models add --kind embedding --name bge-small --onnx model.onnx --tokenizer tokenizer.json --dimensions 384 --pooling cls
+    #[command(verbatim_doc_comment)]
+    Add {
+        /// reranker (a cross-encoder: input_ids [, attention_mask, token_type_ids] → one logit,
+        /// or two classes) or embedding (an encoder: token vectors or a pooled vector).
+        #[arg(long, value_parser = ["reranker", "embedding"])]
+        kind: String,
+        /// The name queries and indexes use (letters, digits, '.', '-', '_').
+        #[arg(long)]
+        name: String,
+        /// The ONNX file (weights stored beside it as <file>_data or <file>.data are copied too).
+        #[arg(long)]
+        onnx: PathBuf,
+        /// The model's Hugging Face tokenizer.json.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Token limit of one input, special tokens included (a reranker reads query and text
+        /// together, truncated longest first).
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        /// Embedding models: the vector length.
+        #[arg(long)]
+        dimensions: Option<usize>,
+        /// Embedding models: mean, cls or last_token.
+        #[arg(long, default_value = "mean", value_parser = ["mean", "cls", "last_token"])]
+        pooling: String,
+        /// Embedding models: scale vectors to unit length (cosine similarity = dot product).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        normalize: bool,
     },
     /// List known models and whether their files are present.
     List,
@@ -230,6 +268,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
             Ok(mkflow::llm_assets::export(&config.home, &args)?)
+        }
+        Command::Models {
+            action:
+                ModelsAction::Add {
+                    kind,
+                    name,
+                    onnx,
+                    tokenizer,
+                    max_tokens,
+                    dimensions,
+                    pooling,
+                    normalize,
+                },
+        } => {
+            use mkflow::model_add::{ModelKind, NewModel, add_model};
+            let pooling = match pooling.as_str() {
+                "cls" => mkflow_udfs::Pooling::Cls,
+                "last_token" => mkflow_udfs::Pooling::LastToken,
+                _ => mkflow_udfs::Pooling::Mean,
+            };
+            let new = NewModel {
+                kind: if kind == "reranker" {
+                    ModelKind::Reranker
+                } else {
+                    ModelKind::Embedding
+                },
+                name,
+                model: onnx,
+                tokenizer,
+                max_tokens,
+                dimensions,
+                pooling,
+                normalize,
+            };
+            let (dir, report) = add_model(&config.home, &new)?;
+            eprintln!("{} '{}' registered in {} ({report})", kind, new.name, dir.display());
+            Ok(())
         }
         Command::Models {
             action: ModelsAction::List,
@@ -390,6 +465,17 @@ async fn list_models(config: EngineConfig) -> anyhow::Result<()> {
             } else {
                 "missing (mkflow models pull)"
             }
+        );
+    }
+    for reranker in engine.models().rerankers().all() {
+        let spec = reranker.spec();
+        let present = spec.model_path.is_file() && spec.tokenizer_path.is_file();
+        println!(
+            "{:<24} reranker (cross-encoder)  max {} tokens  {}  {}",
+            spec.name,
+            spec.max_tokens,
+            spec.device,
+            if present { "installed" } else { "missing files" }
         );
     }
     let llms = engine.config().home.join(assets::LOCAL_LLM_DIR);

@@ -1,14 +1,17 @@
-//! The embedding models a session can use, by name.
+//! The models a session can use, by name: embedding models and rerankers.
 //!
 //! The catalog's default model is always known (its files may still need `mkflow models
 //! pull`); any directory `models/<name>/` under the mkflow home holding a `mkflow-model.json`
-//! adds a model (relative paths in it are resolved against that directory).
+//! adds an embedding model, one holding a `mkflow-reranker.json` a cross-encoder reranker
+//! (relative paths in them are resolved against that directory). `mkflow models add` writes
+//! such directories.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use mkflow_udfs::rerank::{RERANKER_SPEC_FILE, RerankerSpec, Rerankers};
 use mkflow_udfs::{EmbeddingModelSpec, LazyEmbedder};
 
 use crate::assets::{DEFAULT_MODEL, MODEL_SPEC_FILE, catalog_spec};
@@ -19,6 +22,7 @@ use mkflow_index::KnowledgeIndex;
 pub struct ModelRegistry {
     models: BTreeMap<String, Arc<LazyEmbedder>>,
     default: String,
+    rerankers: Rerankers,
 }
 
 /// Why the model registry could not be built.
@@ -61,14 +65,25 @@ impl ModelRegistry {
         threads: Option<usize>,
     ) -> Result<Self, ModelError> {
         let mut specs = vec![catalog_spec(home, &DEFAULT_MODEL)];
+        let mut reranker_specs = Vec::new();
         if let Ok(entries) = fs::read_dir(home.join("models")) {
             for entry in entries.flatten() {
                 let path = entry.path().join(MODEL_SPEC_FILE);
                 if path.is_file() {
                     specs.push(read_spec(&path)?);
                 }
+                let path = entry.path().join(RERANKER_SPEC_FILE);
+                if path.is_file() {
+                    let mut spec: RerankerSpec = read_json(&path)?;
+                    resolve_paths(&path, [&mut spec.model_path, &mut spec.tokenizer_path]);
+                    if spec.intra_threads == 0 {
+                        spec.intra_threads = threads.unwrap_or(0);
+                    }
+                    reranker_specs.push(spec);
+                }
             }
         }
+        let rerankers = Rerankers::new(reranker_specs, Some(onnx_runtime.clone()));
         let models = specs
             .into_iter()
             .map(|mut spec| {
@@ -91,7 +106,11 @@ impl ModelRegistry {
                 known: models.keys().cloned().collect::<Vec<_>>().join(", "),
             });
         }
-        Ok(ModelRegistry { models, default })
+        Ok(ModelRegistry {
+            models,
+            default,
+            rerankers,
+        })
     }
 
     /// The model called `name`.
@@ -115,28 +134,43 @@ impl ModelRegistry {
         self.models[&self.default].clone()
     }
 
-    /// All known models.
+    /// All known embedding models.
     pub fn all(&self) -> impl Iterator<Item = &Arc<LazyEmbedder>> {
         self.models.values()
+    }
+
+    /// The registered rerankers.
+    pub fn rerankers(&self) -> &Rerankers {
+        &self.rerankers
+    }
+}
+
+/// Reads a JSON model description.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
+    let text = fs::read_to_string(path).map_err(|source| ModelError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| ModelError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Resolves relative file paths of the description at `path` against its directory.
+fn resolve_paths<const N: usize>(path: &Path, files: [&mut PathBuf; N]) {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for file in files {
+        if file.is_relative() {
+            *file = dir.join(&*file);
+        }
     }
 }
 
 /// Reads a `mkflow-model.json`, resolving relative file paths against its directory.
 pub fn read_spec(path: &Path) -> Result<EmbeddingModelSpec, ModelError> {
-    let text = fs::read_to_string(path).map_err(|source| ModelError::Unreadable {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut spec: EmbeddingModelSpec = serde_json::from_str(&text).map_err(|source| ModelError::Invalid {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    for file in [&mut spec.model_path, &mut spec.tokenizer_path] {
-        if file.is_relative() {
-            *file = dir.join(&*file);
-        }
-    }
+    let mut spec: EmbeddingModelSpec = read_json(path)?;
+    resolve_paths(path, [&mut spec.model_path, &mut spec.tokenizer_path]);
     Ok(spec)
 }
 

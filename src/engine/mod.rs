@@ -26,6 +26,7 @@ use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::SessionConfig;
 use mkflow_udfs::chunking::ChunkUdf;
 use mkflow_udfs::mk::{GenerationCounts, GeneratorRegistry, MkOptions};
+use mkflow_udfs::rerank::RerankUdf;
 use mkflow_udfs::{EmbedUdf, bounded};
 
 use crate::access::{Access, Limits};
@@ -197,6 +198,7 @@ impl Engine {
         }
         metrics::install_udf_observer();
         ctx.register_udf(EmbedUdf::new("embed", models.default_model()).into_scalar_udf());
+        ctx.register_udf(RerankUdf::new(models.rerankers().clone()).into_scalar_udf());
         ctx.register_udf(ScalarUDF::new_from_impl(ChunkUdf::new(
             models.default_model().spec().clone(),
         )));
@@ -237,7 +239,12 @@ impl Engine {
         ] {
             searches.insert(
                 name,
-                Arc::new(HybridSearchFunction::new(kbs.clone(), target, fusable.clone())),
+                Arc::new(HybridSearchFunction::new(
+                    kbs.clone(),
+                    target,
+                    fusable.clone(),
+                    models.clone(),
+                )),
             );
         }
         let searches = Arc::new(searches);

@@ -12,11 +12,14 @@
 //!   questions, each by vector and by BM25, fused by reciprocal rank (a document ranked by its
 //!   best question in the question searches);
 //! - `mk`: `mk_search` (route, rewrite, match questions, fuse), a document ranked by its best
-//!   QA pair.
+//!   QA pair;
+//! - `chunk_doc`, `chunk_bm25`, `chunk_hybrid`: `vector_search`, `text_search` and
+//!   `hybrid_search` on a chunked index of the same corpus (`chunk_tokens` 200, the title read
+//!   before every chunk), a document ranked by its best chunk.
 //!
 //! `qa` and `mk` need the prepare stage: when either is asked for, the index is built with
 //! a Meta-Knowledge side (`mk_metadata`, `mk_qa`, `mk_cluster` on the session's generator)
-//! and every mode runs on it.
+//! and every mode runs on it. The chunked modes build a second index, `<name>_chunked`.
 //!
 //! Reports nDCG@10, Recall@100, MRR@10 per mode, ANN-vs-exact recall@10, index build
 //! throughput and query latency, and writes `eval.json`, one TREC run file per mode and
@@ -61,7 +64,16 @@ pub enum Mode {
     QaHybrid,
     /// Meta-Knowledge retrieval (`mk_search`).
     Mk,
+    /// `vector_search` on the chunked index: a document scores as its best chunk.
+    ChunkDoc,
+    /// `text_search` on the chunked index.
+    ChunkBm25,
+    /// `hybrid_search` on the chunked index.
+    ChunkHybrid,
 }
+
+/// Tokens per chunk of the chunked index the chunked modes search.
+pub const EVAL_CHUNK_TOKENS: usize = 200;
 
 /// Questions retrieved per query in the question-matching modes, before documents are
 /// deduplicated down to [`RUN_DEPTH`].
@@ -69,7 +81,7 @@ const QUESTION_DEPTH: usize = 300;
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 10] = [
         Mode::Doc,
         Mode::Exact,
         Mode::Bm25,
@@ -77,6 +89,9 @@ impl Mode {
         Mode::Qa,
         Mode::QaHybrid,
         Mode::Mk,
+        Mode::ChunkDoc,
+        Mode::ChunkBm25,
+        Mode::ChunkHybrid,
     ];
 
     /// The mode's name on the command line and in reports.
@@ -89,7 +104,15 @@ impl Mode {
             Mode::Qa => "qa",
             Mode::QaHybrid => "qa_hybrid",
             Mode::Mk => "mk",
+            Mode::ChunkDoc => "chunk_doc",
+            Mode::ChunkBm25 => "chunk_bm25",
+            Mode::ChunkHybrid => "chunk_hybrid",
         }
+    }
+
+    /// Whether the mode searches the chunked index.
+    pub fn needs_chunks(self) -> bool {
+        matches!(self, Mode::ChunkDoc | Mode::ChunkBm25 | Mode::ChunkHybrid)
     }
 
     /// Whether the mode needs the index's Meta-Knowledge side.
@@ -106,13 +129,13 @@ impl Mode {
     fn sql(self, kb: &str, query: &str) -> String {
         let q = sql_string(query);
         match self {
-            Mode::Doc => format!("SELECT doc_id, score FROM vector_search({kb}, {q}, {RUN_DEPTH})"),
+            Mode::Doc | Mode::ChunkDoc => format!("SELECT doc_id, score FROM vector_search({kb}, {q}, {RUN_DEPTH})"),
             Mode::Exact => format!(
                 "SELECT doc_id, CAST(1 - cosine_distance(embedding, embed({q})) AS FLOAT) AS score \
                  FROM {kb} ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
             ),
-            Mode::Bm25 => format!("SELECT doc_id, score FROM text_search({kb}, {q}, {RUN_DEPTH})"),
-            Mode::Hybrid => {
+            Mode::Bm25 | Mode::ChunkBm25 => format!("SELECT doc_id, score FROM text_search({kb}, {q}, {RUN_DEPTH})"),
+            Mode::Hybrid | Mode::ChunkHybrid => {
                 format!("SELECT doc_id, fused_score FROM hybrid_search({kb}, {q}, {RUN_DEPTH}, questions => false)")
             }
             Mode::QaHybrid => format!("SELECT doc_id, fused_score FROM hybrid_search({kb}, {q}, {RUN_DEPTH})"),
@@ -171,9 +194,20 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Builds (or reuses) the dataset's index through the ingestion pipeline (with the prepare
-/// stage when `meta_knowledge`); returns documents indexed and build seconds (0 when reused).
-async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, meta_knowledge: bool) -> Result<(usize, f64)> {
+/// What an evaluation index holds besides the documents' vectors and text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexKind {
+    /// Nothing more.
+    Plain,
+    /// The Meta-Knowledge side (prepare stage).
+    MetaKnowledge,
+    /// Chunks of [`EVAL_CHUNK_TOKENS`] tokens.
+    Chunked,
+}
+
+/// Builds (or reuses) the dataset's index through the ingestion pipeline; returns documents
+/// indexed and build seconds (0 when reused).
+async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, kind: IndexKind) -> Result<(usize, f64)> {
     let documents = std::fs::read_to_string(&dataset.corpus)
         .map_err(|e| DataFusionError::Execution(format!("{}: {e}", dataset.corpus.display())))?
         .lines()
@@ -186,15 +220,15 @@ async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, meta_know
     }
     let spinner = ProgressBar::new_spinner();
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    spinner.set_message(if meta_knowledge {
-        format!("preparing and embedding {documents} documents of {}", dataset.name)
-    } else {
-        format!("embedding {documents} documents of {}", dataset.name)
+    spinner.set_message(match kind {
+        IndexKind::MetaKnowledge => format!("preparing and embedding {documents} documents of {}", dataset.name),
+        IndexKind::Chunked => format!("chunking and embedding {documents} documents of {}", dataset.name),
+        IndexKind::Plain => format!("embedding {documents} documents of {}", dataset.name),
     });
     let started = Instant::now();
     let corpus = sql_string(&dataset.corpus.to_string_lossy());
-    let script = if meta_knowledge {
-        format!(
+    let script = match kind {
+        IndexKind::MetaKnowledge => format!(
             "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
              CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
                STORED AS KB LOCATION '{kb}' OPTIONS ('meta_knowledge' 'true');
@@ -203,15 +237,20 @@ async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, meta_know
                       mk_metadata(title, text) AS metadata, mk_qa(title, text) AS qa,
                       embed(concat_ws('. ', title, text)) AS embedding
                FROM {kb}_corpus);"
-        )
-    } else {
-        format!(
+        ),
+        IndexKind::Chunked => format!(
+            "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
+             CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+               STORED AS KB LOCATION '{kb}' OPTIONS ('chunk_tokens' '{EVAL_CHUNK_TOKENS}');
+             INSERT INTO {kb} SELECT CAST(\"_id\" AS VARCHAR), title, text, NULL FROM {kb}_corpus;"
+        ),
+        IndexKind::Plain => format!(
             "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
              CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
                STORED AS KB LOCATION '{kb}';
              INSERT INTO {kb} SELECT CAST(\"_id\" AS VARCHAR), title, text, embed(trim(concat_ws(' ', title, text)))
                FROM {kb}_corpus;"
-        )
+        ),
     };
     engine.run_script("eval", &script, |_| {}).await?;
     spinner.finish_and_clear();
@@ -281,7 +320,18 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
     } else {
         index_name(&dataset.name)
     };
-    let (documents, build_seconds) = build_index(engine, &dataset, &kb, meta_knowledge).await?;
+    let kind = if meta_knowledge {
+        IndexKind::MetaKnowledge
+    } else {
+        IndexKind::Plain
+    };
+    let (documents, build_seconds) = build_index(engine, &dataset, &kb, kind).await?;
+    let chunked_kb = format!("{}_chunked", index_name(&dataset.name));
+    let chunked_build_seconds = if options.modes.iter().any(|m| m.needs_chunks()) {
+        Some(build_index(engine, &dataset, &chunked_kb, IndexKind::Chunked).await?.1)
+    } else {
+        None
+    };
     let queries: Vec<(String, String)> = match options.max_queries {
         Some(n) => dataset.queries.iter().take(n).cloned().collect(),
         None => dataset.queries.clone(),
@@ -297,7 +347,8 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
     }
     let mut mode_runs = Vec::new();
     for mode in modes {
-        let (runs, latencies) = run_mode(engine, &kb, &queries, mode).await?;
+        let searched = if mode.needs_chunks() { &chunked_kb } else { &kb };
+        let (runs, latencies) = run_mode(engine, searched, &queries, mode).await?;
         mode_runs.push((mode, runs, latencies));
     }
     let exact_runs = mode_runs
@@ -321,6 +372,7 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
         documents,
         queries: queries.len(),
         build_seconds,
+        chunked_build_seconds,
         ann_recall_at_10: ann_recall,
         modes: mode_reports,
     };

@@ -92,6 +92,10 @@ pub struct EvalReport {
     pub queries: usize,
     /// Seconds the ingestion pipeline took (0 when the index was reused).
     pub build_seconds: f64,
+    /// Seconds the chunked index took to build (when a chunked mode was measured; 0 when it
+    /// was reused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chunked_build_seconds: Option<f64>,
     /// Top-10 overlap of the HNSW search with the exact search (when `doc` was measured).
     pub ann_recall_at_10: Option<f64>,
     /// One entry per mode.
@@ -120,18 +124,31 @@ impl EvalReport {
                 let _ = writeln!(out, "index build: reused existing index");
             }
         }
+        match self.chunked_build_seconds {
+            Some(seconds) if seconds > 0.0 => {
+                let _ = writeln!(
+                    out,
+                    "chunked index build: {seconds:.1}s ({:.1} docs/s)",
+                    self.documents as f64 / seconds
+                );
+            }
+            Some(_) => {
+                let _ = writeln!(out, "chunked index build: reused existing index");
+            }
+            None => {}
+        }
         if let Some(recall) = self.ann_recall_at_10 {
             let _ = writeln!(out, "ANN vs exact recall@10: {recall:.4}");
         }
         let _ = writeln!(
             out,
-            "{:<8} {:>9} {:>11} {:>8} {:>12} {:>12}",
+            "{:<12} {:>9} {:>11} {:>8} {:>12} {:>12}",
             "mode", "nDCG@10", "Recall@100", "MRR@10", "p50 ms", "p99 ms"
         );
         for m in &self.modes {
             let _ = writeln!(
                 out,
-                "{:<8} {:>9.4} {:>11.4} {:>8.4} {:>12.2} {:>12.2}",
+                "{:<12} {:>9.4} {:>11.4} {:>8.4} {:>12.2} {:>12.2}",
                 m.mode, m.ndcg_at_10, m.recall_at_100, m.mrr_at_10, m.latency_p50_ms, m.latency_p99_ms
             );
         }

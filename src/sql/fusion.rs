@@ -16,7 +16,11 @@
 //!   index it also fuses `qa_search` and `qa_text_search` (joined on the questions' `doc_id`, a
 //!   document ranked by its best question, three times deeper), unless `questions => false`.
 //! - `qa_hybrid_search(kb, 'query' [, k])` is `rrf(qa_search(kb, 'query'),
-//!   qa_text_search(kb, 'query'))` over the synthetic questions, joined on `question_id`.
+//!   qa_text_search(kb, 'query'))` over the synthetic questions, joined on `question_id`, and
+//!   `chunk_hybrid_search` the same over the chunks of a chunked index, joined on `chunk_id`.
+//! - Each of them takes `rerank => N` (and `reranker => 'name'` when several are registered):
+//!   the top `N` fused rows are reordered by a cross-encoder reading the query with each row's
+//!   text (its text columns; on a chunked index its context and best chunk), see [`super::rerank`].
 //!
 //! `WHERE` clauses every fused search can evaluate inside itself are pushed into all of them.
 
@@ -36,12 +40,16 @@ use futures::future::try_join_all;
 
 use super::KbSchema;
 use super::call_args::{CallArgs, int_arg, named_arg_name, nested_call, string_arg, table_arg};
-use super::catalog::SearchTarget;
+use super::catalog::{SearchTarget, Searched};
+use super::rerank::RerankStep;
 use super::vector_search::DEFAULT_K;
 use crate::access::Access;
+use crate::chunks::search::BEST_CHUNK;
+use crate::models::ModelRegistry;
 use crate::support::batch_table::deferred_scan;
 use crate::support::tag_call;
 use mkflow_index::SCORE_COLUMN;
+use mkflow_index::fulltext::default_text_columns;
 
 /// Rows each fused search returns when neither it nor the query's `LIMIT` asks for more.
 pub const FUSION_DEPTH: usize = 100;
@@ -118,22 +126,84 @@ impl TableFunctionImpl for RrfFunction {
     }
 }
 
-/// `hybrid_search` and `qa_hybrid_search`.
+/// `hybrid_search`, `qa_hybrid_search` and `chunk_hybrid_search`.
 #[derive(Debug)]
 pub struct HybridSearchFunction {
     registry: Arc<KbSchema>,
     target: SearchTarget,
     searches: Arc<SearchFunctions>,
+    models: Arc<ModelRegistry>,
 }
 
 impl HybridSearchFunction {
-    /// The hybrid search over `target`, fusing the dense and BM25 searches in `searches`.
-    pub fn new(registry: Arc<KbSchema>, target: SearchTarget, searches: Arc<SearchFunctions>) -> Self {
+    /// The hybrid search over `target`, fusing the dense and BM25 searches in `searches`,
+    /// reranking with the rerankers of `models` when asked.
+    pub fn new(
+        registry: Arc<KbSchema>,
+        target: SearchTarget,
+        searches: Arc<SearchFunctions>,
+        models: Arc<ModelRegistry>,
+    ) -> Self {
         HybridSearchFunction {
             registry,
             target,
             searches,
+            models,
         }
+    }
+
+    /// The `rerank => N` step of a call, if asked: its cross-encoder and the columns read as
+    /// each row's text.
+    fn rerank_step(
+        &self,
+        function: &str,
+        call: &CallArgs,
+        access: &Access,
+        searched: &Searched,
+        query: &str,
+    ) -> Result<Option<RerankStep>> {
+        let Some(depth) = call.named("rerank") else {
+            if call.named("reranker").is_some() {
+                return plan_err!("{function}: reranker => needs rerank => N (the rows to rerank)");
+            }
+            return Ok(None);
+        };
+        let depth = int_arg(depth)
+            .filter(|v| *v > 0)
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| DataFusionError::Plan(format!("{function}: rerank must be a positive integer")))?;
+        let depth = access.check_k(function, depth)?;
+        let model = self
+            .models
+            .rerankers()
+            .get(call.named_string("reranker")?.as_deref())
+            .map_err(|e| DataFusionError::Plan(format!("{function}: {e}")))?;
+        let columns = match &searched.chunks {
+            Some(chunks) => chunks
+                .settings()
+                .context
+                .iter()
+                .cloned()
+                .chain([BEST_CHUNK.to_string()])
+                .collect(),
+            None => {
+                let names: Vec<String> = searched.index.text_columns().into_iter().map(|c| c.name).collect();
+                if names.is_empty() {
+                    default_text_columns(&searched.index.schema(), &searched.index.manifest().key_column)
+                        .into_iter()
+                        .map(|c| c.name)
+                        .collect()
+                } else {
+                    names
+                }
+            }
+        };
+        Ok(Some(RerankStep {
+            depth,
+            query: query.to_string(),
+            columns,
+            model,
+        }))
     }
 
     fn names(&self) -> (&'static str, &'static str, &'static str) {
@@ -148,10 +218,10 @@ impl HybridSearchFunction {
 impl TableFunctionImpl for HybridSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let (function, dense, lexical) = self.names();
-        let usage = format!("usage: {function}(kb, 'query' [, k])");
+        let usage = format!("usage: {function}(kb, 'query' [, k] [, rerank => N])");
         let accepted: &[&str] = match self.target {
-            SearchTarget::Documents => &["questions"],
-            SearchTarget::Questions | SearchTarget::Chunks => &[],
+            SearchTarget::Documents => &["questions", "rerank", "reranker"],
+            SearchTarget::Questions | SearchTarget::Chunks => &["rerank", "reranker"],
         };
         let call = CallArgs::of(function, args.exprs(), accepted)?;
         let exprs = &call.positional;
@@ -163,10 +233,13 @@ impl TableFunctionImpl for HybridSearchFunction {
                 "{function}: the first argument must name a knowledge index; {usage}"
             ))
         })?;
-        let index = self.registry.search_target(function, &name, self.target)?.index;
-        if string_arg(&exprs[1]).is_none() {
+        let searched = self.registry.search_target(function, &name, self.target)?;
+        let Some(query) = string_arg(&exprs[1]) else {
             return plan_err!("{function}: the query must be a text; {usage}");
-        }
+        };
+        let access = Access::of(args.session().config());
+        let rerank = self.rerank_step(function, &call, &access, &searched, &query)?;
+        let index = searched.index;
         let k = match exprs.get(2) {
             Some(e) => Some(
                 int_arg(e)
@@ -178,9 +251,7 @@ impl TableFunctionImpl for HybridSearchFunction {
             ),
             None => None,
         };
-        let k = k
-            .map(|k| Access::of(args.session().config()).check_k(function, k))
-            .transpose()?;
+        let k = k.map(|k| access.check_k(function, k)).transpose()?;
         let key = index.manifest().key_column;
         // On a Meta-Knowledge index the documents' synthetic questions join the fusion (a
         // document ranked by its best question), unless `questions => false`.
@@ -211,6 +282,10 @@ impl TableFunctionImpl for HybridSearchFunction {
         }
         let mut table = RrfTable::new(inputs, DEFAULT_RRF_K)?;
         table.limit = k;
+        if let Some(step) = rerank {
+            table.schema = RerankStep::schema(&table.fused_schema);
+            table.rerank = Some(step);
+        }
         table.schema = tag_call(&table.schema, function, args.exprs());
         Ok(Arc::new(table))
     }
@@ -234,7 +309,12 @@ struct RrfTable {
     k: f64,
     /// Rows returned at most (`hybrid_search`'s `k`), before the query's `LIMIT`.
     limit: Option<usize>,
+    /// The fused rows' schema.
+    fused_schema: SchemaRef,
+    /// The schema returned: the fused rows' (with `rerank_score` when reranked), tagged.
     schema: SchemaRef,
+    /// The cross-encoder step over the top of the fused rows, if asked.
+    rerank: Option<RerankStep>,
 }
 
 impl RrfTable {
@@ -264,11 +344,14 @@ impl RrfTable {
             }
         }
         fields.push(Field::new(FUSED_SCORE_COLUMN, DataType::Float64, false));
+        let schema = Arc::new(Schema::new(fields));
         Ok(RrfTable {
             inputs,
             k,
             limit: None,
-            schema: Arc::new(Schema::new(fields)),
+            fused_schema: schema.clone(),
+            schema,
+            rerank: None,
         })
     }
 }
@@ -324,15 +407,24 @@ impl TableProvider for RrfTable {
             weights: self.inputs.iter().map(|i| i.weight).collect(),
             join_columns: self.inputs.iter().map(|i| i.join_column.clone()).collect(),
             k: self.k,
-            limit,
-            schema: self.schema.clone(),
+            // The rows reranked are fused first, however few are returned.
+            limit: match &self.rerank {
+                Some(step) => Some(limit.unwrap_or(DEFAULT_K).max(step.depth)),
+                None => limit,
+            },
+            schema: self.fused_schema.clone(),
         });
+        let rerank = self.rerank.clone().map(Arc::new);
         deferred_scan(self.schema(), projection, None, move |context| {
-            let fusion = fusion.clone();
+            let (fusion, rerank) = (fusion.clone(), rerank.clone());
             async move {
                 let answers =
                     try_join_all(fusion.plans.iter().map(|plan| collect(plan.clone(), context.clone()))).await?;
-                fusion.fuse(answers)
+                let fused = fusion.fuse(answers)?;
+                match &rerank {
+                    Some(step) => step.apply(fused, limit).await,
+                    None => Ok(fused),
+                }
             }
             .boxed()
         })

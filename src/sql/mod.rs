@@ -4,7 +4,8 @@
 //! - [`kb_factory`]: `CREATE EXTERNAL TABLE … STORED AS KB` creates or opens one;
 //! - [`vector_search`]: the `vector_search(kb, 'query', k)` and `qa_search` table functions;
 //! - [`text_search`]: BM25 full-text search, `text_search(kb, 'query', k)` and `qa_text_search`;
-//! - [`fusion`]: `rrf(search, search, …)`, `hybrid_search` and `qa_hybrid_search`;
+//! - [`fusion`]: `rrf(search, search, …)`, `hybrid_search`, `qa_hybrid_search` and
+//!   `chunk_hybrid_search`; [`rerank`]: their `rerank => N` (a cross-encoder over the top);
 //! - [`call_args`]: table-function arguments (literals, `name => value`, nested search calls);
 //! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`;
 //! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches;
@@ -18,6 +19,7 @@ pub mod fusion;
 pub mod kb_factory;
 pub mod kb_table;
 pub mod mk_search;
+pub mod rerank;
 pub mod text_search;
 pub mod vector_search;
 

@@ -24,6 +24,7 @@ pub mod decoder;
 pub mod embedding;
 pub mod mk;
 pub mod observe;
+pub mod rerank;
 pub mod runtime;
 
 pub use embedding::{BatchingStrategy, EmbedQueue, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling};
