@@ -11,6 +11,7 @@
 #    (SmolLM2-135M; pulled and exported on first use)
 # 6. serve: text-query vector_search over HTTP, 1 vs 16 concurrent clients (QPS, p50/p99)
 # 7. text_search through SQL vs bare tantivy on 100k documents; ingest with the text index on/off
+# 8. chunked vs unchunked ingest of long documents (model tokens/s, share of the text embedded)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Dependencies are optimised in the dev profile (see Cargo.toml), so benchmarks reuse the test
@@ -23,3 +24,4 @@ cargo bench --profile dev --bench streaming
 cargo bench --profile dev --bench decoder
 cargo bench --profile dev --bench serve
 cargo bench --profile dev --bench text_search
+cargo bench --profile dev --bench chunking

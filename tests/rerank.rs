@@ -60,7 +60,16 @@ fn tiny_cross_encoder(out: &Path, pairs: &[(&str, &str)], two_classes: bool) -> 
 /// `mkflow models add --kind reranker` with `home`; returns (success, stderr).
 fn models_add(home: &Path, name: &str, model: &Path) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_mkflow"))
-        .args(["models", "add", "--kind", "reranker", "--name", name, "--max-tokens", "128"])
+        .args([
+            "models",
+            "add",
+            "--kind",
+            "reranker",
+            "--name",
+            name,
+            "--max-tokens",
+            "128",
+        ])
         .arg("--onnx")
         .arg(model)
         .arg("--tokenizer")
@@ -68,7 +77,10 @@ fn models_add(home: &Path, name: &str, model: &Path) -> (bool, String) {
         .env("MKFLOW_HOME", home)
         .output()
         .unwrap();
-    (output.status.success(), String::from_utf8_lossy(&output.stderr).to_string())
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
 }
 
 /// Pairs of different lengths (a batch is padded), one over the 128-token limit (truncated
@@ -76,9 +88,18 @@ fn models_add(home: &Path, name: &str, model: &Path) -> (bool, String) {
 fn pairs() -> Vec<(&'static str, String)> {
     let long: String = (0..120).map(|i| format!("word{i} ")).collect();
     vec![
-        ("what is a lighthouse lamp", "A xenon bulb of 1000 watts lights the lantern room.".into()),
-        ("what is a lighthouse lamp", "Feed the sourdough starter every morning.".into()),
-        ("vitamin d and bone density", "Vitamin D deficiency lowers bone mineral density in older adults.".into()),
+        (
+            "what is a lighthouse lamp",
+            "A xenon bulb of 1000 watts lights the lantern room.".into(),
+        ),
+        (
+            "what is a lighthouse lamp",
+            "Feed the sourdough starter every morning.".into(),
+        ),
+        (
+            "vitamin d and bone density",
+            "Vitamin D deficiency lowers bone mineral density in older adults.".into(),
+        ),
         ("vitamin d and bone density", long),
         ("short", "x".into()),
     ]
@@ -136,7 +157,10 @@ async fn rerank_matches_numpy_and_reorders_the_top_of_a_hybrid_search() {
     let engine = engine_with(&home, &dir.path().join("data")).await;
     let got = sql_scores(&engine, &pairs, None).await;
     for (i, (sql, numpy)) in got.iter().zip(&one_logit).enumerate() {
-        assert!((*sql as f64 - numpy).abs() < 1e-3, "pair {i}: rerank {sql}, numpy {numpy}");
+        assert!(
+            (*sql as f64 - numpy).abs() < 1e-3,
+            "pair {i}: rerank {sql}, numpy {numpy}"
+        );
     }
     // The scores differ from pair to pair: the comparison is not vacuous.
     assert!((one_logit[0] - one_logit[1]).abs() > 1e-3);
@@ -146,10 +170,16 @@ async fn rerank_matches_numpy_and_reorders_the_top_of_a_hybrid_search() {
     let engine = engine_with(&home, &dir.path().join("data")).await;
     let got = sql_scores(&engine, &pairs, Some("tiny-ce2")).await;
     for (i, (sql, numpy)) in got.iter().zip(&two_classes).enumerate() {
-        assert!((*sql as f64 - numpy).abs() < 1e-3, "pair {i} (two classes): {sql} vs {numpy}");
+        assert!(
+            (*sql as f64 - numpy).abs() < 1e-3,
+            "pair {i} (two classes): {sql} vs {numpy}"
+        );
     }
     let error = sql_error(&engine, "SELECT rerank('q', 'text')").await;
-    assert!(error.contains("several rerankers") && error.contains("tiny-ce2"), "{error}");
+    assert!(
+        error.contains("several rerankers") && error.contains("tiny-ce2"),
+        "{error}"
+    );
     let error = sql_error(&engine, "SELECT rerank('q', 'text', 'nope')").await;
     assert!(error.contains("no reranker called 'nope'"), "{error}");
 
@@ -184,9 +214,18 @@ async fn rerank_matches_numpy_and_reorders_the_top_of_a_hybrid_search() {
     assert_eq!(fused_ids, reranked_ids, "the same five documents, reordered");
 
     for (sql, expected) in [
-        ("SELECT * FROM hybrid_search(kb, 'q', 5, rerank => 0, reranker => 'tiny-ce')", "rerank must be a positive integer"),
-        ("SELECT * FROM hybrid_search(kb, 'q', 5, reranker => 'tiny-ce')", "needs rerank => N"),
-        ("SELECT * FROM hybrid_search(kb, 'q', 5, rerank => 3)", "several rerankers"),
+        (
+            "SELECT * FROM hybrid_search(kb, 'q', 5, rerank => 0, reranker => 'tiny-ce')",
+            "rerank must be a positive integer",
+        ),
+        (
+            "SELECT * FROM hybrid_search(kb, 'q', 5, reranker => 'tiny-ce')",
+            "needs rerank => N",
+        ),
+        (
+            "SELECT * FROM hybrid_search(kb, 'q', 5, rerank => 3)",
+            "several rerankers",
+        ),
     ] {
         let error = sql_error(&engine, sql).await;
         assert!(error.contains(expected), "{sql}: {error}");

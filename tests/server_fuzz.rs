@@ -45,6 +45,8 @@ impl Rng {
 const TABLES: &[&str] = &[
     "kb",
     "kb_questions",
+    "ckb",
+    "ckb_chunks",
     "no_such_kb",
     "dead_letters",
     "information_schema.tables",
@@ -59,6 +61,9 @@ const SEARCHES: &[&str] = &[
     "qa_text_search",
     "hybrid_search",
     "qa_hybrid_search",
+    "chunk_search",
+    "chunk_text_search",
+    "chunk_hybrid_search",
     "rrf",
     "generate_series",
     "range",
@@ -82,6 +87,7 @@ const FUNCTIONS: &[&str] = &[
     "regexp_replace",
     "to_hex",
     "chunk",
+    "rerank",
     "vector_search",
     "named_arg",
 ];
@@ -124,6 +130,9 @@ fn argument(rng: &mut Rng, depth: usize) -> String {
                 "syntax => 1",
                 "rank_weight => 2",
                 "questions => false",
+                "rerank => 5",
+                "rerank => 0",
+                "reranker => 'x'",
                 "nope => 1",
             ])
             .into(),
@@ -252,6 +261,16 @@ async fn fuzzed_requests_get_an_answer_and_never_bring_the_server_down() {
         std::fs::write(&corpus, lines.join("\n")).unwrap();
         let engine = common::engine(&data).await;
         common::ingest(&engine, &corpus).await;
+        engine
+            .run_script(
+                "chunked",
+                "CREATE EXTERNAL TABLE ckb (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+                   STORED AS KB LOCATION 'ckb' OPTIONS ('chunk_tokens' '64');
+                 INSERT INTO ckb SELECT doc_id, title, body, NULL FROM kb;",
+                |_| {},
+            )
+            .await
+            .unwrap();
     }
     let config = work.path().join("mkflow.toml");
     std::fs::write(
