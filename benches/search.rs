@@ -7,6 +7,10 @@
 //! same 500 queries for k = 10. The SQL path includes parsing, planning, the search, gathering
 //! rows and collecting the result.
 
+/// The allocator of the mkflow binary, so the SQL path is measured as it runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::Instant;
 

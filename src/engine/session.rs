@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
+use datafusion::dataframe::DataFrame;
 use datafusion::execution::context::{SessionContext, SessionState};
 use datafusion::logical_expr::async_udf::AsyncScalarUDF;
-use datafusion::logical_expr::{AggregateUDF, ScalarUDF};
+use datafusion::logical_expr::{AggregateUDF, LogicalPlan, ScalarUDF};
 use datafusion::sql::parser::{DFParser, Statement};
 use futures::StreamExt;
 use mkflow_udfs::mk::{ClusterUdf, MkOptions, PrepareUdf, PreparedPart, Preparer, SummaryUdaf};
@@ -57,12 +58,13 @@ impl Session {
 
     /// Who runs the session's statements, and their bounds.
     pub fn access(&self) -> Arc<Access> {
-        Access::of(self.ctx.state().config())
+        // Read in place: cloning the whole session state per statement costs more than planning.
+        Access::of(self.ctx.state_ref().read().config())
     }
 
     /// The session's Meta-Knowledge settings.
     pub fn mk_options(&self) -> MkOptions {
-        MkOptions::of(self.ctx.state().config_options())
+        MkOptions::of(self.ctx.state_ref().read().config_options())
     }
 
     /// Registers the Meta-Knowledge functions of the session's current settings anew.
@@ -150,7 +152,12 @@ impl Session {
             let rows = stream.run(&self.ctx, pipeline, &self.shared.streams).await?;
             return Ok(vec![count_batch(rows)?]);
         }
-        let frame = self.ctx.execute_logical_plan(plan).await?;
+        // A query runs on the state it was planned with; DDL and statements (`SET`, `CREATE`)
+        // change the context, which runs them.
+        let frame = match plan {
+            LogicalPlan::Ddl(_) | LogicalPlan::Statement(_) => self.ctx.execute_logical_plan(plan).await?,
+            plan => DataFrame::new(state, plan),
+        };
         let stream = frame.execute_stream().await?;
         let batches = collect_bounded(stream, access).await?;
         if let Some(previous) = previous
@@ -173,7 +180,7 @@ impl Session {
 /// (Re)registers `mk_metadata`, `mk_qa`, `mk_cluster` and `mk_summary` in `ctx` for its current
 /// settings (their result types follow the metadata schema).
 pub(super) fn register_mk_functions(ctx: &SessionContext, services: &MkServices) -> Result<()> {
-    let options = MkOptions::of(ctx.state().config_options());
+    let options = MkOptions::of(ctx.state_ref().read().config_options());
     let schema = services
         .generators
         .schema(&options)

@@ -112,7 +112,17 @@ impl Analyzer {
 
     /// The terms of `text` under this analyzer, in order.
     pub fn terms(self, text: &str) -> Vec<String> {
-        let mut analyzer = self.build();
+        self.terms_with(self.build(), text)
+    }
+
+    /// The terms of `text` under this analyzer as registered in `manager` (a copy of the
+    /// registered one costs less than building it: no stop-word set, no stemmer to set up).
+    pub(crate) fn terms_in(self, manager: &TokenizerManager, text: &str) -> Vec<String> {
+        let analyzer = manager.get(&self.tokenizer_name()).unwrap_or_else(|| self.build());
+        self.terms_with(analyzer, text)
+    }
+
+    fn terms_with(self, mut analyzer: TextAnalyzer, text: &str) -> Vec<String> {
         let mut stream = analyzer.token_stream(text);
         let mut terms = Vec::new();
         stream.process(&mut |token| terms.push(token.text.clone()));

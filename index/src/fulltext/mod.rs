@@ -259,7 +259,7 @@ impl FullText {
         self.reader
             .reload()
             .map_err(|e| text_error("reloading the text index", e))?;
-        Ok(TextView::new(self.reader.searcher()))
+        TextView::new(self.reader.searcher())
     }
 
     /// Replaces the text index's documents with the live rows of `state`.
@@ -466,19 +466,13 @@ impl FullText {
             None => view.searcher().search(tantivy_query.as_ref(), &top_k),
         }
         .map_err(|e| text_error("text search", e))?;
-        let mut hits = Vec::with_capacity(top.len());
-        for (score, address) in top {
-            let keys = view
-                .searcher()
-                .segment_reader(address.segment_ord)
-                .fast_fields()
-                .u64(KEY_FIELD)
-                .map_err(|e| text_error("reading row keys", e))?;
-            if let Some(key) = keys.first(address.doc_id) {
-                hits.push(Hit { key, score });
-            }
-        }
-        Ok(hits)
+        Ok(top
+            .into_iter()
+            .filter_map(|(score, address)| {
+                let key = view.key(address.segment_ord, address.doc_id)?;
+                Some(Hit { key, score })
+            })
+            .collect())
     }
 }
 

@@ -64,7 +64,7 @@ impl TextQuery {
         match self.syntax {
             QuerySyntax::Terms => {
                 let clauses: Vec<(Occur, Box<dyn Query>)> = analyzer
-                    .terms(&self.text)
+                    .terms_in(index.tokenizers(), &self.text)
                     .into_iter()
                     .map(|term| {
                         let query: Box<dyn Query> = Box::new(TermQuery::new(
