@@ -27,31 +27,11 @@ pub enum SearchTarget {
     /// The chunks of a chunked index (`chunk_search`, `chunk_text_search`).
     Chunks,
 }
+use super::kb_entry::{KbEntry, Searched};
 use crate::chunks::ChunkIndex;
 use crate::mk::{ClustersTable, MkAttachment};
 use crate::support::BatchTable;
 use crate::support::batch_table::SnapshotView;
-
-/// A registered index with its Meta-Knowledge side and its chunks, if it has them.
-#[derive(Debug, Clone)]
-pub struct KbEntry {
-    /// The documents.
-    pub index: Arc<KnowledgeIndex>,
-    /// The synthetic questions and clusters (`OPTIONS ('meta_knowledge' 'true')`).
-    pub mk: Option<MkAttachment>,
-    /// The chunks (`OPTIONS ('chunk_tokens' 'N')`).
-    pub chunks: Option<Arc<ChunkIndex>>,
-}
-
-/// What a search reads: an index and, when the index is chunked and the documents are searched,
-/// its chunks (the documents are then ranked by their best chunk).
-#[derive(Debug, Clone)]
-pub struct Searched {
-    /// The index whose rows answer.
-    pub index: Arc<KnowledgeIndex>,
-    /// The chunks searched in its place.
-    pub chunks: Option<Arc<ChunkIndex>>,
-}
 
 /// Suffix of a chunked index's chunks table.
 pub const CHUNKS_SUFFIX: &str = "_chunks";

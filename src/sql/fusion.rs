@@ -40,7 +40,8 @@ use futures::future::try_join_all;
 
 use super::KbSchema;
 use super::call_args::{CallArgs, int_arg, named_arg_name, nested_call, string_arg, table_arg};
-use super::catalog::{SearchTarget, Searched};
+use super::catalog::SearchTarget;
+use super::kb_entry::Searched;
 use super::rerank::RerankStep;
 use super::vector_search::DEFAULT_K;
 use crate::access::Access;

@@ -44,7 +44,7 @@ use datafusion::logical_expr::CreateExternalTable;
 use mkflow_udfs::mk::MkOptions;
 
 use super::KbSchema;
-use super::catalog::KbEntry;
+use super::kb_entry::KbEntry;
 use super::kb_table::{IngestProgress, KbTable};
 use crate::chunks::{ChunkIndex, ChunkSettings};
 use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns};

@@ -17,8 +17,8 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use futures::StreamExt;
 
-use super::catalog::KbEntry;
 use super::filters::{CompiledFilter, pushdown_support};
+use super::kb_entry::KbEntry;
 use super::memory_scan;
 use crate::chunks::ChunkIndex;
 use crate::metrics;

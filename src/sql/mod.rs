@@ -1,6 +1,7 @@
 //! mkflow's SQL surface on DataFusion:
 //! - [`catalog`]: the default schema, where the data directory's indexes are tables;
 //! - [`kb_table`]: a knowledge index as a table (`SELECT`, `INSERT` = upsert, `DELETE`);
+//! - [`kb_entry`]: an index with its Meta-Knowledge side and chunks, as the schema records it;
 //! - [`kb_factory`]: `CREATE EXTERNAL TABLE … STORED AS KB` creates or opens one;
 //! - [`vector_search`]: the `vector_search(kb, 'query', k)` and `qa_search` table functions;
 //! - [`text_search`]: BM25 full-text search, `text_search(kb, 'query', k)` and `qa_text_search`;
@@ -16,6 +17,7 @@ pub mod call_args;
 pub mod catalog;
 pub mod filters;
 pub mod fusion;
+pub mod kb_entry;
 pub mod kb_factory;
 pub mod kb_table;
 pub mod mk_search;
