@@ -427,6 +427,27 @@ impl KnowledgeIndex {
         }
     }
 
+    /// Deletes the rows whose text column `column` holds one of `values` and commits; returns
+    /// their document ids (a companion index's rows of deleted documents, say).
+    pub fn delete_where_in(
+        &self,
+        column: &str,
+        values: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, IndexError> {
+        if values.is_empty() {
+            return Ok(Vec::new());
+        }
+        let position = self.schema.index_of(column)?;
+        self.delete(&|batch: &RecordBatch| {
+            let column = cast(batch.column(position), &arrow::datatypes::DataType::Utf8)?;
+            let column = arrow::array::AsArray::as_string::<i32>(&column);
+            Ok(column
+                .iter()
+                .map(|value| Some(value.is_some_and(|value| values.contains(value))))
+                .collect())
+        })
+    }
+
     /// Deletes the rows for which `predicate` is true and commits; returns their document ids.
     pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
         let _writer = self.lock_writer();

@@ -317,18 +317,7 @@ impl ChunkIndex {
 
     /// Removes the chunks of documents.
     pub fn remove_chunks_of(&self, documents: &HashSet<String>) -> Result<usize, IndexError> {
-        if documents.is_empty() {
-            return Ok(0);
-        }
-        let doc_column = self.chunks.schema().index_of("doc_id")?;
-        let removed = self.chunks.delete(&|batch: &RecordBatch| {
-            let ids = batch.column(doc_column).as_string::<i32>();
-            Ok(ids
-                .iter()
-                .map(|id| Some(id.is_some_and(|id| documents.contains(id))))
-                .collect::<BooleanArray>())
-        })?;
-        Ok(removed.len())
+        Ok(self.chunks.delete_where_in("doc_id", documents)?.len())
     }
 }
 

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use mkflow_index::vectors_to_array;
@@ -224,18 +224,7 @@ impl MkIndex {
 
     /// Removes the questions of documents.
     pub fn remove_questions_of(&self, documents: &HashSet<String>) -> Result<usize, IndexError> {
-        if documents.is_empty() {
-            return Ok(0);
-        }
-        let doc_column = self.questions.schema().index_of("doc_id")?;
-        let removed = self.questions.delete(&|batch: &RecordBatch| {
-            let ids = batch.column(doc_column).as_string::<i32>();
-            Ok(ids
-                .iter()
-                .map(|id| Some(id.is_some_and(|id| documents.contains(id))))
-                .collect::<BooleanArray>())
-        })?;
-        Ok(removed.len())
+        Ok(self.questions.delete_where_in("doc_id", documents)?.len())
     }
 
     /// Recomputes cluster sizes and centroids from the rows (after every commit).
