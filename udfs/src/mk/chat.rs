@@ -1,6 +1,6 @@
 //! A [`Generator`] on any chat model: the Meta-Knowledge prompts, JSON answers validated with one
-//! corrective retry, and a persistent answer cache keyed by model and conversation, so that a
-//! re-run costs nothing. The model behind it is a [`ChatBackend`]: an OpenAI-compatible endpoint
+//! corrective retry, and a persistent answer cache keyed by conversation and everything else that
+//! decides the answer ([`ChatBackend::cache_identity`]), so that a re-run costs nothing. The model behind it is a [`ChatBackend`]: an OpenAI-compatible endpoint
 //! ([`super::openai`]) or a local LLM on the decoder runtime ([`super::local`]).
 
 use std::collections::HashMap;
@@ -35,8 +35,14 @@ pub enum AnswerFormat {
 /// A chat model: answers a conversation.
 #[async_trait]
 pub trait ChatBackend: Send + Sync + Debug {
-    /// A name for messages and cache keys (e.g. `openai:gpt-4o-mini`, `local:smollm2-135m`).
+    /// A name for messages (e.g. `openai:gpt-4o-mini`, `local:smollm2-135m`).
     fn name(&self) -> String;
+
+    /// Everything besides the conversation that decides the answers: the backend, the model,
+    /// where it is reached, every sampling setting, and for local models the hash of the
+    /// model's files. Part of the cache key, so a changed setting or a re-exported model is
+    /// never answered from the cache.
+    async fn cache_identity(&self) -> String;
 
     /// The answer to `messages`, in `format`. Backends count their requests, retries and
     /// tokens in `stats`.
@@ -154,7 +160,7 @@ impl<B: ChatBackend> ChatGenerator<B> {
     async fn chat(&self, messages: &[Message], format: AnswerFormat) -> Result<String, GenerationError> {
         let request = serde_json::to_string(messages).expect("messages serialise");
         let key = hex(&Sha256::digest(
-            format!("{}\n{format:?}\n{request}", self.backend.name()).as_bytes(),
+            format!("{}\n{format:?}\n{request}", self.backend.cache_identity().await).as_bytes(),
         ));
         if let Some(content) = self.cache.get(&key) {
             GenerationStats::bump(&self.stats.cache_hits);
@@ -197,7 +203,8 @@ impl<B: ChatBackend> ChatGenerator<B> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hexadecimal of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -260,5 +267,82 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
 
     fn stats(&self) -> &GenerationStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A backend that counts its calls and answers with its identity.
+    #[derive(Debug)]
+    struct Counting {
+        identity: String,
+        calls: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl ChatBackend for Counting {
+        fn name(&self) -> String {
+            "counting".into()
+        }
+
+        async fn cache_identity(&self) -> String {
+            self.identity.clone()
+        }
+
+        async fn complete(
+            &self,
+            _: &[Message],
+            _: AnswerFormat,
+            _: &GenerationStats,
+        ) -> Result<String, GenerationError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(format!("answer of {}", self.identity))
+        }
+    }
+
+    fn generator(identity: &str, calls: &Arc<AtomicUsize>, cache: &Path) -> ChatGenerator<Counting> {
+        let limits = ChatLimits {
+            max_questions: 1,
+            rewrite_queries: 1,
+            concurrency: 1,
+        };
+        let backend = Counting {
+            identity: identity.into(),
+            calls: calls.clone(),
+        };
+        ChatGenerator::with_backend(
+            backend,
+            Arc::new(MetadataSchema::default()),
+            limits,
+            Some(cache.to_path_buf()),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_cache_answers_only_the_same_identity_and_conversation() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("generations.jsonl");
+        let calls = Arc::new(AtomicUsize::new(0));
+        async fn ask(g: &ChatGenerator<Counting>) -> String {
+            g.chat(&[Message::new("user", "hello")], AnswerFormat::Text)
+                .await
+                .unwrap()
+        }
+        let first = generator("model A, temperature 0", &calls, &cache);
+        assert_eq!(ask(&first).await, "answer of model A, temperature 0");
+        assert_eq!(ask(&first).await, "answer of model A, temperature 0");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the second ask is a cache hit");
+        // Another process with the same identity reads the persisted answer.
+        let same = generator("model A, temperature 0", &calls, &cache);
+        assert_eq!(ask(&same).await, "answer of model A, temperature 0");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        // Any other setting (or model files) is another identity: the model is asked again.
+        let changed = generator("model A, temperature 0.7", &calls, &cache);
+        assert_eq!(ask(&changed).await, "answer of model A, temperature 0.7");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
 }

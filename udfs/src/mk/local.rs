@@ -2,13 +2,14 @@
 //! from its GGUF): the Meta-Knowledge pipeline runs fully offline. The model is loaded on first
 //! use and answers one conversation at a time, off the async executor.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
-use super::chat::{AnswerFormat, ChatBackend, ChatGenerator, ChatLimits};
+use super::chat::{AnswerFormat, ChatBackend, ChatGenerator, ChatLimits, hex};
 use super::generator::{GenerationError, GenerationStats};
 use super::prompts::Message;
 use super::schema::MetadataSchema;
@@ -47,6 +48,33 @@ pub struct LocalSettings {
 pub struct LocalBackend {
     settings: LocalSettings,
     llm: OnceCell<Arc<LocalLlm>>,
+    /// The hash of the export's files, computed once (off the executor).
+    files: OnceCell<String>,
+}
+
+/// The SHA-256 of the files of an export directory (names and contents, in name order; a
+/// missing or unreadable directory hashes as such), so a model re-exported into the same
+/// directory gets another cache identity.
+pub fn export_hash(dir: &Path) -> String {
+    let mut hasher = Sha256::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .unwrap_or_default();
+    files.sort();
+    for file in files {
+        hasher.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+        hasher.update([0]);
+        match std::fs::File::open(&file) {
+            Ok(mut reader) => {
+                if std::io::copy(&mut reader, &mut hasher).is_err() {
+                    hasher.update(b"unreadable");
+                }
+            }
+            Err(_) => hasher.update(b"unreadable"),
+        }
+        hasher.update([0]);
+    }
+    hex(&hasher.finalize())
 }
 
 /// The Meta-Knowledge generator on a local LLM.
@@ -65,6 +93,7 @@ impl LocalGenerator {
         let backend = LocalBackend {
             settings,
             llm: OnceCell::new(),
+            files: OnceCell::new(),
         };
         ChatGenerator::with_backend(backend, schema, limits, cache_file)
     }
@@ -111,6 +140,23 @@ impl ChatBackend for LocalBackend {
         format!("local:{model}")
     }
 
+    async fn cache_identity(&self) -> String {
+        let s = &self.settings;
+        let files = self
+            .files
+            .get_or_init(|| async {
+                let dir = s.model_dir.clone();
+                tokio::task::spawn_blocking(move || export_hash(&dir))
+                    .await
+                    .unwrap_or_else(|e| format!("unhashed: {e}"))
+            })
+            .await;
+        format!(
+            "local\nfiles={files}\nmax_new_tokens={}\ntemperature={}\nno_repeat_ngram={NO_REPEAT_NGRAM}\ndevice={}",
+            s.max_new_tokens, s.temperature, s.device
+        )
+    }
+
     async fn complete(
         &self,
         messages: &[Message],
@@ -141,5 +187,24 @@ impl ChatBackend for LocalBackend {
             .completion_tokens
             .fetch_add(answer.completion_tokens as u64, Relaxed);
         Ok(answer.text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_re_exported_model_hashes_differently() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("model.onnx"), b"weights v1").unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), b"{}").unwrap();
+        let first = export_hash(dir.path());
+        assert_eq!(first, export_hash(dir.path()), "the hash is stable");
+        std::fs::write(dir.path().join("model.onnx"), b"weights v2").unwrap();
+        let second = export_hash(dir.path());
+        assert_ne!(first, second, "new weights, new identity");
+        std::fs::rename(dir.path().join("tokenizer.json"), dir.path().join("vocab.json")).unwrap();
+        assert_ne!(second, export_hash(dir.path()), "file names count");
     }
 }

@@ -92,6 +92,16 @@ impl ChatBackend for OpenAiBackend {
         format!("openai:{}", self.settings.model)
     }
 
+    async fn cache_identity(&self) -> String {
+        // The request's own settings (temperature 0, the JSON mode) and where it goes.
+        format!(
+            "openai\nbase_url={}\nmodel={}\ntemperature=0\njson_mode={}",
+            self.settings.base_url.trim_end_matches('/'),
+            self.settings.model,
+            self.settings.json_mode
+        )
+    }
+
     /// One chat completion, retried after 429/5xx/timeouts with exponential backoff.
     async fn complete(
         &self,
