@@ -319,7 +319,9 @@ async fn qa_search_and_mk_search_find_documents_with_provenance() {
                 !m.is_empty() && m.len() <= first.len(),
                 "matched_by names used sub-queries"
             );
-            assert_eq!(routed.value(row).len(), 1);
+            // Every cluster within the routing margin of the nearest, at most route_clusters (3).
+            let clusters = routed.value(row).len();
+            assert!((1..=3).contains(&clusters), "{clusters} clusters routed");
         }
         assert!(
             batch.column_by_name("title").unwrap().null_count() == 0,

@@ -351,8 +351,9 @@ impl MkIndex {
         Ok(())
     }
 
-    /// The clusters nearest to `query` by centroid, best first (at most `count`), with scores.
-    pub fn route(&self, query: &[f32], count: usize) -> Vec<(Cluster, f32)> {
+    /// The clusters nearest to `query` by centroid, best first: at most `count`, and only those
+    /// within `margin` of the nearest one's score, with their scores.
+    pub fn route(&self, query: &[f32], count: usize, margin: f32) -> Vec<(Cluster, f32)> {
         let mut scored: Vec<(Cluster, f32)> = self
             .clusters()
             .into_iter()
@@ -364,6 +365,9 @@ impl MkIndex {
             .collect();
         scored.sort_by(|a, b| b.1.total_cmp(&a.1));
         scored.truncate(count.max(1));
+        if let Some(best) = scored.first().map(|(_, s)| *s) {
+            scored.retain(|(_, s)| *s >= best - margin.max(0.0));
+        }
         scored
     }
 }

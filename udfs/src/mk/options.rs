@@ -89,11 +89,20 @@ extensions_options! {
         pub max_questions: usize, default = 6
         /// Sub-queries an LLM writes per query in `mk_search`.
         pub rewrite_queries: usize, default = 3
-        /// Clusters `mk_search` routes a query to.
-        pub route_clusters: usize, default = 1
-        /// `mk_search` matches every sub-query only inside the routed clusters (the paper's
-        /// behaviour); when false the original query is also matched across all clusters, so a
-        /// wrong route cannot hide the best answer.
+        /// Most clusters `mk_search` routes a query to.
+        pub route_clusters: usize, default = 3
+        /// `mk_search` routes to every cluster whose centroid is within this cosine similarity
+        /// of the nearest one (at most `route_clusters`): an ambiguous query is not forced into
+        /// one cluster, a clear one is.
+        pub route_margin: f64, default = 0.05
+        /// The weight of the original query's ranking in `mk_search`'s fusion.
+        pub original_query_weight: f64, default = 1.0
+        /// The weight of the rewritten sub-queries' rankings together (each gets its share).
+        pub rewrite_weight: f64, default = 0.5
+        /// `mk_search` matches its sub-queries only inside the routed clusters (the paper's
+        /// behaviour); when false routing only shapes the rewrites (through the clusters'
+        /// summaries) and every sub-query is matched across all clusters, so a wrong route
+        /// cannot hide the best answer.
         pub strict_routing: bool, default = false
         /// A cluster's summary is rewritten once its question count changed by this fraction.
         pub summary_growth: f64, default = 0.25
