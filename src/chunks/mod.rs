@@ -306,10 +306,9 @@ impl ChunkIndex {
             let positions = batch.column(index_column).as_primitive::<Int32Type>();
             Ok((0..batch.num_rows())
                 .map(|row| {
-                    let count = pending.counts.get(ids.value(row))?;
-                    Some(positions.value(row) as usize >= *count)
+                    let count = pending.counts.get(ids.value(row));
+                    Some(count.is_some_and(|count| positions.value(row) as usize >= *count))
                 })
-                .map(|stale| Some(stale.unwrap_or(false)))
                 .collect::<BooleanArray>())
         })?;
         Ok(())
