@@ -12,7 +12,8 @@ use std::process::Command;
 
 use mkflow::{Engine, EngineConfig, assets};
 use mkflow_udfs::Device;
-use mkflow_udfs::decoder::{DecoderModel, Graph, Sampling};
+use mkflow_udfs::decoder::constrain::{JsonConstraint, JsonShape, TokenBytes, TokenConstraint};
+use mkflow_udfs::decoder::{DecoderModel, Graph, RowConstraint, Sampling};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -59,6 +60,11 @@ struct Fixture {
 
 /// A tiny checkpoint of `arch` (`qwen3`, `qwen2` or `llama`), exported, with the reference's answers.
 fn fixture(arch: &str) -> Fixture {
+    fixture_with(arch, &[])
+}
+
+/// [`fixture`] with extra exporter arguments (e.g. `--weights int8`).
+fn fixture_with(arch: &str, export_args: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
     let export = dir.path().join("onnx");
@@ -68,8 +74,9 @@ fn fixture(arch: &str) -> Fixture {
         "--arch".as_ref(),
         arch.as_ref(),
     ]);
-    python(&[
-        repo().join("scripts/export_decoder.py").as_os_str(),
+    let exporter = repo().join("scripts/export_decoder.py");
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        exporter.as_os_str(),
         "--hf".as_ref(),
         hf.as_os_str(),
         "--out".as_ref(),
@@ -78,7 +85,9 @@ fn fixture(arch: &str) -> Fixture {
         "tiny-laser".as_ref(),
         "--latent-steps".as_ref(),
         "3".as_ref(),
-    ]);
+    ];
+    args.extend(export_args.iter().map(|a| std::ffi::OsStr::new(*a)));
+    python(&args);
     let request = dir.path().join("request.json");
     let body = serde_json::json!({"texts": TEXTS, "steps": [0, 1, 3], "prompts": PROMPTS, "new_tokens": NEW_TOKENS});
     std::fs::write(&request, body.to_string()).unwrap();
@@ -160,6 +169,171 @@ fn qwen2_and_llama_exports_match_the_reference_too() {
         check_latent_embeddings(&fx);
         check_greedy_generation(&fx);
     }
+}
+
+/// Block-quantised exports (`--weights int8|int4`, ONNX Runtime's MatMulNBits) stay close to the
+/// float64 reference, and shrink the weights file.
+#[test]
+fn quantised_exports_stay_close_to_the_reference() {
+    let size = |fx: &Fixture| std::fs::metadata(fx.export.join("model.weights")).unwrap().len();
+    let full = size(&fixture("qwen2"));
+    let mut previous = full;
+    // The thresholds: K = 0, the hidden state through every quantised layer; K = 3, the mean over
+    // texts after three soft tokens, which feed the quantised vocabulary head's softmax back in
+    // and so amplify its error on a random model's flat distributions — int4 is for generation
+    // (its K = 3 cosines here go down to ~0.45), latent embeddings want int8 or float32. int8
+    // keeps a Q5/Q8 GGUF's weights almost exactly; MatMulNBits also quantises activations to int8
+    // per block (its fast CPU path).
+    for (weights, min_hidden, min_latent) in [("int8", 0.999, Some(0.99)), ("int4", 0.95, None)] {
+        let fx = fixture_with("qwen2", &["--weights", weights]);
+        let model = load(&fx.export, Graph::Latent);
+        assert_eq!(model.config().weights, weights);
+        let ids = token_ids(&fx.export, &TEXTS);
+        let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        let hidden = model.config().hidden_size;
+        for steps in [0, 3] {
+            let vectors = model.latent_embeddings(&batch, steps).unwrap();
+            let cosines: Vec<f64> = vectors
+                .chunks(hidden)
+                .zip(&reference_vectors(&fx.reference, steps))
+                .map(|(got, want)| cosine(&normalized(got), want))
+                .collect();
+            eprintln!("{weights} K={steps}: cosines {cosines:.5?}");
+            match (steps, min_latent) {
+                (0, _) => assert!(cosines.iter().all(|&c| c >= min_hidden), "{weights}, K=0: {cosines:?}"),
+                (_, Some(min_latent)) => {
+                    let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+                    assert!(mean >= min_latent, "{weights}, K={steps}: mean {mean}, {cosines:?}");
+                }
+                (_, None) => {}
+            }
+        }
+        // Generation runs on the quantised graph too.
+        let generator = load(&fx.export, Graph::Generation);
+        let prompts = token_ids(&fx.export, &PROMPTS);
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let sampling = Sampling {
+            max_new_tokens: 4,
+            ..Sampling::default()
+        };
+        assert!(
+            generator
+                .generate(&prompts, &sampling)
+                .unwrap()
+                .iter()
+                .all(|g| !g.tokens.is_empty())
+        );
+        let bytes = size(&fx);
+        assert!(bytes < previous, "{weights}: {bytes} bytes, not below {previous}");
+        previous = bytes;
+    }
+}
+
+/// Under a JSON-schema constraint even a randomly initialised model writes only texts of the
+/// schema: every answer parses, every enumerated value is an option, every bound holds —
+/// greedy and sampled, batched.
+#[test]
+fn constrained_generation_keeps_a_random_model_to_the_schema() {
+    let fx = fixture("qwen3");
+    let model = load(&fx.export, Graph::Generation);
+    let tokenizer = Tokenizer::from_file(fx.export.join("tokenizer.json")).unwrap();
+    let tokens = TokenBytes::from_tokenizer(&tokenizer);
+    let schema = serde_json::json!({
+        "type": "object", "required": ["field", "tags"],
+        "properties": {
+            "field": {"enum": ["Oncology", "Immunology", "Genetics"]},
+            "tags": {"type": "array", "minItems": 1, "maxItems": 2,
+                     "items": {"type": "string", "minLength": 1, "maxLength": 12}}
+        }
+    });
+    let shape = JsonShape::from_schema(&schema).unwrap();
+    let ids = token_ids(&fx.export, &PROMPTS);
+    let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    let unconstrained = model
+        .generate(
+            &batch,
+            &Sampling {
+                max_new_tokens: 40,
+                ..Sampling::default()
+            },
+        )
+        .unwrap();
+    let parses = |tokens: &[u32]| serde_json::from_str::<Value>(&tokenizer.decode(tokens, false).unwrap()).is_ok();
+    assert!(
+        !unconstrained.iter().any(|g| parses(&g.tokens)),
+        "the random model writes JSON by itself: the test would prove nothing"
+    );
+    for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (3.0, 3)] {
+        let mut constraints: Vec<RowConstraint<'_>> = batch
+            .iter()
+            .map(|_| Some(Box::new(JsonConstraint::new(&shape, &tokens)) as Box<dyn TokenConstraint>))
+            .collect();
+        let sampling = Sampling {
+            max_new_tokens: 400,
+            temperature,
+            seed,
+            ..Sampling::default()
+        };
+        let generated = model.generate_constrained(&batch, &sampling, &mut constraints).unwrap();
+        for g in generated {
+            let text = tokenizer.decode(&g.tokens, false).unwrap();
+            assert!(g.stopped, "T={temperature}: the answer did not finish: {text:?}");
+            let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let field = value["field"].as_str().unwrap();
+            assert!(["Oncology", "Immunology", "Genetics"].contains(&field), "{text}");
+            let tags = value["tags"].as_array().unwrap();
+            assert!((1..=2).contains(&tags.len()), "{text}");
+            for tag in tags {
+                let tag = tag.as_str().unwrap();
+                assert!((1..=12).contains(&tag.chars().count()), "{text}");
+            }
+            assert_eq!(value.as_object().unwrap().len(), 2, "{text}");
+        }
+    }
+    // A budget just above the shortest answer: long strings and lists are wrapped up in time.
+    let roomy = JsonShape::from_schema(&serde_json::json!({
+        "type": "object", "required": ["field", "tags"],
+        "properties": {
+            "field": {"enum": ["Oncology", "Immunology", "Genetics"]},
+            "tags": {"type": "array", "minItems": 2, "maxItems": 8,
+                     "items": {"type": "string", "minLength": 3, "maxLength": 300}}
+        }
+    }))
+    .unwrap();
+    let tight = roomy.min_bytes() + 6;
+    for (temperature, seed) in [(0.0, 0), (3.0, 4), (3.0, 5)] {
+        let mut constraints: Vec<RowConstraint<'_>> = batch
+            .iter()
+            .map(|_| Some(Box::new(JsonConstraint::new(&roomy, &tokens)) as Box<dyn TokenConstraint>))
+            .collect();
+        let sampling = Sampling {
+            max_new_tokens: tight,
+            temperature,
+            seed,
+            ..Sampling::default()
+        };
+        let generated = model.generate_constrained(&batch, &sampling, &mut constraints).unwrap();
+        for g in generated {
+            let text = tokenizer.decode(&g.tokens, false).unwrap();
+            assert!(
+                g.stopped && g.tokens.len() <= tight,
+                "T={temperature}: not wrapped up: {text:?}"
+            );
+            let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert!(value["tags"].as_array().unwrap().len() >= 2, "{text}");
+        }
+    }
+    // A budget below the shortest answer is refused before any work.
+    let mut constraints: Vec<RowConstraint<'_>> = vec![Some(Box::new(JsonConstraint::new(&roomy, &tokens)))];
+    let short = Sampling {
+        max_new_tokens: roomy.min_bytes() - 1,
+        ..Sampling::default()
+    };
+    let error = model
+        .generate_constrained(&batch[..1], &short, &mut constraints)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("max_new_tokens"), "{error}");
 }
 
 fn check_latent_embeddings(fx: &Fixture) {

@@ -35,6 +35,10 @@ pub struct DecoderConfig {
     pub max_position: usize,
     /// Compute dtype of the layers and the KV cache: `float32` or `float16`.
     pub dtype: String,
+    /// How the linear layers' weights are stored: `float32` (the compute dtype), or `int8` /
+    /// `int4` blocks run by ONNX Runtime's `MatMulNBits`.
+    #[serde(default = "compute_dtype_weights")]
+    pub weights: String,
     /// Jinja chat template (Hugging Face conventions), when the model has one.
     #[serde(default)]
     pub chat_template: Option<String>,
@@ -47,6 +51,10 @@ pub struct DecoderConfig {
     /// Tokens that end a generation.
     #[serde(default)]
     pub eos_token_ids: Vec<u32>,
+}
+
+fn compute_dtype_weights() -> String {
+    "float32".into()
 }
 
 /// Why a decoder description cannot be read.

@@ -1,8 +1,13 @@
-//! Token generation on the decoder runtime: batched, greedy or temperature sampling, stop tokens.
+//! Token generation on the decoder runtime: batched, greedy or temperature sampling, stop tokens,
+//! and constrained decoding (a [`TokenConstraint`] per sequence).
 
 use std::collections::HashSet;
 
+use super::constrain::TokenConstraint;
 use super::model::{DecoderError, DecoderModel, Graph};
+
+/// How many of the likeliest tokens are tried against a constraint before all its candidates are.
+const CONSTRAINED_SHORTLIST: usize = 48;
 
 /// How tokens are chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,13 +44,37 @@ impl Default for Sampling {
 pub struct Generated {
     /// The new tokens, without the stop token.
     pub tokens: Vec<u32>,
-    /// Whether a stop token ended it (false: it ran out of `max_new_tokens`).
+    /// Whether a stop token (or, under a constraint, the end of the answer) ended it (false: it
+    /// ran out of `max_new_tokens`).
     pub stopped: bool,
 }
+
+/// The constraint of one sequence, if any.
+pub type RowConstraint<'a> = Option<Box<dyn TokenConstraint + 'a>>;
 
 impl DecoderModel {
     /// Continues each prompt (token ids; left-padded together into one batch).
     pub fn generate(&self, prompts: &[&[u32]], sampling: &Sampling) -> Result<Vec<Generated>, DecoderError> {
+        let mut free: Vec<RowConstraint<'_>> = prompts.iter().map(|_| None).collect();
+        self.generate_constrained(prompts, sampling, &mut free)
+    }
+
+    /// Continues each prompt, the sequences with a constraint only through tokens it allows; a
+    /// constrained sequence ends when its constraint is complete (its stop tokens are never
+    /// taken before).
+    pub fn generate_constrained(
+        &self,
+        prompts: &[&[u32]],
+        sampling: &Sampling,
+        constraints: &mut [RowConstraint<'_>],
+    ) -> Result<Vec<Generated>, DecoderError> {
+        if constraints.len() != prompts.len() {
+            return Err(self.inference_error(format!(
+                "{} constraints for {} prompts",
+                constraints.len(),
+                prompts.len()
+            )));
+        }
         if self.graph() != Graph::Generation {
             return Err(self.inference_error("generation needs the generation graph (model.onnx)"));
         }
@@ -55,6 +84,14 @@ impl DecoderModel {
         if longest + sampling.max_new_tokens > limit {
             return Err(self.inference_error(format!(
                 "a prompt of {longest} tokens plus {} new ones exceeds the model's context of {limit}",
+                sampling.max_new_tokens
+            )));
+        }
+        if let Some(need) = constraints.iter().flatten().map(|c| c.tokens_to_complete()).max()
+            && need > sampling.max_new_tokens
+        {
+            return Err(self.inference_error(format!(
+                "the answer's shape needs up to {need} tokens but max_new_tokens is {}",
                 sampling.max_new_tokens
             )));
         }
@@ -77,25 +114,37 @@ impl DecoderModel {
             prompts.len()
         ];
         for step in 0..sampling.max_new_tokens {
+            for c in constraints.iter_mut().flatten() {
+                c.set_budget(sampling.max_new_tokens - step);
+            }
             let next: Vec<u32> = logits
                 .chunks(vocab)
                 .zip(&out)
-                .map(|(row, g)| match g.stopped {
-                    true => 0,
+                .zip(constraints.iter())
+                .map(|((row, g), constraint)| match g.stopped {
+                    true => Ok(0),
                     false => {
                         let banned = repeating_tokens(&g.tokens, sampling.no_repeat_ngram);
-                        choose(row, &banned, sampling.temperature, &mut rng)
+                        match constraint {
+                            None => Ok(choose(row, &banned, sampling.temperature, &mut rng)),
+                            Some(c) => choose_constrained(row, &banned, sampling.temperature, &mut rng, c.as_ref())
+                                .ok_or_else(|| self.inference_error("the answer's constraint allows no token here")),
+                        }
                     }
                 })
-                .collect();
-            for (g, &token) in out.iter_mut().zip(&next) {
+                .collect::<Result<_, _>>()?;
+            for ((g, &token), constraint) in out.iter_mut().zip(&next).zip(constraints.iter_mut()) {
                 if g.stopped {
                     continue;
                 }
-                if stop.contains(&token) {
-                    g.stopped = true;
-                } else {
-                    g.tokens.push(token);
+                match constraint {
+                    Some(c) => {
+                        c.advance(token);
+                        g.tokens.push(token);
+                        g.stopped = c.is_complete();
+                    }
+                    None if stop.contains(&token) => g.stopped = true,
+                    None => g.tokens.push(token),
                 }
             }
             if out.iter().all(|g| g.stopped) || step + 1 == sampling.max_new_tokens {
@@ -143,14 +192,98 @@ fn choose(logits: &[f32], banned: &[u32], temperature: f32, rng: &mut SplitMix64
             false => 0.0,
         })
         .collect();
-    let mut target = rng.next_f64() * weights.iter().sum::<f64>();
-    for (i, w) in weights.iter().enumerate() {
-        target -= w;
-        if target <= 0.0 {
-            return i as u32;
+    let total: f64 = weights.iter().sum();
+    match total > 0.0 {
+        true => draw(&weights, total, rng),
+        false => best.0 as u32,
+    }
+}
+
+/// The token for one row under `constraint`: at temperature 0 the likeliest allowed token, else
+/// a sample from the allowed ones; tokens in `banned` only when nothing else is allowed. `None`
+/// when the constraint allows no token at all.
+fn choose_constrained(
+    logits: &[f32],
+    banned: &[u32],
+    temperature: f32,
+    rng: &mut SplitMix64,
+    constraint: &dyn TokenConstraint,
+) -> Option<u32> {
+    let fits = |t: u32| !banned.contains(&t) && constraint.allows(t);
+    if temperature <= 0.0 {
+        // The likeliest tokens first: the model's own choice usually fits.
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let shortlist = CONSTRAINED_SHORTLIST.min(order.len());
+        if shortlist < order.len() {
+            order.select_nth_unstable_by(shortlist, |a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        }
+        order.truncate(shortlist);
+        order.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        if let Some(&t) = order.iter().find(|&&t| fits(t)) {
+            return Some(t);
+        }
+        let allowed: Vec<u32> = constraint
+            .candidates()
+            .into_iter()
+            .filter(|&t| (t as usize) < logits.len() && constraint.allows(t))
+            .collect();
+        let best = |tokens: &mut dyn Iterator<Item = u32>| {
+            tokens.max_by(|a, b| logits[*a as usize].total_cmp(&logits[*b as usize]))
+        };
+        return best(&mut allowed.iter().copied().filter(|t| !banned.contains(t)))
+            .or_else(|| best(&mut allowed.iter().copied()));
+    }
+    // Sampling: draw from the whole distribution and redraw a refused token's mass elsewhere.
+    let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut weights: Vec<f64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| match banned.contains(&(i as u32)) {
+            true => 0.0,
+            false => (((l - top) / temperature) as f64).exp(),
+        })
+        .collect();
+    for _ in 0..CONSTRAINED_SHORTLIST {
+        let total: f64 = weights.iter().sum();
+        if total <= 0.0 {
+            break;
+        }
+        let t = draw(&weights, total, rng);
+        if constraint.allows(t) {
+            return Some(t);
+        }
+        weights[t as usize] = 0.0;
+    }
+    let allowed: Vec<u32> = constraint
+        .candidates()
+        .into_iter()
+        .filter(|&t| (t as usize) < logits.len() && constraint.allows(t))
+        .collect();
+    let mass: Vec<f64> = allowed.iter().map(|&t| weights[t as usize]).collect();
+    let total: f64 = mass.iter().sum();
+    if total > 0.0 {
+        return Some(allowed[draw(&mass, total, rng) as usize]);
+    }
+    // Everything allowed is banned or vanishingly unlikely: the likeliest allowed one.
+    allowed
+        .into_iter()
+        .max_by(|a, b| logits[*a as usize].total_cmp(&logits[*b as usize]))
+}
+
+/// An index drawn with probability proportional to `weights` (summing to `total`).
+fn draw(weights: &[f64], total: f64, rng: &mut SplitMix64) -> u32 {
+    let mut target = rng.next_f64() * total;
+    let mut last = 0;
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
+            last = i;
+            target -= w;
+            if target <= 0.0 {
+                return i as u32;
+            }
         }
     }
-    best.0 as u32
+    last as u32
 }
 
 /// A small, seedable pseudo-random generator (SplitMix64), enough for sampling tokens.

@@ -8,7 +8,8 @@ use tokenizers::Tokenizer;
 
 use super::chat::ChatTemplate;
 use super::config::TOKENIZER_FILE;
-use super::generate::Sampling;
+use super::constrain::{JsonConstraint, JsonShape, TokenBytes, TokenConstraint};
+use super::generate::{RowConstraint, Sampling};
 use super::model::{DecoderError, DecoderModel, Graph};
 use crate::runtime::Device;
 
@@ -25,11 +26,23 @@ pub struct ChatAnswer {
     pub finished: bool,
 }
 
+/// One conversation of a batch ([`LocalLlm::chat_batch`]).
+#[derive(Debug, Clone)]
+pub struct ChatRequest<'a, M> {
+    /// The conversation (`{role, content}` messages).
+    pub messages: &'a [M],
+    /// How the answer starts (e.g. `{` to hold a model to JSON); part of the returned text.
+    pub answer_prefix: &'a str,
+    /// The JSON shape every answer token must keep to, if any (the prefix included).
+    pub shape: Option<&'a JsonShape>,
+}
+
 /// A loaded local chat model.
 #[derive(Debug)]
 pub struct LocalLlm {
     model: DecoderModel,
     tokenizer: Tokenizer,
+    token_bytes: TokenBytes,
     template: ChatTemplate,
     stop_tokens: Vec<u32>,
     calls: AtomicU64,
@@ -59,6 +72,7 @@ impl LocalLlm {
             .collect();
         Ok(LocalLlm {
             model,
+            token_bytes: TokenBytes::from_tokenizer(&tokenizer),
             tokenizer,
             template,
             stop_tokens,
@@ -89,25 +103,67 @@ impl LocalLlm {
         answer_prefix: &str,
         sampling: &Sampling,
     ) -> Result<ChatAnswer, DecoderError> {
-        let mut prompt = self
-            .template
-            .render(messages)
-            .map_err(|message| self.model.inference_error(message))?;
-        prompt.push_str(answer_prefix);
-        let ids = self.tokenize(&prompt)?;
+        let request = ChatRequest {
+            messages,
+            answer_prefix,
+            shape: None,
+        };
+        Ok(self.chat_batch(&[request], sampling)?.remove(0))
+    }
+
+    /// Answers several conversations in one batch (their prompts left-padded together), each
+    /// held to its JSON shape when it has one: such an answer ends when its JSON value is
+    /// complete, and parses unless it ran out of `max_new_tokens`.
+    pub fn chat_batch<M: Serialize>(
+        &self,
+        requests: &[ChatRequest<'_, M>],
+        sampling: &Sampling,
+    ) -> Result<Vec<ChatAnswer>, DecoderError> {
+        let mut prompts = Vec::with_capacity(requests.len());
+        let mut constraints: Vec<RowConstraint<'_>> = Vec::with_capacity(requests.len());
+        for request in requests {
+            let mut prompt = self
+                .template
+                .render(request.messages)
+                .map_err(|message| self.model.inference_error(message))?;
+            prompt.push_str(request.answer_prefix);
+            prompts.push(self.tokenize(&prompt)?);
+            constraints.push(match request.shape {
+                None => None,
+                Some(shape) => {
+                    let mut constraint = JsonConstraint::new(shape, &self.token_bytes);
+                    if !constraint.feed_text(request.answer_prefix) {
+                        return Err(self.model.inference_error(format!(
+                            "the answer prefix {:?} does not fit the answer's JSON schema",
+                            request.answer_prefix
+                        )));
+                    }
+                    Some(Box::new(constraint) as Box<dyn TokenConstraint>)
+                }
+            });
+        }
         let mut sampling = sampling.clone();
         sampling.stop_tokens.extend(&self.stop_tokens);
-        sampling.seed = sampling.seed.wrapping_add(self.calls.fetch_add(1, Ordering::Relaxed));
-        let generated = self.model.generate(&[&ids], &sampling)?.remove(0);
-        let text = self
-            .tokenizer
-            .decode(&generated.tokens, true)
-            .map_err(|e| self.model.inference_error(format!("tokenizer: {e}")))?;
-        Ok(ChatAnswer {
-            text: format!("{answer_prefix}{text}"),
-            prompt_tokens: ids.len(),
-            completion_tokens: generated.tokens.len(),
-            finished: generated.stopped,
-        })
+        sampling.seed = sampling
+            .seed
+            .wrapping_add(self.calls.fetch_add(requests.len() as u64, Ordering::Relaxed));
+        let batch: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let generated = self.model.generate_constrained(&batch, &sampling, &mut constraints)?;
+        generated
+            .into_iter()
+            .zip(requests.iter().zip(&prompts))
+            .map(|(generated, (request, prompt))| {
+                let text = self
+                    .tokenizer
+                    .decode(&generated.tokens, true)
+                    .map_err(|e| self.model.inference_error(format!("tokenizer: {e}")))?;
+                Ok(ChatAnswer {
+                    text: format!("{}{text}", request.answer_prefix),
+                    prompt_tokens: prompt.len(),
+                    completion_tokens: generated.tokens.len(),
+                    finished: generated.stopped,
+                })
+            })
+            .collect()
     }
 }

@@ -6,10 +6,12 @@
 //! - Latent-reasoning embeddings ([`DecoderModel::latent_embeddings`], LaSER-style `K` soft-token
 //!   steps) — what `embed()` runs for a model whose `mkflow-model.json` sets `latent_steps`.
 //! - Generation ([`DecoderModel::generate`], [`LocalLlm::chat`]): greedy or temperature
-//!   sampling, stop tokens, the model's chat template — the `local` Meta-Knowledge generator.
+//!   sampling, stop tokens, the model's chat template — the `local` Meta-Knowledge generator —
+//!   and constrained decoding to a JSON shape ([`constrain`]), batched across conversations.
 
 mod chat;
 mod config;
+pub mod constrain;
 mod generate;
 mod latent;
 mod llm;
@@ -19,6 +21,6 @@ pub use chat::{ChatTemplate, ChatTemplateError};
 pub use config::{
     DECODER_CONFIG_FILE, DecoderConfig, DecoderConfigError, GENERATION_GRAPH, LATENT_GRAPH, TOKENIZER_FILE,
 };
-pub use generate::{Generated, Sampling};
-pub use llm::{ChatAnswer, LocalLlm};
+pub use generate::{Generated, RowConstraint, Sampling};
+pub use llm::{ChatAnswer, ChatRequest, LocalLlm};
 pub use model::{DecoderError, DecoderModel, Graph};

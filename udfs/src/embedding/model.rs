@@ -129,7 +129,7 @@ enum Backend {
     },
     /// An exported decoder's latent graph: LaSER latent steps, then the mean of the soft tokens'
     /// hidden states (the last token's for 0 steps).
-    Latent { model: DecoderModel, steps: usize },
+    Latent { model: Box<DecoderModel>, steps: usize },
 }
 
 /// A loaded embedding model, shared by every query and pipeline of a process.
@@ -208,7 +208,13 @@ impl Embedder {
                     )));
                 }
                 let device = model.device();
-                (Backend::Latent { model, steps }, device)
+                (
+                    Backend::Latent {
+                        model: Box::new(model),
+                        steps,
+                    },
+                    device,
+                )
             }
         };
         Ok(Embedder {
