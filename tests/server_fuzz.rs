@@ -57,6 +57,7 @@ const SEARCHES: &[&str] = &[
     "vector_search",
     "qa_search",
     "mk_search",
+    "mk_answer",
     "text_search",
     "qa_text_search",
     "hybrid_search",

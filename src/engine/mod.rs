@@ -43,6 +43,7 @@ use crate::sql::fusion::{HybridSearchFunction, RrfFunction, SearchFunctions};
 use crate::sql::kb_entry::KbEntry;
 use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
+use crate::sql::mk_answer::MkAnswerFunction;
 use crate::sql::mk_search::MkSearchFunction;
 use crate::sql::text_search::TextSearchFunction;
 use crate::sql::{KbSchema, KbTableFactory, SessionSchema, VectorSearchFunction};
@@ -253,6 +254,8 @@ impl Engine {
             ctx.register_udtf(name, function.clone());
         }
         ctx.register_udtf("rrf", Arc::new(RrfFunction::new(searches.clone())));
+        // Not a ranking (one answer row), so not among the searches rrf fuses.
+        ctx.register_udtf("mk_answer", Arc::new(MkAnswerFunction::new(kbs.clone())));
         // Search calls passed to rrf(…) and named arguments plan as these markers.
         let mut markers: Vec<&str> = searches.keys().copied().collect();
         markers.push("rrf");

@@ -65,44 +65,7 @@ impl MkSearchFunction {
 
 impl TableFunctionImpl for MkSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
-        const USAGE: &str = "usage: mk_search(kb, 'query text' [, k])";
-        let access = Access::of(args.session().config());
-        let call = CallArgs::of("mk_search", args.exprs(), &[])?;
-        let exprs = &call.positional;
-        if !(2..=3).contains(&exprs.len()) {
-            return plan_err!("mk_search takes 2 or 3 arguments; {USAGE}");
-        }
-        let name = table_arg(&exprs[0]).ok_or_else(|| {
-            DataFusionError::Plan(format!("mk_search: the first argument must name an index; {USAGE}"))
-        })?;
-        let entry = self.registry.entry_or_error("mk_search", &name)?;
-        let (documents, mk) = (entry.index, entry.mk);
-        let Some(mk) = mk else {
-            return plan_err!(
-                "mk_search: '{name}' has no Meta-Knowledge side (create it with OPTIONS ('meta_knowledge' 'true'))"
-            );
-        };
-        let query = string_arg(&exprs[1])
-            .filter(|q| !q.trim().is_empty())
-            .ok_or_else(|| DataFusionError::Plan(format!("mk_search: the query must be a non-empty text; {USAGE}")))?;
-        access.check_query_text("mk_search", &query)?;
-        let k = match exprs.get(2) {
-            Some(e) => {
-                let k = int_arg(e).filter(|v| *v > 0).ok_or_else(|| {
-                    DataFusionError::Plan(format!("mk_search: k must be a positive integer; {USAGE}"))
-                })?;
-                Some(access.check_k("mk_search", usize::try_from(k).unwrap_or(usize::MAX))?)
-            }
-            None => None,
-        };
-        let schema = tag_call(&result_schema(&documents), "mk_search", exprs);
-        Ok(Arc::new(MkSearchTable {
-            documents,
-            mk,
-            query,
-            k,
-            schema,
-        }))
+        Ok(Arc::new(MkSearchTable::from_call("mk_search", &self.registry, args)?))
     }
 }
 
@@ -144,7 +107,7 @@ fn result_schema(documents: &KnowledgeIndex) -> SchemaRef {
 
 /// One `mk_search` call, computed when the plan runs.
 #[derive(Debug, Clone)]
-struct MkSearchTable {
+pub(super) struct MkSearchTable {
     documents: Arc<KnowledgeIndex>,
     mk: MkAttachment,
     query: String,
@@ -172,7 +135,65 @@ struct Fused {
 }
 
 impl MkSearchTable {
-    async fn search(&self, options: &MkOptions, k: usize) -> Result<RecordBatch> {
+    /// Checks the arguments of `function(kb, 'query' [, k])` (`mk_search`, `mk_answer`).
+    pub(super) fn from_call(function: &str, registry: &KbSchema, args: TableFunctionArgs) -> Result<Self> {
+        let usage = format!("usage: {function}(kb, 'query text' [, k])");
+        let access = Access::of(args.session().config());
+        let call = CallArgs::of(function, args.exprs(), &[])?;
+        let exprs = &call.positional;
+        if !(2..=3).contains(&exprs.len()) {
+            return plan_err!("{function} takes 2 or 3 arguments; {usage}");
+        }
+        let name = table_arg(&exprs[0]).ok_or_else(|| {
+            DataFusionError::Plan(format!("{function}: the first argument must name an index; {usage}"))
+        })?;
+        let entry = registry.entry_or_error(function, &name)?;
+        let (documents, mk) = (entry.index, entry.mk);
+        let Some(mk) = mk else {
+            return plan_err!(
+                "{function}: '{name}' has no Meta-Knowledge side (create it with OPTIONS ('meta_knowledge' 'true'))"
+            );
+        };
+        let query = string_arg(&exprs[1])
+            .filter(|q| !q.trim().is_empty())
+            .ok_or_else(|| DataFusionError::Plan(format!("{function}: the query must be a non-empty text; {usage}")))?;
+        access.check_query_text(function, &query)?;
+        let k = match exprs.get(2) {
+            Some(e) => {
+                let k = int_arg(e).filter(|v| *v > 0).ok_or_else(|| {
+                    DataFusionError::Plan(format!("{function}: k must be a positive integer; {usage}"))
+                })?;
+                Some(access.check_k(function, usize::try_from(k).unwrap_or(usize::MAX))?)
+            }
+            None => None,
+        };
+        let schema = tag_call(&result_schema(&documents), function, exprs);
+        Ok(MkSearchTable {
+            documents,
+            mk,
+            query,
+            k,
+            schema,
+        })
+    }
+
+    /// The query text.
+    pub(super) fn query(&self) -> &str {
+        &self.query
+    }
+
+    /// The `k` the call gave, if any.
+    pub(super) fn k(&self) -> Option<usize> {
+        self.k
+    }
+
+    /// The index's Meta-Knowledge side (its generators and failure log).
+    pub(super) fn mk(&self) -> &MkAttachment {
+        &self.mk
+    }
+
+    /// The `k` best QA pairs for the query, as `mk_search` returns them.
+    pub(super) async fn search(&self, options: &MkOptions, k: usize) -> Result<RecordBatch> {
         let services = &self.mk.services;
         let questions = self.mk.index.questions().clone();
         let external = |e| DataFusionError::External(Box::new(e));

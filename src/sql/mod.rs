@@ -8,7 +8,8 @@
 //! - [`fusion`]: `rrf(search, search, …)`, `hybrid_search`, `qa_hybrid_search` and
 //!   `chunk_hybrid_search`; [`rerank`]: their `rerank => N` (a cross-encoder over the top);
 //! - [`call_args`]: table-function arguments (literals, `name => value`, nested search calls);
-//! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`;
+//! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`; [`mk_answer`]: its
+//!   "read" step, an answer with numbered citations;
 //! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches;
 //! - [`async_calls`]: async functions (`embed`) in `ORDER BY` keys and `VALUES` rows.
 
@@ -20,6 +21,7 @@ pub mod fusion;
 pub mod kb_entry;
 pub mod kb_factory;
 pub mod kb_table;
+pub mod mk_answer;
 pub mod mk_search;
 pub mod rerank;
 pub mod text_search;

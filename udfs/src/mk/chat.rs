@@ -14,21 +14,26 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::generator::{ClusterBrief, ClusterDigest, Document, GenerationError, GenerationStats, Generator, Prepared};
+use super::generator::{
+    ClusterBrief, ClusterDigest, Document, Evidence, GenerationError, GenerationStats, Generator, Prepared,
+};
 use super::prompts::{self, Message};
 use super::schema::MetadataSchema;
 
 /// What a prompt asks the model to answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AnswerFormat {
     /// Free text.
     Text,
-    /// A JSON object that opens with `start` (e.g. `{"queries": [`). Backends that can prefill
-    /// the assistant's turn start the answer there, which holds small models to the shape asked
-    /// for; the others ask for JSON their own way.
+    /// A JSON object that opens with `start` (e.g. `{"queries": [`) and follows `schema` (a
+    /// JSON Schema). Backends that can prefill the assistant's turn start the answer there;
+    /// backends that decode themselves hold every token to the schema (the local LLM); the
+    /// others ask for JSON their own way.
     Json {
         /// The opening of the expected object.
         start: &'static str,
+        /// The answer's JSON Schema (see [`crate::decoder::constrain::JsonShape`] for the subset).
+        schema: Arc<serde_json::Value>,
     },
 }
 
@@ -49,7 +54,7 @@ pub trait ChatBackend: Send + Sync + Debug {
     async fn complete(
         &self,
         messages: &[Message],
-        format: AnswerFormat,
+        format: &AnswerFormat,
         stats: &GenerationStats,
     ) -> Result<String, GenerationError>;
 }
@@ -157,7 +162,7 @@ impl<B: ChatBackend> ChatGenerator<B> {
     }
 
     /// One answer (from the cache when this model saw this conversation before).
-    async fn chat(&self, messages: &[Message], format: AnswerFormat) -> Result<String, GenerationError> {
+    async fn chat(&self, messages: &[Message], format: &AnswerFormat) -> Result<String, GenerationError> {
         let request = serde_json::to_string(messages).expect("messages serialise");
         let key = hex(&Sha256::digest(
             format!("{}\n{format:?}\n{request}", self.backend.cache_identity().await).as_bytes(),
@@ -171,6 +176,23 @@ impl<B: ChatBackend> ChatGenerator<B> {
         Ok(content)
     }
 
+    /// A free-text answer, trimmed; empty is an error (naming `what` was asked for).
+    async fn text(&self, messages: &[Message], what: &str) -> Result<String, GenerationError> {
+        GenerationStats::bump(&self.stats.calls);
+        let result = self.chat(messages, &AnswerFormat::Text).await.and_then(|s| {
+            let s = s.trim().to_string();
+            if s.is_empty() {
+                Err(self.invalid(format!("empty {what}")))
+            } else {
+                Ok(s)
+            }
+        });
+        if result.is_err() {
+            GenerationStats::bump(&self.stats.errors);
+        }
+        result
+    }
+
     /// Asks, validates with `parse`, and on an invalid answer asks once more with the error.
     async fn ask<T>(
         &self,
@@ -180,14 +202,14 @@ impl<B: ChatBackend> ChatGenerator<B> {
     ) -> Result<T, GenerationError> {
         GenerationStats::bump(&self.stats.calls);
         let result = async {
-            let content = self.chat(&messages, format).await?;
+            let content = self.chat(&messages, &format).await?;
             match parse(&content) {
                 Ok(v) => Ok(v),
                 Err(first) => {
                     GenerationStats::bump(&self.stats.invalid_outputs);
                     messages.push(Message::new("assistant", content));
                     messages.push(prompts::correction(&first));
-                    let content = self.chat(&messages, format).await?;
+                    let content = self.chat(&messages, &format).await?;
                     parse(&content).map_err(|second| {
                         GenerationStats::bump(&self.stats.invalid_outputs);
                         self.invalid(format!("{second} (after a corrective retry; first: {first})"))
@@ -217,12 +239,14 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
     async fn prepare(&self, documents: &[Document<'_>]) -> Vec<Result<Prepared, GenerationError>> {
         let max = self.limits.max_questions;
         let schema = &self.schema;
+        let answer_schema = Arc::new(prompts::prepare_schema(schema, max));
         let calls: Vec<Pending<'_, Prepared>> = documents
             .iter()
             .map(|d| {
                 let messages = prompts::prepare(schema, d, max);
                 let format = AnswerFormat::Json {
                     start: prompts::PREPARE_ANSWER_START,
+                    schema: answer_schema.clone(),
                 };
                 Box::pin(self.ask(messages, format, move |c: &str| prompts::parse_prepared(schema, c, max)))
                     as Pending<'_, _>
@@ -236,28 +260,18 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
     }
 
     async fn summarize(&self, cluster: &ClusterDigest) -> Result<String, GenerationError> {
-        GenerationStats::bump(&self.stats.calls);
-        let result = self
-            .chat(&prompts::summarize(cluster), AnswerFormat::Text)
-            .await
-            .and_then(|s| {
-                let s = s.trim().to_string();
-                if s.is_empty() {
-                    Err(self.invalid("empty summary".into()))
-                } else {
-                    Ok(s)
-                }
-            });
-        if result.is_err() {
-            GenerationStats::bump(&self.stats.errors);
-        }
-        result
+        self.text(&prompts::summarize(cluster), "summary").await
+    }
+
+    async fn answer(&self, query: &str, evidence: &[Evidence]) -> Result<String, GenerationError> {
+        self.text(&prompts::answer(query, evidence), "answer").await
     }
 
     async fn rewrite(&self, query: &str, clusters: &[ClusterBrief]) -> Result<Vec<String>, GenerationError> {
         let count = self.limits.rewrite_queries;
         let format = AnswerFormat::Json {
             start: prompts::REWRITE_ANSWER_START,
+            schema: Arc::new(prompts::rewrite_schema(count)),
         };
         self.ask(prompts::rewrite(query, clusters, count), format, |c| {
             prompts::parse_rewrite(c, count)
@@ -296,7 +310,7 @@ mod tests {
         async fn complete(
             &self,
             _: &[Message],
-            _: AnswerFormat,
+            _: &AnswerFormat,
             _: &GenerationStats,
         ) -> Result<String, GenerationError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
@@ -328,7 +342,7 @@ mod tests {
         let cache = dir.path().join("generations.jsonl");
         let calls = Arc::new(AtomicUsize::new(0));
         async fn ask(g: &ChatGenerator<Counting>) -> String {
-            g.chat(&[Message::new("user", "hello")], AnswerFormat::Text)
+            g.chat(&[Message::new("user", "hello")], &AnswerFormat::Text)
                 .await
                 .unwrap()
         }

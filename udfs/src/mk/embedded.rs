@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use super::generator::{
-    ClusterBrief, ClusterDigest, Document, GenerationError, GenerationStats, Generator, Prepared, QaPair,
+    ClusterBrief, ClusterDigest, Document, Evidence, GenerationError, GenerationStats, Generator, Prepared, QaPair,
 };
 use super::schema::{FieldKind, MetadataField, MetadataSchema};
 use super::text::{self, Sentence};
@@ -29,6 +29,9 @@ use crate::embedding::{EmbedQueue, Embeddings, LazyEmbedder};
 
 /// Marker of the key-concepts line of summaries (also read back by query rewriting).
 const KEY_CONCEPTS: &str = "Key concepts:";
+
+/// Most distinct answers an extractive answer quotes.
+const EXTRACTIVE_ANSWERS: usize = 3;
 
 /// Representative questions quoted in a summary.
 const SUMMARY_QUESTIONS: usize = 5;
@@ -509,6 +512,38 @@ impl Generator for EmbeddedGenerator {
             summary.push_str(&cluster.questions[i]);
         }
         Ok(summary)
+    }
+
+    /// Extractive: the best-ranked distinct answers, each with the numbers of every piece of
+    /// evidence that gave it.
+    async fn answer(&self, _query: &str, evidence: &[Evidence]) -> Result<String, GenerationError> {
+        GenerationStats::bump(&self.stats.calls);
+        let mut answers: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, e) in evidence.iter().enumerate() {
+            let text = e.answer.trim();
+            if text.is_empty() {
+                continue;
+            }
+            match answers.iter().position(|(a, _)| a.eq_ignore_ascii_case(text)) {
+                Some(same) => answers[same].1.push(i + 1),
+                None if answers.len() < EXTRACTIVE_ANSWERS => answers.push((text, vec![i + 1])),
+                None => {}
+            }
+        }
+        if answers.is_empty() {
+            return Err(GenerationError::InvalidOutput {
+                backend: self.name(),
+                message: "no evidence to answer from".into(),
+            });
+        }
+        Ok(answers
+            .iter()
+            .map(|(text, cited)| {
+                let marks: String = cited.iter().map(|n| format!("[{n}]")).collect();
+                format!("{text} {marks}")
+            })
+            .collect::<Vec<_>>()
+            .join(" "))
     }
 
     async fn rewrite(&self, query: &str, clusters: &[ClusterBrief]) -> Result<Vec<String>, GenerationError> {

@@ -70,6 +70,19 @@ pub struct ClusterBrief {
     pub summary: String,
 }
 
+/// One numbered piece of evidence an answer may cite (`[n]`, counted from 1 in the order given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    /// The synthetic question that matched the query.
+    pub question: String,
+    /// Its answer, from the document.
+    pub answer: String,
+    /// The document it came from.
+    pub doc_id: String,
+    /// The document's title, when it has one.
+    pub title: Option<String>,
+}
+
 /// Why a generation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GenerationError {
@@ -187,6 +200,10 @@ pub trait Generator: Send + Sync + Debug {
     /// Sub-queries for `query`, conditioned on the summaries of the clusters it was routed to.
     /// The original query need not be among them (the caller always searches it too).
     async fn rewrite(&self, query: &str, clusters: &[ClusterBrief]) -> Result<Vec<String>, GenerationError>;
+
+    /// The "read" step: an answer to `query` from `evidence` (retrieved QA pairs), citing its
+    /// pieces as `[n]`.
+    async fn answer(&self, query: &str, evidence: &[Evidence]) -> Result<String, GenerationError>;
 
     /// The backend's counters.
     fn stats(&self) -> &GenerationStats;

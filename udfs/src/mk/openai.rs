@@ -106,7 +106,7 @@ impl ChatBackend for OpenAiBackend {
     async fn complete(
         &self,
         messages: &[Message],
-        format: AnswerFormat,
+        format: &AnswerFormat,
         stats: &GenerationStats,
     ) -> Result<String, GenerationError> {
         let mut body = json!({

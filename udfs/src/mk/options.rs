@@ -18,8 +18,8 @@ use super::schema::{MetadataSchema, SchemaFileError};
 use crate::embedding::LazyEmbedder;
 use crate::runtime::{Device, UnknownDevice};
 
-/// The local LLM `mkflow models pull --llm` installs (SmolLM2-135M-Instruct).
-pub const DEFAULT_LOCAL_MODEL: &str = "smollm2-135m-instruct";
+/// The local LLM `mkflow models pull --llm` installs (Qwen2.5-Coder-0.5B-Instruct).
+pub const DEFAULT_LOCAL_MODEL: &str = "qwen2.5-0.5b-instruct";
 
 /// The public OpenAI endpoint, used when no base URL is configured.
 pub const OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
@@ -127,8 +127,10 @@ extensions_options! {
         pub local_model: String, default = DEFAULT_LOCAL_MODEL.to_string()
         /// Where the local model runs: `cpu` or `cuda` (falls back to the CPU with a warning).
         pub local_device: Device, default = Device::Cpu
-        /// Most tokens per local answer.
-        pub local_max_new_tokens: usize, default = 384
+        /// Most tokens per local answer (a JSON answer cut short by it is invalid).
+        pub local_max_new_tokens: usize, default = 640
+        /// Most conversations the local model answers together in one batch.
+        pub local_batch_size: usize, default = 4
         /// Sampling temperature of the local model; 0 decodes greedily (reproducible).
         pub local_temperature: f64, default = 0.0
     }
@@ -317,6 +319,7 @@ impl GeneratorRegistry {
             threads: 0,
             onnx_runtime: self.local_models.as_ref().map(|l| l.onnx_runtime.clone()),
             max_new_tokens: options.local_max_new_tokens.max(1),
+            batch_size: options.local_batch_size.max(1),
             temperature: options.local_temperature.max(0.0) as f32,
             max_questions: options.max_questions.max(1),
             rewrite_queries: options.rewrite_queries.max(1),
@@ -379,11 +382,11 @@ mod tests {
         };
         let missing = registry.generator(&options).unwrap_err().to_string();
         assert!(missing.contains("mkflow models pull --llm"), "{missing}");
-        assert!(missing.contains(&home.path().join("llms/smollm2-135m-instruct").display().to_string()));
+        assert!(missing.contains(&home.path().join("llms/qwen2.5-0.5b-instruct").display().to_string()));
 
-        fake_export(&home.path().join("llms/smollm2-135m-instruct"));
+        fake_export(&home.path().join("llms/qwen2.5-0.5b-instruct"));
         let local = registry.generator(&options).unwrap();
-        assert_eq!(local.name(), "local:smollm2-135m-instruct");
+        assert_eq!(local.name(), "local:qwen2.5-0.5b-instruct");
         // The same settings give the same generator; other settings another one.
         assert!(Arc::ptr_eq(&local, &registry.generator(&options).unwrap()));
         options.local_max_new_tokens = 64;

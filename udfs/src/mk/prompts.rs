@@ -4,8 +4,9 @@
 
 use serde_json::Value;
 
-use super::generator::{ClusterBrief, ClusterDigest, Document, Prepared, QaPair};
+use super::generator::{ClusterBrief, ClusterDigest, Document, Evidence, Prepared, QaPair};
 use super::schema::{FieldKind, MetadataError, MetadataSchema};
+use crate::decoder::constrain::FORBIDDEN_PHRASES;
 
 /// Why a model's answer is not valid; the message is sent back to the model once
 /// ([`correction`]).
@@ -23,12 +24,13 @@ pub enum AnswerError {
     /// The metadata does not fit the schema.
     #[error(transparent)]
     Metadata(#[from] MetadataError),
-    /// A QA item has an empty question or answer.
-    #[error("every qa item needs a non-empty \"question\" and \"answer\"")]
-    EmptyQa,
-    /// A question refers to "the document" instead of naming its subject.
-    #[error("question \"{0}\" is not self-contained (it refers to the document)")]
-    NotSelfContained(String),
+    /// No QA item has a non-empty, self-contained question and a non-empty answer.
+    #[error(
+        "no qa item has a non-empty \"answer\" and a self-contained \"question\" (one that names its subject \
+         instead of referring to \"the document\" or \"this study\"){}",
+        .0.as_ref().map(|q| format!("; e.g. \"{q}\"")).unwrap_or_default()
+    )]
+    NoUsableQa(Option<String>),
     /// A rewrite answer lists no query.
     #[error("\"queries\" holds no query")]
     NoQueries,
@@ -58,6 +60,30 @@ pub const PREPARE_ANSWER_START: &str = "{\"metadata\": {";
 
 /// How a rewrite answer opens (`{"queries": […]}`).
 pub const REWRITE_ANSWER_START: &str = "{\"queries\": [\"";
+
+/// Fewest QA pairs a constrained prepare answer writes (when `max_questions` allows): left to
+/// itself a 0.5B model stops after one pair, and every question is a way for a query to find
+/// its document.
+const MIN_QUESTIONS: usize = 3;
+
+/// Longest synthetic question a constrained answer may write (characters).
+const MAX_QUESTION_CHARS: usize = 200;
+/// Longest synthetic answer a constrained answer may write (characters).
+const MAX_ANSWER_CHARS: usize = 300;
+/// Longest key phrase, URL or sub-query a constrained answer may write (characters).
+const MAX_PHRASE_CHARS: usize = 80;
+/// Longest sub-query a constrained rewrite may write (characters).
+const MAX_QUERY_CHARS: usize = 200;
+
+/// Phrases that show a question is not self-contained.
+const DOCUMENT_REFERENCES: [&str; 6] = [
+    "this text",
+    "the document",
+    "this document",
+    "this paper",
+    "this study",
+    "the authors",
+];
 
 /// Longest document text sent to a model (characters); longer texts are cut.
 const MAX_DOCUMENT_CHARS: usize = 12_000;
@@ -117,14 +143,64 @@ pub fn prepare(schema: &MetadataSchema, document: &Document<'_>, max_questions: 
         "Metadata schema (key: value):\n{fields}\n\
          Then write as many question/answer pairs as the document supports (at most {max_questions}). \
          Each question must be self-contained: name the subject explicitly and never refer to \"the \
-         document\", \"this text\", \"this study\" or \"the authors\". Each answer must come from the \
-         document.\n\n\
+         document\", \"this text\", \"this study\" or \"the authors\" (good: \"Does vitamin D \
+         supplementation reduce fractures in older adults?\"; bad: \"What does the study find?\"). \
+         Each answer must come from the document.\n\n\
          Reply with one JSON object: {{\"metadata\": {{...}}, \"qa\": [{{\"question\": \"...\", \"answer\": \"...\"}}]}}\n\n\
          Title: {title}\nDocument:\n{body}",
         fields = describe_fields(schema),
         title = document.title.unwrap_or("(none)"),
     );
     vec![Message::new("system", system), Message::new("user", user)]
+}
+
+/// The JSON Schema of a prepare answer, for constrained decoding: the metadata fields in schema
+/// order (taxonomy fields as enumerations, at least one label in the cluster field), then
+/// `min(3, max_questions)` to `max_questions` QA pairs.
+pub fn prepare_schema(schema: &MetadataSchema, max_questions: usize) -> Value {
+    let strings = |max_items: usize, max_chars: usize| {
+        serde_json::json!({"type": "array", "maxItems": max_items.max(1),
+            "items": {"type": "string", "minLength": 1, "maxLength": max_chars}})
+    };
+    let mut properties = serde_json::Map::new();
+    for field in &schema.fields {
+        let labels = || Value::from(field.labels.iter().map(|l| l.name.as_str()).collect::<Vec<_>>());
+        let value = match field.kind {
+            FieldKind::Choice => serde_json::json!({"enum": labels()}),
+            FieldKind::Labels => serde_json::json!({"type": "array", "maxItems": field.max,
+                "minItems": usize::from(field.name == schema.cluster_field),
+                "items": {"enum": labels()}}),
+            FieldKind::Terms => serde_json::json!({"type": "array", "maxItems": field.max,
+                "items": {"enum": field.terms}}),
+            FieldKind::Keyphrases | FieldKind::Urls => strings(field.max, MAX_PHRASE_CHARS),
+        };
+        properties.insert(field.name.clone(), value);
+    }
+    let names: Vec<&str> = schema.fields.iter().map(|f| f.name.as_str()).collect();
+    serde_json::json!({
+        "type": "object", "required": ["metadata", "qa"],
+        "properties": {
+            "metadata": {"type": "object", "required": names, "properties": properties},
+            "qa": {"type": "array", "minItems": MIN_QUESTIONS.min(max_questions.max(1)),
+                   "maxItems": max_questions.max(1), "items": {
+                "type": "object", "required": ["question", "answer"],
+                "properties": {
+                    "question": {"type": "string", "minLength": 1, "maxLength": MAX_QUESTION_CHARS,
+                                 FORBIDDEN_PHRASES: DOCUMENT_REFERENCES},
+                    "answer": {"type": "string", "minLength": 1, "maxLength": MAX_ANSWER_CHARS}
+                }
+            }}
+        }
+    })
+}
+
+/// The JSON Schema of a rewrite answer: 1 to `count` sub-queries.
+pub fn rewrite_schema(count: usize) -> Value {
+    serde_json::json!({
+        "type": "object", "required": ["queries"],
+        "properties": {"queries": {"type": "array", "minItems": 1, "maxItems": count.max(1),
+            "items": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY_CHARS}}}
+    })
 }
 
 /// Checks and normalises a prepare answer.
@@ -135,35 +211,24 @@ pub fn parse_prepared(schema: &MetadataSchema, content: &str, max_questions: usi
         .get("qa")
         .and_then(Value::as_array)
         .ok_or(AnswerError::Missing("\"qa\" list"))?;
+    // Pairs that are empty or refer to "the document" are dropped; the rest are kept.
     let mut qa = Vec::new();
+    let mut dropped = None;
     for item in items {
-        let question = item
-            .get("question")
-            .and_then(Value::as_str)
-            .map(str::trim)
-            .unwrap_or("");
-        let answer = item.get("answer").and_then(Value::as_str).map(str::trim).unwrap_or("");
-        if question.is_empty() || answer.is_empty() {
-            return Err(AnswerError::EmptyQa);
-        }
+        let text = |key: &str| item.get(key).and_then(Value::as_str).map(str::trim).unwrap_or("");
+        let (question, answer) = (text("question"), text("answer"));
         let lower = question.to_lowercase();
-        if [
-            "this text",
-            "the document",
-            "this document",
-            "this paper",
-            "this study",
-            "the authors",
-        ]
-        .iter()
-        .any(|p| lower.contains(p))
-        {
-            return Err(AnswerError::NotSelfContained(question.to_string()));
+        if question.is_empty() || answer.is_empty() || DOCUMENT_REFERENCES.iter().any(|p| lower.contains(p)) {
+            dropped.get_or_insert_with(|| question.to_string());
+            continue;
         }
         qa.push(QaPair {
             question: question.to_string(),
             answer: answer.to_string(),
         });
+    }
+    if qa.is_empty() {
+        return Err(AnswerError::NoUsableQa(dropped.filter(|q| !q.is_empty())));
     }
     qa.truncate(max_questions);
     Ok(Prepared { metadata, qa })
@@ -226,6 +291,34 @@ pub fn parse_rewrite(content: &str, count: usize) -> Result<Vec<String>, AnswerE
     }
     out.truncate(count);
     Ok(out)
+}
+
+/// The evidence as the numbered context an answer cites: `[n] (doc_id: title) Q: … A: …`.
+pub fn numbered_context(evidence: &[Evidence]) -> String {
+    evidence
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let source = match &e.title {
+                Some(title) if !title.is_empty() => format!("{}: {title}", e.doc_id),
+                _ => e.doc_id.clone(),
+            };
+            format!("[{}] ({source}) Q: {} A: {}", i + 1, e.question, e.answer)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The read prompt: answer from the numbered context only, citing it.
+pub fn answer(query: &str, evidence: &[Evidence]) -> Vec<Message> {
+    let system = "You answer questions from a knowledge base. Use only the numbered context; cite every \
+                  statement with the numbers of its sources, like [1] or [2][3]. If the context does not \
+                  answer the question, say so.";
+    let user = format!(
+        "Context:\n{}\n\nQuestion: {query}\n\nAnswer in at most 120 words, with citations.",
+        numbered_context(evidence)
+    );
+    vec![Message::new("system", system), Message::new("user", user)]
 }
 
 /// The corrective message sent once after an invalid answer.
@@ -293,17 +386,26 @@ mod tests {
         let p = parse_prepared(&schema, &fenced, 5).unwrap();
         assert_eq!(p.metadata["research_fields"], json!(["Immunology"]));
         assert_eq!(p.qa.len(), 1);
+        // Pairs that refer to "this study" or are empty are dropped; without any left, the answer fails.
+        let mixed = r#"{"metadata": {"research_fields": [], "study_type": "review"},
+            "qa": [{"question": "What does this study find?", "answer": "x"}, {"question": " ", "answer": "y"},
+                   {"question": "Does aspirin prevent stroke?", "answer": "Partly."}]}"#;
+        let p = parse_prepared(&schema, mixed, 5).unwrap();
+        assert_eq!(p.qa.len(), 1);
+        assert_eq!(p.qa[0].question, "Does aspirin prevent stroke?");
         let not_self_contained = r#"{"metadata": {"research_fields": [], "study_type": "review"},
             "qa": [{"question": "What does this study find?", "answer": "x"}]}"#;
-        assert_eq!(
-            parse_prepared(&schema, not_self_contained, 5).unwrap_err().to_string(),
-            "question \"What does this study find?\" is not self-contained (it refers to the document)"
+        let error = parse_prepared(&schema, not_self_contained, 5).unwrap_err().to_string();
+        assert!(
+            error.contains("self-contained") && error.contains("e.g. \"What does this study find?\""),
+            "{error}"
         );
         assert!(matches!(
             parse_prepared(&schema, "no json here", 5),
             Err(AnswerError::NoJson)
         ));
-        let bad_label = r#"{"metadata": {"research_fields": ["Alchemy"], "study_type": "review"}, "qa": []}"#;
+        let bad_label = r#"{"metadata": {"research_fields": ["Alchemy"], "study_type": "review"},
+            "qa": [{"question": "Does aspirin prevent stroke?", "answer": "Partly."}]}"#;
         let error = parse_prepared(&schema, bad_label, 5).unwrap_err().to_string();
         assert!(error.contains("'Alchemy' is not one of"), "{error}");
         let no_qa = r#"{"metadata": {"research_fields": [], "study_type": "review"}}"#;
@@ -311,6 +413,43 @@ mod tests {
             parse_prepared(&schema, no_qa, 5).unwrap_err().to_string(),
             "the object has no \"qa\" list"
         );
+    }
+
+    #[test]
+    fn answer_schemas_hold_answers_to_the_taxonomy_order_and_counts() {
+        use crate::decoder::constrain::{JsonMatcher, JsonShape};
+        let schema = MetadataSchema::default();
+        let shape = JsonShape::from_schema(&prepare_schema(&schema, 6)).unwrap();
+        let study_type = &schema.fields[1].labels[0].name;
+        let qa = r#"{"question": "Does aspirin prevent stroke?", "answer": "Partly."}"#;
+        let answer = |fields: &str, pairs: usize| {
+            format!(
+                r#"{{"metadata": {{"research_fields": [{fields}], "study_type": "{study_type}", "keyphrases": ["aspirin"], "code_urls": [], "evaluation_metrics": ["odds ratio"]}}, "qa": [{}]}}"#,
+                vec![qa; pairs].join(", ")
+            )
+        };
+        let complete = |text: &str| {
+            let mut m = JsonMatcher::new(&shape);
+            m.feed_all(text.as_bytes()) && m.is_complete()
+        };
+        let good = answer("\"Oncology\", \"Immunology\"", 3);
+        assert!(complete(&good), "{good}");
+        assert!(parse_prepared(&schema, &good, 6).is_ok());
+        assert!(!complete(&answer("\"Oncology\"", 2)), "at least three pairs");
+        assert!(!complete(&answer("\"Oncology\"", 7)), "at most max_questions pairs");
+        assert!(!complete(&answer("", 3)), "at least one research field (the cluster)");
+        assert!(!complete(&answer("\"Alchemy\"", 3)), "labels come from the taxonomy");
+        let this_study = good.replace("Does aspirin", "Does this study show aspirin");
+        assert!(!complete(&this_study), "questions may not refer to the study");
+        let mut m = JsonMatcher::new(&shape);
+        assert!(
+            m.feed_all(PREPARE_ANSWER_START.as_bytes()),
+            "the prefilled opening fits"
+        );
+        let rewrite = JsonShape::from_schema(&rewrite_schema(2)).unwrap();
+        let mut m = JsonMatcher::new(&rewrite);
+        assert!(m.feed_all(REWRITE_ANSWER_START.as_bytes()));
+        assert!(m.feed_all(br#"a", "b"]}"#) && m.is_complete());
     }
 
     #[test]
