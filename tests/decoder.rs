@@ -13,7 +13,7 @@ use std::process::Command;
 use mkflow::{Engine, EngineConfig, assets};
 use mkflow_udfs::Device;
 use mkflow_udfs::decoder::constrain::{JsonConstraint, JsonShape, TokenBytes, TokenConstraint};
-use mkflow_udfs::decoder::{DecoderModel, Graph, RowConstraint, Sampling};
+use mkflow_udfs::decoder::{DecoderModel, Generated, Graph, RowConstraint, Sampling};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
@@ -264,19 +264,13 @@ fn constrained_generation_keeps_a_random_model_to_the_schema() {
         "the random model writes JSON by itself: the test would prove nothing"
     );
     for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (3.0, 3)] {
-        let mut constraints: Vec<RowConstraint<'_>> = batch
-            .iter()
-            .map(|_| Some(Box::new(JsonConstraint::new(&shape, &tokens)) as Box<dyn TokenConstraint>))
-            .collect();
         let sampling = Sampling {
             max_new_tokens: 400,
             temperature,
             seed,
             ..Sampling::default()
         };
-        let generated = model.generate_constrained(&batch, &sampling, &mut constraints).unwrap();
-        for g in generated {
-            let text = tokenizer.decode(&g.tokens, false).unwrap();
+        for (g, text) in generate_json(&model, &tokenizer, &tokens, &shape, &batch, &sampling) {
             assert!(g.stopped, "T={temperature}: the answer did not finish: {text:?}");
             let value: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
             let field = value["field"].as_str().unwrap();
@@ -302,19 +296,13 @@ fn constrained_generation_keeps_a_random_model_to_the_schema() {
     .unwrap();
     let tight = roomy.min_bytes() + 6;
     for (temperature, seed) in [(0.0, 0), (3.0, 4), (3.0, 5)] {
-        let mut constraints: Vec<RowConstraint<'_>> = batch
-            .iter()
-            .map(|_| Some(Box::new(JsonConstraint::new(&roomy, &tokens)) as Box<dyn TokenConstraint>))
-            .collect();
         let sampling = Sampling {
             max_new_tokens: tight,
             temperature,
             seed,
             ..Sampling::default()
         };
-        let generated = model.generate_constrained(&batch, &sampling, &mut constraints).unwrap();
-        for g in generated {
-            let text = tokenizer.decode(&g.tokens, false).unwrap();
+        for (g, text) in generate_json(&model, &tokenizer, &tokens, &roomy, &batch, &sampling) {
             assert!(
                 g.stopped && g.tokens.len() <= tight,
                 "T={temperature}: not wrapped up: {text:?}"
@@ -334,6 +322,29 @@ fn constrained_generation_keeps_a_random_model_to_the_schema() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("max_new_tokens"), "{error}");
+}
+
+/// Generates for every prompt of `batch` under a constraint to `shape`; each sequence with its text.
+fn generate_json(
+    model: &DecoderModel,
+    tokenizer: &Tokenizer,
+    tokens: &TokenBytes,
+    shape: &JsonShape,
+    batch: &[&[u32]],
+    sampling: &Sampling,
+) -> Vec<(Generated, String)> {
+    let mut constraints: Vec<RowConstraint<'_>> = batch
+        .iter()
+        .map(|_| Some(Box::new(JsonConstraint::new(shape, tokens)) as Box<dyn TokenConstraint>))
+        .collect();
+    let generated = model.generate_constrained(batch, sampling, &mut constraints).unwrap();
+    generated
+        .into_iter()
+        .map(|g| {
+            let text = tokenizer.decode(&g.tokens, false).unwrap();
+            (g, text)
+        })
+        .collect()
 }
 
 fn check_latent_embeddings(fx: &Fixture) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -336,6 +336,35 @@ async fn qa_search_and_mk_search_find_documents_with_provenance() {
         mk_found >= 16,
         "mk_search finds the document by its title: {mk_found}/20"
     );
+
+    // Fusing by document: each document once, scored at least as high as any of its questions
+    // fused alone (in each ranking a document stands no lower than its best question).
+    let query = titles[1].replace('\'', "''");
+    let per_question = engine
+        .sql(&format!(
+            "SELECT doc_id, score FROM mk_search(scifact_mk, '{query}', 30)"
+        ))
+        .await
+        .unwrap();
+    engine.sql("SET mkflow.fuse_documents = true").await.unwrap();
+    let per_document = engine
+        .sql(&format!(
+            "SELECT doc_id, score FROM mk_search(scifact_mk, '{query}', 8)"
+        ))
+        .await
+        .unwrap();
+    engine.sql("SET mkflow.fuse_documents = false").await.unwrap();
+    let documents = strings(&per_document, "doc_id");
+    assert_eq!(documents.len(), 8);
+    assert_eq!(documents.iter().collect::<HashSet<_>>().len(), 8, "{documents:?}");
+    let scores = floats(&per_document, "score");
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+    let question_scores = floats(&per_question, "score");
+    for (doc, score) in strings(&per_question, "doc_id").iter().zip(question_scores) {
+        if let Some(i) = documents.iter().position(|d| d == doc) {
+            assert!(scores[i] >= score - 1e-6, "{doc}: {} < {score}", scores[i]);
+        }
+    }
 
     // Hybrid search on a Meta-Knowledge index fuses the questions too; without them it is
     // the documents' dense and BM25 searches alone.

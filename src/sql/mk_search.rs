@@ -124,12 +124,18 @@ struct Weights {
     rewrites: f32,
     /// Whether the original query is matched only inside the routed clusters.
     strict_routing: bool,
+    /// Whether rankings are fused per document (each ranking counts a document once, at the
+    /// rank of its best question) rather than per question.
+    by_document: bool,
 }
 
-/// A question found by at least one sub-query.
+/// A question (or, fusing by document, a document) found by at least one sub-query.
 struct Fused {
+    /// The hit shown for it: with document fusion, the question that added most to its score.
     batch: usize,
     row: usize,
+    /// What that hit added.
+    best: f32,
     score: f32,
     matched_by: Vec<usize>,
 }
@@ -248,6 +254,7 @@ impl MkSearchTable {
             original: options.original_query_weight.max(0.0) as f32,
             rewrites: options.rewrite_weight.max(0.0) as f32,
             strict_routing: options.strict_routing,
+            by_document: options.fuse_documents,
         };
         self.rank(&questions, &vectors, &routed, &sub_queries, weights, k)
     }
@@ -291,16 +298,30 @@ impl MkSearchTable {
 
         let mut fused: HashMap<String, Fused> = HashMap::new();
         for (batch_index, (sub_query, hits)) in rankings.iter().enumerate() {
-            let ids = hits.column(0).as_string::<i32>();
+            // Questions rank by their position; documents by their best question's, each once.
+            let key_column = hits
+                .schema()
+                .index_of(if weights.by_document { "doc_id" } else { "question_id" })?;
+            let keys = hits.column(key_column).as_string::<i32>();
             let weight = weight_of(*sub_query);
+            let mut seen: HashSet<&str> = HashSet::new();
             for row in 0..hits.num_rows() {
-                let entry = fused.entry(ids.value(row).to_string()).or_insert(Fused {
+                let key = keys.value(row);
+                if !seen.insert(key) {
+                    continue;
+                }
+                let added = weight / (RRF_K + seen.len() as f32);
+                let entry = fused.entry(key.to_string()).or_insert(Fused {
                     batch: batch_index,
                     row,
+                    best: added,
                     score: 0.0,
                     matched_by: Vec::new(),
                 });
-                entry.score += weight / (RRF_K + row as f32 + 1.0);
+                entry.score += added;
+                if added > entry.best {
+                    (entry.batch, entry.row, entry.best) = (batch_index, row, added);
+                }
                 if !entry.matched_by.contains(sub_query) {
                     entry.matched_by.push(*sub_query);
                 }

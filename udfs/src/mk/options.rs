@@ -104,6 +104,10 @@ extensions_options! {
         /// summaries) and every sub-query is matched across all clusters, so a wrong route
         /// cannot hide the best answer.
         pub strict_routing: bool, default = false
+        /// `mk_search` fuses its rankings per document: each ranking counts a document once,
+        /// at the rank of its best question, and the document is shown by the question that
+        /// added most. When false, per question (a document's questions compete).
+        pub fuse_documents: bool, default = false
         /// A cluster's summary is rewritten once its question count changed by this fraction.
         pub summary_growth: f64, default = 0.25
         /// ... or once it is older than this many seconds and its questions changed.
@@ -127,7 +131,7 @@ extensions_options! {
         pub local_model: String, default = DEFAULT_LOCAL_MODEL.to_string()
         /// Where the local model runs: `cpu` or `cuda` (falls back to the CPU with a warning).
         pub local_device: Device, default = Device::Cpu
-        /// Most tokens per local answer (a JSON answer cut short by it is invalid).
+        /// Most tokens per local answer (a JSON answer is wrapped up within them).
         pub local_max_new_tokens: usize, default = 640
         /// Most conversations the local model answers together in one batch.
         pub local_batch_size: usize, default = 4
