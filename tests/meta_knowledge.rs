@@ -52,10 +52,26 @@ fn u64s(batches: &[RecordBatch], column: &str) -> Vec<u64> {
         .collect()
 }
 
-/// cluster → (questions, summary_version)
-async fn clusters(engine: &Engine) -> HashMap<String, (u64, u64)> {
+/// The lists of text of a `List<Utf8>` column, one per row.
+fn string_lists(batches: &[RecordBatch], column: &str) -> Vec<Vec<String>> {
+    batches
+        .iter()
+        .flat_map(|b| {
+            let lists = b.column_by_name(column).unwrap().as_list::<i32>().clone();
+            (0..lists.len()).map(move |i| {
+                let values = lists.value(i);
+                values.as_string::<i32>().iter().flatten().map(String::from).collect()
+            })
+        })
+        .collect()
+}
+
+/// cluster → (questions, summary_version), for clusters of `kind` (`metadata` or `topic`).
+async fn clusters(engine: &Engine, kind: &str) -> HashMap<String, (u64, u64)> {
     let batches = engine
-        .sql("SELECT cluster_name, questions, summary_version FROM scifact_mk_clusters")
+        .sql(&format!(
+            "SELECT cluster_name, questions, summary_version FROM scifact_mk_clusters WHERE kind = '{kind}'"
+        ))
         .await
         .unwrap();
     let names = strings(&batches, "cluster_name");
@@ -170,12 +186,29 @@ async fn questions_clusters_and_summaries_follow_two_batches() {
     assert_eq!(count("SELECT count(*) FROM scifact_mk").await, 60);
     let questions = count("SELECT sum(array_length(qa)) FROM scifact_mk").await;
     assert_eq!(count("SELECT count(*) FROM scifact_mk_questions").await, questions);
-    let before = clusters(&engine).await;
+    let before = clusters(&engine, "metadata").await;
     assert!(before.len() >= 2, "documents spread over clusters: {before:?}");
     assert_eq!(before.values().map(|(q, _)| *q as i64).sum::<i64>(), questions);
     assert!(
         before.values().all(|(q, v)| *q == 0 || *v == 1),
         "every cluster got its first summary"
+    );
+    // Topics from the data: √(questions / 2) of them, every question in one or two.
+    let topics_before = clusters(&engine, "topic").await;
+    assert_eq!(
+        topics_before.len(),
+        ((questions as f64 / 2.0).sqrt().round() as usize),
+        "{topics_before:?}"
+    );
+    let memberships: i64 = topics_before.values().map(|(q, _)| *q as i64).sum();
+    assert!(
+        (questions..=2 * questions).contains(&memberships),
+        "{memberships} memberships of {questions}"
+    );
+    assert!(topics_before.keys().all(|name| name.starts_with("topic_")));
+    assert!(
+        topics_before.values().all(|(q, v)| *q == 0 || *v == 1),
+        "{topics_before:?}"
     );
     let summaries = engine
         .sql("SELECT summary FROM scifact_mk_clusters WHERE questions > 0")
@@ -192,15 +225,39 @@ async fn questions_clusters_and_summaries_follow_two_batches() {
     ingest_slice(&engine, &first).await;
     assert_eq!(count("SELECT count(*) FROM scifact_mk_questions").await, questions);
     assert_eq!(
-        clusters(&engine).await,
+        clusters(&engine, "metadata").await,
         before,
         "nothing changed, nothing re-summarised"
     );
+    // The same questions again are no change: no re-fit, the same topics and summaries.
+    let versions = |topics: &HashMap<String, (u64, u64)>| {
+        let mut v: Vec<(String, u64)> = topics.iter().map(|(n, (_, v))| (n.clone(), *v)).collect();
+        v.sort();
+        v
+    };
+    let topics_again = clusters(&engine, "topic").await;
+    assert_eq!(versions(&topics_again), versions(&topics_before));
 
     // The second batch: clusters that grew by at least 25% get a new summary, others keep theirs.
     ingest_slice(&engine, &second).await;
     assert_eq!(count("SELECT count(*) FROM scifact_mk").await, 100);
-    let after = clusters(&engine).await;
+    let questions_after = count("SELECT count(*) FROM scifact_mk_questions").await;
+    // Half as many new questions as fitted ones: the topics were fitted again, more of them,
+    // and a topic that stayed kept its name.
+    let topics_after = clusters(&engine, "topic").await;
+    assert_eq!(
+        topics_after.len(),
+        ((questions_after as f64 / 2.0).sqrt().round() as usize)
+    );
+    assert!(
+        topics_after.keys().any(|name| topics_before.contains_key(name)),
+        "{topics_before:?} → {topics_after:?}"
+    );
+    assert!(
+        topics_after.values().all(|(q, v)| *q == 0 || *v >= 1),
+        "{topics_after:?}"
+    );
+    let after = clusters(&engine, "metadata").await;
     let mut rewritten = 0;
     for (name, (questions_after, version_after)) in &after {
         let (questions_before, version_before) = before.get(name).copied().unwrap_or((0, 0));
@@ -240,10 +297,17 @@ async fn questions_clusters_and_summaries_follow_two_batches() {
         .await
         .unwrap();
     assert!(single_int(&own) > 0);
+    let memberships = |topics: &HashMap<String, (u64, u64)>| topics.values().map(|(q, _)| *q).sum::<u64>();
+    let before_delete = memberships(&clusters(&engine, "topic").await);
     engine
         .sql(&format!("DELETE FROM scifact_mk WHERE doc_id = '{doc}'"))
         .await
         .unwrap();
+    assert!(
+        memberships(&clusters(&engine, "topic").await) < before_delete,
+        "its questions left their topics"
+    );
+    let topics_kept = versions(&clusters(&engine, "topic").await);
     let own = engine
         .sql(&format!(
             "SELECT count(*) FROM scifact_mk_questions WHERE doc_id = '{doc}'"
@@ -255,10 +319,15 @@ async fn questions_clusters_and_summaries_follow_two_batches() {
     // Reopened from disk, the questions and clusters are still there.
     drop(engine);
     let engine = common::engine(&dir.path().join("data")).await;
-    let reopened = clusters(&engine).await;
+    let reopened = clusters(&engine, "metadata").await;
     assert_eq!(
         reopened.values().map(|(_, v)| *v).collect::<Vec<_>>().len(),
         after.len()
+    );
+    assert_eq!(
+        versions(&clusters(&engine, "topic").await),
+        topics_kept,
+        "topics read back"
     );
     assert!(count_rows(&engine, "SELECT * FROM scifact_mk_questions").await > 0);
 }
@@ -337,8 +406,62 @@ async fn qa_search_and_mk_search_find_documents_with_provenance() {
         "mk_search finds the document by its title: {mk_found}/20"
     );
 
+    // Routing is by topics by default; every QA pair shows its topics. Strictly routed, every
+    // pair is in a routed topic; routed by metadata, the routes are metadata clusters.
+    let query = titles[2].replace('\'', "''");
+    let routed_by_topics = engine
+        .sql(&format!(
+            "SELECT routed_clusters, topics FROM mk_search(scifact_mk, '{query}', 10)"
+        ))
+        .await
+        .unwrap();
+    assert!(
+        string_lists(&routed_by_topics, "routed_clusters")[0]
+            .iter()
+            .all(|c| c.starts_with("topic_"))
+    );
+    assert!(
+        string_lists(&routed_by_topics, "topics")
+            .iter()
+            .all(|t| (1..=2).contains(&t.len()))
+    );
+    engine.sql("SET mkflow.strict_routing = true").await.unwrap();
+    let strict = engine
+        .sql(&format!(
+            "SELECT routed_clusters, topics FROM mk_search(scifact_mk, '{query}', 10)"
+        ))
+        .await
+        .unwrap();
+    engine.sql("SET mkflow.strict_routing = false").await.unwrap();
+    for (routed, topics) in string_lists(&strict, "routed_clusters")
+        .iter()
+        .zip(string_lists(&strict, "topics"))
+    {
+        assert!(
+            topics.iter().any(|t| routed.contains(t)),
+            "{topics:?} outside {routed:?}"
+        );
+    }
+    engine.sql("SET mkflow.route_by = 'metadata'").await.unwrap();
+    let by_metadata = engine
+        .sql(&format!(
+            "SELECT routed_clusters FROM mk_search(scifact_mk, '{query}', 10)"
+        ))
+        .await
+        .unwrap();
+    engine.sql("SET mkflow.route_by = 'topics'").await.unwrap();
+    let metadata_routes = &string_lists(&by_metadata, "routed_clusters")[0];
+    assert!(!metadata_routes.is_empty() && metadata_routes.iter().all(|c| !c.starts_with("topic_")));
+    let refused = engine
+        .sql("SET mkflow.route_by = 'galaxies'")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("'topics' or 'metadata'"), "{refused}");
+
     // Fusing by document: each document once, scored at least as high as any of its questions
-    // fused alone (in each ranking a document stands no lower than its best question).
+    // fused alone (in each ranking a document stands no lower than its best question; the same
+    // k, so the same pools).
     let query = titles[1].replace('\'', "''");
     let per_question = engine
         .sql(&format!(
@@ -349,14 +472,14 @@ async fn qa_search_and_mk_search_find_documents_with_provenance() {
     engine.sql("SET mkflow.fuse_documents = true").await.unwrap();
     let per_document = engine
         .sql(&format!(
-            "SELECT doc_id, score FROM mk_search(scifact_mk, '{query}', 8)"
+            "SELECT doc_id, score FROM mk_search(scifact_mk, '{query}', 30)"
         ))
         .await
         .unwrap();
     engine.sql("SET mkflow.fuse_documents = false").await.unwrap();
     let documents = strings(&per_document, "doc_id");
-    assert_eq!(documents.len(), 8);
-    assert_eq!(documents.iter().collect::<HashSet<_>>().len(), 8, "{documents:?}");
+    assert_eq!(documents.len(), 30);
+    assert_eq!(documents.iter().collect::<HashSet<_>>().len(), 30, "{documents:?}");
     let scores = floats(&per_document, "score");
     assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
     let question_scores = floats(&per_question, "score");
@@ -516,4 +639,147 @@ async fn failed_generations_are_recorded_and_documents_still_indexed() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("unknown generator 'psychic'"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personas_route_mk_search_among_their_clusters_with_their_summary_and_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = corpus_slice(dir.path(), "docs.jsonl", 0, 80);
+    let engine = engine(&dir.path().join("data")).await;
+    ingest_slice(&engine, &corpus).await;
+
+    // A persona by description: routed to the topics nearest it, with a summary of its own.
+    engine
+        .sql("INSERT INTO scifact_mk_personas (name, description) VALUES ('immunologist', 'immune cells, T cells, inflammation and infection')")
+        .await
+        .unwrap();
+    let shown = engine
+        .sql("SELECT name, summary, summary_version, routed_clusters FROM scifact_mk_personas")
+        .await
+        .unwrap();
+    assert_eq!(strings(&shown, "name"), vec!["immunologist"]);
+    assert!(strings(&shown, "summary")[0].contains("Key concepts:"));
+    assert_eq!(u64s(&shown, "summary_version"), vec![1]);
+    let own = string_lists(&shown, "routed_clusters").remove(0);
+    assert!(
+        !own.is_empty() && own.iter().all(|c| c.starts_with("topic_")),
+        "{own:?}"
+    );
+    let query = "Regulatory T cells suppress autoimmune inflammation";
+    let searched = engine
+        .sql(&format!(
+            "SELECT doc_id, routed_clusters FROM mk_search(scifact_mk, '{query}', 10, persona => 'immunologist')"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(row_count(&searched), 10);
+    for routed in string_lists(&searched, "routed_clusters") {
+        assert!(
+            routed.iter().all(|c| own.contains(c)),
+            "{routed:?} outside the persona's {own:?}"
+        );
+    }
+
+    // A persona naming one cluster is routed there; an unknown cluster is refused by name.
+    let topic = strings(
+        &engine
+            .sql("SELECT cluster_name FROM scifact_mk_clusters WHERE kind = 'topic' ORDER BY questions DESC LIMIT 1")
+            .await
+            .unwrap(),
+        "cluster_name",
+    )
+    .remove(0);
+    engine
+        .sql(&format!(
+            "INSERT INTO scifact_mk_personas (name, description, clusters) VALUES ('narrow', '', ['{topic}'])"
+        ))
+        .await
+        .unwrap();
+    let narrow = engine
+        .sql(&format!(
+            "SELECT routed_clusters FROM mk_search(scifact_mk, '{query}', 5, persona => 'narrow')"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(string_lists(&narrow, "routed_clusters")[0], vec![topic.clone()]);
+    let refused = engine
+        .sql("INSERT INTO scifact_mk_personas (name, clusters) VALUES ('lost', ['topic_999'])")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("'topic_999'") && refused.contains(&topic), "{refused}");
+
+    // A persona's filter confines its searches to the question rows it accepts.
+    let study = strings(
+        &engine
+            .sql("SELECT metadata['study_type'] AS s FROM scifact_mk_questions GROUP BY 1 ORDER BY count(*) DESC LIMIT 1")
+            .await
+            .unwrap(),
+        "s",
+    )
+    .remove(0);
+    engine
+        .sql(&format!(
+            "INSERT INTO scifact_mk_personas (name, description, filter) VALUES ('strict', 'evidence', 'metadata[''study_type''] = ''{study}''')"
+        ))
+        .await
+        .unwrap();
+    let allowed: HashSet<String> = strings(
+        &engine
+            .sql(&format!(
+                "SELECT DISTINCT doc_id FROM scifact_mk_questions WHERE metadata['study_type'] = '{study}'"
+            ))
+            .await
+            .unwrap(),
+        "doc_id",
+    )
+    .into_iter()
+    .collect();
+    let filtered = engine
+        .sql(&format!(
+            "SELECT doc_id FROM mk_search(scifact_mk, '{query}', 10, persona => 'strict')"
+        ))
+        .await
+        .unwrap();
+    let found = strings(&filtered, "doc_id");
+    assert!(!found.is_empty());
+    assert!(found.iter().all(|d| allowed.contains(d)), "{found:?} not all {study}");
+    let bad = engine
+        .sql("INSERT INTO scifact_mk_personas (name, description, filter) VALUES ('broken', 'x', 'no_such_column = 1')")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        bad.contains("persona 'broken'") && bad.contains("no_such_column"),
+        "{bad}"
+    );
+    let unknown = engine
+        .sql(&format!(
+            "SELECT * FROM mk_search(scifact_mk, '{query}', 5, persona => 'nobody')"
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        unknown.contains("'nobody'") && unknown.contains("immunologist"),
+        "{unknown}"
+    );
+
+    // Re-inserted unchanged, a persona keeps its summary; DELETE removes; all of it persists.
+    engine
+        .sql("INSERT INTO scifact_mk_personas (name, description) VALUES ('immunologist', 'immune cells, T cells, inflammation and infection')")
+        .await
+        .unwrap();
+    engine
+        .sql("DELETE FROM scifact_mk_personas WHERE name = 'narrow'")
+        .await
+        .unwrap();
+    drop(engine);
+    let engine = common::engine(&dir.path().join("data")).await;
+    let kept = engine
+        .sql("SELECT name, summary_version FROM scifact_mk_personas ORDER BY name")
+        .await
+        .unwrap();
+    assert_eq!(strings(&kept, "name"), vec!["immunologist", "strict"]);
+    assert_eq!(u64s(&kept, "summary_version"), vec![1, 1]);
 }

@@ -270,7 +270,14 @@ async fn indexes_are_tables_of_the_default_schema_in_every_session() {
     // standard ways: SHOW TABLES, information_schema, qualified names.
     let engine = engine(dir.path()).await;
     let shown = strings(&engine.sql("SHOW TABLES").await.unwrap(), "table_name");
-    for table in ["kb", "kb_questions", "kb_clusters", "vecs", "dead_letters"] {
+    for table in [
+        "kb",
+        "kb_questions",
+        "kb_clusters",
+        "kb_personas",
+        "vecs",
+        "dead_letters",
+    ] {
         assert!(shown.contains(&table.to_string()), "{table} missing from {shown:?}");
     }
     let listed = strings(
@@ -282,7 +289,14 @@ async fn indexes_are_tables_of_the_default_schema_in_every_session() {
     );
     assert_eq!(
         listed,
-        vec!["dead_letters", "kb", "kb_clusters", "kb_questions", "vecs"]
+        vec![
+            "dead_letters",
+            "kb",
+            "kb_clusters",
+            "kb_personas",
+            "kb_questions",
+            "vecs"
+        ]
     );
     let qualified = engine.sql("SELECT count(*) FROM datafusion.public.vecs").await.unwrap();
     assert_eq!(single_int(&qualified), 2);

@@ -438,18 +438,39 @@ impl KnowledgeIndex {
             return Ok(Vec::new());
         }
         let position = self.schema.index_of(column)?;
-        self.delete(&|batch: &RecordBatch| {
-            let column = cast(batch.column(position), &arrow::datatypes::DataType::Utf8)?;
-            let column = arrow::array::AsArray::as_string::<i32>(&column);
-            Ok(column
-                .iter()
-                .map(|value| Some(value.is_some_and(|value| values.contains(value))))
-                .collect())
-        })
+        Ok(self.remove_rows(&where_in(position, values), false)?.0)
+    }
+
+    /// Like [`delete_where_in`](Self::delete_where_in), but returns the deleted rows themselves
+    /// (as they were before the delete), for a caller keeping a structure derived from them.
+    pub fn take_where_in(
+        &self,
+        column: &str,
+        values: &std::collections::HashSet<String>,
+    ) -> Result<RecordBatch, IndexError> {
+        let position = self.schema.index_of(column)?;
+        let empty = || RecordBatch::new_empty(self.schema.clone());
+        if values.is_empty() {
+            return Ok(empty());
+        }
+        Ok(self
+            .remove_rows(&where_in(position, values), true)?
+            .1
+            .unwrap_or_else(empty))
     }
 
     /// Deletes the rows for which `predicate` is true and commits; returns their document ids.
     pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
+        Ok(self.remove_rows(predicate, false)?.0)
+    }
+
+    /// Deletes the live rows for which `predicate` is true and commits; returns their document
+    /// ids and, when `gather` is set, the rows (none when nothing matched).
+    fn remove_rows(
+        &self,
+        predicate: &RowPredicate<'_>,
+        gather: bool,
+    ) -> Result<(Vec<String>, Option<RecordBatch>), IndexError> {
         let _writer = self.lock_writer();
         let mut next = (*self.current()).clone();
         let key_name = &next.manifest.key_column;
@@ -467,8 +488,18 @@ impl KnowledgeIndex {
             }
         }
         if doomed.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
+        let rows = if gather {
+            let positions: Vec<(usize, usize)> = doomed
+                .iter()
+                .filter_map(|(key, _)| next.locations.get(key).copied())
+                .collect();
+            let columns = self.gather_columns(&next, &positions)?;
+            Some(RecordBatch::try_new(self.schema.clone(), columns)?)
+        } else {
+            None
+        };
         let applied = (|| {
             for (key, doc_id) in &doomed {
                 next.remove(*key, doc_id, self.vector_column)?;
@@ -481,7 +512,7 @@ impl KnowledgeIndex {
         match applied {
             Ok(()) => {
                 self.publish(next);
-                Ok(doomed.into_iter().map(|(_, id)| id).collect())
+                Ok((doomed.into_iter().map(|(_, id)| id).collect(), rows))
             }
             Err(e) => {
                 self.recover();
@@ -586,4 +617,19 @@ fn table_schema(columns: &Schema, settings: &IndexSettings) -> Result<SchemaRef,
         true,
     ));
     Ok(Arc::new(Schema::new(fields)))
+}
+
+/// A predicate true for rows whose column at `position`, read as text, holds one of `values`.
+fn where_in<'a>(
+    position: usize,
+    values: &'a std::collections::HashSet<String>,
+) -> impl Fn(&RecordBatch) -> Result<arrow::array::BooleanArray, IndexError> + 'a {
+    move |batch: &RecordBatch| {
+        let column = cast(batch.column(position), &arrow::datatypes::DataType::Utf8)?;
+        let column = arrow::array::AsArray::as_string::<i32>(&column);
+        Ok(column
+            .iter()
+            .map(|value| Some(value.is_some_and(|value| values.contains(value))))
+            .collect())
+    }
 }

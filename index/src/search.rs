@@ -211,7 +211,11 @@ impl KnowledgeIndex {
     }
 
     /// The index's columns at `positions` (segment, row).
-    fn gather_columns(&self, state: &State, positions: &[(usize, usize)]) -> Result<Vec<ArrayRef>, IndexError> {
+    pub(crate) fn gather_columns(
+        &self,
+        state: &State,
+        positions: &[(usize, usize)],
+    ) -> Result<Vec<ArrayRef>, IndexError> {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len() + 1);
         for column in 0..self.schema.fields().len() {
             let sources: Vec<&dyn Array> = state.segments.iter().map(|s| s.batch.column(column).as_ref()).collect();

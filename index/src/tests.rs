@@ -164,6 +164,28 @@ fn upsert_replaces_row_and_vector_and_delete_removes() {
 }
 
 #[test]
+fn take_where_in_returns_the_live_rows_it_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..10, |_| 1, 0)]).unwrap();
+    // doc-3 replaced: only its live version (category 2, seed 103) comes back.
+    index.upsert(&[batch(&index, 3..4, |_| 2, 100)]).unwrap();
+    let wanted: std::collections::HashSet<String> = ["doc-3", "doc-7", "doc-missing"].map(String::from).into();
+    let taken = index.take_where_in("doc_id", &wanted).unwrap();
+    let mut ids = ids_of(&taken);
+    ids.sort();
+    assert_eq!(ids, vec!["doc-3", "doc-7"]);
+    let row3 = ids_of(&taken).iter().position(|id| id == "doc-3").unwrap();
+    assert_eq!(taken.column(1).as_primitive::<Int64Type>().value(row3), 2);
+    let vectors = crate::vector_values(taken.column(2));
+    assert_eq!(&vectors[row3 * DIMS..(row3 + 1) * DIMS], vector(103).as_slice());
+    assert_eq!(index.len(), 8);
+    // Nothing left to take: an empty batch with the index's schema.
+    let again = index.take_where_in("doc_id", &wanted).unwrap();
+    assert_eq!((again.num_rows(), again.schema()), (0, index.schema()));
+}
+
+#[test]
 fn filtered_search_returns_k_rows_at_one_percent_selectivity() {
     let dir = tempfile::tempdir().unwrap();
     let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();

@@ -338,7 +338,8 @@ impl Engine {
     /// Makes `index` queryable as table `name` and by the search functions (with its
     /// questions and clusters when it has a Meta-Knowledge side), in every session.
     pub async fn register_index(&self, name: &str, index: Arc<KnowledgeIndex>) -> Result<()> {
-        let entry = self.kb_factory.attach(index, false, None).await?;
+        let options = MkOptions::of(self.base.config_options());
+        let entry = self.kb_factory.attach(index, false, &options, None).await?;
         self.shared.kbs.insert(name, entry);
         Ok(())
     }

@@ -1,5 +1,6 @@
-//! Clusters of a Meta-Knowledge index: sizes and centroids (recomputed from the questions
-//! after every commit, which is cheap) and summaries (expensive, so persisted and rewritten
+//! Clusters of a Meta-Knowledge index: sizes and centroids (of the metadata clusters,
+//! recomputed from the questions after every commit, which is cheap; topics keep theirs, see
+//! [`super::topics`]) and summaries (expensive, so persisted and rewritten
 //! only when a cluster has changed enough or its summary grew old).
 
 use std::collections::{BTreeMap, HashMap};
@@ -10,6 +11,7 @@ use datafusion::arrow::datatypes::DataType;
 use serde::{Deserialize, Serialize};
 
 use mkflow_index::{IndexError, vector_values};
+use mkflow_udfs::mk::ClusterKind;
 
 /// When a summary is rewritten.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,6 +42,8 @@ pub struct Summary {
 pub struct Cluster {
     /// The cluster key.
     pub name: String,
+    /// A metadata cluster or a topic.
+    pub kind: ClusterKind,
     /// Documents in it.
     pub documents: usize,
     /// Synthetic questions in it.
@@ -76,28 +80,40 @@ pub struct SummaryFile {
 impl SummaryFile {
     /// Reads the file (empty when absent).
     pub fn read(path: &Path) -> Result<Self, IndexError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| IndexError::Invalid(format!("{} is damaged: {e}", path.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SummaryFile::default()),
-            Err(e) => Err(IndexError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            }),
-        }
+        read_json(path)
     }
 
     /// Writes the file atomically (temporary file, then rename).
     pub fn write(&self, path: &Path) -> Result<(), IndexError> {
-        let temporary: PathBuf = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).expect("summaries serialise");
-        std::fs::write(&temporary, text)
-            .and_then(|_| std::fs::rename(&temporary, path))
-            .map_err(|e| IndexError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })
+        write_json(path, self)
     }
+}
+
+/// Reads a JSON file of the index (the default value when absent; an error naming the file
+/// when it is damaged).
+pub fn read_json<T: Default + serde::de::DeserializeOwned>(path: &Path) -> Result<T, IndexError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            serde_json::from_str(&text).map_err(|e| IndexError::Invalid(format!("{} is damaged: {e}", path.display())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(IndexError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Writes a JSON file of the index atomically (temporary file, then rename).
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), IndexError> {
+    let temporary: PathBuf = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(value).expect("index files serialise");
+    std::fs::write(&temporary, text)
+        .and_then(|_| std::fs::rename(&temporary, path))
+        .map_err(|e| IndexError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
 }
 
 /// A cluster's size and centroid, as computed from the rows.

@@ -2,30 +2,42 @@
 //! a questions index beside the documents (one row per synthetic question, with its answer,
 //! document, cluster and metadata, and its own vector) and the clusters with their summaries.
 //!
+//! Two kinds of clusters: the metadata clusters (each document's metadata label) and the
+//! topics (clusters from the data: spherical k-means over the question vectors, kept up to date
+//! incrementally, see [`topics`]).
+//!
 //! Layout inside the index directory: `questions/` (a knowledge index keyed by
-//! `question_id` = `<doc_id>#<n>`) and `clusters.json` (summaries). Every document upsert
-//! replaces the document's questions; every commit recomputes cluster sizes and centroids;
-//! summaries are rewritten only for clusters that changed enough (see [`SummaryPolicy`]).
+//! `question_id` = `<doc_id>#<n>`), `clusters.json` (summaries of both kinds) and
+//! `topics.json` (the topics' names and centroids). Every document upsert replaces the
+//! document's questions (and moves them between topics); every commit recomputes the metadata
+//! clusters' sizes and centroids and re-fits the topics when they drifted; summaries are
+//! rewritten only for clusters that changed enough (see [`SummaryPolicy`]).
 
 mod attachment;
 pub mod clusters;
+pub mod personas;
 mod tables;
+pub mod topics;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use mkflow_index::vectors_to_array;
 use mkflow_udfs::EmbedQueue;
-use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, qa_type};
+use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, ClusterKind, qa_type};
 
-pub use attachment::{MkAttachment, MkServices};
+pub use attachment::{MkAttachment, MkServices, PersonaRow, topic_policy};
 pub use clusters::{Cluster, Summary, SummaryPolicy};
 use clusters::{SummaryFile, cluster_shapes};
+pub use personas::Persona;
+use personas::PersonaFile;
 pub use tables::ClustersTable;
+pub use topics::TopicPolicy;
+use topics::{MIN_QUESTIONS, TOPIC_PREFIX, Topics, sample_step};
 
 use mkflow_index::{Analyzer, IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE, TextColumn};
 
@@ -51,6 +63,10 @@ pub struct MkIndex {
     /// The summaries as persisted in `clusters.json` (read once, written on change).
     summaries: Mutex<SummaryFile>,
     clusters: RwLock<Vec<Cluster>>,
+    /// The topics and every question's membership (`None` until there are enough questions).
+    topics: RwLock<Option<Topics>>,
+    /// The personas as persisted in `personas.json`.
+    personas: Mutex<PersonaFile>,
 }
 
 /// The question rows built from a batch of documents, before they are committed.
@@ -83,7 +99,9 @@ impl MkIndex {
     }
 
     /// Opens the Meta-Knowledge side of `documents`, creating its questions index if needed.
-    pub fn open_or_create(documents: &KnowledgeIndex) -> Result<Self, IndexError> {
+    /// Topics are read back (every question placed in them) or, when there are none yet,
+    /// fitted with `policy`.
+    pub fn open_or_create(documents: &KnowledgeIndex, policy: TopicPolicy) -> Result<Self, IndexError> {
         let schema = documents.schema();
         for column in [METADATA_COLUMN, QA_COLUMN, CLUSTER_COLUMN] {
             if schema.field_with_name(column).is_err() {
@@ -125,8 +143,17 @@ impl MkIndex {
             dir: documents.dir().to_path_buf(),
             questions: Arc::new(questions),
             clusters: RwLock::new(Vec::new()),
+            topics: RwLock::new(None),
+            personas: Mutex::new(PersonaFile::read(documents.dir())?),
         };
-        mk.refresh_clusters(documents)?;
+        if let Some(mut topics) = Topics::read(&mk.dir, mk.questions.manifest().dimensions)? {
+            mk.for_each_question(|question, document, vector| {
+                topics.place(question, document, vector);
+            })?;
+            topics.settle(None);
+            *mk.topics.write().unwrap_or_else(|e| e.into_inner()) = Some(topics);
+        }
+        mk.refresh_clusters(documents, policy)?;
         Ok(mk)
     }
 
@@ -135,7 +162,7 @@ impl MkIndex {
         &self.questions
     }
 
-    /// The clusters, largest first.
+    /// The clusters: metadata clusters, then topics, each kind largest first.
     pub fn clusters(&self) -> Vec<Cluster> {
         self.clusters.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -215,20 +242,157 @@ impl MkIndex {
         Ok(pending)
     }
 
-    /// Replaces the questions of the documents in `pending` with its questions.
+    /// Replaces the questions of the documents in `pending` with its questions, moving them
+    /// between topics: a question replaced by itself (a document delivered again) stays where
+    /// it is and is no change.
     pub fn commit_questions(&self, pending: &PendingQuestions) -> Result<(), IndexError> {
-        self.remove_questions_of(&pending.documents)?;
+        let mut removed = self.take_questions_of(&pending.documents)?;
         self.questions.upsert(&pending.batches)?;
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(topics) = topics.as_mut() {
+            let mut changes = 0;
+            self.visit_questions(&pending.batches, |question, document, vector| {
+                match removed.remove(question) {
+                    Some((_, old)) if old == vector => return,
+                    Some((old_document, old)) => topics.remove(question, &old_document, &old),
+                    None => {}
+                }
+                topics.add(question, document, vector);
+                changes += 1;
+            })?;
+            for (question, (document, vector)) in &removed {
+                topics.remove(question, document, vector);
+            }
+            topics.note_changes(changes + removed.len());
+        }
         Ok(())
     }
 
-    /// Removes the questions of documents.
+    /// Removes the questions of documents (and takes them out of their topics).
     pub fn remove_questions_of(&self, documents: &HashSet<String>) -> Result<usize, IndexError> {
-        Ok(self.questions.delete_where_in("doc_id", documents)?.len())
+        let removed = self.take_questions_of(documents)?;
+        if let Some(topics) = self.topics.write().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            for (question, (document, vector)) in &removed {
+                topics.remove(question, document, vector);
+            }
+            topics.note_changes(removed.len());
+        }
+        Ok(removed.len())
     }
 
-    /// Recomputes cluster sizes and centroids from the rows (after every commit).
-    pub fn refresh_clusters(&self, documents: &KnowledgeIndex) -> Result<(), IndexError> {
+    /// Deletes the questions of documents; returns them: question id → (document id, vector).
+    fn take_questions_of(
+        &self,
+        documents: &HashSet<String>,
+    ) -> Result<HashMap<String, (String, Vec<f32>)>, IndexError> {
+        let removed = self.questions.take_where_in("doc_id", documents)?;
+        let mut taken = HashMap::new();
+        self.visit_questions(std::slice::from_ref(&removed), |question, document, vector| {
+            taken.insert(question.to_string(), (document.to_string(), vector.to_vec()));
+        })?;
+        Ok(taken)
+    }
+
+    /// Calls `visit` with (question id, document id, vector) for every question row of
+    /// `batches` that has a vector.
+    fn visit_questions(
+        &self,
+        batches: &[RecordBatch],
+        mut visit: impl FnMut(&str, &str, &[f32]),
+    ) -> Result<(), IndexError> {
+        let schema = self.questions.schema();
+        let (ids, documents) = (schema.index_of("question_id")?, schema.index_of("doc_id")?);
+        let vector_column = schema.index_of(&self.questions.manifest().vector_column)?;
+        let dims = self.questions.manifest().dimensions;
+        for batch in batches {
+            let (question_ids, doc_ids) = (
+                batch.column(ids).as_string::<i32>(),
+                batch.column(documents).as_string::<i32>(),
+            );
+            let vectors = batch.column(vector_column);
+            let values = mkflow_index::vector_values(vectors);
+            for row in (0..batch.num_rows()).filter(|&r| vectors.is_valid(r)) {
+                visit(
+                    question_ids.value(row),
+                    doc_ids.value(row),
+                    &values[row * dims..(row + 1) * dims],
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// [`visit_questions`](Self::visit_questions) over every question of the index.
+    fn for_each_question(&self, visit: impl FnMut(&str, &str, &[f32])) -> Result<(), IndexError> {
+        self.visit_questions(&self.questions.snapshot()?, visit)
+    }
+
+    /// Fits the topics anew over every question (names kept where a topic stayed), writes
+    /// them, and drops the summaries of topics that are gone.
+    fn refit_topics(&self, policy: TopicPolicy) -> Result<(), IndexError> {
+        let started = std::time::Instant::now();
+        let count = self.questions.len();
+        let dims = self.questions.manifest().dimensions;
+        let step = sample_step(count);
+        let (mut sample, mut seen) = (Vec::new(), 0usize);
+        self.for_each_question(|_, _, vector| {
+            if seen % step == 0 {
+                sample.extend_from_slice(vector);
+            }
+            seen += 1;
+        })?;
+        let previous = self.topics.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut topics = Topics::fit(
+            &sample,
+            dims,
+            policy.topics_for(seen),
+            policy.overlap,
+            previous.as_ref(),
+        );
+        let mut similarity = 0.0f64;
+        self.for_each_question(|question, document, vector| {
+            similarity += f64::from(topics.place(question, document, vector).unwrap_or(0.0));
+        })?;
+        topics.settle(Some((similarity / seen.max(1) as f64) as f32));
+        topics.write(&self.dir)?;
+        log::info!(
+            "{}: {} topics fitted over {seen} questions in {:.2} s",
+            self.dir.display(),
+            topics.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let mut file = self.summaries.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = file
+            .summaries
+            .keys()
+            .filter(|name| name.starts_with(TOPIC_PREFIX) && !topics.has(name))
+            .cloned()
+            .collect();
+        if !gone.is_empty() {
+            let mut next = SummaryFile {
+                summaries: file.summaries.clone(),
+            };
+            gone.iter().for_each(|name| drop(next.summaries.remove(name)));
+            next.write(&self.dir.join(CLUSTERS_FILE))?;
+            *file = next;
+        }
+        *self.topics.write().unwrap_or_else(|e| e.into_inner()) = Some(topics);
+        Ok(())
+    }
+
+    /// Recomputes the metadata clusters' sizes and centroids from the rows, and re-fits the
+    /// topics when `policy` says they drifted (after every commit).
+    pub fn refresh_clusters(&self, documents: &KnowledgeIndex, policy: TopicPolicy) -> Result<(), IndexError> {
+        let refit = match &*self.topics.read().unwrap_or_else(|e| e.into_inner()) {
+            None => self.questions.len() >= MIN_QUESTIONS,
+            Some(topics) => {
+                topics.drifted(policy.refit_growth)
+                    || (policy.clusters > 0 && policy.topics_for(self.questions.len()) != topics.len())
+            }
+        };
+        if refit {
+            self.refit_topics(policy)?;
+        }
         let question_schema = self.questions.schema();
         let columns = (
             question_schema.index_of(CLUSTER_COLUMN)?,
@@ -249,12 +413,28 @@ impl MkIndex {
             .map(|(name, shape)| Cluster {
                 summary: summaries.get(&name).cloned(),
                 name,
+                kind: ClusterKind::Metadata,
                 documents: shape.documents,
                 questions: shape.questions,
                 centroid: shape.centroid,
             })
             .collect();
-        clusters.sort_by(|a, b| b.documents.cmp(&a.documents).then_with(|| a.name.cmp(&b.name)));
+        if let Some(topics) = &*self.topics.read().unwrap_or_else(|e| e.into_inner()) {
+            clusters.extend(topics.shapes().into_iter().map(|topic| Cluster {
+                summary: summaries.get(&topic.name).cloned(),
+                name: topic.name,
+                kind: ClusterKind::Topic,
+                documents: topic.documents,
+                questions: topic.questions,
+                centroid: topic.centroid,
+            }));
+        }
+        clusters.sort_by(|a, b| {
+            (a.kind == ClusterKind::Topic)
+                .cmp(&(b.kind == ClusterKind::Topic))
+                .then(b.documents.cmp(&a.documents))
+                .then_with(|| a.name.cmp(&b.name))
+        });
         *self.clusters.write().unwrap_or_else(|e| e.into_inner()) = clusters;
         Ok(())
     }
@@ -273,6 +453,8 @@ impl MkIndex {
     pub fn digests(&self, clusters: &[String]) -> Result<Vec<ClusterDigest>, IndexError> {
         let schema = self.questions.schema();
         let (question_column, cluster_column) = (schema.index_of("question")?, schema.index_of(CLUSTER_COLUMN)?);
+        let id_column = schema.index_of("question_id")?;
+        let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
         let vector_column = schema.index_of(&self.questions.manifest().vector_column)?;
         let dims = self.questions.manifest().dimensions;
         let mut rows: HashMap<&str, Vec<(String, Vec<f32>)>> =
@@ -280,20 +462,23 @@ impl MkIndex {
         for batch in self.questions.snapshot()? {
             let questions = batch.column(question_column).as_string::<i32>();
             let names = batch.column(cluster_column).as_string::<i32>();
+            let ids = batch.column(id_column).as_string::<i32>();
             let vectors = batch.column(vector_column);
             let values = mkflow_index::vector_values(vectors);
-            for row in 0..batch.num_rows() {
-                if !names.is_valid(row) || !vectors.is_valid(row) {
-                    continue;
-                }
-                if let Some(wanted) = rows.get_mut(names.value(row)) {
-                    wanted.push((
-                        questions.value(row).to_string(),
-                        values[row * dims..(row + 1) * dims].to_vec(),
-                    ));
+            for row in (0..batch.num_rows()).filter(|&r| vectors.is_valid(r)) {
+                let metadata = names.is_valid(row).then(|| names.value(row));
+                let its_topics = topics.iter().flat_map(|t| t.topics_of(ids.value(row)));
+                for cluster in metadata.into_iter().chain(its_topics) {
+                    if let Some(wanted) = rows.get_mut(cluster) {
+                        wanted.push((
+                            questions.value(row).to_string(),
+                            values[row * dims..(row + 1) * dims].to_vec(),
+                        ));
+                    }
                 }
             }
         }
+        drop(topics);
         let states = self.clusters();
         Ok(clusters
             .iter()
@@ -351,25 +536,202 @@ impl MkIndex {
         Ok(())
     }
 
-    /// The clusters nearest to `query` by centroid, best first: at most `count`, and only those
-    /// within `margin` of the nearest one's score, with their scores.
-    pub fn route(&self, query: &[f32], count: usize, margin: f32) -> Vec<(Cluster, f32)> {
-        let mut scored: Vec<(Cluster, f32)> = self
-            .clusters()
-            .into_iter()
-            .filter(|c| c.centroid.len() == query.len())
-            .map(|c| {
-                let score = c.centroid.iter().zip(query).map(|(a, b)| a * b).sum::<f32>();
-                (c, score)
-            })
-            .collect();
-        scored.sort_by(|a, b| b.1.total_cmp(&a.1));
-        scored.truncate(count.max(1));
-        if let Some(best) = scored.first().map(|(_, s)| *s) {
-            scored.retain(|(_, s)| *s >= best - margin.max(0.0));
-        }
-        scored
+    /// The clusters of `kind` nearest to `query` by centroid, best first: at most `count`, and
+    /// only those within `margin` of the nearest one's score, with their scores.
+    pub fn route(&self, query: &[f32], kind: ClusterKind, count: usize, margin: f32) -> Vec<(Cluster, f32)> {
+        let candidates = self.clusters().into_iter().filter(|c| c.kind == kind).collect();
+        route_among(candidates, query, count, margin)
     }
+
+    /// The personas, by name.
+    pub fn personas(&self) -> Vec<Persona> {
+        let file = self.personas.lock().unwrap_or_else(|e| e.into_inner());
+        file.personas.values().cloned().collect()
+    }
+
+    /// The persona called `name`.
+    pub fn persona(&self, name: &str) -> Option<Persona> {
+        let file = self.personas.lock().unwrap_or_else(|e| e.into_inner());
+        file.personas.get(name).cloned()
+    }
+
+    /// Adds or replaces personas by name (one atomic write); a persona whose interests did
+    /// not change keeps its summary.
+    pub fn put_personas(&self, personas: Vec<Persona>) -> Result<(), IndexError> {
+        let mut file = self.personas.lock().unwrap_or_else(|e| e.into_inner());
+        let next = file.with(personas);
+        next.write(&self.dir)?;
+        *file = next;
+        Ok(())
+    }
+
+    /// Removes the personas named in `names`; returns how many there were.
+    pub fn delete_personas(&self, names: &HashSet<String>) -> Result<usize, IndexError> {
+        let mut file = self.personas.lock().unwrap_or_else(|e| e.into_inner());
+        let (next, removed) = file.without(names);
+        if removed > 0 {
+            next.write(&self.dir)?;
+            *file = next;
+        }
+        Ok(removed)
+    }
+
+    /// The clusters of `persona`: those it names (of either kind), else the topics (metadata
+    /// clusters before the first fit) nearest its description, as `mk_search` routes.
+    pub fn persona_clusters(&self, persona: &Persona, count: usize, margin: f32) -> Vec<Cluster> {
+        if persona.clusters.is_empty() {
+            let kind = match self.topics.read().unwrap_or_else(|e| e.into_inner()).is_some() {
+                true => ClusterKind::Topic,
+                false => ClusterKind::Metadata,
+            };
+            return self
+                .route(&persona.description_vector, kind, count, margin)
+                .into_iter()
+                .map(|(c, _)| c)
+                .collect();
+        }
+        self.clusters()
+            .into_iter()
+            .filter(|c| persona.clusters.contains(&c.name))
+            .collect()
+    }
+
+    /// Personas whose summary `policy` says to (re)write at `now_ms`, with their clusters
+    /// (routed as by `count` and `margin`) and those clusters' question count now.
+    pub fn stale_personas(
+        &self,
+        policy: &SummaryPolicy,
+        now_ms: i64,
+        count: usize,
+        margin: f32,
+    ) -> Vec<(Persona, Vec<String>, usize)> {
+        self.personas()
+            .into_iter()
+            .filter_map(|persona| {
+                let clusters = self.persona_clusters(&persona, count, margin);
+                let questions = clusters.iter().map(|c| c.questions).sum();
+                let shape = Cluster {
+                    name: persona.name.clone(),
+                    kind: ClusterKind::Topic,
+                    documents: 0,
+                    questions,
+                    centroid: Vec::new(),
+                    summary: persona.summary.clone(),
+                };
+                shape
+                    .needs_summary(policy, now_ms)
+                    .then(|| (persona, clusters.into_iter().map(|c| c.name).collect(), questions))
+            })
+            .collect()
+    }
+
+    /// What a persona's summary is written from: an even sample of its clusters' questions.
+    pub fn persona_digest(&self, persona: &Persona, clusters: &[String]) -> Result<ClusterDigest, IndexError> {
+        let parts = self.digests(clusters)?;
+        let dims = self.questions.manifest().dimensions;
+        let (mut questions, mut vectors, mut documents) = (Vec::new(), Vec::new(), 0);
+        for part in parts {
+            documents += part.documents;
+            vectors.extend(part.vectors);
+            questions.extend(part.questions);
+        }
+        let step = questions.len().div_ceil(DIGEST_QUESTIONS).max(1);
+        let keep: Vec<usize> = (0..questions.len()).step_by(step).collect();
+        let full_vectors = vectors.len() == questions.len() * dims;
+        Ok(ClusterDigest {
+            cluster: persona.name.clone(),
+            documents,
+            vectors: if full_vectors {
+                keep.iter()
+                    .flat_map(|&i| vectors[i * dims..(i + 1) * dims].iter().copied())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            questions: keep.iter().map(|&i| questions[i].clone()).collect(),
+            previous_summary: persona.summary.as_ref().map(|s| s.text.clone()),
+        })
+    }
+
+    /// Records a persona's new summary, written by `generator` from `questions` questions.
+    pub fn set_persona_summary(
+        &self,
+        name: &str,
+        text: String,
+        questions: usize,
+        generator: &str,
+        now_ms: i64,
+    ) -> Result<(), IndexError> {
+        let mut file = self.personas.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = file.clone();
+        let Some(persona) = next.personas.get_mut(name) else {
+            return Ok(());
+        };
+        persona.summary = Some(Summary {
+            text,
+            version: persona.summary.as_ref().map_or(0, |s| s.version) + 1,
+            written_at_ms: now_ms,
+            questions,
+            generator: generator.to_string(),
+        });
+        next.write(&self.dir)?;
+        *file = next;
+        Ok(())
+    }
+
+    /// The topics of each question (by id), nearest first; empty lists before the first fit.
+    pub fn topics_of(&self, questions: &StringArray) -> Vec<Vec<String>> {
+        match &*self.topics.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(topics) => topics.topics_of_each(questions.iter()),
+            None => vec![Vec::new(); questions.len()],
+        }
+    }
+
+    /// Which rows of a batch of question rows belong to one of `clusters` (of `kind`).
+    pub fn in_clusters(
+        &self,
+        batch: &RecordBatch,
+        kind: ClusterKind,
+        clusters: &HashSet<&str>,
+    ) -> Result<BooleanArray, IndexError> {
+        Ok(match kind {
+            ClusterKind::Metadata => {
+                let names = batch
+                    .column(batch.schema().index_of(CLUSTER_COLUMN)?)
+                    .as_string::<i32>();
+                names
+                    .iter()
+                    .map(|c| Some(c.is_some_and(|c| clusters.contains(c))))
+                    .collect()
+            }
+            ClusterKind::Topic => {
+                let ids = batch.column(batch.schema().index_of("question_id")?).as_string::<i32>();
+                let topics = self.topics.read().unwrap_or_else(|e| e.into_inner());
+                ids.iter()
+                    .map(|id| Some(id.is_some_and(|id| topics.as_ref().is_some_and(|t| t.in_any(id, clusters)))))
+                    .collect()
+            }
+        })
+    }
+}
+
+/// Of `candidates`, those nearest to `query` by centroid, best first: at most `count`, and only
+/// those within `margin` of the nearest one's score, with their scores.
+pub fn route_among(candidates: Vec<Cluster>, query: &[f32], count: usize, margin: f32) -> Vec<(Cluster, f32)> {
+    let mut scored: Vec<(Cluster, f32)> = candidates
+        .into_iter()
+        .filter(|c| c.centroid.len() == query.len())
+        .map(|c| {
+            let score = c.centroid.iter().zip(query).map(|(a, b)| a * b).sum::<f32>();
+            (c, score)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+    scored.truncate(count.max(1));
+    if let Some(best) = scored.first().map(|(_, s)| *s) {
+        scored.retain(|(_, s)| *s >= best - margin.max(0.0));
+    }
+    scored
 }
 
 /// The briefs of clusters that have a summary.

@@ -1,5 +1,5 @@
-//! `<kb>_clusters`: the clusters of a Meta-Knowledge index, with their summaries, versions
-//! and ages.
+//! `<kb>_clusters`: the clusters of a Meta-Knowledge index (`kind`: `metadata` or `topic`),
+//! with their summaries, versions and ages.
 
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ use crate::support::now_ms;
 fn clusters_schema(dimensions: usize) -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new(CLUSTER_COLUMN, DataType::Utf8, false),
+        Field::new("kind", DataType::Utf8, false),
         Field::new("documents", DataType::UInt64, false),
         Field::new("questions", DataType::UInt64, false),
         Field::new("summary", DataType::Utf8, true),
@@ -62,6 +63,9 @@ impl ClustersTable {
         let present: Vec<bool> = clusters.iter().map(|c| c.centroid.len() == dims).collect();
         let columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(clusters.iter().map(|c| c.name.as_str()))),
+            Arc::new(StringArray::from_iter_values(
+                clusters.iter().map(|c| c.kind.to_string()),
+            )),
             Arc::new(UInt64Array::from_iter_values(
                 clusters.iter().map(|c| c.documents as u64),
             )),

@@ -1,5 +1,5 @@
 //! The default schema of every session: the data directory's knowledge indexes as tables, with
-//! the questions and clusters tables of those that have a Meta-Knowledge side, the engine's own
+//! the questions, clusters and personas tables of those that have a Meta-Knowledge side, the engine's own
 //! tables (`dead_letters`) — all shared by every session ([`KbSchema`]) — and the tables one
 //! session creates (its sources), which no other session sees ([`SessionSchema`]).
 //!
@@ -28,6 +28,7 @@ pub enum SearchTarget {
     Chunks,
 }
 use super::kb_entry::{KbEntry, Searched};
+use super::personas::PersonasTable;
 use crate::chunks::ChunkIndex;
 use crate::mk::{ClustersTable, MkAttachment};
 use crate::support::BatchTable;
@@ -41,6 +42,9 @@ pub const QUESTIONS_SUFFIX: &str = "_questions";
 
 /// Suffix of a Meta-Knowledge index's clusters table.
 pub const CLUSTERS_SUFFIX: &str = "_clusters";
+
+/// Suffix of a Meta-Knowledge index's personas table.
+pub const PERSONAS_SUFFIX: &str = "_personas";
 
 /// What every session sees: knowledge indexes by table name, and the engine's own tables.
 #[derive(Debug)]
@@ -58,6 +62,8 @@ enum Named {
     Questions(MkAttachment),
     /// The clusters of a Meta-Knowledge index.
     Clusters(MkAttachment),
+    /// The personas of a Meta-Knowledge index.
+    Personas(MkAttachment),
     /// The chunks of a chunked index.
     Chunks(Arc<ChunkIndex>),
 }
@@ -170,6 +176,9 @@ impl KbSchema {
         if let Some(mk) = owner(QUESTIONS_SUFFIX).and_then(|e| e.mk) {
             return Some(Named::Questions(mk));
         }
+        if let Some(mk) = owner(PERSONAS_SUFFIX).and_then(|e| e.mk) {
+            return Some(Named::Personas(mk));
+        }
         owner(CLUSTERS_SUFFIX).and_then(|e| e.mk).map(Named::Clusters)
     }
 
@@ -198,6 +207,7 @@ impl KbSchema {
             Named::Clusters(mk) => Arc::new(BatchTable::new(SnapshotView(Arc::new(ClustersTable::new(
                 mk.index.clone(),
             ))))),
+            Named::Personas(mk) => Arc::new(PersonasTable::new(mk)),
         }
     }
 }
@@ -211,6 +221,7 @@ impl KbSchema {
             if entry.mk.is_some() {
                 names.push(format!("{name}{QUESTIONS_SUFFIX}"));
                 names.push(format!("{name}{CLUSTERS_SUFFIX}"));
+                names.push(format!("{name}{PERSONAS_SUFFIX}"));
             }
             if entry.chunks.is_some() {
                 names.push(format!("{name}{CHUNKS_SUFFIX}"));

@@ -74,6 +74,17 @@ impl CompiledFilter {
         Ok(Some(CompiledFilter { expr }))
     }
 
+    /// Compiles a SQL predicate written as text (a persona's filter, say) against the rows of
+    /// `schema`.
+    pub fn from_sql(sql: &str, schema: &SchemaRef) -> Result<Self> {
+        let context = datafusion::prelude::SessionContext::new();
+        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        let predicate = context.parse_sql_expr(sql, &df_schema)?;
+        let state = context.state();
+        Self::compile(&state, schema, &[predicate])?
+            .ok_or_else(|| datafusion::common::DataFusionError::Plan("an empty filter".into()))
+    }
+
     /// True where a row of `batch` passes (null counts as not passing).
     pub fn evaluate(&self, batch: &RecordBatch) -> Result<BooleanArray, IndexError> {
         let value = self

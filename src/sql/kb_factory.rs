@@ -47,7 +47,7 @@ use super::KbSchema;
 use super::kb_entry::KbEntry;
 use super::kb_table::{IngestProgress, KbTable};
 use crate::chunks::{ChunkIndex, ChunkSettings};
-use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns};
+use crate::mk::{MkAttachment, MkIndex, MkServices, document_columns, topic_policy};
 use crate::support::blocking;
 use crate::support::index_error;
 use mkflow_index::fulltext::default_text_columns;
@@ -204,21 +204,29 @@ fn option(cmd: &CreateExternalTable, name: &str) -> Option<String> {
 }
 
 impl KbTableFactory {
-    /// `index` with its Meta-Knowledge side (created when `create_mk`) and its chunks (cut
-    /// with `chunks`, else as stored), when it has them.
+    /// `index` with its Meta-Knowledge side (created when `create_mk`; topics fitted and
+    /// missing summaries written with `options`) and its chunks (cut with `chunks`, else as
+    /// stored), when it has them.
     pub async fn attach(
         &self,
         index: Arc<KnowledgeIndex>,
         create_mk: bool,
+        options: &MkOptions,
         chunks: Option<(ChunkSettings, Analyzer)>,
     ) -> Result<KbEntry> {
         let mk = if create_mk || MkIndex::exists(index.dir()) {
-            let documents = index.clone();
-            let mk = blocking(move || MkIndex::open_or_create(&documents)).await?;
-            Some(MkAttachment {
+            let (documents, topics) = (index.clone(), topic_policy(options));
+            let mk = blocking(move || MkIndex::open_or_create(&documents, topics)).await?;
+            let mk = MkAttachment {
                 index: Arc::new(mk),
                 services: self.mk_services.clone(),
-            })
+            };
+            // Clusters without a summary (topics fitted just now, say) get one; an index whose
+            // generator cannot start still opens.
+            if let Err(e) = mk.refresh_summaries(options).await {
+                log::warn!("{}: cluster summaries not written: {e}", index.dir().display());
+            }
+            Some(mk)
         } else {
             None
         };
@@ -275,7 +283,8 @@ impl TableProviderFactory for KbTableFactory {
             Some(settings) => Some((settings, text_analyzer(cmd)?)),
             None => None,
         };
-        let entry = self.attach(Arc::new(index), meta_knowledge, chunks).await?;
+        let options = MkOptions::of(state.config_options());
+        let entry = self.attach(Arc::new(index), meta_knowledge, &options, chunks).await?;
         self.registry.insert(cmd.name.table(), entry.clone());
         Ok(Arc::new(KbTable::new(
             &cmd.name.to_string(),

@@ -14,8 +14,12 @@
 //! `mkflow.rewrite_weight`; a question's score is Σ weight / (60 + rank) over the rankings that
 //! found it.
 //!
+//! Routing is by topics (clusters from the data) unless `mkflow.route_by = 'metadata'`. With
+//! `persona => 'name'`, the query is routed among the persona's clusters, the persona's summary
+//! leads the rewrites, and the persona's filter confines the matching.
+//!
 //! Each row is a QA pair with its provenance: the document it came from (with the document's
-//! own columns), its cluster, the clusters the query was routed to, every sub-query used, and
+//! own columns), its metadata cluster and topics, the clusters the query was routed to, every sub-query used, and
 //! which sub-queries found it.
 
 use std::collections::{HashMap, HashSet};
@@ -26,6 +30,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Float32Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
     UInt32Array,
 };
+use datafusion::arrow::compute::kernels::boolean::and;
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
@@ -33,16 +38,17 @@ use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use futures::FutureExt;
-use mkflow_udfs::mk::{MkOptions, string_list_type};
+use mkflow_udfs::mk::{ClusterBrief, ClusterKind, MkOptions, string_list_type};
 
 use super::KbSchema;
 use super::call_args::{CallArgs, int_arg, string_arg, table_arg};
+use super::filters::CompiledFilter;
 use super::vector_search::search_k;
 use crate::access::Access;
-use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs};
+use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs, route_among};
 use crate::support::batch_table::deferred_scan;
 use crate::support::{index_error, tag_call};
-use mkflow_index::{IndexError, KnowledgeIndex};
+use mkflow_index::{IndexError, KnowledgeIndex, TextQuery};
 
 /// The constant of reciprocal rank fusion (Cormack et al., 2009).
 const RRF_K: f32 = 60.0;
@@ -96,6 +102,7 @@ fn result_schema(documents: &KnowledgeIndex) -> SchemaRef {
         Field::new("question", DataType::Utf8, false),
         Field::new("answer", DataType::Utf8, false),
         Field::new(CLUSTER_COLUMN, DataType::Utf8, true),
+        Field::new("topics", string_list_type(), false),
         Field::new("score", DataType::Float32, false),
         Field::new("routed_clusters", string_list_type(), false),
         Field::new("sub_queries", string_list_type(), false),
@@ -112,6 +119,8 @@ pub(super) struct MkSearchTable {
     mk: MkAttachment,
     query: String,
     k: Option<usize>,
+    /// The persona asking (`persona => 'name'`).
+    persona: Option<String>,
     schema: SchemaRef,
 }
 
@@ -124,9 +133,21 @@ struct Weights {
     rewrites: f32,
     /// Whether the original query is matched only inside the routed clusters.
     strict_routing: bool,
+    /// The kind of the routed clusters.
+    route_by: ClusterKind,
+    /// Each of the documents' own rankings.
+    documents: f32,
     /// Whether rankings are fused per document (each ranking counts a document once, at the
     /// rank of its best question) rather than per question.
     by_document: bool,
+}
+
+/// Where `mk_search` matches its sub-queries.
+struct Scope<'a> {
+    /// The clusters the query was routed to.
+    routed: &'a [String],
+    /// A persona's filter over the question rows.
+    filter: Option<&'a CompiledFilter>,
 }
 
 /// A question (or, fusing by document, a document) found by at least one sub-query.
@@ -141,11 +162,12 @@ struct Fused {
 }
 
 impl MkSearchTable {
-    /// Checks the arguments of `function(kb, 'query' [, k])` (`mk_search`, `mk_answer`).
+    /// Checks the arguments of `function(kb, 'query' [, k] [, persona => 'name'])`
+    /// (`mk_search`, `mk_answer`).
     pub(super) fn from_call(function: &str, registry: &KbSchema, args: TableFunctionArgs) -> Result<Self> {
-        let usage = format!("usage: {function}(kb, 'query text' [, k])");
+        let usage = format!("usage: {function}(kb, 'query text' [, k] [, persona => 'name'])");
         let access = Access::of(args.session().config());
-        let call = CallArgs::of(function, args.exprs(), &[])?;
+        let call = CallArgs::of(function, args.exprs(), &["persona"])?;
         let exprs = &call.positional;
         if !(2..=3).contains(&exprs.len()) {
             return plan_err!("{function} takes 2 or 3 arguments; {usage}");
@@ -173,12 +195,28 @@ impl MkSearchTable {
             }
             None => None,
         };
-        let schema = tag_call(&result_schema(&documents), function, exprs);
+        let persona = call.named_string("persona")?;
+        if let Some(wanted) = &persona
+            && mk.index.persona(wanted).is_none()
+        {
+            let known: Vec<String> = mk.index.personas().into_iter().map(|p| p.name).collect();
+            return plan_err!(
+                "{function}: '{name}' has no persona called '{wanted}' ({}); add one with INSERT INTO {name}_personas (name, description) VALUES (…)",
+                if known.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    format!("personas: {}", known.join(", "))
+                }
+            );
+        }
+        // Tagged with every argument, the persona included.
+        let schema = tag_call(&result_schema(&documents), function, args.exprs());
         Ok(MkSearchTable {
             documents,
             mk,
             query,
             k,
+            persona,
             schema,
         })
     }
@@ -211,22 +249,56 @@ impl MkSearchTable {
             .map_err(external)?;
         let query_vector = embedder.embed_one(&self.query).await.map_err(external)?;
 
-        let routed_clusters: Vec<Cluster> = self
-            .mk
-            .index
-            .route(&query_vector, options.route_clusters, options.route_margin as f32)
-            .into_iter()
-            .map(|(c, _)| c)
-            .collect();
-        if routed_clusters.is_empty() {
-            return plan_err!("mk_search: the index has no clusters yet (insert documents with mk_qa questions first)");
+        // A persona routes among its own clusters, and its summary leads the rewrites.
+        let persona =
+            match &self.persona {
+                Some(name) => Some(self.mk.index.persona(name).ok_or_else(|| {
+                    DataFusionError::Plan(format!("mk_search: persona '{name}' was deleted meanwhile"))
+                })?),
+                None => None,
+            };
+        let (count, margin) = (options.route_clusters, options.route_margin as f32);
+        let routed_clusters: Vec<Cluster> = match &persona {
+            Some(persona) => route_among(
+                self.mk.index.persona_clusters(persona, count, margin),
+                &query_vector,
+                count,
+                margin,
+            ),
+            None => self.mk.index.route(&query_vector, options.route_by, count, margin),
         }
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+        if routed_clusters.is_empty() {
+            return match &persona {
+                Some(p) => plan_err!("mk_search: persona '{}' routes to no cluster of the index", p.name),
+                None => {
+                    plan_err!("mk_search: the index has no clusters yet (insert documents with mk_qa questions first)")
+                }
+            };
+        }
+        let mut context = briefs(&routed_clusters);
+        if let Some(summary) = persona.as_ref().and_then(|p| p.summary.as_ref()) {
+            let name = persona.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+            context.insert(
+                0,
+                ClusterBrief {
+                    cluster: name,
+                    summary: summary.text.clone(),
+                },
+            );
+        }
+        let filter = match persona.as_ref().and_then(|p| p.filter.as_deref()) {
+            Some(sql) => Some(CompiledFilter::from_sql(sql, &questions.schema())?),
+            None => None,
+        };
         let routed: Vec<String> = routed_clusters.iter().map(|c| c.name.clone()).collect();
         let generator = services
             .generators
             .generator(options)
             .map_err(|e| DataFusionError::Configuration(e.to_string()))?;
-        let rewritten = match generator.rewrite(&self.query, &briefs(&routed_clusters)).await {
+        let rewritten = match generator.rewrite(&self.query, &context).await {
             Ok(q) => q,
             Err(e) => {
                 services.failures.record(
@@ -253,38 +325,81 @@ impl MkSearchTable {
             // A negative (or NaN) weight counts as 0: that ranking is left out.
             original: options.original_query_weight.max(0.0) as f32,
             rewrites: options.rewrite_weight.max(0.0) as f32,
+            documents: options.document_weight.max(0.0) as f32,
             strict_routing: options.strict_routing,
+            route_by: options.route_by,
             by_document: options.fuse_documents,
         };
-        self.rank(&questions, &vectors, &routed, &sub_queries, weights, k)
+        let document_rankings = if weights.documents > 0.0 {
+            self.document_rankings(&query_vector, k)?
+        } else {
+            Vec::new()
+        };
+        let scope = Scope {
+            routed: &routed,
+            filter: filter.as_ref(),
+        };
+        self.rank(&vectors, &scope, &sub_queries, &document_rankings, weights, k)
+    }
+
+    /// The documents' own rankings for the original query (document id → rank from 1): by
+    /// vector, and by BM25 when the index has text columns.
+    fn document_rankings(&self, query_vector: &[f32], k: usize) -> Result<Vec<HashMap<String, usize>>> {
+        let pool = k.saturating_mul(POOL_PER_RESULT).max(30);
+        let mut hits = vec![self.documents.search(query_vector, pool, None).map_err(index_error)?];
+        if !self.documents.text_columns().is_empty() {
+            let query = TextQuery::terms(self.query.clone());
+            hits.push(self.documents.text_search(&query, pool, None).map_err(index_error)?);
+        }
+        let key = self.documents.manifest().key_column;
+        hits.iter()
+            .map(|batch| {
+                let ids =
+                    datafusion::arrow::compute::cast(batch.column(batch.schema().index_of(&key)?), &DataType::Utf8)?;
+                let ids = ids.as_string::<i32>();
+                let mut ranks = HashMap::new();
+                for id in ids.iter().flatten() {
+                    let next = ranks.len() + 1;
+                    ranks.entry(id.to_string()).or_insert(next);
+                }
+                Ok(ranks)
+            })
+            .collect()
     }
 
     /// Matches every sub-query (sub-query 0 is the original; inside the routed clusters only
-    /// when routing is strict), fuses the rankings with their weights and builds the rows.
+    /// when routing is strict), fuses the rankings with their weights, adds the documents'
+    /// own rankings to the pairs found, and builds the rows.
     fn rank(
         &self,
-        questions: &KnowledgeIndex,
         vectors: &[Vec<f32>],
-        routed: &[String],
+        scope: &Scope<'_>,
         sub_queries: &[String],
+        document_rankings: &[HashMap<String, usize>],
         weights: Weights,
         k: usize,
     ) -> Result<RecordBatch> {
-        let cluster_column = questions.schema().index_of(CLUSTER_COLUMN)?;
-        let allowed: HashSet<&str> = routed.iter().map(String::as_str).collect();
-        let in_routed = |batch: &RecordBatch| -> std::result::Result<BooleanArray, IndexError> {
-            let clusters = batch.column(cluster_column).as_string::<i32>();
-            Ok(clusters
-                .iter()
-                .map(|c| Some(c.is_some_and(|c| allowed.contains(c))))
-                .collect::<BooleanArray>())
+        let questions = self.mk.index.questions();
+        let allowed: HashSet<&str> = scope.routed.iter().map(String::as_str).collect();
+        // Strict routing and a persona's filter confine the matching; both must pass.
+        let confine = |batch: &RecordBatch| -> std::result::Result<BooleanArray, IndexError> {
+            let routed = match weights.strict_routing {
+                true => Some(self.mk.index.in_clusters(batch, weights.route_by, &allowed)?),
+                false => None,
+            };
+            let filtered = scope.filter.map(|f| f.evaluate(batch)).transpose()?;
+            match (routed, filtered) {
+                (Some(a), Some(b)) => and(&a, &b).map_err(|e| IndexError::Filter(e.to_string())),
+                (Some(mask), None) | (None, Some(mask)) => Ok(mask),
+                (None, None) => Ok(BooleanArray::from(vec![true; batch.num_rows()])),
+            }
         };
+        let confined = weights.strict_routing || scope.filter.is_some();
+        let filter: Option<&mkflow_index::RowPredicate<'_>> = if confined { Some(&confine) } else { None };
         let pool = k.saturating_mul(POOL_PER_RESULT).max(30);
         // (sub-query index, hits), one ranking per sub-query.
         let mut rankings: Vec<(usize, RecordBatch)> = Vec::new();
         for (i, vector) in vectors.iter().enumerate() {
-            let everywhere = !weights.strict_routing;
-            let filter: Option<&mkflow_index::RowPredicate<'_>> = if everywhere { None } else { Some(&in_routed) };
             rankings.push((i, questions.search(vector, pool, filter).map_err(index_error)?));
         }
         let rewrites = vectors.len().saturating_sub(1).max(1) as f32;
@@ -327,10 +442,25 @@ impl MkSearchTable {
                 }
             }
         }
+        // The documents' own rankings add to the pairs found (they bring no pair of their own).
+        if !document_rankings.is_empty() {
+            let doc_ids: Vec<&StringArray> = rankings
+                .iter()
+                .map(|(_, hits)| Ok(hits.column(hits.schema().index_of("doc_id")?).as_string::<i32>()))
+                .collect::<Result<_>>()?;
+            for entry in fused.values_mut() {
+                let doc = doc_ids[entry.batch].value(entry.row);
+                for ranks in document_rankings {
+                    if let Some(rank) = ranks.get(doc) {
+                        entry.score += weights.documents / (RRF_K + *rank as f32);
+                    }
+                }
+            }
+        }
         let mut ranked: Vec<(String, Fused)> = fused.into_iter().collect();
         ranked.sort_by(|a, b| b.1.score.total_cmp(&a.1.score).then_with(|| a.0.cmp(&b.0)));
         ranked.truncate(k);
-        self.assemble(&rankings, &ranked, routed, sub_queries)
+        self.assemble(&rankings, &ranked, scope.routed, sub_queries)
     }
 
     /// Builds the result rows: question columns from the hits, provenance, document columns.
@@ -349,12 +479,15 @@ impl MkSearchTable {
             Ok(datafusion::arrow::compute::interleave(&sources, &positions)?)
         };
         let doc_ids = question_column("doc_id")?;
+        let question_ids = question_column("question_id")?;
+        let topics = self.mk.index.topics_of(question_ids.as_string::<i32>());
         let mut columns: Vec<ArrayRef> = vec![
-            question_column("question_id")?,
+            question_ids,
             doc_ids.clone(),
             question_column("question")?,
             question_column("answer")?,
             question_column(CLUSTER_COLUMN)?,
+            string_lists(topics.iter().map(|t| t.iter().map(String::as_str).collect())),
             Arc::new(Float32Array::from_iter_values(ranked.iter().map(|(_, f)| f.score))),
         ];
         let routed_refs: Vec<&str> = routed.iter().map(String::as_str).collect();
@@ -400,7 +533,7 @@ impl MkSearchTable {
 }
 
 /// A `List<Utf8>` column with one list per row.
-fn string_lists<'a>(rows: impl Iterator<Item = Vec<&'a str>>) -> ArrayRef {
+pub(super) fn string_lists<'a>(rows: impl Iterator<Item = Vec<&'a str>>) -> ArrayRef {
     let mut builder = ListBuilder::new(StringBuilder::new());
     for row in rows {
         for value in row {

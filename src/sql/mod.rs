@@ -9,7 +9,7 @@
 //!   `chunk_hybrid_search`; [`rerank`]: their `rerank => N` (a cross-encoder over the top);
 //! - [`call_args`]: table-function arguments (literals, `name => value`, nested search calls);
 //! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`; [`mk_answer`]: its
-//!   "read" step, an answer with numbered citations;
+//!   "read" step, an answer with numbered citations; [`personas`]: the `<kb>_personas` table;
 //! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches;
 //! - [`async_calls`]: async functions (`embed`) in `ORDER BY` keys and `VALUES` rows.
 
@@ -23,6 +23,7 @@ pub mod kb_factory;
 pub mod kb_table;
 pub mod mk_answer;
 pub mod mk_search;
+pub mod personas;
 pub mod rerank;
 pub mod text_search;
 pub mod vector_search;

@@ -29,7 +29,8 @@ pub use generator::{
 pub use local::{LocalBackend, LocalGenerator, LocalSettings};
 pub use openai::{LlmSettings, OpenAiBackend, OpenAiGenerator};
 pub use options::{
-    DEFAULT_LOCAL_MODEL, GeneratorKind, GeneratorRegistry, MkOptions, OPENAI_BASE_URL, SettingsError, UnknownGenerator,
+    ClusterKind, DEFAULT_LOCAL_MODEL, GeneratorKind, GeneratorRegistry, MkOptions, OPENAI_BASE_URL, SettingsError,
+    UnknownClusterKind, UnknownGenerator,
 };
 pub use schema::{
     FieldKind, Label, MetadataError, MetadataField, MetadataSchema, SchemaError, SchemaFileError, UNCLUSTERED,

@@ -70,6 +70,48 @@ config_field!(GeneratorKind, value => value
     .parse()
     .map_err(|e: UnknownGenerator| DataFusionError::Configuration(e.to_string()))?);
 
+/// The two kinds of clusters of a Meta-Knowledge index, and the one `mk_search` routes by
+/// (`mkflow.route_by`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ClusterKind {
+    /// Clusters from the data: spherical k-means over the synthetic questions' vectors.
+    #[default]
+    Topic,
+    /// A document's metadata label (the first label of the schema's cluster field).
+    Metadata,
+}
+
+impl std::fmt::Display for ClusterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ClusterKind::Topic => "topic",
+            ClusterKind::Metadata => "metadata",
+        })
+    }
+}
+
+/// A cluster kind other than `topics` and `metadata`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown cluster kind '{0}' (mkflow.route_by is 'topics' or 'metadata')")]
+pub struct UnknownClusterKind(pub String);
+
+impl std::str::FromStr for ClusterKind {
+    type Err = UnknownClusterKind;
+
+    /// `topics` (or `topic`) or `metadata`.
+    fn from_str(text: &str) -> Result<Self, UnknownClusterKind> {
+        match text {
+            "topics" | "topic" => Ok(ClusterKind::Topic),
+            "metadata" => Ok(ClusterKind::Metadata),
+            other => Err(UnknownClusterKind(other.to_string())),
+        }
+    }
+}
+
+config_field!(ClusterKind, value => value
+    .parse()
+    .map_err(|e: UnknownClusterKind| DataFusionError::Configuration(e.to_string()))?);
+
 // `Device` is the type of `mkflow.local_device` only, so its refusal names that setting.
 config_field!(Device, value => value
     .parse()
@@ -89,6 +131,17 @@ extensions_options! {
         pub max_questions: usize, default = 6
         /// Sub-queries an LLM writes per query in `mk_search`.
         pub rewrite_queries: usize, default = 3
+        /// The clusters `mk_search` routes by: `topics` (from the data: spherical k-means over
+        /// the question vectors) or `metadata` (each document's metadata label).
+        pub route_by: ClusterKind, default = ClusterKind::Topic
+        /// Topics a re-fit makes; 0 for √(questions / 2), between 2 and 256.
+        pub topic_clusters: usize, default = 0
+        /// A question also belongs to every topic within this cosine similarity of its
+        /// nearest one (at most two topics).
+        pub topic_overlap: f64, default = 0.03
+        /// Topics are re-fitted once the questions added or removed since the last fit reach
+        /// this share of it (or new questions fit their topics clearly worse).
+        pub topic_refit_growth: f64, default = 0.5
         /// Most clusters `mk_search` routes a query to.
         pub route_clusters: usize, default = 3
         /// `mk_search` routes to every cluster whose centroid is within this cosine similarity
@@ -99,6 +152,10 @@ extensions_options! {
         pub original_query_weight: f64, default = 1.0
         /// The weight of the rewritten sub-queries' rankings together (each gets its share).
         pub rewrite_weight: f64, default = 0.5
+        /// The weight of each of the documents' own rankings for the original query (by
+        /// vector, and by BM25 when the index has text columns) in `mk_search`'s fusion: they
+        /// add evidence to the QA pairs' documents. 0 ranks by the QA pairs alone.
+        pub document_weight: f64, default = 1.0
         /// `mk_search` matches its sub-queries only inside the routed clusters (the paper's
         /// behaviour); when false routing only shapes the rewrites (through the clusters'
         /// summaries) and every sub-query is matched across all clusters, so a wrong route
@@ -458,7 +515,7 @@ mod tests {
             let candidates: Vec<String> = match entry.key.as_str() {
                 "metadata_schema" => vec![schema_file.display().to_string()],
                 "local_model" => vec![other_model.display().to_string()],
-                _ => ["7", "0.5", "true", "false", "embedded", "cuda", "other"]
+                _ => ["7", "0.5", "true", "false", "embedded", "cuda", "metadata", "other"]
                     .map(String::from)
                     .to_vec(),
             };
