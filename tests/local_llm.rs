@@ -16,7 +16,10 @@ use mkflow::{assets, llm_assets};
 use mkflow_udfs::Device;
 use mkflow_udfs::decoder::{LocalLlm, Sampling};
 use mkflow_udfs::mk::prompts::Message;
-use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, Generator, LocalGenerator, LocalSettings, MetadataSchema};
+use mkflow_udfs::mk::{
+    CRITERIA, ClusterBrief, ClusterDigest, Evidence, Generator, Judged, Judging, LocalGenerator, LocalSettings,
+    MetadataSchema,
+};
 
 /// The catalog LLM `name`, installed in the shared test home.
 fn local_llm_dir(name: &str) -> PathBuf {
@@ -198,6 +201,43 @@ async fn the_local_generator_writes_summaries_and_rewrites_queries() {
     let queries = generator.rewrite("vitamin D and bones", &[brief]).await.unwrap();
     eprintln!("rewrites: {queries:?}");
     assert!(!queries.is_empty() && queries.len() <= 2, "{queries:?}");
+    // Judged under the judge's schema, even a 135M model gives every criterion a valid score,
+    // and a preference (A, B or tie) when comparing.
+    let evidence = [Evidence {
+        question: "Does vitamin D supplementation reduce fractures in older adults?".into(),
+        answer: "It reduced hip fractures by 18% in adults over 65.".into(),
+        doc_id: "d1".into(),
+        title: None,
+    }];
+    let answer = Judged {
+        answer: "Vitamin D reduced hip fractures in adults over 65 [1].",
+        evidence: &evidence,
+    };
+    let scores = generator
+        .judge(&Judging::Absolute {
+            query: "vitamin D and bones",
+            answer,
+        })
+        .await
+        .unwrap();
+    eprintln!("judgement: {scores:?}");
+    assert_eq!(scores.scores.len(), CRITERIA.len());
+    assert!(scores.scores.iter().all(|s| (1.0..=5.0).contains(s)), "{scores:?}");
+    let preference = generator
+        .judge(&Judging::Pairwise {
+            query: "vitamin D and bones",
+            first: answer,
+            second: Judged {
+                answer: "Bones are made of calcium.",
+                evidence: &[],
+            },
+        })
+        .await
+        .unwrap();
+    assert!(
+        preference.scores.iter().all(|s| [-1.0, 0.0, 1.0].contains(s)),
+        "{preference:?}"
+    );
     assert_eq!(generator.name(), "local:smollm2-135m-instruct");
     assert!(generator.stats().counts().completion_tokens > 0);
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mkflow_udfs::mk::{
-    ClusterBrief, Document, GenerationError, Generator, LlmSettings, MetadataSchema, OpenAiGenerator,
+    ClusterBrief, Document, GenerationError, Generator, Judged, Judging, LlmSettings, MetadataSchema, OpenAiGenerator,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -319,4 +319,61 @@ async fn rewrite_and_summary_follow_the_prompts() {
             .unwrap()
             .contains("suppress autoimmunity")
     );
+}
+
+#[tokio::test]
+async fn a_judge_scores_answers_and_prefers_one_of_two() {
+    let server = serve(|_, request| {
+        let prompt = request["messages"][1]["content"].as_str().unwrap_or_default().to_string();
+        if prompt.contains("Answer B:") {
+            Reply::ok(r#"{"recall": "A", "precision": "tie", "specificity": "A", "breadth": "B", "depth": "A", "relevancy": "A"}"#)
+        } else {
+            // The first try scores out of range: corrected once, like any JSON answer.
+            let corrected = request["messages"].as_array().is_some_and(|m| m.len() > 2);
+            Reply::ok(if corrected {
+                r#"{"recall": "4", "precision": "5", "specificity": "4", "breadth": "3", "depth": "3", "relevancy": "5"}"#
+            } else {
+                r#"{"recall": "9", "precision": "5", "specificity": "4", "breadth": "3", "depth": "3", "relevancy": "5"}"#
+            })
+        }
+    })
+    .await;
+    let g = generator(settings(&server.url));
+    let evidence = vec![mkflow_udfs::mk::Evidence {
+        question: "Do regulatory T cells suppress autoimmunity?".into(),
+        answer: "Yes, in mice.".into(),
+        doc_id: "d1".into(),
+        title: None,
+    }];
+    let answer = Judged {
+        answer: "Regulatory T cells suppress autoimmunity in mice [1].",
+        evidence: &evidence,
+    };
+    let absolute = g
+        .judge(&Judging::Absolute {
+            query: "treg function",
+            answer,
+        })
+        .await
+        .unwrap();
+    assert_eq!(absolute.scores, vec![4.0, 5.0, 4.0, 3.0, 3.0, 5.0]);
+    let other = Judged {
+        answer: "No idea.",
+        evidence: &[],
+    };
+    let pairwise = g
+        .judge(&Judging::Pairwise {
+            query: "treg function",
+            first: answer,
+            second: other,
+        })
+        .await
+        .unwrap();
+    assert_eq!(pairwise.scores, vec![-1.0, 0.0, -1.0, 1.0, -1.0, -1.0]);
+    let requests = server.requests.lock().unwrap();
+    assert_eq!(requests.len(), 3, "one corrective retry, then the pairwise judgement");
+    let schema = &requests[0]["response_format"];
+    assert!(!schema.is_null(), "judgements are asked for as JSON");
+    let prompt = requests[0]["messages"][1]["content"].as_str().unwrap();
+    assert!(prompt.contains("[1] (d1) Q: Do regulatory T cells") && prompt.contains("specificity"));
 }

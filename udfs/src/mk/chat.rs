@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::generator::{
-    ClusterBrief, ClusterDigest, Document, Evidence, GenerationError, GenerationStats, Generator, Prepared,
+    ClusterBrief, ClusterDigest, Document, Evidence, GenerationError, GenerationStats, Generator, Judging, Prepared,
+    Verdict,
 };
 use super::prompts::{self, Message};
 use super::schema::MetadataSchema;
@@ -277,6 +278,16 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
             prompts::parse_rewrite(c, count)
         })
         .await
+    }
+
+    async fn judge(&self, task: &Judging<'_>) -> Result<Verdict, GenerationError> {
+        let pairwise = matches!(task, Judging::Pairwise { .. });
+        let format = AnswerFormat::Json {
+            start: prompts::JUDGE_ANSWER_START,
+            schema: Arc::new(prompts::judge_schema(pairwise)),
+        };
+        self.ask(prompts::judge(task), format, |c| prompts::parse_judgement(c, pairwise))
+            .await
     }
 
     fn stats(&self) -> &GenerationStats {

@@ -21,7 +21,8 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use super::generator::{
-    ClusterBrief, ClusterDigest, Document, Evidence, GenerationError, GenerationStats, Generator, Prepared, QaPair,
+    ClusterBrief, ClusterDigest, Document, Evidence, GenerationError, GenerationStats, Generator, Judging, Prepared,
+    QaPair, Verdict,
 };
 use super::schema::{FieldKind, MetadataField, MetadataSchema};
 use super::text::{self, Sentence};
@@ -580,6 +581,14 @@ impl Generator for EmbeddedGenerator {
             out.push(format!("{query} ({})", expansion.join(", ")));
         }
         Ok(out)
+    }
+
+    /// Judging needs a language model.
+    async fn judge(&self, _task: &Judging<'_>) -> Result<Verdict, GenerationError> {
+        Err(GenerationError::InvalidOutput {
+            backend: self.name(),
+            message: "judging answers needs an LLM: SET mkflow.generator = 'local' (offline) or 'openai'".into(),
+        })
     }
 
     fn stats(&self) -> &GenerationStats {

@@ -83,6 +83,67 @@ pub struct Evidence {
     pub title: Option<String>,
 }
 
+/// The six criteria the seed paper (Mombaerts et al., 2024) judges a retrieval-augmented answer
+/// on, each with what the judge is told it means.
+pub const CRITERIA: [(&str, &str); 6] = [
+    (
+        "recall",
+        "how much of the information needed to answer the query the context and answer cover",
+    ),
+    (
+        "precision",
+        "how much of the context and answer is relevant to the query, without noise",
+    ),
+    (
+        "specificity",
+        "how precisely the answer addresses the particulars of the query, not generalities",
+    ),
+    (
+        "breadth",
+        "how many of the relevant aspects and perspectives of the query it covers",
+    ),
+    ("depth", "how thorough and detailed its treatment of the query is"),
+    ("relevancy", "how well the answer, as a whole, serves the user's query"),
+];
+
+/// An answer as a judge sees it: the text and the evidence it was written from.
+#[derive(Debug, Clone, Copy)]
+pub struct Judged<'a> {
+    /// The answer.
+    pub answer: &'a str,
+    /// The numbered evidence it cites.
+    pub evidence: &'a [Evidence],
+}
+
+/// What a judge is asked about the answers to `query`.
+#[derive(Debug, Clone, Copy)]
+pub enum Judging<'a> {
+    /// One answer: a score from 1 to 5 per criterion.
+    Absolute {
+        /// The user's query.
+        query: &'a str,
+        /// The answer judged.
+        answer: Judged<'a>,
+    },
+    /// Two answers: which is better per criterion.
+    Pairwise {
+        /// The user's query.
+        query: &'a str,
+        /// Answer A.
+        first: Judged<'a>,
+        /// Answer B.
+        second: Judged<'a>,
+    },
+}
+
+/// A judge's verdict, one value per criterion in [`CRITERIA`] order: a score from 1 to 5
+/// (absolute), or −1 when answer A is better, 0 for a tie, 1 when B is (pairwise).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// The values.
+    pub scores: Vec<f32>,
+}
+
 /// Why a generation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GenerationError {
@@ -204,6 +265,10 @@ pub trait Generator: Send + Sync + Debug {
     /// The "read" step: an answer to `query` from `evidence` (retrieved QA pairs), citing its
     /// pieces as `[n]`.
     async fn answer(&self, query: &str, evidence: &[Evidence]) -> Result<String, GenerationError>;
+
+    /// Judges answers on the seed paper's six criteria ([`CRITERIA`]); generators without an
+    /// LLM refuse.
+    async fn judge(&self, task: &Judging<'_>) -> Result<Verdict, GenerationError>;
 
     /// The backend's counters.
     fn stats(&self) -> &GenerationStats;

@@ -23,8 +23,8 @@ mod udf;
 pub use chat::{AnswerFormat, ChatBackend, ChatGenerator, ChatLimits};
 pub use embedded::EmbeddedGenerator;
 pub use generator::{
-    ClusterBrief, ClusterDigest, Document, Evidence, FailureLog, GenerationCounts, GenerationError, GenerationStats,
-    Generator, Prepared, QaPair,
+    CRITERIA, ClusterBrief, ClusterDigest, Document, Evidence, FailureLog, GenerationCounts, GenerationError,
+    GenerationStats, Generator, Judged, Judging, Prepared, QaPair, Verdict,
 };
 pub use local::{LocalBackend, LocalGenerator, LocalSettings};
 pub use openai::{LlmSettings, OpenAiBackend, OpenAiGenerator};

@@ -1,10 +1,13 @@
 //! Prompts for LLM backends, after the Meta-Knowledge RAG paper (Mombaerts et al., 2024): one
 //! call per document yields metadata and self-contained synthetic QA pairs; a cluster's
-//! summary is written from its questions; queries are rewritten against that summary.
+//! summary is written from its questions; queries are rewritten against that summary; answers
+//! are judged on the paper's six criteria.
 
 use serde_json::Value;
 
-use super::generator::{ClusterBrief, ClusterDigest, Document, Evidence, Prepared, QaPair};
+use super::generator::{
+    CRITERIA, ClusterBrief, ClusterDigest, Document, Evidence, Judged, Judging, Prepared, QaPair, Verdict,
+};
 use super::schema::{FieldKind, MetadataError, MetadataSchema};
 use crate::decoder::constrain::FORBIDDEN_PHRASES;
 
@@ -34,6 +37,9 @@ pub enum AnswerError {
     /// A rewrite answer lists no query.
     #[error("\"queries\" holds no query")]
     NoQueries,
+    /// A judge gave a criterion a value it may not have.
+    #[error("\"{0}\" is \"{1}\", not one of the allowed values")]
+    Judgement(&'static str, String),
 }
 
 /// A chat message.
@@ -321,6 +327,94 @@ pub fn answer(query: &str, evidence: &[Evidence]) -> Vec<Message> {
     vec![Message::new("system", system), Message::new("user", user)]
 }
 
+/// The opening of every judge answer (the criteria in order).
+pub const JUDGE_ANSWER_START: &str = "{\"recall\": \"";
+
+/// The values a judge may give: scores, or the better answer.
+fn judge_values(pairwise: bool) -> &'static [&'static str] {
+    if pairwise {
+        &["A", "B", "tie"]
+    } else {
+        &["1", "2", "3", "4", "5"]
+    }
+}
+
+/// The JSON Schema of a judge answer: every criterion, in order, with one of its values.
+pub fn judge_schema(pairwise: bool) -> Value {
+    let values = judge_values(pairwise);
+    let properties: serde_json::Map<String, Value> = CRITERIA
+        .iter()
+        .map(|(name, _)| (name.to_string(), serde_json::json!({"type": "string", "enum": values})))
+        .collect();
+    let required: Vec<&str> = CRITERIA.iter().map(|(name, _)| *name).collect();
+    serde_json::json!({"type": "object", "required": required, "properties": properties})
+}
+
+/// The judge prompt: the criteria, the query, and the answer(s) with the context each used.
+pub fn judge(task: &Judging<'_>) -> Vec<Message> {
+    let system = "You are a strict, impartial evaluator of answers written by retrieval-augmented \
+                  systems. Judge only what is written; length is not quality. Reply with JSON only.";
+    let criteria: Vec<String> = CRITERIA
+        .iter()
+        .map(|(name, meaning)| format!("- {name}: {meaning}"))
+        .collect();
+    let shown = |label: &str, judged: &Judged<'_>| {
+        format!(
+            "{label} context:\n{}\n\n{label}:\n{}",
+            numbered_context(judged.evidence),
+            judged.answer.trim()
+        )
+    };
+    let (answers, task_text, values) = match task {
+        Judging::Absolute { query, answer } => (
+            format!("Query: {query}\n\n{}", shown("Answer", answer)),
+            "Score the answer on each criterion from 1 (poor) to 5 (excellent).",
+            "\"1\" to \"5\"",
+        ),
+        Judging::Pairwise { query, first, second } => (
+            format!(
+                "Query: {query}\n\n{}\n\n{}",
+                shown("Answer A", first),
+                shown("Answer B", second)
+            ),
+            "For each criterion, say which answer is better, or \"tie\".",
+            "\"A\", \"B\" or \"tie\"",
+        ),
+    };
+    let names: Vec<String> = CRITERIA.iter().map(|(name, _)| format!("\"{name}\": …")).collect();
+    let user = format!(
+        "Criteria:\n{}\n\n{answers}\n\n{task_text} Reply as {{{}}} with {values} for each.",
+        criteria.join("\n"),
+        names.join(", ")
+    );
+    vec![Message::new("system", system), Message::new("user", user)]
+}
+
+/// Checks a judge answer: every criterion with an allowed value.
+pub fn parse_judgement(content: &str, pairwise: bool) -> Result<Verdict, AnswerError> {
+    let value = parse_json(content)?;
+    let mut scores = Vec::with_capacity(CRITERIA.len());
+    for (name, _) in CRITERIA {
+        let given = value.get(name).map(|v| match v {
+            Value::String(s) => s.trim().to_string(),
+            other => other.to_string(),
+        });
+        let given = given.ok_or(AnswerError::Missing(name))?;
+        let score = match (pairwise, given.to_ascii_lowercase().as_str()) {
+            (true, "a") => -1.0,
+            (true, "b") => 1.0,
+            (true, "tie") => 0.0,
+            (false, n) => match n.parse::<u8>() {
+                Ok(n @ 1..=5) => f32::from(n),
+                _ => return Err(AnswerError::Judgement(name, given)),
+            },
+            _ => return Err(AnswerError::Judgement(name, given)),
+        };
+        scores.push(score);
+    }
+    Ok(Verdict { scores })
+}
+
 /// The corrective message sent once after an invalid answer.
 pub fn correction(error: &AnswerError) -> Message {
     Message::new(
@@ -450,6 +544,84 @@ mod tests {
         let mut m = JsonMatcher::new(&rewrite);
         assert!(m.feed_all(REWRITE_ANSWER_START.as_bytes()));
         assert!(m.feed_all(br#"a", "b"]}"#) && m.is_complete());
+    }
+
+    #[test]
+    fn judge_answers_hold_every_criterion_in_order_with_an_allowed_value() {
+        use crate::decoder::constrain::{JsonMatcher, JsonShape};
+        let evidence = [Evidence {
+            question: "Does aspirin prevent stroke?".into(),
+            answer: "Partly, in older adults.".into(),
+            doc_id: "d1".into(),
+            title: Some("Aspirin".into()),
+        }];
+        let judged = Judged {
+            answer: "Aspirin partly prevents stroke [1].",
+            evidence: &evidence,
+        };
+        let absolute = judge(&Judging::Absolute {
+            query: "aspirin and stroke",
+            answer: judged,
+        });
+        let text = &absolute[1].content;
+        assert!(
+            text.contains("aspirin and stroke") && text.contains("[1] (d1: Aspirin)"),
+            "{text}"
+        );
+        assert!(
+            CRITERIA
+                .iter()
+                .all(|(name, meaning)| text.contains(name) && text.contains(meaning))
+        );
+        let pairwise = judge(&Judging::Pairwise {
+            query: "aspirin and stroke",
+            first: judged,
+            second: Judged {
+                answer: "No idea.",
+                evidence: &[],
+            },
+        });
+        assert!(pairwise[1].content.contains("Answer A:") && pairwise[1].content.contains("Answer B:\nNo idea."));
+
+        let scores =
+            r#"{"recall": "4", "precision": "5", "specificity": "3", "breadth": "2", "depth": "1", "relevancy": "5"}"#;
+        let complete = |schema: &Value, text: &str| {
+            let shape = JsonShape::from_schema(schema).unwrap();
+            let mut m = JsonMatcher::new(&shape);
+            m.feed_all(text.as_bytes()) && m.is_complete()
+        };
+        assert!(complete(&judge_schema(false), scores));
+        assert!(scores.starts_with(JUDGE_ANSWER_START));
+        assert_eq!(
+            parse_judgement(scores, false).unwrap().scores,
+            vec![4.0, 5.0, 3.0, 2.0, 1.0, 5.0]
+        );
+        let six = scores.replace("\"1\"", "\"6\"");
+        assert!(!complete(&judge_schema(false), &six), "scores run from 1 to 5");
+        assert!(
+            parse_judgement(&six, false)
+                .unwrap_err()
+                .to_string()
+                .contains("\"depth\" is \"6\"")
+        );
+        let missing = r#"{"recall": "4"}"#;
+        assert!(
+            parse_judgement(missing, false)
+                .unwrap_err()
+                .to_string()
+                .contains("precision")
+        );
+
+        let preferences = r#"{"recall": "A", "precision": "B", "specificity": "tie", "breadth": "A", "depth": "A", "relevancy": "B"}"#;
+        assert!(complete(&judge_schema(true), preferences));
+        assert!(
+            !complete(&judge_schema(true), scores),
+            "pairwise answers name A, B or tie"
+        );
+        assert_eq!(
+            parse_judgement(preferences, true).unwrap().scores,
+            vec![-1.0, 1.0, 0.0, -1.0, -1.0, 1.0]
+        );
     }
 
     #[test]
