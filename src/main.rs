@@ -172,6 +172,14 @@ enum Command {
         /// Evaluate only the first N judged queries.
         #[arg(long)]
         max_queries: Option<usize>,
+        /// Also judge answers, as the Meta-Knowledge paper does: for the first N queries
+        /// (default 50), answers written from doc (vector_search), qa (qa_search) and mk
+        /// (mk_search) evidence by the configured generator are scored 1-5 on recall,
+        /// precision, specificity, breadth, depth and relevancy, and mk's answer is compared
+        /// with each other one in both orders. Needs an LLM generator:
+        /// MKFLOW_GENERATOR=local (after `mkflow models pull --llm`) or openai.
+        #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "50")]
+        judge: Option<usize>,
     },
 }
 
@@ -391,6 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             split,
             out,
             max_queries,
+            judge,
         } => {
             let modes = modes
                 .iter()
@@ -416,6 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 modes,
                 out_dir: out_dir.clone(),
                 max_queries,
+                judge_queries: judge,
             };
             let report = eval::run(&engine, &options).await?;
             print!("{}", report.table());

@@ -2,43 +2,13 @@
 
 mod common;
 
-use std::io::Write;
-
 use common::*;
 use mkflow::eval::{EvalOptions, Mode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eval_on_a_tiny_dataset_writes_reports_and_scores_title_queries_high() {
     let dir = tempfile::tempdir().unwrap();
-    let dataset = dir.path().join("tiny");
-    std::fs::create_dir_all(dataset.join("qrels")).unwrap();
-    let sample = std::fs::read_to_string(sample_corpus()).unwrap();
-    let docs: Vec<serde_json::Value> = sample
-        .lines()
-        .take(60)
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let mut corpus = std::fs::File::create(dataset.join("corpus.jsonl")).unwrap();
-    let mut queries = std::fs::File::create(dataset.join("queries.jsonl")).unwrap();
-    let mut qrels = std::fs::File::create(dataset.join("qrels/test.tsv")).unwrap();
-    writeln!(qrels, "query-id\tcorpus-id\tscore").unwrap();
-    for (i, doc) in docs.iter().enumerate() {
-        let record = serde_json::json!({"_id": doc["doc_id"], "title": "", "text": doc["body"]});
-        writeln!(corpus, "{record}").unwrap();
-        if i % 3 == 0 {
-            // The title as a query; its abstract is the one relevant document.
-            writeln!(
-                queries,
-                "{}",
-                serde_json::json!({"_id": format!("q{i}"), "text": doc["title"]})
-            )
-            .unwrap();
-            writeln!(qrels, "q{i}\t{}\t1", doc["doc_id"].as_str().unwrap()).unwrap();
-        }
-    }
-    // A judged query id with no query text and an unjudged query are tolerated.
-    writeln!(queries, "{}", serde_json::json!({"_id": "unjudged", "text": "nothing"})).unwrap();
-    drop((corpus, queries, qrels));
+    let dataset = tiny_beir(dir.path(), 60);
 
     let engine = engine(&dir.path().join("data")).await;
     let out = dir.path().join("reports");
@@ -48,6 +18,7 @@ async fn eval_on_a_tiny_dataset_writes_reports_and_scores_title_queries_high() {
         modes: vec![Mode::Doc, Mode::Exact],
         out_dir: out.clone(),
         max_queries: None,
+        judge_queries: None,
     };
     let report = mkflow::eval::run(&engine, &options).await.unwrap();
     assert_eq!(report.documents, 60);
@@ -76,4 +47,22 @@ async fn eval_on_a_tiny_dataset_writes_reports_and_scores_title_queries_high() {
     let again = mkflow::eval::run(&engine, &options).await.unwrap();
     assert_eq!(again.build_seconds, 0.0);
     assert_eq!(again.modes[0].ndcg_at_10, doc.ndcg_at_10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn judging_with_the_embedded_generator_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = tiny_beir(dir.path(), 9);
+    let engine = engine(&dir.path().join("data")).await;
+    let options = EvalOptions {
+        dataset,
+        split: "test".into(),
+        modes: vec![Mode::Doc],
+        out_dir: dir.path().join("reports"),
+        max_queries: None,
+        judge_queries: Some(2),
+    };
+    let error = mkflow::eval::run(&engine, &options).await.unwrap_err().to_string();
+    assert!(error.contains("MKFLOW_GENERATOR=local"), "{error}");
+    assert!(engine.index("eval_tiny_mk").is_none(), "nothing was built");
 }

@@ -241,3 +241,61 @@ async fn the_local_generator_writes_summaries_and_rewrites_queries() {
     assert_eq!(generator.name(), "local:smollm2-135m-instruct");
     assert!(generator.stats().counts().completion_tokens > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eval_judges_answers_from_doc_qa_and_mk_with_the_local_llm() {
+    use mkflow::eval::{EvalOptions, Mode, judge::Source};
+    let model = local_llm_dir("smollm2-135m");
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = tiny_beir(dir.path(), 30);
+    let data = dir.path().join("data");
+    let options = |judge_queries| EvalOptions {
+        dataset: dataset.clone(),
+        split: "test".into(),
+        modes: vec![Mode::Mk],
+        out_dir: dir.path().join("reports"),
+        max_queries: Some(2),
+        judge_queries,
+    };
+    // The Meta-Knowledge index, prepared without an LLM.
+    mkflow::eval::run(&engine(&data).await, &options(None)).await.unwrap();
+
+    // Answered and judged by the local model.
+    let config = mkflow::EngineConfig {
+        home: assets_home(),
+        mk_settings: vec![
+            ("generator".into(), "local".into()),
+            ("local_model".into(), model.display().to_string()),
+            ("local_max_new_tokens".into(), "160".into()),
+        ],
+        ..mkflow::EngineConfig::new(&data)
+    };
+    let engine = mkflow::Engine::new(config).await.unwrap();
+    let report = mkflow::eval::run(&engine, &options(Some(2))).await.unwrap();
+    assert_eq!(report.build_seconds, 0.0, "the index is reused");
+    let judged = report.judge.clone().expect("a judge report");
+    eprintln!("{}", judged.table());
+    assert_eq!(
+        (judged.queries, judged.generator.as_str()),
+        (2, "local:smollm2-135m-instruct")
+    );
+    let sources: Vec<Source> = judged.sources.iter().map(|s| s.source).collect();
+    assert_eq!(sources, Source::ALL);
+    // Judgements are decoded under their schema: every answer written is scored, 1 to 5.
+    let answered: usize = judged.sources.iter().map(|s| s.answers).sum();
+    assert_eq!(answered + judged.failures, 6, "{judged:?}");
+    for source in judged.sources.iter().filter(|s| s.answers > 0) {
+        assert!(source.means.iter().all(|m| (1.0..=5.0).contains(m)), "{source:?}");
+    }
+    // The title queries find their abstract among the documents.
+    assert!(judged.sources[0].qrels_precision > 0.0, "{judged:?}");
+    for pair in &judged.pairwise {
+        for c in 0..6 {
+            assert_eq!(pair.wins[c] + pair.ties[c] + pair.losses[c], 2, "{pair:?}");
+        }
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("reports/eval.json")).unwrap()).unwrap();
+    assert_eq!(json["judge"]["queries"], 2);
+    assert!(report.table().contains("relevancy"));
+}

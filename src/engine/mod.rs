@@ -25,7 +25,7 @@ use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::logical_expr::ScalarUDF;
 use datafusion::prelude::SessionConfig;
 use mkflow_udfs::chunking::ChunkUdf;
-use mkflow_udfs::mk::{GenerationCounts, GeneratorRegistry, MkOptions};
+use mkflow_udfs::mk::{GenerationCounts, Generator, GeneratorRegistry, MkOptions};
 use mkflow_udfs::rerank::RerankUdf;
 use mkflow_udfs::{EmbedUdf, bounded};
 
@@ -357,6 +357,16 @@ impl Engine {
     /// The embedding models.
     pub fn models(&self) -> &Arc<ModelRegistry> {
         &self.models
+    }
+
+    /// The Meta-Knowledge generator of the engine's settings (`mkflow.generator` and the rest).
+    pub fn generator(&self) -> Result<Arc<dyn Generator>> {
+        let options = MkOptions::of(self.base.config_options());
+        self.shared
+            .mk_services
+            .generators
+            .generator(&options)
+            .map_err(|e| DataFusionError::Configuration(e.to_string()))
     }
 
     /// The knowledge index registered as `name`.

@@ -23,9 +23,11 @@
 //!
 //! Reports nDCG@10, Recall@100, MRR@10 per mode, ANN-vs-exact recall@10, index build
 //! throughput and query latency, and writes `eval.json`, one TREC run file per mode and
-//! `chart.svg`.
+//! `chart.svg`. With `--judge`, answers from doc, qa and mk retrieval are judged too
+//! ([`judge`]).
 
 pub mod dataset;
+pub mod judge;
 pub mod metrics;
 mod report;
 
@@ -161,6 +163,9 @@ pub struct EvalOptions {
     pub out_dir: PathBuf,
     /// Evaluate only the first N judged queries.
     pub max_queries: Option<usize>,
+    /// Also answer this many queries from doc, qa and mk retrieval and judge the answers
+    /// ([`judge`]); needs the Meta-Knowledge index.
+    pub judge_queries: Option<usize>,
 }
 
 /// SQL string literal.
@@ -314,7 +319,19 @@ fn recall_at_10(ann: &HashMap<String, Vec<(String, f32)>>, exact: &HashMap<Strin
 /// Evaluates `options.modes` on the dataset with `engine` and writes the reports.
 pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
     let dataset = BeirDataset::load(&options.dataset, &options.split).map_err(DataFusionError::Execution)?;
-    let meta_knowledge = options.modes.iter().any(|m| m.needs_meta_knowledge());
+    // Refused before any work: the embedded generator cannot judge.
+    let judge_with = match options.judge_queries {
+        Some(_) => Some(engine.generator()?),
+        None => None,
+    };
+    if let Some(generator) = &judge_with
+        && generator.name() == "embedded"
+    {
+        return Err(DataFusionError::Configuration(
+            "--judge needs an LLM to answer and judge: set MKFLOW_GENERATOR=local (after `mkflow models pull --llm`) or openai".into(),
+        ));
+    }
+    let meta_knowledge = options.judge_queries.is_some() || options.modes.iter().any(|m| m.needs_meta_knowledge());
     let kb = if meta_knowledge {
         format!("{}_mk", index_name(&dataset.name))
     } else {
@@ -366,7 +383,14 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
         .filter(|(m, _, _)| options.modes.contains(m))
         .map(|(mode, runs, latencies)| ModeReport::new(mode, runs, latencies, &qrels))
         .collect();
+    let judged = match (&judge_with, options.judge_queries) {
+        (Some(generator), Some(count)) => {
+            Some(judge::judge(engine, generator.as_ref(), &kb, &queries, &qrels, count).await?)
+        }
+        _ => None,
+    };
     let report = EvalReport {
+        judge: judged,
         dataset: dataset.name.clone(),
         model,
         documents,

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::Mode;
+use super::judge::JudgeReport;
 use super::metrics::{Judgements, Scores, score};
 
 /// Results of one retrieval mode.
@@ -100,6 +101,9 @@ pub struct EvalReport {
     pub ann_recall_at_10: Option<f64>,
     /// One entry per mode.
     pub modes: Vec<ModeReport>,
+    /// The judged answers (with `--judge`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge: Option<JudgeReport>,
 }
 
 impl EvalReport {
@@ -151,6 +155,9 @@ impl EvalReport {
                 "{:<12} {:>9.4} {:>11.4} {:>8.4} {:>12.2} {:>12.2}",
                 m.mode, m.ndcg_at_10, m.recall_at_100, m.mrr_at_10, m.latency_p50_ms, m.latency_p99_ms
             );
+        }
+        if let Some(judge) = &self.judge {
+            out.push_str(&judge.table());
         }
         out
     }

@@ -145,3 +145,38 @@ pub fn python_packages() {
         );
     });
 }
+
+/// A tiny BEIR dataset in `dir/tiny` from the first `documents` sample documents: every third
+/// document's title is a query whose one relevant document is its abstract; one more query is
+/// unjudged.
+pub fn tiny_beir(dir: &Path, documents: usize) -> PathBuf {
+    use std::io::Write;
+    let dataset = dir.join("tiny");
+    std::fs::create_dir_all(dataset.join("qrels")).unwrap();
+    let sample = std::fs::read_to_string(sample_corpus()).unwrap();
+    let docs: Vec<serde_json::Value> = sample
+        .lines()
+        .take(documents)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut corpus = std::fs::File::create(dataset.join("corpus.jsonl")).unwrap();
+    let mut queries = std::fs::File::create(dataset.join("queries.jsonl")).unwrap();
+    let mut qrels = std::fs::File::create(dataset.join("qrels/test.tsv")).unwrap();
+    writeln!(qrels, "query-id\tcorpus-id\tscore").unwrap();
+    for (i, doc) in docs.iter().enumerate() {
+        let record = serde_json::json!({"_id": doc["doc_id"], "title": "", "text": doc["body"]});
+        writeln!(corpus, "{record}").unwrap();
+        if i % 3 == 0 {
+            writeln!(
+                queries,
+                "{}",
+                serde_json::json!({"_id": format!("q{i}"), "text": doc["title"]})
+            )
+            .unwrap();
+            writeln!(qrels, "q{i}\t{}\t1", doc["doc_id"].as_str().unwrap()).unwrap();
+        }
+    }
+    // A query without judgements is tolerated.
+    writeln!(queries, "{}", serde_json::json!({"_id": "unjudged", "text": "nothing"})).unwrap();
+    dataset
+}

@@ -73,7 +73,7 @@ pub struct ClusterBrief {
 /// One numbered piece of evidence an answer may cite (`[n]`, counted from 1 in the order given).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Evidence {
-    /// The synthetic question that matched the query.
+    /// The synthetic question that matched the query (empty when the evidence is a passage).
     pub question: String,
     /// Its answer, from the document.
     pub answer: String,

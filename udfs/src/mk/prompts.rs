@@ -299,7 +299,8 @@ pub fn parse_rewrite(content: &str, count: usize) -> Result<Vec<String>, AnswerE
     Ok(out)
 }
 
-/// The evidence as the numbered context an answer cites: `[n] (doc_id: title) Q: … A: …`.
+/// The evidence as the numbered context an answer cites: `[n] (doc_id: title) Q: … A: …`, or
+/// `[n] (doc_id: title) …` for a passage (evidence without a question).
 pub fn numbered_context(evidence: &[Evidence]) -> String {
     evidence
         .iter()
@@ -309,7 +310,12 @@ pub fn numbered_context(evidence: &[Evidence]) -> String {
                 Some(title) if !title.is_empty() => format!("{}: {title}", e.doc_id),
                 _ => e.doc_id.clone(),
             };
-            format!("[{}] ({source}) Q: {} A: {}", i + 1, e.question, e.answer)
+            if e.question.is_empty() {
+                // A passage of a document, not a QA pair.
+                format!("[{}] ({source}) {}", i + 1, e.answer)
+            } else {
+                format!("[{}] ({source}) Q: {} A: {}", i + 1, e.question, e.answer)
+            }
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -582,6 +588,14 @@ mod tests {
             },
         });
         assert!(pairwise[1].content.contains("Answer A:") && pairwise[1].content.contains("Answer B:\nNo idea."));
+        // A document passage (evidence without a question) is quoted as it is.
+        let passage = Evidence {
+            question: String::new(),
+            answer: "Aspirin lowered stroke risk.".into(),
+            doc_id: "d2".into(),
+            title: None,
+        };
+        assert_eq!(numbered_context(&[passage]), "[1] (d2) Aspirin lowered stroke risk.");
 
         let scores =
             r#"{"recall": "4", "precision": "5", "specificity": "3", "breadth": "2", "depth": "1", "relevancy": "5"}"#;
