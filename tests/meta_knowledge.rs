@@ -753,6 +753,13 @@ async fn personas_route_mk_search_among_their_clusters_with_their_summary_and_fi
         bad.contains("persona 'broken'") && bad.contains("no_such_column"),
         "{bad}"
     );
+    // A stored filter runs in every later search: nothing in it may grow a value without bound.
+    let greedy = engine
+        .sql("INSERT INTO scifact_mk_personas (name, description, filter) VALUES ('greedy', 'x', 'length(repeat(question, 1000000000)) > 0')")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(greedy.contains("is not allowed in a stored filter"), "{greedy}");
     let unknown = engine
         .sql(&format!(
             "SELECT * FROM mk_search(scifact_mk, '{query}', 5, persona => 'nobody')"

@@ -27,6 +27,9 @@ pub const TOPIC_PREFIX: &str = "topic_";
 pub const TOPICS_FILE: &str = "topics.json";
 /// Fewest questions before the first fit.
 pub const MIN_QUESTIONS: usize = 32;
+/// Most topics a fit makes, whatever `mkflow.topic_clusters` asks (a fit's cost grows with
+/// the number of topics).
+pub const MAX_TOPICS: usize = 1024;
 /// Most topics a question belongs to.
 const MAX_MEMBERSHIPS: usize = 2;
 /// Most vectors k-means runs on (an even sample beyond), which bounds a fit's cost.
@@ -44,7 +47,7 @@ const DRIFT_MIN_ADDED: usize = 64;
 /// How topics are fitted and kept.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TopicPolicy {
-    /// Topics per fit; 0 for √(questions / 2), between 2 and 256.
+    /// Topics per fit; 0 for √(questions / 2), between 2 and 256 (at most [`MAX_TOPICS`]).
     pub clusters: usize,
     /// A question also belongs to every topic within this cosine similarity of its nearest.
     pub overlap: f32,
@@ -67,7 +70,7 @@ impl TopicPolicy {
     /// The number of topics to fit over `questions` questions.
     pub fn topics_for(&self, questions: usize) -> usize {
         let k = if self.clusters > 0 {
-            self.clusters
+            self.clusters.min(MAX_TOPICS)
         } else {
             ((questions as f64 / 2.0).sqrt().round() as usize).clamp(2, 256)
         };
@@ -758,5 +761,10 @@ mod tests {
             .topics_for(3),
             2
         );
+        let huge = TopicPolicy {
+            clusters: 1_000_000,
+            ..TopicPolicy::default()
+        };
+        assert_eq!(huge.topics_for(26_740), MAX_TOPICS, "a fit's cost stays bounded");
     }
 }

@@ -5,12 +5,25 @@ use std::sync::Arc;
 use datafusion::arrow::array::{AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::Session;
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DFSchema, Result};
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::{Column, DFSchema, Result, plan_err};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, Volatility, utils::conjunction};
 use datafusion::physical_expr::PhysicalExpr;
 
 use mkflow_index::IndexError;
+
+/// The functions a stored filter (a persona's) may call: field and list access, and bounded
+/// text tests. Each output is no larger than its input.
+pub const STORED_FILTER_FUNCTIONS: [&str; 8] = [
+    "get_field",
+    "array_has",
+    "array_has_any",
+    "array_has_all",
+    "lower",
+    "upper",
+    "starts_with",
+    "ends_with",
+];
 
 /// Whether `filter` only reads columns of `schema` (and so can be evaluated on index rows).
 pub fn is_row_filter(filter: &Expr, schema: &SchemaRef) -> bool {
@@ -75,11 +88,35 @@ impl CompiledFilter {
     }
 
     /// Compiles a SQL predicate written as text (a persona's filter, say) against the rows of
-    /// `schema`.
+    /// `schema`. Stored predicates run inside every search later, so they may only compare
+    /// columns (and fields of struct columns) with literals: functions other than
+    /// [`STORED_FILTER_FUNCTIONS`] are refused, so none can grow a value without bound.
     pub fn from_sql(sql: &str, schema: &SchemaRef) -> Result<Self> {
         let context = datafusion::prelude::SessionContext::new();
         let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
         let predicate = context.parse_sql_expr(sql, &df_schema)?;
+        predicate.apply(|node| {
+            if let Expr::ScalarFunction(call) = node
+                && !STORED_FILTER_FUNCTIONS.contains(&call.name())
+            {
+                return plan_err!(
+                    "function {}() is not allowed in a stored filter (allowed: {})",
+                    call.name(),
+                    STORED_FILTER_FUNCTIONS.join(", ")
+                );
+            }
+            if matches!(
+                node,
+                Expr::ScalarSubquery(_)
+                    | Expr::Exists(_)
+                    | Expr::InSubquery(_)
+                    | Expr::AggregateFunction(_)
+                    | Expr::WindowFunction(_)
+            ) {
+                return plan_err!("a stored filter compares columns with values; '{node}' is not allowed");
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
         let state = context.state();
         Self::compile(&state, schema, &[predicate])?
             .ok_or_else(|| datafusion::common::DataFusionError::Plan("an empty filter".into()))

@@ -134,7 +134,7 @@ extensions_options! {
         /// The clusters `mk_search` routes by: `topics` (from the data: spherical k-means over
         /// the question vectors) or `metadata` (each document's metadata label).
         pub route_by: ClusterKind, default = ClusterKind::Topic
-        /// Topics a re-fit makes; 0 for √(questions / 2), between 2 and 256.
+        /// Topics a re-fit makes; 0 for √(questions / 2), between 2 and 256 (at most 1024).
         pub topic_clusters: usize, default = 0
         /// A question also belongs to every topic within this cosine similarity of its
         /// nearest one (at most two topics).
