@@ -22,7 +22,7 @@ The ONNX contract (both graphs; B batch, S new positions, P cached positions, T 
            position_ids     int64 [B, S]        positions of the new entries
            past.{i}.key / past.{i}.value   [B, KV, P, D] the KV cache (compute dtype)
   outputs  logits           float [B, V]        last position (model.onnx)
-           soft_embeds      float [B, H]        softmax(last logits) @ input embedding table (latent.onnx)
+           soft_embeds      float [B, H]        softmax(last logits) @ input embedding table, in float32 (latent.onnx)
            last_hidden_state float [B, H]       last position, after the final norm
            present.{i}.key / present.{i}.value [B, KV, T, D]
 
@@ -566,8 +566,10 @@ def build_graph(shapes, weights, compute, bits=None):
         head = "lm_head.weight" if "lm_head.weight" in weights else "embed_tokens.weight"
         logits = g.to_float(linear(last, head))
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    soft = g.op("MatMul", [g.to_compute(g.op("Softmax", [logits], axis=-1)), embed])
-    g.nodes.append(helper.make_node("Identity", [g.to_float(soft)], ["soft_embeds"]))
+    # The soft token in float32 whatever the compute dtype: in float16 the probabilities of most
+    # of the vocabulary underflow, and with them the mass of the distribution's tail.
+    soft = g.op("MatMul", [g.op("Softmax", [logits], axis=-1), g.to_float(embed)])
+    g.nodes.append(helper.make_node("Identity", [soft], ["soft_embeds"]))
 
     def info(name, dtype, dims):
         outputs[name] = helper.make_tensor_value_info(name, dtype, dims)
@@ -663,10 +665,32 @@ def main(argv=None):
         "MatMulNBits (about 4x / 7x smaller and faster on CPUs; int8 keeps a Q4..Q8 GGUF's precision)",
     )
     parser.add_argument("--embedding-name", metavar="NAME", help="also write mkflow-model.json so embed() can use the model under NAME")
-    parser.add_argument("--latent-steps", type=int, default=3, help="LaSER latent steps K for --embedding-name (0 = plain last-token)")
+    parser.add_argument(
+        "--latent-steps",
+        type=int,
+        default=3,
+        help="LaSER's K for --embedding-name: hidden states pooled, the prompt's last one and K-1 soft tokens' "
+        "(1 = plain last-token pooling; 3, LaSER's default)",
+    )
+    parser.add_argument(
+        "--query-template",
+        metavar="TEXT",
+        help="for --embedding-name: how a query is written before it is embedded; {text} is the query, "
+        "{instruction} the --instruction (LaSER: 'Instruct: {instruction}\\nQuery: {text}')",
+    )
+    parser.add_argument("--document-template", metavar="TEXT", help="for --embedding-name: how a document is written ({text})")
+    parser.add_argument("--instruction", metavar="TEXT", help="for --embedding-name: the task instruction of the templates")
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="for --embedding-name: wrap queries and documents in the model's chat template followed by an empty "
+        "think block (LaSER's add_chat_template)",
+    )
     parser.add_argument("--max-tokens", type=int, default=512, help="token limit for --embedding-name")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where --embedding-name runs (cuda falls back to cpu)")
     args = parser.parse_args(argv)
+    if args.latent_steps < 1:
+        parser.error("--latent-steps is K, the hidden states pooled: at least 1 (1 = plain last-token pooling)")
 
     os.makedirs(args.out, exist_ok=True)
     if args.hf:
@@ -688,6 +712,15 @@ def main(argv=None):
             "latent_steps": args.latent_steps,
             "device": args.device,
         }
+        for field in ("query_template", "document_template", "instruction"):
+            value = getattr(args, field)
+            if value is not None:
+                # A shell gives "\n" as two characters; a template means a line break.
+                spec[field] = value.replace("\\n", "\n")
+        if args.chat_template:
+            if not description.get("chat_template"):
+                parser.error("--chat-template: the model has no chat template")
+            spec["chat_template"] = True
         with open(os.path.join(args.out, "mkflow-model.json"), "w") as f:
             json.dump(spec, f, indent=2)
             f.write("\n")

@@ -185,6 +185,10 @@ pub fn catalog_spec(home: &Path, model: &CatalogModel) -> EmbeddingModelSpec {
         intra_threads: 0,
         device: Default::default(),
         latent_steps: None,
+        query_template: None,
+        document_template: None,
+        instruction: None,
+        chat_template: false,
     }
 }
 

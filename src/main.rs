@@ -214,6 +214,8 @@ enum ModelsAction {
     /// Examples:
     ///   mkflow models add --kind reranker --name ms-marco --onnx model.onnx --tokenizer tokenizer.json
     ///   mkflow models add --kind embedding --name bge-small --onnx model.onnx --tokenizer tokenizer.json --dimensions 384 --pooling cls
+    ///   mkflow models add --kind embedding --name e5-small --onnx model.onnx --tokenizer tokenizer.json --dimensions 384 \
+    ///       --query-template 'query: {text}' --document-template 'passage: {text}'
     #[command(verbatim_doc_comment)]
     Add {
         /// reranker (a cross-encoder: input_ids [, attention_mask, token_type_ids] → one logit,
@@ -242,6 +244,16 @@ enum ModelsAction {
         /// Embedding models: scale vectors to unit length (cosine similarity = dot product).
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         normalize: bool,
+        /// Embedding models: how a search query is written before it is embedded; {text} is the
+        /// query, {instruction} the --instruction (e.g. 'Instruct: {instruction}\nQuery: {text}').
+        #[arg(long)]
+        query_template: Option<String>,
+        /// Embedding models: how a stored document is written before it is embedded ({text}).
+        #[arg(long)]
+        document_template: Option<String>,
+        /// Embedding models: the task instruction the templates' {instruction} stands for.
+        #[arg(long)]
+        instruction: Option<String>,
     },
     /// List known models and whether their files are present.
     List,
@@ -300,6 +312,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     dimensions,
                     pooling,
                     normalize,
+                    query_template,
+                    document_template,
+                    instruction,
                 },
         } => {
             use mkflow::model_add::{ModelKind, NewModel, add_model};
@@ -321,6 +336,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 dimensions,
                 pooling,
                 normalize,
+                // A shell gives "\n" as two characters; in a template it means a line break.
+                query_template: query_template.map(|t| t.replace("\\n", "\n")),
+                document_template: document_template.map(|t| t.replace("\\n", "\n")),
+                instruction,
             };
             let (dir, report) = add_model(&config.home, &new)?;
             eprintln!("{} '{}' registered in {} ({report})", kind, new.name, dir.display());

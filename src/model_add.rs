@@ -39,6 +39,12 @@ pub struct NewModel {
     pub pooling: Pooling,
     /// Embedding models: whether vectors are scaled to unit length.
     pub normalize: bool,
+    /// Embedding models: how a query is written before it is embedded (`{text}`, `{instruction}`).
+    pub query_template: Option<String>,
+    /// Embedding models: how a document is written before it is embedded (`{text}`).
+    pub document_template: Option<String>,
+    /// Embedding models: the task instruction the templates' `{instruction}` stands for.
+    pub instruction: Option<String>,
 }
 
 /// Why a model could not be added.
@@ -189,6 +195,10 @@ fn stage(model: &NewModel, dir: &Path) -> Result<String, AddError> {
                 intra_threads: 0,
                 device: Device::Cpu,
                 latent_steps: None,
+                query_template: model.query_template.clone(),
+                document_template: model.document_template.clone(),
+                instruction: model.instruction.clone(),
+                chat_template: false,
             };
             write(
                 MODEL_SPEC_FILE,
@@ -204,7 +214,7 @@ fn stage(model: &NewModel, dir: &Path) -> Result<String, AddError> {
             )
             .map_err(|e| AddError::Broken(e.to_string()))?;
             let vector = loaded
-                .embed_one("mkflow turns documents into a knowledge base")
+                .embed_query("mkflow turns documents into a knowledge base")
                 .map_err(|e| AddError::Broken(e.to_string()))?;
             Ok(format!("test text embedded: {} dimensions", vector.len()))
         }

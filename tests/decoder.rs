@@ -10,6 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use datafusion::arrow::array::AsArray;
 use mkflow::{Engine, EngineConfig, assets};
 use mkflow_udfs::Device;
 use mkflow_udfs::decoder::constrain::{JsonConstraint, JsonShape, TokenBytes, TokenConstraint};
@@ -60,11 +61,12 @@ struct Fixture {
 
 /// A tiny checkpoint of `arch` (`qwen3`, `qwen2` or `llama`), exported, with the reference's answers.
 fn fixture(arch: &str) -> Fixture {
-    fixture_with(arch, &[])
+    fixture_with(arch, &[], &[])
 }
 
-/// [`fixture`] with extra exporter arguments (e.g. `--weights int8`).
-fn fixture_with(arch: &str, export_args: &[&str]) -> Fixture {
+/// [`fixture`] with extra exporter arguments (e.g. `--weights int8`), and texts the reference
+/// embeds after [`TEXTS`] (their vectors follow those of `TEXTS`).
+fn fixture_with(arch: &str, export_args: &[&str], more_texts: &[String]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf");
     let export = dir.path().join("onnx");
@@ -89,7 +91,12 @@ fn fixture_with(arch: &str, export_args: &[&str]) -> Fixture {
     args.extend(export_args.iter().map(|a| std::ffi::OsStr::new(*a)));
     python(&args);
     let request = dir.path().join("request.json");
-    let body = serde_json::json!({"texts": TEXTS, "steps": [0, 1, 3], "prompts": PROMPTS, "new_tokens": NEW_TOKENS});
+    let texts: Vec<String> = TEXTS
+        .iter()
+        .map(|t| t.to_string())
+        .chain(more_texts.iter().cloned())
+        .collect();
+    let body = serde_json::json!({"texts": texts, "steps": [1, 2, 3], "prompts": PROMPTS, "new_tokens": NEW_TOKENS});
     std::fs::write(&request, body.to_string()).unwrap();
     let reference = python(&[
         repo().join("tests/reference/laser_reference.py").as_os_str(),
@@ -153,7 +160,7 @@ fn reference_vectors(reference: &Value, steps: usize) -> Vec<Vec<f64>> {
 }
 
 #[test]
-fn latent_embeddings_match_the_reference_for_0_1_and_3_steps() {
+fn latent_embeddings_match_the_reference_for_1_2_and_3_steps() {
     check_latent_embeddings(&fixture("qwen3"));
 }
 
@@ -178,20 +185,20 @@ fn quantised_exports_stay_close_to_the_reference() {
     let size = |fx: &Fixture| std::fs::metadata(fx.export.join("model.weights")).unwrap().len();
     let full = size(&fixture("qwen2"));
     let mut previous = full;
-    // The thresholds: K = 0, the hidden state through every quantised layer; K = 3, the mean over
+    // The thresholds: K = 1, the hidden state through every quantised layer; K = 3, the mean over
     // texts after three soft tokens, which feed the quantised vocabulary head's softmax back in
     // and so amplify its error on a random model's flat distributions — int4 is for generation
     // (its K = 3 cosines here go down to ~0.45), latent embeddings want int8 or float32. int8
     // keeps a Q5/Q8 GGUF's weights almost exactly; MatMulNBits also quantises activations to int8
     // per block (its fast CPU path).
     for (weights, min_hidden, min_latent) in [("int8", 0.999, Some(0.99)), ("int4", 0.95, None)] {
-        let fx = fixture_with("qwen2", &["--weights", weights]);
+        let fx = fixture_with("qwen2", &["--weights", weights], &[]);
         let model = load(&fx.export, Graph::Latent);
         assert_eq!(model.config().weights, weights);
         let ids = token_ids(&fx.export, &TEXTS);
         let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let hidden = model.config().hidden_size;
-        for steps in [0, 3] {
+        for steps in [1, 3] {
             let vectors = model.latent_embeddings(&batch, steps).unwrap();
             let cosines: Vec<f64> = vectors
                 .chunks(hidden)
@@ -200,7 +207,7 @@ fn quantised_exports_stay_close_to_the_reference() {
                 .collect();
             eprintln!("{weights} K={steps}: cosines {cosines:.5?}");
             match (steps, min_latent) {
-                (0, _) => assert!(cosines.iter().all(|&c| c >= min_hidden), "{weights}, K=0: {cosines:?}"),
+                (1, _) => assert!(cosines.iter().all(|&c| c >= min_hidden), "{weights}, K=1: {cosines:?}"),
                 (_, Some(min_latent)) => {
                     let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
                     assert!(mean >= min_latent, "{weights}, K={steps}: mean {mean}, {cosines:?}");
@@ -353,7 +360,7 @@ fn check_latent_embeddings(fx: &Fixture) {
     let batch: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let hidden = model.config().hidden_size;
     let mut by_steps = Vec::new();
-    for steps in [0, 1, 3] {
+    for steps in [1, 2, 3] {
         // The whole batch at once (left-padded) against the reference's one-at-a-time answers.
         let vectors = model.latent_embeddings(&batch, steps).unwrap();
         let expected = reference_vectors(&fx.reference, steps);
@@ -369,8 +376,11 @@ fn check_latent_embeddings(fx: &Fixture) {
         by_steps.push(expected);
     }
     // The latent steps change the embedding (else the comparison above would prove little).
-    let k0_vs_k3 = cosine(&by_steps[0][0], &by_steps[2][0]);
-    assert!(k0_vs_k3 < 0.99, "K=0 and K=3 embeddings coincide (cosine {k0_vs_k3})");
+    let k1_vs_k3 = cosine(&by_steps[0][0], &by_steps[2][0]);
+    assert!(k1_vs_k3 < 0.99, "K=1 and K=3 embeddings coincide (cosine {k1_vs_k3})");
+    // K = 0 pools nothing: refused with what K means.
+    let refused = model.latent_embeddings(&batch, 0).unwrap_err().to_string();
+    assert!(refused.contains("K = 1 is plain last-token pooling"), "{refused}");
     // Padding does not leak into a row: the shortest text alone gives the same vector.
     let alone = model.latent_embeddings(&batch[2..3], 3).unwrap();
     let batched = model.latent_embeddings(&batch, 3).unwrap();
@@ -454,9 +464,51 @@ fn check_greedy_generation(fx: &Fixture) {
     }
 }
 
+/// The task instruction of the LaSER model `embed` is tested with.
+const INSTRUCTION: &str = "Find the passage that answers the question";
+
+/// `text` inside one user turn of the tiny model's ChatML template, then the assistant's prompt
+/// and an empty think block: LaSER's `add_chat_template`, written out by hand.
+fn chat_wrapped(text: &str) -> String {
+    format!("<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+}
+
+fn vector_of(batches: &[datafusion::arrow::array::RecordBatch], row: usize) -> Vec<f32> {
+    let list = batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::FixedSizeListArray>()
+        .unwrap_or_else(|| panic!("embed() returned {:?}", batches[0].column(0).data_type()));
+    list.value(row)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::Float32Array>()
+        .unwrap()
+        .values()
+        .to_vec()
+}
+
+/// A LaSER model exported with LaSER's own prompts (a query instruction, both sides wrapped in
+/// the chat template): `embed(text)` writes a document, `embed(text, 'query')` and every search
+/// write a query, and both match the reference over the texts written out by hand.
 #[tokio::test]
-async fn embed_uses_a_laser_model_from_the_mkflow_home() {
-    let fx = fixture("qwen3");
+async fn embed_and_searches_use_a_laser_model_with_its_prompts() {
+    let query = TEXTS[1];
+    let documents = [TEXTS[3], TEXTS[4], TEXTS[5]];
+    let mut written = vec![chat_wrapped(&format!("Instruct: {INSTRUCTION}\nQuery: {query}"))];
+    written.extend(documents.iter().map(|d| chat_wrapped(d)));
+    let fx = fixture_with(
+        "qwen3",
+        &[
+            "--query-template",
+            "Instruct: {instruction}\\nQuery: {text}",
+            "--instruction",
+            INSTRUCTION,
+            "--chat-template",
+        ],
+        &written,
+    );
+    // The reference's vectors for K = 3 (the export's default): the query, then the documents.
+    let expected = &reference_vectors(&fx.reference, 3)[TEXTS.len()..];
     // A home with the real runtime and default model, plus the exported LaSER model.
     let real = common::assets_home();
     let home = tempfile::tempdir().unwrap();
@@ -478,27 +530,61 @@ async fn embed_uses_a_laser_model_from_the_mkflow_home() {
     })
     .await
     .unwrap();
-    let batches = engine.sql(&format!("SELECT embed('{}') AS v", TEXTS[1])).await.unwrap();
-    let list = batches[0]
-        .column(0)
-        .as_any()
-        .downcast_ref::<datafusion::arrow::array::FixedSizeListArray>();
-    let values: Vec<f32> = match list {
-        Some(list) => {
-            let inner = list.value(0);
-            inner
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::Float32Array>()
-                .unwrap()
-                .values()
-                .to_vec()
-        }
-        None => panic!("embed() returned {:?}", batches[0].column(0).data_type()),
-    };
-    assert_eq!(values.len(), 64);
-    // latent_steps = 3 in the exported mkflow-model.json.
-    let cos = cosine(&normalized(&values), &reference_vectors(&fx.reference, 3)[1]);
-    assert!(cos >= 0.9999, "embed() vs reference K=3: {cos}");
+    let sql = format!(
+        "SELECT embed('{query}', 'query') AS v UNION ALL SELECT embed('{query}') UNION ALL SELECT embed('{query}', 'QUERY')"
+    );
+    let batches = engine.sql(&sql).await.unwrap();
+    let rows: Vec<Vec<f32>> = batches.iter().map(|b| vector_of(std::slice::from_ref(b), 0)).collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].len(), 64);
+    let as_query = cosine(&normalized(&rows[0]), &expected[0]);
+    assert!(as_query >= 0.9999, "embed(text, 'query') vs reference: {as_query}");
+    // The same words as a document are written (and embedded) differently; the cache keeps both.
+    let as_document = cosine(&normalized(&rows[1]), &normalized(&rows[0]));
+    assert!(
+        as_document < 0.999,
+        "query and document vectors coincide: {as_document}"
+    );
+    assert_eq!(rows[2], rows[0]);
+    let bad = engine
+        .sql(&format!("SELECT embed('{query}', 'question')"))
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("unknown role 'question'"), "{bad}");
+
+    // Stored documents are written as documents, searches as queries: the scores are the
+    // reference's query · document cosines.
+    engine
+        .sql("CREATE EXTERNAL TABLE kb (doc_id VARCHAR NOT NULL, body VARCHAR) STORED AS KB LOCATION 'kb'")
+        .await
+        .unwrap();
+    for (i, d) in documents.iter().enumerate() {
+        engine
+            .sql(&format!("INSERT INTO kb VALUES ('d{i}', '{d}', embed('{d}'))"))
+            .await
+            .unwrap();
+    }
+    let found = engine
+        .sql(&format!("SELECT doc_id, score FROM vector_search(kb, '{query}', 3)"))
+        .await
+        .unwrap();
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{DataType, Float64Type};
+    let ids = cast(found[0].column(0), &DataType::Utf8).unwrap();
+    let ids = ids.as_string::<i32>();
+    let scores = cast(found[0].column(1), &DataType::Float64).unwrap();
+    let scores = scores.as_primitive::<Float64Type>();
+    assert_eq!(found[0].num_rows(), 3);
+    for row in 0..3 {
+        let doc: usize = ids.value(row)[1..].parse().unwrap();
+        let want = cosine(&expected[0], &expected[1 + doc]);
+        let got = scores.value(row);
+        assert!(
+            (got - want).abs() < 1e-3,
+            "{}: score {got}, reference {want}",
+            ids.value(row)
+        );
+    }
 }
 
 /// The device a CUDA request gets from the ONNX Runtime library in use: CUDA from

@@ -26,7 +26,7 @@ async fn concurrent_queries_share_model_calls_and_get_their_own_vectors() {
         .map(|i| format!("query {i}: how do penguins keep warm in winter number {}", i * 7))
         .collect();
     // The vectors the model gives each text alone (on this thread; no cache yet).
-    let alone: Vec<Vec<f32>> = texts.iter().map(|t| model.embed_one(t).unwrap()).collect();
+    let alone: Vec<Vec<f32>> = texts.iter().map(|t| model.embed_query(t).unwrap()).collect();
     model.forget_recent();
     let calls = || model.stats().calls.load(Ordering::Relaxed);
     let before = calls();
@@ -35,7 +35,7 @@ async fn concurrent_queries_share_model_calls_and_get_their_own_vectors() {
         .cloned()
         .map(|text| {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.embed_one(&text).await.unwrap() })
+            tokio::spawn(async move { queue.embed_query(&text).await.unwrap() })
         })
         .collect();
     let mut together = Vec::new();
@@ -83,7 +83,7 @@ async fn a_query_is_answered_between_the_calls_of_an_ingest_batch() {
     while queue.model().stats().calls.load(Ordering::Relaxed) == 0 {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let vector = queue.embed_one("vitamin D and bone density").await.unwrap();
+    let vector = queue.embed_query("vitamin D and bone density").await.unwrap();
     assert_eq!(vector.len(), 384);
     assert!(
         !finished.load(Ordering::SeqCst),

@@ -26,8 +26,8 @@ use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Schema};
 use mkflow_index::{
     Analyzer, IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE, TextColumn, vector_type, vectors_to_array,
 };
-use mkflow_udfs::LazyEmbedder;
 use mkflow_udfs::chunking::{Chunk, Chunker};
+use mkflow_udfs::{LazyEmbedder, TextRole};
 
 pub use settings::{CHUNKING_FILE, ChunkSettings};
 
@@ -253,7 +253,7 @@ impl ChunkIndex {
                 let texts: Vec<Option<&str>> = inputs.iter().map(|t| Some(t.as_str())).collect();
                 Some(
                     embedder
-                        .embed_blocking(&texts)
+                        .embed_blocking(&texts, TextRole::Document)
                         .map_err(|e| IndexError::Invalid(format!("cannot embed chunks: {e}")))?,
                 )
             };

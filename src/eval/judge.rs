@@ -17,6 +17,8 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::Result;
+use futures::StreamExt;
+use futures::future::join_all;
 use mkflow_udfs::mk::{CRITERIA, Evidence, Generator, Judged, Judging};
 use serde::Serialize;
 
@@ -109,6 +111,101 @@ pub struct JudgeReport {
     pub failures: usize,
 }
 
+/// Queries answered and judged at the same time: their calls reach the generator together, so a
+/// local LLM answers them in batches and an OpenAI-compatible server in parallel.
+const QUERIES_IN_FLIGHT: usize = 4;
+
+/// What one query's answers and judgements gave.
+struct QueryOutcome {
+    /// Per source: the qrels precision of its evidence, and the absolute scores of its answer
+    /// (None when answering or judging failed).
+    absolute: Vec<(Source, f64, Option<Vec<f32>>)>,
+    /// Per source `mk` was compared with: the verdicts with `mk` first and with `mk` second.
+    pairwise: Vec<(Source, Vec<f32>, Vec<f32>)>,
+    /// Answers or judgements that failed.
+    failures: usize,
+}
+
+/// Answers one query from each source and judges the answers: absolutely, and `mk`'s against
+/// each other one in both orders. The calls of a step go out together.
+async fn judge_query(
+    engine: &Engine,
+    generator: &dyn Generator,
+    kb: &str,
+    text: &str,
+    relevant: Option<&Judgements>,
+) -> Result<QueryOutcome> {
+    let mut evidence = Vec::new();
+    for source in Source::ALL {
+        evidence.push(self::evidence(&engine.sql(&source.sql(kb, text)).await?));
+    }
+    let answers = join_all(evidence.iter().map(|e| generator.answer(text, e))).await;
+    let mut failures = answers.iter().filter(|a| a.is_err()).count();
+    let answered: Vec<(Source, &String, &Vec<Evidence>)> = Source::ALL
+        .into_iter()
+        .zip(&answers)
+        .zip(&evidence)
+        .filter_map(|((source, answer), evidence)| answer.as_ref().ok().map(|a| (source, a, evidence)))
+        .collect();
+    let verdicts = join_all(answered.iter().map(|&(_, answer, evidence)| async move {
+        let judging = Judging::Absolute {
+            query: text,
+            answer: Judged { answer, evidence },
+        };
+        generator.judge(&judging).await
+    }))
+    .await;
+    let mut absolute: Vec<(Source, f64, Option<Vec<f32>>)> = Source::ALL
+        .into_iter()
+        .zip(&evidence)
+        .map(|(source, evidence)| (source, qrels_precision(evidence, relevant), None))
+        .collect();
+    for (&(source, _, _), verdict) in answered.iter().zip(verdicts) {
+        match (verdict, absolute.iter_mut().find(|(s, _, _)| *s == source)) {
+            (Ok(verdict), Some(slot)) => slot.2 = Some(verdict.scores),
+            _ => failures += 1,
+        }
+    }
+    let judged = |source: Source| {
+        answered
+            .iter()
+            .find(|(s, _, _)| *s == source)
+            .map(|&(_, answer, evidence)| Judged { answer, evidence })
+    };
+    let mut pairwise = Vec::new();
+    if let Some(mk) = judged(Source::Mk) {
+        let others: Vec<(Source, Judged)> = [Source::Doc, Source::Qa]
+            .into_iter()
+            .filter_map(|s| judged(s).map(|j| (s, j)))
+            .collect();
+        let orders = join_all(others.iter().map(|&(_, other)| async move {
+            let mk_first = Judging::Pairwise {
+                query: text,
+                first: mk,
+                second: other,
+            };
+            let other_first = Judging::Pairwise {
+                query: text,
+                first: other,
+                second: mk,
+            };
+            futures::join!(generator.judge(&mk_first), generator.judge(&other_first))
+        }))
+        .await;
+        for ((against, _), (first, second)) in others.iter().zip(orders) {
+            match (first, second) {
+                (Ok(first), Ok(second)) => pairwise.push((*against, first.scores, second.scores)),
+                _ => failures += 1,
+            }
+        }
+    }
+    Ok(QueryOutcome {
+        absolute,
+        pairwise,
+        failures,
+    })
+}
+
 /// Answers the first `count` of `queries` from each source of index `kb` and judges them.
 pub async fn judge(
     engine: &Engine,
@@ -125,66 +222,26 @@ pub async fn judge(
     let mut calibration: Vec<(f64, f64)> = Vec::new();
     let mut pairwise: HashMap<Source, PairwiseReport> = HashMap::new();
     let mut failures = 0;
-    for (id, text) in queries.iter().map(|(i, t)| (i.as_str(), t.as_str())) {
-        let relevant = qrels.get(id);
-        let mut answers: HashMap<Source, (String, Vec<Evidence>)> = HashMap::new();
-        for source in Source::ALL {
-            let evidence = evidence(&engine.sql(&source.sql(kb, text)).await?);
-            let share = qrels_precision(&evidence, relevant);
-            precision.entry(source).or_default().push(share);
-            let Ok(answer) = generator.answer(text, &evidence).await else {
-                failures += 1;
-                continue;
-            };
-            let judged = Judged {
-                answer: &answer,
-                evidence: &evidence,
-            };
-            match generator
-                .judge(&Judging::Absolute {
-                    query: text,
-                    answer: judged,
-                })
-                .await
-            {
-                Ok(verdict) => {
-                    calibration.push((f64::from(verdict.scores[1]), share));
-                    scores.entry(source).or_default().push(verdict.scores);
-                }
-                Err(_) => failures += 1,
-            }
-            answers.insert(source, (answer, evidence));
-        }
-        let Some((mk_answer, mk_evidence)) = answers.get(&Source::Mk) else {
+    let mut outcomes = futures::stream::iter(queries.iter().map(|(id, text)| {
+        let progress = &progress;
+        async move {
+            let outcome = judge_query(engine, generator, kb, text, qrels.get(id)).await;
             progress.inc(1);
-            continue;
-        };
-        let mk = Judged {
-            answer: mk_answer,
-            evidence: mk_evidence,
-        };
-        for against in [Source::Doc, Source::Qa] {
-            let Some((answer, evidence)) = answers.get(&against) else {
-                continue;
-            };
-            let other = Judged { answer, evidence };
-            let (mk_first, other_first) = (
-                Judging::Pairwise {
-                    query: text,
-                    first: mk,
-                    second: other,
-                },
-                Judging::Pairwise {
-                    query: text,
-                    first: other,
-                    second: mk,
-                },
-            );
-            let (Ok(first), Ok(second)) = (generator.judge(&mk_first).await, generator.judge(&other_first).await)
-            else {
-                failures += 1;
-                continue;
-            };
+            outcome
+        }
+    }))
+    .buffered(QUERIES_IN_FLIGHT);
+    while let Some(outcome) = outcomes.next().await {
+        let outcome = outcome?;
+        failures += outcome.failures;
+        for (source, share, verdict) in outcome.absolute {
+            precision.entry(source).or_default().push(share);
+            if let Some(verdict) = verdict {
+                calibration.push((f64::from(verdict[1]), share));
+                scores.entry(source).or_default().push(verdict);
+            }
+        }
+        for (against, first, second) in outcome.pairwise {
             let entry = pairwise.entry(against).or_insert_with(|| PairwiseReport {
                 against,
                 wins: vec![0; CRITERIA.len()],
@@ -193,7 +250,7 @@ pub async fn judge(
             });
             for criterion in 0..CRITERIA.len() {
                 // mk first: −1 prefers it; mk second: +1 does.
-                let (a, b) = (-first.scores[criterion], second.scores[criterion]);
+                let (a, b) = (-first[criterion], second[criterion]);
                 match (a, b) {
                     (a, b) if a > 0.0 && b > 0.0 => entry.wins[criterion] += 1,
                     (a, b) if a < 0.0 && b < 0.0 => entry.losses[criterion] += 1,
@@ -201,8 +258,8 @@ pub async fn judge(
                 }
             }
         }
-        progress.inc(1);
     }
+    drop(outcomes);
     progress.finish_and_clear();
     let sources = Source::ALL
         .into_iter()

@@ -8,6 +8,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use futures::StreamExt;
+use mkflow_udfs::TextRole;
 use mkflow_udfs::mk::{FailureLog, GeneratorRegistry, MkOptions};
 
 use super::{MkIndex, PendingQuestions, Persona, SummaryPolicy, TopicPolicy};
@@ -170,7 +171,7 @@ impl MkAttachment {
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let texts: Vec<Option<&str>> = rows.iter().map(|r| Some(r.description.as_str())).collect();
         let embeddings = embedder
-            .embed(&texts)
+            .embed_as(&texts, TextRole::Query)
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?;
         let personas: Vec<Persona> = rows

@@ -27,8 +27,8 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBat
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use mkflow_index::vectors_to_array;
-use mkflow_udfs::EmbedQueue;
 use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, ClusterKind, qa_type};
+use mkflow_udfs::{EmbedQueue, TextRole};
 
 pub use attachment::{MkAttachment, MkServices, PersonaRow, topic_policy};
 pub use clusters::{Cluster, Summary, SummaryPolicy};
@@ -222,7 +222,7 @@ impl MkIndex {
             }
             let texts: Vec<Option<&str>> = questions.iter().map(|q| Some(q.as_str())).collect();
             let embeddings = embedder
-                .embed_blocking(&texts)
+                .embed_blocking(&texts, TextRole::Query)
                 .map_err(|e| IndexError::Invalid(format!("cannot embed synthetic questions: {e}")))?;
             let indices = UInt32Array::from(rows);
             let columns: Vec<ArrayRef> = vec![

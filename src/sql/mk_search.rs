@@ -38,6 +38,7 @@ use datafusion::common::{DataFusionError, Result, plan_err};
 use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use futures::FutureExt;
+use mkflow_udfs::TextRole;
 use mkflow_udfs::mk::{ClusterBrief, ClusterKind, MkOptions, string_list_type};
 
 use super::KbSchema;
@@ -247,7 +248,7 @@ impl MkSearchTable {
             .get_async()
             .await
             .map_err(external)?;
-        let query_vector = embedder.embed_one(&self.query).await.map_err(external)?;
+        let query_vector = embedder.embed_query(&self.query).await.map_err(external)?;
 
         // A persona routes among its own clusters, and its summary leads the rewrites.
         let persona =
@@ -316,7 +317,7 @@ impl MkSearchTable {
             }
         }
         let texts: Vec<Option<&str>> = sub_queries.iter().map(|q| Some(q.as_str())).collect();
-        let embeddings = embedder.embed(&texts).await.map_err(external)?;
+        let embeddings = embedder.embed_as(&texts, TextRole::Query).await.map_err(external)?;
         let vectors: Vec<Vec<f32>> = (0..sub_queries.len())
             .map(|i| embeddings.get(i).unwrap_or(&query_vector).to_vec())
             .collect();

@@ -220,7 +220,7 @@ impl VectorSearchTable {
             Query::Text(text) => {
                 let external = |e| DataFusionError::External(Box::new(e));
                 let queue = self.models.model_of(&self.index)?.get_async().await.map_err(external)?;
-                queue.embed_one(text).await.map_err(external)
+                queue.embed_query(text).await.map_err(external)
             }
         }
     }

@@ -7,15 +7,18 @@ It reads the Hugging Face checkpoint directly (safetensors + config.json, not th
 graph), runs one unpadded sequence at a time and recomputes the whole sequence at every step
 (no KV cache), so none of the runtime's batching, padding or caching is shared with it.
 
-LaSER (Jin et al., 2026), as mkflow defines K:
-  K = 0   the L2-normalised last-layer hidden state of the last input token;
-  K >= 1  K latent steps: the last position's logits go through a softmax over the vocabulary
-          and the soft token `probs @ embedding_table` is appended as the next input; the
-          embedding is the L2-normalised mean of the last-layer hidden states at the K soft
-          tokens (so after the K-th soft token one more forward pass gives its hidden state).
+LaSER (Jin et al., 2026), as its official encoder computes it (`ignorejjj/LaSER`:
+`src/scripts/quick_start.py` `laser_encode`, `laser.py` `encode_query`), for K >= 1 thinking steps:
+  h_0      the last-layer (final-norm) hidden state of the prompt's last token;
+  then K-1 times: the last position's logits go through a softmax over the vocabulary, the soft
+           token `probs @ embedding_table` is appended as the next input, and its last-layer
+           hidden state is the next h_i;
+  vector   the L2-normalised mean of h_0 ... h_{K-1}.
+So K = 1 is plain last-token pooling. Texts are embedded as given: templates and chat wrapping
+are the caller's (the tests write them out literally).
 
 Usage: laser_reference.py CHECKPOINT_DIR REQUEST.json  (prints the answer as JSON)
-REQUEST: {"texts": [...], "steps": [0, 1, 3], "prompts": [...], "new_tokens": 12}
+REQUEST: {"texts": [...], "steps": [1, 2, 3], "prompts": [...], "new_tokens": 12}
 """
 
 import json
@@ -99,18 +102,17 @@ class Decoder:
         probs = np.exp(logits - logits.max())
         return (probs / probs.sum()) @ self.embedding
 
-    def laser(self, ids, steps):
+    def laser(self, ids, k):
+        if k < 1:
+            raise ValueError("LaSER pools K >= 1 hidden states")
         seq = self.embedding[ids]
         hidden = self.forward(seq)[-1]
-        if steps == 0:
-            vector = hidden
-        else:
-            states = []
-            for _ in range(steps):
-                seq = np.vstack([seq, self.soft_token(hidden)])
-                hidden = self.forward(seq)[-1]
-                states.append(hidden)
-            vector = np.mean(states, axis=0)
+        states = [hidden]
+        for _ in range(k - 1):
+            seq = np.vstack([seq, self.soft_token(hidden)])
+            hidden = self.forward(seq)[-1]
+            states.append(hidden)
+        vector = np.mean(states, axis=0)
         return vector / np.linalg.norm(vector)
 
     def greedy(self, ids, new_tokens):

@@ -56,6 +56,12 @@ CONFIG = {
 }
 
 
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def tokenizer(vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -97,6 +103,9 @@ def main():
         del config["head_dim"]
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    # A ChatML template (Qwen3's form, no default system turn), for the chat-wrapped embeddings.
+    with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHATML, "eos_token": "<|im_end|>"}, f, indent=2)
 
     rng = np.random.default_rng(args.seed)
     H, I = config["hidden_size"], config["intermediate_size"]

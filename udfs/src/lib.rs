@@ -27,5 +27,7 @@ pub mod observe;
 pub mod rerank;
 pub mod runtime;
 
-pub use embedding::{BatchingStrategy, EmbedQueue, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling};
+pub use embedding::{
+    BatchingStrategy, EmbedQueue, EmbedUdf, Embedder, EmbeddingModelSpec, LazyEmbedder, Pooling, Prompts, TextRole,
+};
 pub use runtime::Device;

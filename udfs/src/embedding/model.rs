@@ -9,8 +9,8 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::TensorRef;
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
-use super::{EmbeddingModelSpec, Pooling};
-use crate::decoder::{DecoderModel, Graph};
+use super::{EmbeddingModelSpec, Pooling, Prompts, TextRole};
+use crate::decoder::{ChatTemplate, DecoderModel, Graph};
 use crate::runtime::{Device, RuntimeError, build_session, init_onnx_runtime};
 
 /// Errors raised while loading or running an embedding model.
@@ -78,7 +78,9 @@ struct ModelIo {
 }
 
 /// Texts embedded most recently: a pipeline that embeds a document (`embed`) and classifies
-/// it (`mk_metadata`) pays for one model call, and repeated queries for none.
+/// it (`mk_metadata`) pays for one model call, and repeated queries for none. Keyed by the text
+/// the model reads, its role's template applied, so a query and a document of the same words
+/// share a vector only when the model writes them alike.
 #[derive(Debug, Default)]
 struct RecentVectors {
     vectors: HashMap<Arc<str>, Arc<[f32]>>,
@@ -136,6 +138,7 @@ enum Backend {
 pub struct Embedder {
     spec: EmbeddingModelSpec,
     tokenizer: Tokenizer,
+    prompts: Prompts,
     backend: Backend,
     device: Device,
     recent: Mutex<RecentVectors>,
@@ -187,14 +190,27 @@ impl Embedder {
             .or_else(|| tokenizer.token_to_id("[PAD]"))
             .unwrap_or(0) as i64;
 
-        let (backend, device) = match spec.latent_steps {
+        let (backend, device, chat) = match spec.latent_steps {
             None => {
                 let environment = init_onnx_runtime(onnx_runtime)?;
                 let loaded = build_session(environment, &spec.model_path, spec.resolved_threads(), spec.device)
                     .map_err(|e| model_error(e.to_string()))?;
                 let io = model_io(&loaded.session).map_err(|e| model_error(e.to_string()))?;
                 let session = Mutex::new(loaded.session);
-                (Backend::Encoder { session, io, pad_id }, loaded.device)
+                (Backend::Encoder { session, io, pad_id }, loaded.device, None)
+            }
+            Some(0) => {
+                return Err(model_error(
+                    "latent_steps must be at least 1: it is LaSER's K, the hidden states pooled (1 is plain \
+                     last-token pooling, 3 LaSER's default)"
+                        .into(),
+                ));
+            }
+            Some(_) if spec.pooling != Pooling::LastToken => {
+                return Err(model_error(format!(
+                    "a latent decoder pools its last token and soft tokens, so \"pooling\" must be \"last_token\", not {:?}",
+                    spec.pooling
+                )));
             }
             Some(steps) => {
                 let dir = spec.model_path.parent().unwrap_or(Path::new("."));
@@ -208,18 +224,32 @@ impl Embedder {
                     )));
                 }
                 let device = model.device();
+                let chat = match &model.config().chat_template {
+                    Some(source) if spec.chat_template => Some(
+                        ChatTemplate::new(
+                            source,
+                            model.config().bos_token.as_deref(),
+                            model.config().eos_token.as_deref(),
+                        )
+                        .map_err(|e| model_error(e.to_string()))?,
+                    ),
+                    _ => None,
+                };
                 (
                     Backend::Latent {
                         model: Box::new(model),
                         steps,
                     },
                     device,
+                    chat,
                 )
             }
         };
+        let prompts = Prompts::new(&spec, chat.as_ref()).map_err(model_error)?;
         Ok(Embedder {
             spec,
             tokenizer,
+            prompts,
             backend,
             device,
             recent: Mutex::new(RecentVectors::default()),
@@ -258,17 +288,23 @@ impl Embedder {
         *self.recent.lock().unwrap_or_else(|e| e.into_inner()) = RecentVectors::default();
     }
 
-    /// Embeds texts. `None`, empty and whitespace-only texts get no vector (see
-    /// [`Embeddings::present`]); texts longer than the model's `max_tokens` are truncated.
+    /// Embeds documents ([`Embedder::embed_as`] in [`TextRole::Document`]).
+    pub fn embed(&self, texts: &[Option<&str>]) -> Result<Embeddings, EmbedError> {
+        self.embed_as(texts, TextRole::Document)
+    }
+
+    /// Embeds texts in `role` (written with its template first). `None`, empty and
+    /// whitespace-only texts get no vector (see [`Embeddings::present`]); texts longer than the
+    /// model's `max_tokens` are truncated.
     ///
     /// This runs the model on the calling thread. Queries and pipelines go through the model's
     /// [`EmbedQueue`](super::EmbedQueue) instead, which batches concurrent callers.
-    pub fn embed(&self, texts: &[Option<&str>]) -> Result<Embeddings, EmbedError> {
-        let (mut out, misses) = self.recalled(texts);
+    pub fn embed_as(&self, texts: &[Option<&str>], role: TextRole) -> Result<Embeddings, EmbedError> {
+        let (mut out, misses) = self.recalled(texts, role);
         if misses.is_empty() {
             return Ok(out);
         }
-        let contents: Vec<&str> = misses.iter().map(|&(_, text)| text).collect();
+        let contents: Vec<&str> = misses.iter().map(|(_, text)| text.as_ref()).collect();
         let encodings = self.tokenize(&contents)?;
         let lengths: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
         out.tokens = lengths.iter().sum();
@@ -276,17 +312,21 @@ impl Embedder {
         for call in self.spec.batching.plan(&lengths) {
             let batch: Vec<&Encoding> = call.iter().map(|&i| &encodings[i]).collect();
             let pooled = self.run_encoded(&batch)?;
-            let placed: Vec<(usize, &str)> = call.iter().map(|&i| misses[i]).collect();
+            let placed: Vec<(usize, &str)> = call.iter().map(|&i| (misses[i].0, misses[i].1.as_ref())).collect();
             self.place(&mut out, &placed, &pooled);
         }
         self.record(contents.len(), out.tokens, started.elapsed());
         Ok(out)
     }
 
-    /// The answer to `texts` as far as the recent-texts cache knows it, and the texts it does
-    /// not know (with their positions), which still need the model. Texts without content are
-    /// neither.
-    pub(crate) fn recalled<'t>(&self, texts: &[Option<&'t str>]) -> (Embeddings, Vec<(usize, &'t str)>) {
+    /// `texts` written for `role` — as the model reads them — and the answer as far as the
+    /// recent-texts cache knows it, with the written texts it does not know (and their
+    /// positions), which still need the model. Texts without content are neither.
+    pub(crate) fn recalled<'t>(
+        &self,
+        texts: &[Option<&'t str>],
+        role: TextRole,
+    ) -> (Embeddings, Vec<(usize, Cow<'t, str>)>) {
         let dims = self.spec.dimensions;
         let mut out = Embeddings {
             dimensions: dims,
@@ -298,11 +338,14 @@ impl Embedder {
         let misses = texts
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| t.filter(|s| !s.trim().is_empty()).map(|s| (i, s)))
-            .filter(|&(slot, text)| match recent.get(text) {
+            .filter_map(|(i, t)| {
+                t.filter(|s| !s.trim().is_empty())
+                    .map(|s| (i, self.prompts.render(role, s)))
+            })
+            .filter(|(slot, text)| match recent.get(text) {
                 Some(vector) => {
                     out.vectors[slot * dims..(slot + 1) * dims].copy_from_slice(&vector);
-                    out.present[slot] = true;
+                    out.present[*slot] = true;
                     false
                 }
                 None => true,
@@ -332,9 +375,10 @@ impl Embedder {
         self.stats.model_nanos.fetch_add(elapsed.as_nanos() as u64, Relaxed);
     }
 
-    /// Embeds one text (a query) on the calling thread; errors when the text is empty.
-    pub fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
-        let embeddings = self.embed(&[Some(text)])?;
+    /// Embeds one query (the query template applied) on the calling thread; errors when the
+    /// text is empty.
+    pub fn embed_query(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
+        let embeddings = self.embed_as(&[Some(text)], TextRole::Query)?;
         embeddings
             .get(0)
             .map(<[f32]>::to_vec)

@@ -17,6 +17,7 @@
 //!
 //! Texts still in the model's recent-texts cache are answered by the caller without queueing.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use std::time::Instant;
 
 use tokenizers::Encoding;
 
-use super::{EmbedError, Embedder, Embeddings};
+use super::{EmbedError, Embedder, Embeddings, TextRole};
 
 /// A request of at most this many texts is interactive: it is served before bulk work and
 /// batched with the other interactive requests waiting.
@@ -112,9 +113,16 @@ impl EmbedQueue {
         &self.model
     }
 
-    /// Embeds texts on the worker, waiting asynchronously. Same answer as [`Embedder::embed`].
+    /// Embeds documents on the worker, waiting asynchronously. Same answer as
+    /// [`Embedder::embed`].
     pub async fn embed(&self, texts: &[Option<&str>]) -> Result<Embeddings, EmbedError> {
-        let (answer, texts) = self.model.recalled(texts);
+        self.embed_as(texts, TextRole::Document).await
+    }
+
+    /// Embeds texts in `role` on the worker, waiting asynchronously. Same answer as
+    /// [`Embedder::embed_as`].
+    pub async fn embed_as(&self, texts: &[Option<&str>], role: TextRole) -> Result<Embeddings, EmbedError> {
+        let (answer, texts) = self.model.recalled(texts, role);
         if texts.is_empty() {
             return Ok(answer);
         }
@@ -123,10 +131,10 @@ impl EmbedQueue {
         rx.await.map_err(|_| self.stopped())?
     }
 
-    /// Embeds texts on the worker, blocking this thread until the answer comes. For threads
-    /// that are not an async executor's (blocking pools, plain threads).
-    pub fn embed_blocking(&self, texts: &[Option<&str>]) -> Result<Embeddings, EmbedError> {
-        let (answer, texts) = self.model.recalled(texts);
+    /// Embeds texts in `role` on the worker, blocking this thread until the answer comes. For
+    /// threads that are not an async executor's (blocking pools, plain threads).
+    pub fn embed_blocking(&self, texts: &[Option<&str>], role: TextRole) -> Result<Embeddings, EmbedError> {
+        let (answer, texts) = self.model.recalled(texts, role);
         if texts.is_empty() {
             return Ok(answer);
         }
@@ -135,9 +143,9 @@ impl EmbedQueue {
         rx.recv().map_err(|_| self.stopped())?
     }
 
-    /// Embeds one text (a query); errors when it has no content.
-    pub async fn embed_one(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
-        let embeddings = self.embed(&[Some(text)]).await?;
+    /// Embeds one query (the query template applied); errors when it has no content.
+    pub async fn embed_query(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
+        let embeddings = self.embed_as(&[Some(text)], TextRole::Query).await?;
         embeddings
             .get(0)
             .map(<[f32]>::to_vec)
@@ -147,10 +155,13 @@ impl EmbedQueue {
             })
     }
 
-    fn submit(&self, answer: Embeddings, texts: Vec<(usize, &str)>, reply: Reply) -> Result<(), EmbedError> {
+    fn submit(&self, answer: Embeddings, texts: Vec<(usize, Cow<'_, str>)>, reply: Reply) -> Result<(), EmbedError> {
         let job = Job {
             answer,
-            texts: texts.into_iter().map(|(slot, text)| (slot, text.to_string())).collect(),
+            texts: texts
+                .into_iter()
+                .map(|(slot, text)| (slot, text.into_owned()))
+                .collect(),
             done: 0,
             chunk: None,
             reply,

@@ -46,10 +46,26 @@ pub struct EmbeddingModelSpec {
     #[serde(default)]
     pub device: Device,
     /// Set for a decoder exported by `scripts/export_decoder.py` (`model_path` is its
-    /// `latent.onnx`): the number of LaSER latent steps `K` before pooling; 0 gives the plain
-    /// last-token embedding of the same weights.
+    /// `latent.onnx`): LaSER's `K`, the number of hidden states pooled — the prefill's last one
+    /// and `K − 1` soft tokens' (at least 1; 1 is plain last-token pooling, 3 LaSER's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latent_steps: Option<usize>,
+    /// How a query is written before tokenisation: `{text}` stands for the query and
+    /// `{instruction}` for [`instruction`](Self::instruction), e.g. LaSER's
+    /// `Instruct: {instruction}\nQuery: {text}`. None: the query as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_template: Option<String>,
+    /// How a document is written before tokenisation (`{text}` stands for it). None: as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document_template: Option<String>,
+    /// The task instruction the templates' `{instruction}` stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instruction: Option<String>,
+    /// Wrap both roles' texts in the decoder's chat template (one user turn and the assistant's
+    /// prompt) followed by an empty think block, as LaSER's `add_chat_template` does. Decoders
+    /// exported with a chat template only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat_template: bool,
 }
 
 impl EmbeddingModelSpec {

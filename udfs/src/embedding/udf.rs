@@ -17,7 +17,7 @@ use datafusion::logical_expr::{
 
 use mkflow_index::vector::{vector_type, vectors_to_array};
 
-use super::{EmbedError, EmbedQueue, Embedder, EmbeddingModelSpec};
+use super::{EmbedError, EmbedQueue, Embedder, EmbeddingModelSpec, TextRole};
 
 /// An embedding model loaded on first use, with its queue started then, so that registering
 /// `embed` costs nothing until a query calls it. Load errors are reported to that query and
@@ -86,10 +86,11 @@ impl LazyEmbedder {
     }
 }
 
-/// The async scalar UDF `embed(text) -> FixedSizeList<Float32, D>`.
+/// The async scalar UDF `embed(text [, role]) -> FixedSizeList<Float32, D>`.
 ///
-/// Null, empty and whitespace-only texts give a null vector; texts longer than the model's
-/// token limit are truncated. One call sends a whole Arrow batch to the model's queue, which
+/// `role` is `'document'` (the default: what is stored) or `'query'` (what is searched with), for
+/// models that write the two differently (see [`TextRole`]). Null, empty and whitespace-only
+/// texts give a null vector; texts longer than the model's token limit are truncated. One call sends a whole Arrow batch to the model's queue, which
 /// runs it in token-budget batches off the async runtime. Register it with
 /// [`EmbedUdf::into_scalar_udf`].
 #[derive(Debug)]
@@ -106,11 +107,15 @@ impl EmbedUdf {
             name: name.into(),
             embedder,
             signature: Signature::one_of(
-                vec![
-                    TypeSignature::Exact(vec![DataType::Utf8]),
-                    TypeSignature::Exact(vec![DataType::LargeUtf8]),
-                    TypeSignature::Exact(vec![DataType::Utf8View]),
-                ],
+                [DataType::Utf8, DataType::LargeUtf8, DataType::Utf8View]
+                    .into_iter()
+                    .flat_map(|text| {
+                        [
+                            TypeSignature::Exact(vec![text.clone()]),
+                            TypeSignature::Exact(vec![text, DataType::Utf8]),
+                        ]
+                    })
+                    .collect(),
                 Volatility::Immutable,
             ),
         }
@@ -118,6 +123,31 @@ impl EmbedUdf {
 }
 
 impl EmbedUdf {
+    /// The role a call's second argument names: a constant `'query'` or `'document'`.
+    fn role(&self, arg: &ColumnarValue) -> Result<TextRole> {
+        let not_constant = || {
+            DataFusionError::Plan(format!(
+                "{}(text, role): role must be a constant, 'query' or 'document'",
+                self.name
+            ))
+        };
+        let names = cast(&arg.to_array(1)?, &DataType::Utf8)?;
+        let names = names
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("cast to Utf8 gives a StringArray");
+        let name = match names.iter().next() {
+            Some(Some(name)) if names.iter().all(|n| n == Some(name)) => name,
+            _ => return Err(not_constant()),
+        };
+        TextRole::parse(name).ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "{}(text, role): unknown role '{name}' (hint: 'query' for what you search with, 'document' for what is stored)",
+                self.name
+            ))
+        })
+    }
+
     /// The UDF to register with a session (DataFusion runs it as an async function).
     pub fn into_scalar_udf(self) -> ScalarUDF {
         AsyncScalarUDF::new(Arc::new(self)).into_scalar_udf()
@@ -169,8 +199,15 @@ impl AsyncScalarUDFImpl for EmbedUdf {
     async fn invoke_async_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let started = std::time::Instant::now();
         let queue = self.embedder.get_async().await.map_err(external)?;
-        let [arg] = args.args.as_slice() else {
-            return Err(DataFusionError::Plan(format!("{}(text) takes one argument", self.name)));
+        let (arg, role) = match args.args.as_slice() {
+            [text] => (text, TextRole::Document),
+            [text, role] => (text, self.role(role)?),
+            _ => {
+                return Err(DataFusionError::Plan(format!(
+                    "{}(text [, role]) takes one or two arguments",
+                    self.name
+                )));
+            }
         };
         let is_scalar = matches!(arg, ColumnarValue::Scalar(_));
         let texts = cast(&arg.to_array(args.number_rows.max(1))?, &DataType::Utf8)?;
@@ -183,7 +220,7 @@ impl AsyncScalarUDFImpl for EmbedUdf {
         } else {
             texts.iter().collect()
         };
-        let embeddings = queue.embed(&inputs).await.map_err(external)?;
+        let embeddings = queue.embed_as(&inputs, role).await.map_err(external)?;
         let array = vectors_to_array(embeddings.vectors, embeddings.present, embeddings.dimensions)?;
         crate::observe::record(&self.name, inputs.len(), started);
         // DataFusion's async function step takes arrays only (a scalar answer would count as

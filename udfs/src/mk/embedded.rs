@@ -26,7 +26,7 @@ use super::generator::{
 };
 use super::schema::{FieldKind, MetadataField, MetadataSchema};
 use super::text::{self, Sentence};
-use crate::embedding::{EmbedQueue, Embeddings, LazyEmbedder};
+use crate::embedding::{EmbedQueue, Embeddings, LazyEmbedder, TextRole};
 
 /// Marker of the key-concepts line of summaries (also read back by query rewriting).
 const KEY_CONCEPTS: &str = "Key concepts:";
@@ -169,7 +169,7 @@ impl EmbeddedGenerator {
     fn embed(&self, texts: &[&str]) -> Result<Embeddings, GenerationError> {
         let inputs: Vec<Option<&str>> = texts.iter().map(|t| Some(*t)).collect();
         self.model()?
-            .embed_blocking(&inputs)
+            .embed_blocking(&inputs, TextRole::Document)
             .map_err(|e| GenerationError::Model(e.to_string()))
     }
 
@@ -458,7 +458,9 @@ impl Generator for EmbeddedGenerator {
         let embedder = self.embedder.clone();
         let (texts, embedded) = blocking(move || {
             let inputs: Vec<Option<&str>> = texts.iter().map(|t| Some(t.as_str())).collect();
-            let embedded = embedder.get().and_then(|e| e.embed_blocking(&inputs));
+            let embedded = embedder
+                .get()
+                .and_then(|e| e.embed_blocking(&inputs, TextRole::Document));
             (texts, embedded)
         })
         .await;
