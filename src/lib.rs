@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod adapter;
 pub mod assets;
 pub mod chunks;
 pub mod engine;

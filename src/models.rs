@@ -1,4 +1,5 @@
-//! The models a session can use, by name: embedding models and rerankers.
+//! The models a session can use, by name: embedding models and rerankers; and the query
+//! adapters of the indexes they search ([`crate::adapter`]).
 //!
 //! The catalog's default model is always known (its files may still need `mkflow models
 //! pull`); any directory `models/<name>/` under the mkflow home holding a `mkflow-model.json`
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use mkflow_udfs::rerank::{RERANKER_SPEC_FILE, RerankerSpec, Rerankers};
 use mkflow_udfs::{EmbeddingModelSpec, LazyEmbedder};
 
+use crate::adapter::Adapters;
 use crate::assets::{DEFAULT_MODEL, MODEL_SPEC_FILE, catalog_spec};
 use mkflow_index::KnowledgeIndex;
 
@@ -23,6 +25,7 @@ pub struct ModelRegistry {
     models: BTreeMap<String, Arc<LazyEmbedder>>,
     default: String,
     rerankers: Rerankers,
+    adapters: Adapters,
 }
 
 /// Why the model registry could not be built.
@@ -110,6 +113,7 @@ impl ModelRegistry {
             models,
             default,
             rerankers,
+            adapters: Adapters::default(),
         })
     }
 
@@ -137,6 +141,20 @@ impl ModelRegistry {
     /// All known embedding models.
     pub fn all(&self) -> impl Iterator<Item = &Arc<LazyEmbedder>> {
         self.models.values()
+    }
+
+    /// The query adapters of the indexes searched.
+    pub fn adapters(&self) -> &Adapters {
+        &self.adapters
+    }
+
+    /// A text query as a vector searching `index`'s rows: embedded as a query by the index's
+    /// model, then mapped by the index's query adapter when it has one.
+    pub async fn search_vector(&self, index: &KnowledgeIndex, text: &str) -> datafusion::common::Result<Vec<f32>> {
+        let external = |e| datafusion::common::DataFusionError::External(Box::new(e));
+        let queue = self.model_of(index)?.get_async().await.map_err(external)?;
+        let vector = queue.embed_query(text).await.map_err(external)?;
+        Ok(self.adapters.adapt(index, vector))
     }
 
     /// The registered rerankers.

@@ -374,6 +374,16 @@ impl Engine {
         self.shared.kbs.get(name)
     }
 
+    /// The names of the registered knowledge indexes, sorted.
+    pub fn index_names(&self) -> Vec<String> {
+        self.shared.kbs.names()
+    }
+
+    /// The knowledge index registered as `name` with its Meta-Knowledge side and chunks.
+    pub fn entry(&self, name: &str) -> Option<crate::sql::kb_entry::KbEntry> {
+        self.shared.kbs.entry(name)
+    }
+
     /// Records sources refused so far (the `dead_letters` table).
     pub fn dead_letter_count(&self) -> usize {
         self.dead_letters.len()

@@ -127,15 +127,21 @@ impl Mode {
         Mode::ALL.into_iter().find(|m| m.name() == name)
     }
 
-    /// The SQL answering `query` in this mode over index `kb`.
-    fn sql(self, kb: &str, query: &str) -> String {
+    /// The SQL answering `query` in this mode over index `kb`. The exact mode compares every
+    /// row with `query_vector`, the query as the searches embed it (as a query, through the
+    /// index's query adapter if it has one).
+    fn sql(self, kb: &str, query: &str, query_vector: &[f32]) -> String {
         let q = sql_string(query);
         match self {
             Mode::Doc | Mode::ChunkDoc => format!("SELECT doc_id, score FROM vector_search({kb}, {q}, {RUN_DEPTH})"),
-            Mode::Exact => format!(
-                "SELECT doc_id, CAST(1 - cosine_distance(embedding, embed({q})) AS FLOAT) AS score \
-                 FROM {kb} ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}"
-            ),
+            Mode::Exact => {
+                let literal: Vec<String> = query_vector.iter().map(|x| format!("{x:?}")).collect();
+                format!(
+                    "SELECT doc_id, CAST(1 - cosine_distance(embedding, [{}]) AS FLOAT) AS score \
+                     FROM {kb} ORDER BY score DESC, doc_id LIMIT {RUN_DEPTH}",
+                    literal.join(", ")
+                )
+            }
             Mode::Bm25 | Mode::ChunkBm25 => format!("SELECT doc_id, score FROM text_search({kb}, {q}, {RUN_DEPTH})"),
             Mode::Hybrid | Mode::ChunkHybrid => {
                 format!("SELECT doc_id, fused_score FROM hybrid_search({kb}, {q}, {RUN_DEPTH}, questions => false)")
@@ -272,9 +278,16 @@ async fn run_mode(
     let progress = bar(queries.len() as u64, mode.name());
     let mut runs = HashMap::new();
     let mut latencies = Vec::with_capacity(queries.len());
+    let index = engine
+        .index(kb)
+        .ok_or_else(|| DataFusionError::Plan(format!("no knowledge index '{kb}'")))?;
     for (id, text) in queries {
         let started = Instant::now();
-        let batches = engine.sql(&mode.sql(kb, text)).await?;
+        let query_vector = match mode {
+            Mode::Exact => engine.models().search_vector(&index, text).await?,
+            _ => Vec::new(),
+        };
+        let batches = engine.sql(&mode.sql(kb, text, &query_vector)).await?;
         latencies.push(started.elapsed().as_secs_f64() * 1e3);
         runs.insert(id.clone(), ranking(&batches));
         progress.inc(1);

@@ -332,7 +332,9 @@ impl MkSearchTable {
             by_document: options.fuse_documents,
         };
         let document_rankings = if weights.documents > 0.0 {
-            self.document_rankings(&query_vector, k)?
+            // The documents are searched as vector_search does: through their query adapter.
+            let document_vector = services.models.adapters().adapt(&self.documents, query_vector.clone());
+            self.document_rankings(&document_vector, k)?
         } else {
             Vec::new()
         };

@@ -213,15 +213,12 @@ struct VectorSearchTable {
 }
 
 impl VectorSearchTable {
-    /// The query as a vector: embedded by the index model's queue when it is a text.
+    /// The query as a vector: when it is a text, embedded as a query by the index model's queue
+    /// and mapped by the index's query adapter, if it has one.
     async fn query_vector(&self) -> Result<Vec<f32>> {
         match &self.query {
             Query::Vector(vector) => Ok(vector.clone()),
-            Query::Text(text) => {
-                let external = |e| DataFusionError::External(Box::new(e));
-                let queue = self.models.model_of(&self.index)?.get_async().await.map_err(external)?;
-                queue.embed_query(text).await.map_err(external)
-            }
+            Query::Text(text) => self.models.search_vector(&self.index, text).await,
         }
     }
 }
