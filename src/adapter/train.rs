@@ -11,6 +11,7 @@
 use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 
 use super::HeldOutScores;
+use crate::support::SplitMix;
 
 /// Steps a pass takes at least, when the index is small enough that full batches would give
 /// fewer.
@@ -102,26 +103,6 @@ impl Trained {
         match self.best_epoch {
             0 => self.before,
             n => self.epochs[n - 1].held_out,
-        }
-    }
-}
-
-/// A small deterministic generator (SplitMix64) for the split and the shuffles.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            items.swap(i, j);
         }
     }
 }
@@ -321,7 +302,7 @@ pub fn train(
     }
     let questions = ArrayView2::from_shape((n, d), set.questions).map_err(|e| e.to_string())?;
     let documents = ArrayView2::from_shape((m, d), set.documents).map_err(|e| e.to_string())?;
-    let mut rng = Rng(options.seed);
+    let mut rng = SplitMix(options.seed);
     let mut order: Vec<usize> = (0..n).collect();
     rng.shuffle(&mut order);
     let (held, trained) = order.split_at(held_out);
@@ -405,8 +386,8 @@ mod tests {
     #[test]
     fn an_adapter_learns_a_distortion_and_finds_held_out_documents() {
         let (d, m) = (8, 16);
-        let mut rng = Rng(3);
-        let mut random = || (rng.next() % 2000) as f32 / 1000.0 - 1.0;
+        let mut rng = SplitMix(3);
+        let mut random = || (rng.next_u64() % 2000) as f32 / 1000.0 - 1.0;
         let documents: Vec<Vec<f32>> = (0..m).map(|_| unit((0..d).map(|_| random()).collect())).collect();
         // Questions: their document with noise, then the first two axes swapped and shrunk.
         let mut questions = Vec::new();
