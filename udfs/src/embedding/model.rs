@@ -223,6 +223,16 @@ impl Embedder {
                         spec.dimensions
                     )));
                 }
+                // The prompt and its K − 1 soft tokens must fit the decoder's context.
+                let room = model.config().max_position.saturating_sub(steps - 1).max(1);
+                if room < spec.max_tokens {
+                    tokenizer
+                        .with_truncation(Some(TruncationParams {
+                            max_length: room,
+                            ..Default::default()
+                        }))
+                        .map_err(|e| model_error(format!("bad truncation setting: {e}")))?;
+                }
                 let device = model.device();
                 let chat = match &model.config().chat_template {
                     Some(source) if spec.chat_template => Some(
