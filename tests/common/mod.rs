@@ -107,13 +107,16 @@ pub fn row_count(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
 }
 
-/// Python packages the decoder exporter and the numpy reference need (pinned where it matters).
+/// Python packages the decoder exporter, the numpy reference and the LaSER trainer (JAX) need
+/// (pinned where it matters).
 pub const PYTHON_PACKAGES: &[&str] = &[
     "numpy",
     "onnx==1.23.2",
     "safetensors==0.8.0",
     "gguf==0.19.0",
     "tokenizers==0.23.3",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
 ];
 
 /// Installs [`PYTHON_PACKAGES`] with pip unless they import already (once per process).
@@ -122,7 +125,7 @@ pub fn python_packages() {
     READY.get_or_init(|| {
         let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());
         let imports = std::process::Command::new(&python)
-            .args(["-c", "import numpy, onnx, safetensors, gguf, tokenizers"])
+            .args(["-c", "import numpy, onnx, safetensors, gguf, tokenizers, jax"])
             .output()
             .is_ok_and(|o| o.status.success());
         if imports {
