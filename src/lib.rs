@@ -15,6 +15,7 @@ pub mod assets;
 pub mod chunks;
 pub mod engine;
 pub mod eval;
+pub mod laser;
 pub mod llm_assets;
 pub mod metrics;
 pub mod mk;

@@ -25,7 +25,7 @@ pub struct Pairs {
 }
 
 /// A column of `batch` as text.
-fn text_column(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>, String> {
+pub(crate) fn text_column(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>, String> {
     let column = batch
         .column_by_name(name)
         .ok_or_else(|| format!("no column '{name}'"))?;
@@ -37,7 +37,7 @@ fn text_column(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>, S
 }
 
 /// The vectors of `batch`'s vector column `name` (None for a row without one).
-fn vectors(batch: &RecordBatch, name: &str) -> Result<Vec<Option<Vec<f32>>>, String> {
+pub(crate) fn vectors(batch: &RecordBatch, name: &str) -> Result<Vec<Option<Vec<f32>>>, String> {
     let column = batch
         .column_by_name(name)
         .ok_or_else(|| format!("no vector column '{name}'"))?;

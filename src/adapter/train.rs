@@ -163,7 +163,7 @@ fn held_out_scores(
 }
 
 /// For each question, the `count` documents nearest it that are not its own.
-fn mine_hard_negatives(
+pub(crate) fn mine_hard_negatives(
     questions: ArrayView2<f32>,
     positives: &[usize],
     documents: ArrayView2<f32>,

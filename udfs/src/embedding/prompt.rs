@@ -30,6 +30,14 @@ impl TextRole {
             _ => None,
         }
     }
+
+    /// The role's name as `embed(text, role)` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TextRole::Query => "query",
+            TextRole::Document => "document",
+        }
+    }
 }
 
 /// The placeholder a template's text goes in.
