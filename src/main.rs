@@ -164,9 +164,21 @@ enum Command {
         /// rank), qa (qa_search over synthetic questions), qa_hybrid (hybrid_search over
         /// documents and questions), mk (mk_search), chunk_doc, chunk_bm25, chunk_hybrid (the
         /// same searches on a second, chunked index: 200-token chunks, a document ranked by its
-        /// best chunk). qa, qa_hybrid and mk run the Meta-Knowledge prepare stage while
-        /// building the index.
-        #[arg(long, default_value = "doc,exact,bm25,hybrid", value_delimiter = ',')]
+        /// best chunk), explicit (think-then-embed: vector_search with reasoning => 'explicit',
+        /// the LLM's rationale embedded with the query; needs MKFLOW_GENERATOR=local or openai),
+        /// latent (vector_search on a second index embedded by --latent-model). qa, qa_hybrid
+        /// and mk run the Meta-Knowledge prepare stage while building the index.
+        ///
+        /// LaSER's comparison, one backbone three ways (K = 1 export as --model, its trained
+        /// latent version as --latent-model):
+        ///   MKFLOW_GENERATOR=local mkflow --model smol-k1 eval --dataset scifact \
+        ///       --modes doc,explicit,latent --latent-model smol-k1-scifact
+        #[arg(
+            long,
+            default_value = "doc,exact,bm25,hybrid",
+            value_delimiter = ',',
+            verbatim_doc_comment
+        )]
         modes: Vec<String>,
         /// Judgement split.
         #[arg(long, default_value = "test")]
@@ -185,6 +197,10 @@ enum Command {
         /// MKFLOW_GENERATOR=local (after `mkflow models pull --llm`) or openai.
         #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "50")]
         judge: Option<usize>,
+        /// The embedding model of the latent mode's index: a LaSER model (see `mkflow train
+        /// laser`); its index is built beside the main one.
+        #[arg(long, value_name = "MODEL")]
+        latent_model: Option<String>,
     },
 }
 
@@ -637,6 +653,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             max_queries,
             judge,
+            latent_model,
         } => {
             let modes = modes
                 .iter()
@@ -663,6 +680,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out_dir: out_dir.clone(),
                 max_queries,
                 judge_queries: judge,
+                latent_model,
             };
             let report = eval::run(&engine, &options).await?;
             print!("{}", report.table());

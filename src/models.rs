@@ -117,6 +117,11 @@ impl ModelRegistry {
         })
     }
 
+    /// The installed models' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.models.keys().cloned().collect()
+    }
+
     /// The model called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LazyEmbedder>> {
         self.models.get(name).cloned()

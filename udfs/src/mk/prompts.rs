@@ -67,6 +67,13 @@ pub const PREPARE_ANSWER_START: &str = "{\"metadata\": {";
 /// How a rewrite answer opens (`{"queries": […]}`).
 pub const REWRITE_ANSWER_START: &str = "{\"queries\": [\"";
 
+/// How a rationale answer opens (`{"rationale": "…"}`).
+pub const REASON_ANSWER_START: &str = "{\"rationale\": \"";
+
+/// Longest rationale (characters): a few sentences, so thinking stays cheap next to searching
+/// and the rationale fits the query's token budget beside the query.
+pub const MAX_RATIONALE_CHARS: usize = 400;
+
 /// Fewest QA pairs a constrained prepare answer writes (when `max_questions` allows): left to
 /// itself a 0.5B model stops after one pair, and every question is a way for a query to find
 /// its document.
@@ -209,6 +216,33 @@ pub fn rewrite_schema(count: usize) -> Value {
     })
 }
 
+/// The JSON Schema of a rationale answer: one non-empty text of at most
+/// [`MAX_RATIONALE_CHARS`].
+pub fn reason_schema() -> Value {
+    serde_json::json!({
+        "type": "object", "required": ["rationale"],
+        "properties": {"rationale": {"type": "string", "minLength": 1, "maxLength": MAX_RATIONALE_CHARS}}
+    })
+}
+
+/// Checks a rationale answer; a longer one (from a backend that does not decode to the
+/// schema) is cut at a word boundary within [`MAX_RATIONALE_CHARS`].
+pub fn parse_reason(content: &str) -> Result<String, AnswerError> {
+    let value = parse_json(content)?;
+    let rationale = value
+        .get("rationale")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or(AnswerError::Missing("non-empty \"rationale\""))?;
+    if rationale.chars().count() <= MAX_RATIONALE_CHARS {
+        return Ok(rationale.to_string());
+    }
+    let cut: String = rationale.chars().take(MAX_RATIONALE_CHARS).collect();
+    let end = cut.rfind(char::is_whitespace).unwrap_or(cut.len());
+    Ok(cut[..end].trim_end().to_string())
+}
+
 /// Checks and normalises a prepare answer.
 pub fn parse_prepared(schema: &MetadataSchema, content: &str, max_questions: usize) -> Result<Prepared, AnswerError> {
     let value = parse_json(content)?;
@@ -274,6 +308,21 @@ pub fn rewrite(query: &str, clusters: &[ClusterBrief], count: usize) -> Vec<Mess
          wants, using the terminology of the knowledge above. \
          Reply as {{\"queries\": [\"...\"]}}.",
         context.join("\n\n")
+    );
+    vec![Message::new("system", system), Message::new("user", user)]
+}
+
+/// The think-then-embed prompt: a short rationale that spells out what a document answering
+/// the query would contain, embedded with the query (`vector_search(…, reasoning => 'explicit')`).
+pub fn reason(query: &str) -> Vec<Message> {
+    let system = "You help a search engine. Before it searches, you think briefly about a query: what \
+                  it is really asking, and which concepts, terms, entities and findings a document that \
+                  answers it would contain. Reply with JSON only.";
+    let user = format!(
+        "Query: {query}\n\n\
+         In two or three sentences (under 60 words), describe what a relevant document would say, \
+         naming its key terms. No preamble, do not restate the query. \
+         Reply as {{\"rationale\": \"...\"}}."
     );
     vec![Message::new("system", system), Message::new("user", user)]
 }
@@ -476,6 +525,27 @@ fn without_trailing_commas(text: &str) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_rationale_must_be_there_and_is_cut_at_a_word_within_the_limit() {
+        assert_eq!(
+            parse_reason("{\"rationale\": \" Bone density rises. \"}").unwrap(),
+            "Bone density rises."
+        );
+        assert!(parse_reason("{\"rationale\": \"  \"}").is_err());
+        assert!(parse_reason("{\"why\": \"x\"}").is_err());
+        let long = format!("{{\"rationale\": \"{}\"}}", "vitamin ".repeat(100));
+        let cut = parse_reason(&long).unwrap();
+        assert!(
+            cut.chars().count() <= MAX_RATIONALE_CHARS && cut.ends_with("vitamin"),
+            "{cut}"
+        );
+        // The schema a local model decodes under holds it to the same limit.
+        assert_eq!(
+            reason_schema()["properties"]["rationale"]["maxLength"],
+            json!(MAX_RATIONALE_CHARS)
+        );
+    }
 
     #[test]
     fn prepare_answers_are_validated() {
