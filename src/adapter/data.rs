@@ -56,16 +56,20 @@ pub(crate) fn vectors(batch: &RecordBatch, name: &str) -> Result<Vec<Option<Vec<
         .collect())
 }
 
+/// The dimension `documents` and its `questions` share (an error if they do not).
+pub(crate) fn shared_dimensions(documents: &KnowledgeIndex, questions: &KnowledgeIndex) -> Result<usize, String> {
+    let (d, q) = (documents.manifest().dimensions, questions.manifest().dimensions);
+    if q == d {
+        Ok(d)
+    } else {
+        Err(format!("the questions have {q} dimensions, the documents {d}"))
+    }
+}
+
 /// Reads the pairs of `documents` and its `questions` index (their live rows now).
 pub fn read_pairs(documents: &KnowledgeIndex, questions: &KnowledgeIndex) -> Result<Pairs, String> {
     let manifest = documents.manifest();
-    let d = manifest.dimensions;
-    if questions.manifest().dimensions != d {
-        return Err(format!(
-            "the questions have {} dimensions, the documents {d}",
-            questions.manifest().dimensions
-        ));
-    }
+    let d = shared_dimensions(documents, questions)?;
     let mut pairs = Pairs {
         dimensions: d,
         ..Pairs::default()

@@ -12,9 +12,9 @@ use serde::Serialize;
 use mkflow_index::KnowledgeIndex;
 use mkflow_udfs::{Prompts, TextRole};
 
-use crate::adapter::data::{text_column, vectors};
+use crate::adapter::data::{shared_dimensions, text_column, vectors};
 use crate::adapter::train::mine_hard_negatives;
-use crate::mk::{CLUSTER_COLUMN, METADATA_COLUMN, QA_COLUMN};
+use crate::mk::{METADATA_COLUMN, is_document_column};
 use crate::support::SplitMix;
 
 /// One training question, as the trainer reads it (`examples.jsonl`).
@@ -67,7 +67,6 @@ pub struct DataOptions {
 /// Meta-Knowledge ones.
 fn document_text_columns(index: &KnowledgeIndex, wanted: &[String]) -> Result<Vec<String>, String> {
     let schema = index.schema();
-    let manifest = index.manifest();
     if !wanted.is_empty() {
         for name in wanted {
             if schema.field_with_name(name).is_err() {
@@ -80,17 +79,10 @@ fn document_text_columns(index: &KnowledgeIndex, wanted: &[String]) -> Result<Ve
         }
         return Ok(wanted.to_vec());
     }
-    let skipped = [
-        manifest.key_column.as_str(),
-        manifest.vector_column.as_str(),
-        METADATA_COLUMN,
-        QA_COLUMN,
-        CLUSTER_COLUMN,
-    ];
     let columns: Vec<String> = schema
         .fields()
         .iter()
-        .filter(|f| f.data_type().is_string() && !skipped.contains(&f.name().as_str()))
+        .filter(|f| f.data_type().is_string() && is_document_column(index, f.name()))
         .map(|f| f.name().clone())
         .collect();
     if columns.is_empty() {
@@ -142,13 +134,7 @@ pub fn read_training_set(
     options: &DataOptions,
 ) -> Result<TrainingData, String> {
     let manifest = documents.manifest();
-    let d = manifest.dimensions;
-    if questions.manifest().dimensions != d {
-        return Err(format!(
-            "the questions have {} dimensions, the documents {d}",
-            questions.manifest().dimensions
-        ));
-    }
+    let d = shared_dimensions(documents, questions)?;
     let columns = document_text_columns(documents, &options.text_columns)?;
     let mut set = TrainingData::default();
     let mut row_of: HashMap<String, usize> = HashMap::new();

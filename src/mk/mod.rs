@@ -52,6 +52,20 @@ pub const QA_COLUMN: &str = "qa";
 /// Document (and question) column holding the cluster key.
 pub const CLUSTER_COLUMN: &str = "cluster_name";
 
+/// Whether `column` of a Meta-Knowledge index's documents holds what they say (not the key, the
+/// vector or a column the prepare stage adds).
+pub fn is_document_column(documents: &KnowledgeIndex, column: &str) -> bool {
+    let manifest = documents.manifest();
+    ![
+        manifest.key_column.as_str(),
+        manifest.vector_column.as_str(),
+        METADATA_COLUMN,
+        QA_COLUMN,
+        CLUSTER_COLUMN,
+    ]
+    .contains(&column)
+}
+
 /// Most questions a summary is written from (an even sample beyond).
 const DIGEST_QUESTIONS: usize = 200;
 

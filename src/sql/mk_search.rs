@@ -46,7 +46,7 @@ use super::call_args::{CallArgs, int_arg, string_arg, table_arg};
 use super::filters::CompiledFilter;
 use super::vector_search::search_k;
 use crate::access::Access;
-use crate::mk::{CLUSTER_COLUMN, Cluster, METADATA_COLUMN, MkAttachment, QA_COLUMN, briefs, route_among};
+use crate::mk::{CLUSTER_COLUMN, Cluster, MkAttachment, briefs, is_document_column, route_among};
 use crate::support::batch_table::deferred_scan;
 use crate::support::{index_error, tag_call};
 use mkflow_index::{IndexError, KnowledgeIndex, TextQuery};
@@ -78,20 +78,12 @@ impl TableFunctionImpl for MkSearchFunction {
 
 /// Document columns carried into results (not the key, vector or Meta-Knowledge columns).
 fn document_fields(documents: &KnowledgeIndex) -> Vec<(usize, Field)> {
-    let manifest = documents.manifest();
-    let skipped = [
-        manifest.key_column.as_str(),
-        manifest.vector_column.as_str(),
-        METADATA_COLUMN,
-        QA_COLUMN,
-        CLUSTER_COLUMN,
-    ];
     documents
         .schema()
         .fields()
         .iter()
         .enumerate()
-        .filter(|(_, f)| !skipped.contains(&f.name().as_str()))
+        .filter(|(_, f)| is_document_column(documents, f.name()))
         .map(|(i, f)| (i, f.as_ref().clone().with_nullable(true)))
         .collect()
 }
