@@ -283,7 +283,7 @@ pub async fn train_laser(engine: &Engine, args: &LaserArgs) -> anyhow::Result<()
     }
     eprintln!(
         "the export reproduces the trained encoder (worst cosine {worst:.6}); installed as '{name}' in {}\n\
-         use it: mkflow --model {name} …, or a knowledge index with OPTIONS ('model' '{name}') (its documents are embedded anew)",
+         use it: mkflow --model {name} … (an index built in that session is embedded with it, and its searches too)",
         target.display()
     );
     Ok(())
