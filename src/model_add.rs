@@ -85,12 +85,19 @@ fn copy(from: &Path, to: &Path) -> Result<(), AddError> {
     })
 }
 
+/// Checks that `name` can be a model's directory under the mkflow home: letters, digits, '.',
+/// '-' and '_', not empty and not hidden.
+pub fn check_model_name(name: &str) -> Result<(), AddError> {
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+    if name.is_empty() || !name.chars().all(valid) || name.starts_with('.') {
+        return Err(AddError::Name(name.to_string()));
+    }
+    Ok(())
+}
+
 /// Registers `model` under `home`; returns its directory and what the test run gave.
 pub fn add_model(home: &Path, model: &NewModel) -> Result<(PathBuf, String), AddError> {
-    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
-    if model.name.is_empty() || !model.name.chars().all(valid) || model.name.starts_with('.') {
-        return Err(AddError::Name(model.name.clone()));
-    }
+    check_model_name(&model.name)?;
     let dir = home.join("models").join(&model.name);
     if dir.join(MODEL_SPEC_FILE).exists() || dir.join(RERANKER_SPEC_FILE).exists() {
         return Err(AddError::Exists {
@@ -217,6 +224,19 @@ fn stage(model: &NewModel, dir: &Path) -> Result<String, AddError> {
                 .embed_query("mkflow turns documents into a knowledge base")
                 .map_err(|e| AddError::Broken(e.to_string()))?;
             Ok(format!("test text embedded: {} dimensions", vector.len()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_name_is_a_plain_visible_directory_name() {
+        assert!(check_model_name("smol-laser_1.0").is_ok());
+        for bad in ["", ".hidden", "a/b", "../up", "with space"] {
+            assert!(matches!(check_model_name(bad), Err(AddError::Name(_))), "{bad:?}");
         }
     }
 }

@@ -165,13 +165,7 @@ pub async fn train_laser(engine: &Engine, args: &LaserArgs) -> anyhow::Result<()
         );
         format!("{base}-{}", args.kb)
     });
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-    {
-        bail!("model name '{name}' may hold only letters, digits, '.', '-' and '_'");
-    }
+    mkflow::model_add::check_model_name(&name)?;
     let target = home.join("models").join(&name);
     if target.exists() || engine.models().get(&name).is_some() {
         bail!(
