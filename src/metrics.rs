@@ -175,6 +175,8 @@ pub struct Metrics {
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     /// Last offset committed to the index per partition (the next offset to read).
     pub committed_offset: Family<PartitionLabels, Gauge>,
+    /// 1 while a partition holds records past the position but delivers none.
+    pub partition_stalled: Family<PartitionLabels, Gauge>,
     /// Time per UDF invocation (one batch of rows).
     pub udf_seconds: Histograms<UdfLabels>,
     /// Rows processed per UDF.
@@ -220,6 +222,7 @@ impl Metrics {
             stage_seconds: latency_family(),
             consumer_lag: Family::default(),
             committed_offset: Family::default(),
+            partition_stalled: Family::default(),
             udf_seconds: latency_family(),
             udf_rows: Family::default(),
             embedding_documents: Family::default(),
@@ -273,6 +276,11 @@ impl Metrics {
             "kafka_committed_offset",
             "Next offset to read, as committed with the index",
             m.committed_offset.clone(),
+        );
+        r.register(
+            "kafka_partition_stalled",
+            "1 while the partition holds records past the reader's position but delivers none for stall_timeout_ms",
+            m.partition_stalled.clone(),
         );
         r.register_with_unit(
             "udf_duration",
@@ -538,6 +546,7 @@ mod tests {
         };
         metrics.consumer_lag.get_or_create(&partition).set(1);
         metrics.committed_offset.get_or_create(&partition).set(1);
+        metrics.partition_stalled.get_or_create(&partition).set(1);
         let udf = UdfLabels { udf: "embed".into() };
         metrics.udf_seconds.get_or_create(&udf).observe(0.1);
         metrics.udf_rows.get_or_create(&udf).inc();

@@ -25,7 +25,9 @@ use datafusion::logical_expr::{DmlStatement, LogicalPlan, TableScan, WriteOp};
 use datafusion::physical_plan::collect;
 
 use crate::metrics::{self, PartitionLabels, PipelineLabels, StageLabels};
-use crate::sources::kafka::{BatchLimits, KafkaReader, KafkaTable, KafkaTopic, position_key, position_prefix};
+use crate::sources::kafka::{
+    BatchLimits, KafkaReader, KafkaTable, KafkaTopic, MicroBatch, StallChange, position_key, position_prefix,
+};
 use crate::sql::KbTable;
 use mkflow_index::{KnowledgeIndex, SourceOffsets};
 
@@ -36,6 +38,8 @@ pub enum PipelineState {
     Starting,
     /// A continuous statement has its partitions assigned and is consuming.
     Streaming,
+    /// Consuming, but a partition holds records it does not deliver (the reason names it).
+    Stalled(String),
     /// All statements finished.
     Finished,
     /// A statement failed with this error.
@@ -187,6 +191,9 @@ impl ContinuousInsert {
         control.set_state(pipeline, PipelineState::Streaming);
         let gauges = PartitionGauges::new(pipeline, &options.topic);
         gauges.record_committed(&self.resume_offsets());
+        for &partition in reader.partitions() {
+            gauges.record_stalled(partition, false);
+        }
         let metrics = PipelineMetrics::new(pipeline);
         let limits = BatchLimits {
             max_rows: options.max_batch_rows,
@@ -200,49 +207,104 @@ impl ContinuousInsert {
                 .next_batch(limits, &control.stop, control.until_caught_up)
                 .await?;
             metrics.stage("poll", polled.elapsed());
-            if batch.records.is_empty() {
-                if control.stopping() || (control.until_caught_up && reader.caught_up()) {
-                    break;
+            if !batch.records.is_empty() {
+                committed_rows += self.commit_batch(ctx, pipeline, &metrics, batch, &mut reader).await?;
+                gauges.record_committed(&self.resume_offsets());
+                if last_lag_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last_lag_check = Some(Instant::now());
+                    match reader.high_watermarks().await {
+                        Ok(high) => gauges.record_lag(&high, &self.resume_offsets()),
+                        Err(e) => log::warn!("pipeline {pipeline}: {e}"),
+                    }
                 }
-                continue;
             }
-            let started = Instant::now();
-            let (rows, refused) = kafka.decoder().decode(&batch.records)?;
-            metrics.decoded(batch.records.len(), refused.len());
-            if !refused.is_empty() {
-                log::warn!(
-                    "pipeline {pipeline}: {} bad records went to the dead_letters table",
-                    refused.len()
-                );
-                kafka.dead_letters().record(refused);
-            }
-            metrics.stage("decode", started.elapsed());
-            let executing = Instant::now();
-            let offsets = batch
-                .next_offsets
-                .iter()
-                .map(|(&p, &o)| (position_key(&options.topic, p), o))
-                .collect();
-            let written = self.execute(ctx, rows, offsets).await?;
-            metrics.stage("execute", executing.elapsed());
-            metrics.committed(written, started.elapsed());
-            committed_rows += written;
-            reader.commit_group_offsets(&batch.next_offsets, false);
-            gauges.record_committed(&batch.next_offsets);
-            if last_lag_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                last_lag_check = Some(Instant::now());
-                match reader.high_watermarks() {
-                    Ok(high) => gauges.record_lag(&high, &self.resume_offsets()),
-                    Err(e) => log::warn!("pipeline {pipeline}: {e}"),
-                }
+            self.report_stalls(pipeline, control, &gauges, &mut reader)?;
+            if control.stopping() || (control.until_caught_up && reader.settled()) {
+                break;
             }
         }
         let committed = self.resume_offsets();
         reader.commit_group_offsets(&committed, true);
-        if let Ok(high) = reader.high_watermarks() {
+        if let Ok(high) = reader.high_watermarks().await {
             gauges.record_lag(&high, &committed);
         }
         Ok(committed_rows)
+    }
+
+    /// Decodes a micro-batch (refused records to the dead letters), runs it through the
+    /// statement's plan and commits it with its offsets. Returns the rows written.
+    async fn commit_batch(
+        &self,
+        ctx: &SessionContext,
+        pipeline: &str,
+        metrics: &PipelineMetrics,
+        batch: MicroBatch,
+        reader: &mut KafkaReader,
+    ) -> Result<u64> {
+        let kafka = self.kafka();
+        let topic = &kafka.options().topic;
+        let started = Instant::now();
+        let (rows, refused) = kafka.decoder().decode(&batch.records)?;
+        metrics.decoded(batch.records.len(), refused.len());
+        if !refused.is_empty() {
+            log::warn!(
+                "pipeline {pipeline}: {} bad records went to the dead_letters table",
+                refused.len()
+            );
+            kafka.dead_letters().record(refused);
+        }
+        metrics.stage("decode", started.elapsed());
+        let executing = Instant::now();
+        let offsets = batch
+            .next_offsets
+            .iter()
+            .map(|(&p, &o)| (position_key(topic, p), o))
+            .collect();
+        let written = self.execute(ctx, rows, offsets).await?;
+        metrics.stage("execute", executing.elapsed());
+        metrics.committed(written, started.elapsed());
+        reader.commit_group_offsets(&batch.next_offsets, false);
+        Ok(written)
+    }
+
+    /// Logs stalls and recoveries, sets the stalled gauge and the pipeline's state; a batch
+    /// run (`--until-caught-up`) fails once nothing but stalled partitions is left to read.
+    fn report_stalls(
+        &self,
+        pipeline: &str,
+        control: &StreamControl,
+        gauges: &PartitionGauges,
+        reader: &mut KafkaReader,
+    ) -> Result<()> {
+        let topic = &self.kafka().options().topic;
+        let changes = reader.take_stall_changes();
+        for change in &changes {
+            match change {
+                StallChange::Stalled(stall) => {
+                    log::error!("pipeline {pipeline}: {}", stall.describe(topic));
+                    gauges.record_stalled(stall.partition, true);
+                }
+                StallChange::Recovered { partition } => {
+                    log::info!("pipeline {pipeline}: kafka topic '{topic}' partition {partition} delivers again");
+                    gauges.record_stalled(*partition, false);
+                }
+            }
+        }
+        let stalled: Vec<String> = reader.stalled().map(|s| s.describe(topic)).collect();
+        if control.until_caught_up && !stalled.is_empty() && reader.settled() {
+            return Err(DataFusionError::Execution(format!(
+                "pipeline {pipeline}: cannot catch up: {}",
+                stalled.join("; ")
+            )));
+        }
+        if !changes.is_empty() {
+            let state = match stalled.is_empty() {
+                true => PipelineState::Streaming,
+                false => PipelineState::Stalled(stalled.join("; ")),
+            };
+            control.set_state(pipeline, state);
+        }
+        Ok(())
     }
 
     /// Runs a micro-batch's rows through the statement's plan; the index commit stores
@@ -349,6 +411,13 @@ impl PartitionGauges {
                 .get_or_create(&self.labels(partition))
                 .set(offset);
         }
+    }
+
+    fn record_stalled(&self, partition: i32, stalled: bool) {
+        metrics::global()
+            .partition_stalled
+            .get_or_create(&self.labels(partition))
+            .set(i64::from(stalled));
     }
 
     fn record_lag(&self, high: &BTreeMap<i32, i64>, committed: &BTreeMap<i32, i64>) {

@@ -1,6 +1,11 @@
-//! Streaming ingestion against a real Kafka-compatible broker (tansu) and the real `mkflow`
-//! binary: exactly-once under SIGKILL, dead letters, and `mkflow serve` (HTTP SQL, auth,
-//! errors, Prometheus metrics, graceful shutdown).
+//! Streaming ingestion against real Kafka-protocol brokers and the real `mkflow` binary:
+//! exactly-once under repeated SIGKILL with a batching producer (librdkafka's mock cluster),
+//! dead letters, a partition that stops delivering (tansu, which cannot serve a fetch from inside
+//! a producer batch), and `mkflow serve` (HTTP SQL, auth, errors, Prometheus metrics, graceful
+//! shutdown).
+//!
+//! The kill soak's size comes from `MKFLOW_SOAK_KILLS` (default 6) and `MKFLOW_SOAK_DOCS`
+//! (default 300); `scripts/soak.sh` runs it large.
 
 mod common;
 #[path = "common/kafka.rs"]
@@ -27,11 +32,12 @@ const MALFORMED: [&str; 4] = [
     "[1, 2, 3]",
 ];
 
-/// `(doc_id, title)` of the first `n` sample documents.
+/// `(doc_id, title)` of `n` documents: the sample corpus's, then copies of them with new ids
+/// (`<id>-<round>`) when `n` exceeds it.
 fn sample_docs(n: usize) -> Vec<(String, String)> {
     let text = std::fs::read_to_string(common::sample_corpus()).unwrap();
-    text.lines()
-        .take(n)
+    let sample: Vec<(String, String)> = text
+        .lines()
         .map(|line| {
             let v: Value = serde_json::from_str(line).unwrap();
             (
@@ -39,36 +45,59 @@ fn sample_docs(n: usize) -> Vec<(String, String)> {
                 v["title"].as_str().unwrap().to_string(),
             )
         })
+        .collect();
+    (0..n)
+        .map(|i| {
+            let (id, title) = &sample[i % sample.len()];
+            match i / sample.len() {
+                0 => (id.clone(), title.clone()),
+                round => (format!("{id}-{round}"), format!("{title} ({round})")),
+            }
+        })
         .collect()
 }
 
-/// Produces the documents round-robin over `partitions`, with the malformed records (and one
-/// oversized record) spread among them; returns how many records were bad.
-async fn produce_docs(broker: &Broker, topic: &str, partitions: i32, docs: &[(String, String)]) -> usize {
-    let producer = broker.producer();
+/// The documents as `(partition, key, value)` records round-robin over `partitions`, with the
+/// malformed records (and one oversized record) spread among them; and how many were bad.
+fn doc_records(partitions: i32, docs: &[(String, String)]) -> (Vec<(i32, String, Vec<u8>)>, usize) {
+    let mut records = Vec::new();
     let mut bad = 0;
     for (i, (id, title)) in docs.iter().enumerate() {
+        let partition = i as i32 % partitions;
         let value = serde_json::json!({ "doc_id": id, "title": title, "body": "" }).to_string();
-        Broker::send(&producer, topic, i as i32 % partitions, id, value.as_bytes()).await;
+        records.push((partition, id.clone(), value.into_bytes()));
         if i % 37 == 5 {
             let record = MALFORMED[bad % MALFORMED.len()];
-            Broker::send(&producer, topic, i as i32 % partitions, "bad", record.as_bytes()).await;
+            records.push((partition, "bad".to_string(), record.as_bytes().to_vec()));
             bad += 1;
         }
     }
     let oversized = format!(r#"{{"doc_id": "huge", "title": "{}"}}"#, "x".repeat(10_000));
-    Broker::send(&producer, topic, 0, "huge", oversized.as_bytes()).await;
-    bad + 1
+    records.push((0, "huge".to_string(), oversized.into_bytes()));
+    (records, bad + 1)
 }
 
-fn pipeline(dir: &Path, servers: &str, topic: &str) -> PathBuf {
+/// Produces [`doc_records`] one record per batch (what tansu serves faithfully); returns how
+/// many records were bad.
+async fn produce_docs(broker: &Broker, topic: &str, partitions: i32, docs: &[(String, String)]) -> usize {
+    let producer = broker.producer();
+    let (records, bad) = doc_records(partitions, docs);
+    for (partition, key, value) in &records {
+        Broker::send(&producer, topic, *partition, key, value).await;
+    }
+    bad
+}
+
+/// A pipeline file `<topic>.sql` streaming `topic` into index `kb`; `options` are extra
+/// `STORED AS KAFKA` options (`, 'key' 'value'` pairs).
+fn pipeline_with(dir: &Path, servers: &str, topic: &str, options: &str) -> PathBuf {
     let path = dir.join(format!("{topic}.sql"));
     std::fs::write(
         &path,
         format!(
             "CREATE EXTERNAL TABLE {topic} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
              STORED AS KAFKA LOCATION 'kafka://{servers}/{topic}'
-             OPTIONS ('max_batch_rows' '16', 'linger_ms' '20', 'max_record_bytes' '4096');
+             OPTIONS ('max_batch_rows' '16', 'linger_ms' '20', 'max_record_bytes' '4096'{options});
              CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR,
                kafka_partition INT, kafka_offset BIGINT) STORED AS KB LOCATION 'kb';
              INSERT INTO kb SELECT doc_id, title, kafka_partition, kafka_offset, embed(title) FROM {topic};"
@@ -78,19 +107,25 @@ fn pipeline(dir: &Path, servers: &str, topic: &str) -> PathBuf {
     path
 }
 
+fn pipeline(dir: &Path, servers: &str, topic: &str) -> PathBuf {
+    pipeline_with(dir, servers, topic, "")
+}
+
 /// Rows committed to the index in `dir`, as its manifest says (0 before the first commit).
 fn committed_rows(dir: &Path) -> usize {
     Manifest::read(dir).ok().flatten().map(|m| m.rows).unwrap_or(0)
 }
 
-/// Waits until `ready` or the child exits; then SIGKILLs it. Returns whether it was killed.
-fn kill_when(mut child: Child, ready: impl Fn() -> bool) -> bool {
+/// Waits until `ready` or the child exits; then, after `delay`, SIGKILLs it. Returns whether it
+/// was killed.
+fn kill_when(mut child: Child, delay: Duration, ready: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if child.try_wait().unwrap().is_some() {
             return false;
         }
         if ready() {
+            std::thread::sleep(delay);
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
             return true;
@@ -100,12 +135,23 @@ fn kill_when(mut child: Child, ready: impl Fn() -> bool) -> bool {
     }
 }
 
+/// A positive integer from the environment, else `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v} is not a count")),
+        Err(_) => default,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_ingestion_is_exactly_once_across_sigkill_restarts() {
-    let broker = Broker::start();
+    let kills_wanted = env_count("MKFLOW_SOAK_KILLS", 6);
+    let docs = sample_docs(env_count("MKFLOW_SOAK_DOCS", 300));
+    let broker = Broker::mock();
     broker.create_topic("papers", 3).await;
-    let docs = sample_docs(240);
-    let bad = produce_docs(&broker, "papers", 3, &docs).await;
+    // An ordinary batching producer: a restart resumes inside a producer batch.
+    let (records, bad) = doc_records(3, &docs);
+    Broker::send_all(&broker.batching_producer(), "papers", &records).await;
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
     let pipeline = pipeline(work.path(), &broker.servers, "papers");
@@ -120,20 +166,33 @@ async fn kafka_ingestion_is_exactly_once_across_sigkill_restarts() {
             .unwrap()
     };
 
-    // Kill the ingesting process at several points: right after start (maybe before any
-    // commit), and twice mid-stream, as soon as the index reaches a row count.
+    // Kill the ingesting process right after start (maybe before any commit), then each time
+    // the index reaches the next of evenly spaced row counts, a varying moment after that
+    // commit (so kills land in decoding, embedding and committing alike).
     let started = Instant::now();
-    kill_when(run(), || started.elapsed() > Duration::from_millis(1500));
-    let mut kills = 0;
-    for threshold in [40, 130] {
+    kill_when(run(), Duration::ZERO, || {
+        started.elapsed() > Duration::from_millis(1500)
+    });
+    let mut kills = 1;
+    for k in 1..kills_wanted {
+        let threshold = docs.len() * 4 * k / (5 * kills_wanted);
         let before = committed_rows(&kb);
-        if kill_when(run(), || committed_rows(&kb) >= threshold.max(before + 1)) {
+        let delay = Duration::from_millis((k as u64 * 37) % 120);
+        if kill_when(run(), delay, || committed_rows(&kb) >= threshold.max(before + 1)) {
             kills += 1;
         }
     }
-    assert_eq!(kills, 2, "both mid-stream kills happened before the topic was drained");
+    assert_eq!(
+        kills, kills_wanted,
+        "every mid-stream kill happened before the topic was drained"
+    );
     let status = run().wait().unwrap();
     assert!(status.success(), "the final run drains the topic: {status}");
+    eprintln!(
+        "kill soak: {} documents and {bad} bad records in 3 partitions, {kills} SIGKILLs, {:.1} s",
+        docs.len(),
+        started.elapsed().as_secs_f64()
+    );
 
     // Exactly the N documents, once each.
     let index = KnowledgeIndex::open(&kb).unwrap();
@@ -184,6 +243,106 @@ async fn kafka_ingestion_is_exactly_once_across_sigkill_restarts() {
         .zip(common::strings(&letters, "position"))
         .collect();
     assert_eq!(positions.len(), bad, "each dead letter recorded once");
+}
+
+/// Produces `docs` to partition 0 of `topic` with a batching producer.
+async fn produce_to_one_partition(broker: &Broker, topic: &str, docs: &[(String, String)]) {
+    let records: Vec<(i32, String, Vec<u8>)> = docs
+        .iter()
+        .map(|(id, title)| {
+            let value = serde_json::json!({ "doc_id": id, "title": title }).to_string();
+            (0, id.clone(), value.into_bytes())
+        })
+        .collect();
+    Broker::send_all(&broker.batching_producer(), topic, &records).await;
+}
+
+/// `GET /readyz` until pipeline `name`'s state starts with `prefix`; returns the status and
+/// the state.
+async fn wait_for_state(server: &Server, name: &str, prefix: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = server.get("/readyz").await;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        if let Some(state) = body["pipelines"][name].as_str()
+            && state.starts_with(prefix)
+        {
+            return (status, state.to_string());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pipeline {name} never became {prefix}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A broker that keeps records and reports their high watermark but serves none (every fetch
+/// answered with a storage error): `mkflow serve` reports the stalled partition in `/readyz`
+/// and `/metrics` and recovers when the broker does; `mkflow run --until-caught-up` exits with
+/// an error naming the partition instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_stops_delivering_is_reported_not_waited_on() {
+    let broker = Broker::mock();
+    broker.create_topic("stuck", 1).await;
+    let docs = sample_docs(30);
+    produce_to_one_partition(&broker, "stuck", &docs[..20]).await;
+    broker.fail_fetches();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    let pipeline = pipeline_with(work.path(), &broker.servers, "stuck", ", 'stall_timeout_ms' '1500'");
+    let stalled_gauge = r#"mkflow_kafka_partition_stalled{pipeline="stuck",topic="stuck",partition="0"}"#;
+
+    let server = Server::start(mkflow(&data), &["--pipeline", pipeline.to_str().unwrap()]).await;
+    let (status, state) = wait_for_state(&server, "stuck", "stalled").await;
+    assert_eq!(status, 503, "{state}");
+    assert!(
+        state.contains("partition 0 is stalled: position 0, high watermark 20"),
+        "{state}"
+    );
+    let text = server.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&text, stalled_gauge), Some(1.0), "{text}");
+
+    // The broker recovers: the pipeline ingests everything and is ready again.
+    broker.heal_fetches();
+    let (status, _) = wait_for_state(&server, "stuck", "streaming").await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while committed_rows(&data.join("kb")) < 20 {
+        assert!(Instant::now() < deadline, "the recovered partition was not ingested");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = server.get("/metrics").await.text().await.unwrap();
+    assert_eq!(metric(&text, stalled_gauge), Some(0.0), "{text}");
+    drop(server);
+
+    produce_to_one_partition(&broker, "stuck", &docs[20..]).await;
+    broker.fail_fetches();
+    let mut child = mkflow(&data)
+        .args(["run", "--until-caught-up"])
+        .arg(&pipeline)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "mkflow run --until-caught-up waits forever on a stalled partition"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a run that cannot catch up fails: {stderr}");
+    assert!(
+        stderr.contains("cannot catch up") && stderr.contains("partition 0 is stalled: position 20, high watermark 30"),
+        "{stderr}"
+    );
+    assert_eq!(committed_rows(&data.join("kb")), 20);
+    broker.heal_fetches();
 }
 
 const TOKEN: &str = "test-token-123";

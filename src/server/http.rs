@@ -372,6 +372,7 @@ async fn ready(State(state): State<AppState>) -> Response {
             Some(PipelineState::Streaming) => ("streaming".to_string(), true),
             Some(PipelineState::Finished) => ("finished".to_string(), true),
             Some(PipelineState::Failed(e)) => (format!("failed: {e}"), false),
+            Some(PipelineState::Stalled(e)) => (format!("stalled: {e}"), false),
             Some(PipelineState::Starting) | None => ("starting".to_string(), false),
         };
         ready &= ok;

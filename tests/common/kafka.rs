@@ -1,10 +1,17 @@
 #![allow(dead_code)]
 
-//! A real Kafka-compatible broker for the streaming tests: `tansu` (Apache Kafka protocol,
-//! in-memory storage) on a free loopback port. The binary comes from `$MKFLOW_TANSU`, else
-//! `<mkflow home>/tansu/bin/tansu`, else `PATH`; when none exists `scripts/install-tansu.sh`
-//! installs it into the mkflow home (once per machine, ~18 min on 2 cores; `.ci/run` does it up
-//! front).
+//! Real Kafka-protocol brokers for the streaming tests, on free loopback ports:
+//!
+//! - [`Broker::mock`]: librdkafka's own mock cluster, run inside the test process (other
+//!   processes — the `mkflow` binary — connect to it like to any broker). It serves fetches that
+//!   start inside a producer batch, so restart tests use it with batching producers.
+//! - [`Broker::start`]: `tansu` (Apache Kafka protocol, in-memory storage). tansu 0.6 returns
+//!   nothing for a fetch that starts inside a producer batch, so it is used where that cannot
+//!   happen (one record per batch, or reads from offset 0) — and where a broker that holds
+//!   records it does not serve is wanted (stall detection). The binary comes from
+//!   `$MKFLOW_TANSU`, else `<mkflow home>/tansu/bin/tansu`, else `PATH`; when none exists
+//!   `scripts/install-tansu.sh` installs it into the mkflow home (once per machine, ~18 min on 2
+//!   cores; `.ci/run` does it up front).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -15,8 +22,10 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 static INSTALL: Mutex<()> = Mutex::new(());
 
@@ -48,17 +57,27 @@ pub fn tansu_binary() -> PathBuf {
     installed
 }
 
+/// What runs the broker.
+enum Backend {
+    /// A tansu process.
+    Tansu(Child),
+    /// librdkafka's mock cluster in this process.
+    Mock(MockCluster<'static, DefaultProducerContext>),
+}
+
 /// A running broker, stopped on drop.
 pub struct Broker {
-    child: Child,
+    backend: Backend,
     /// `host:port` of its listener.
     pub servers: String,
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Backend::Tansu(child) = &mut self.backend {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -86,13 +105,28 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(50));
         }
         Broker {
-            child,
+            backend: Backend::Tansu(child),
             servers: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Starts librdkafka's mock cluster (one broker) in this process.
+    pub fn mock() -> Broker {
+        let cluster = MockCluster::new(1).expect("librdkafka's mock cluster starts");
+        Broker {
+            servers: cluster.bootstrap_servers(),
+            backend: Backend::Mock(cluster),
         }
     }
 
     /// Creates `topic` with `partitions` partitions.
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        if let Backend::Mock(cluster) = &self.backend {
+            cluster
+                .create_topic(topic, partitions, 1)
+                .unwrap_or_else(|e| panic!("creating topic {topic}: {e}"));
+            return;
+        }
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.servers)
             .create()
@@ -116,6 +150,60 @@ impl Broker {
             .set("linger.ms", "0")
             .create()
             .unwrap()
+    }
+
+    /// An ordinary batching producer (`linger.ms` 20): records sent together share a batch.
+    pub fn batching_producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("linger.ms", "20")
+            .create()
+            .unwrap()
+    }
+
+    /// Sends every `(partition, key, value)` at once (batched by `producer`), then waits for
+    /// all of them.
+    pub async fn send_all(producer: &FutureProducer, topic: &str, records: &[(i32, String, Vec<u8>)]) {
+        let sends = records.iter().map(|(partition, key, value)| {
+            producer.send(
+                FutureRecord::to(topic).partition(*partition).key(key).payload(value),
+                Duration::from_secs(30),
+            )
+        });
+        for result in futures::future::join_all(sends).await {
+            result.unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+        }
+    }
+
+    /// Makes the (mock) broker answer every fetch with a storage error until
+    /// [`Broker::heal_fetches`]: it keeps the records and reports their high watermark, but
+    /// serves none of them.
+    pub fn fail_fetches(&self) {
+        let Backend::Mock(cluster) = &self.backend else {
+            panic!("only the mock cluster injects errors")
+        };
+        let errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_KAFKA_STORAGE_ERROR; 1_000_000];
+        cluster.request_errors(RDKafkaApiKey::Fetch, &errors);
+    }
+
+    /// Undoes [`Broker::fail_fetches`].
+    pub fn heal_fetches(&self) {
+        if let Backend::Mock(cluster) = &self.backend {
+            cluster.clear_request_errors(RDKafkaApiKey::Fetch);
+        }
+    }
+
+    /// Commits `offset` as consumer group `group`'s position in `partition` of `topic`.
+    pub fn commit_group_offset(&self, group: &str, topic: &str, partition: i32, offset: i64) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.servers)
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
+            .unwrap();
+        consumer.commit(&list, CommitMode::Sync).unwrap();
     }
 
     /// Sends `value` (keyed by `key`) to `partition` of `topic`.

@@ -3,6 +3,7 @@
 //! index holds.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::options::{KafkaOptions, StartFrom};
+use super::stall::{Stall, StallChange, StallWatch};
 
 /// How long one wait for a record lasts before the reader checks for shutdown and linger.
 const POLL_SLICE: Duration = Duration::from_millis(100);
@@ -73,11 +75,13 @@ impl ConsumerContext for ReaderContext {}
 
 /// A consumer of one topic's assigned partitions.
 pub struct KafkaReader {
-    consumer: StreamConsumer<ReaderContext>,
+    consumer: Arc<StreamConsumer<ReaderContext>>,
     options: KafkaOptions,
     partitions: Vec<i32>,
     /// Partitions read up to their end (reset by any new record).
     at_end: BTreeSet<i32>,
+    /// Partitions that hold records past the position but deliver none.
+    stalls: StallWatch,
 }
 
 impl std::fmt::Debug for KafkaReader {
@@ -179,11 +183,13 @@ impl KafkaReader {
         consumer
             .assign(&assignment)
             .map_err(|e| kafka_error("cannot assign partitions", options, e))?;
+        let positions = start_positions(&consumer, options, &partitions, resume);
         Ok(KafkaReader {
-            consumer,
+            consumer: Arc::new(consumer),
             options: options.clone(),
             partitions,
             at_end: BTreeSet::new(),
+            stalls: StallWatch::new(options.stall_timeout, positions),
         })
     }
 
@@ -204,23 +210,55 @@ impl KafkaReader {
         self.at_end.len() == self.partitions.len()
     }
 
+    /// Whether every assigned partition has been read to its end or is stalled: nothing more
+    /// will come without a change at the broker.
+    pub fn settled(&self) -> bool {
+        self.partitions
+            .iter()
+            .all(|p| self.at_end.contains(p) || self.stalls.is_stalled(*p))
+    }
+
+    /// The partitions stalled now (see [`StallWatch`]).
+    pub fn stalled(&self) -> impl Iterator<Item = &Stall> {
+        self.stalls.stalled()
+    }
+
+    /// Partitions found stalled, or delivering again, since the last call.
+    pub fn take_stall_changes(&mut self) -> Vec<StallChange> {
+        self.stalls.take_changes()
+    }
+
     /// Reads the next micro-batch: returns when it holds `max_rows` records, when `linger` has
-    /// passed since its first record, when `stop` is set, or — with `until_caught_up` — when
-    /// every partition has been read to its end. May return an empty batch.
+    /// passed since its first record, when `stop` is set, when a partition is newly found
+    /// stalled or delivers again, or — with `until_caught_up` — when every partition has been read to its end (or
+    /// is stalled). May return an empty batch.
     pub async fn next_batch(
         &mut self,
         limits: BatchLimits,
         stop: &AtomicBool,
         until_caught_up: bool,
     ) -> Result<MicroBatch> {
+        self.stalls.resume(Instant::now());
+        let batch = self.poll_batch(limits, stop, until_caught_up).await;
+        self.stalls.pause(Instant::now());
+        Ok(batch)
+    }
+
+    async fn poll_batch(&mut self, limits: BatchLimits, stop: &AtomicBool, until_caught_up: bool) -> MicroBatch {
         let mut batch = MicroBatch::default();
         let mut first_at: Option<Instant> = None;
         loop {
             if batch.records.len() >= limits.max_rows || stop.load(Ordering::Relaxed) {
                 break;
             }
-            if until_caught_up && self.caught_up() {
+            if until_caught_up && self.settled() {
                 break;
+            }
+            if self.stalls.due(Instant::now()) {
+                self.check_stalls().await;
+                if self.stalls.has_changes() {
+                    break;
+                }
             }
             let wait = match first_at {
                 Some(t) => match limits.linger.checked_sub(t.elapsed()) {
@@ -234,6 +272,7 @@ impl KafkaReader {
                 Ok(Ok(message)) => {
                     let partition = message.partition();
                     self.at_end.remove(&partition);
+                    self.stalls.delivered(partition, message.offset() + 1);
                     batch.next_offsets.insert(partition, message.offset() + 1);
                     batch.records.push(KafkaRecord {
                         partition,
@@ -246,6 +285,7 @@ impl KafkaReader {
                 }
                 Ok(Err(KafkaError::PartitionEOF(partition))) => {
                     self.at_end.insert(partition);
+                    self.stalls.reached_end(partition);
                 }
                 Ok(Err(e)) => {
                     // librdkafka retries transient errors itself; report and keep reading.
@@ -253,7 +293,16 @@ impl KafkaReader {
                 }
             }
         }
-        Ok(batch)
+        batch
+    }
+
+    /// Compares positions with high watermarks (an unreachable broker skips the check: its
+    /// errors are logged by librdkafka, and a stall needs a known high watermark).
+    async fn check_stalls(&mut self) {
+        match self.high_watermarks().await {
+            Ok(high) => self.stalls.check(&high, Instant::now()),
+            Err(e) => log::warn!("{e}"),
+        }
     }
 
     /// Records `next_offsets` as the consumer group's committed offsets (for lag monitoring;
@@ -278,18 +327,76 @@ impl KafkaReader {
         }
     }
 
-    /// Each assigned partition's high watermark (offset after its last record).
-    pub fn high_watermarks(&self) -> Result<BTreeMap<i32, i64>> {
-        self.partitions
-            .iter()
-            .map(|&p| {
-                self.consumer
-                    .fetch_watermarks(&self.options.topic, p, METADATA_TIMEOUT)
-                    .map(|(_, high)| (p, high))
-                    .map_err(|e| kafka_error("cannot fetch watermarks", &self.options, e))
-            })
-            .collect()
+    /// Each assigned partition's high watermark (offset after its last record), asked of the
+    /// broker off the async executor.
+    pub async fn high_watermarks(&self) -> Result<BTreeMap<i32, i64>> {
+        let consumer = self.consumer.clone();
+        let options = self.options.clone();
+        let partitions = self.partitions.clone();
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .iter()
+                .map(|&p| {
+                    consumer
+                        .fetch_watermarks(&options.topic, p, METADATA_TIMEOUT)
+                        .map(|(_, high)| (p, high))
+                        .map_err(|e| kafka_error("cannot fetch watermarks", &options, e))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| DataFusionError::External(Box::new(e)))?
     }
+}
+
+/// The offset each partition starts at, for stall detection: the resume offset, else what the
+/// `start` option resolves to now (`None` where it is the partition's end, or unknown).
+fn start_positions(
+    consumer: &StreamConsumer<ReaderContext>,
+    options: &KafkaOptions,
+    partitions: &[i32],
+    resume: &BTreeMap<i32, i64>,
+) -> Vec<(i32, Option<i64>)> {
+    let low = |p: i32| {
+        consumer
+            .fetch_watermarks(&options.topic, p, METADATA_TIMEOUT)
+            .ok()
+            .map(|(low, _)| low)
+    };
+    let resets_to_earliest = options
+        .client
+        .get("auto.offset.reset")
+        .is_none_or(|r| matches!(r.as_str(), "earliest" | "smallest" | "beginning"));
+    let committed = || {
+        let mut list = TopicPartitionList::new();
+        for &p in partitions {
+            list.add_partition(&options.topic, p);
+        }
+        consumer.committed_offsets(list, METADATA_TIMEOUT).ok()
+    };
+    let committed = (options.start == StartFrom::Committed).then(committed).flatten();
+    partitions
+        .iter()
+        .map(|&p| {
+            let position = match resume.get(&p) {
+                Some(&next) => Some(next),
+                None => match options.start {
+                    StartFrom::Earliest => low(p),
+                    StartFrom::Latest => None,
+                    StartFrom::Committed => match committed
+                        .as_ref()
+                        .and_then(|c| c.find_partition(&options.topic, p))
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(o)) => Some(o),
+                        _ if resets_to_earliest => low(p),
+                        _ => None,
+                    },
+                },
+            };
+            (p, position)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -375,6 +482,63 @@ mod tests {
 
     fn options_with_partitions(servers: &str) -> KafkaOptions {
         options(servers, "docs", &[("partitions", "1")])
+    }
+
+    #[tokio::test]
+    async fn a_partition_that_serves_nothing_is_found_stalled_from_the_committed_offset() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("docs", 2, 1).unwrap();
+        let servers = cluster.bootstrap_servers();
+        let records: Vec<(i32, String)> = (0..12).map(|i| (i % 2, format!("{{\"n\": {i}}}"))).collect();
+        produce(&servers, "docs", &records).await;
+        let group: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("group.id", "g")
+            .create()
+            .unwrap();
+        let mut committed = TopicPartitionList::new();
+        committed.add_partition_offset("docs", 1, Offset::Offset(2)).unwrap();
+        group.commit(&committed, CommitMode::Sync).unwrap();
+        // The broker keeps the records but answers every fetch with an error.
+        cluster.request_errors(
+            RDKafkaApiKey::Fetch,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_KAFKA_STORAGE_ERROR; 100_000],
+        );
+        let options = options(
+            &servers,
+            "docs",
+            &[("start", "committed"), ("group.id", "g"), ("stall_timeout_ms", "300")],
+        );
+        let mut reader = KafkaReader::open(&options, &BTreeMap::new()).unwrap();
+        let limits = BatchLimits {
+            max_rows: 10,
+            linger: Duration::from_millis(50),
+        };
+        let stop = AtomicBool::new(false);
+        let started = Instant::now();
+        while !reader.settled() {
+            assert!(started.elapsed() < Duration::from_secs(20), "no stall found");
+            let batch = reader.next_batch(limits, &stop, true).await.unwrap();
+            assert!(batch.records.is_empty());
+        }
+        let stalls: Vec<(i32, i64, i64)> = reader
+            .stalled()
+            .map(|s| (s.partition, s.position, s.high_watermark))
+            .collect();
+        // Partition 0 has no committed offset: it starts at the earliest record.
+        assert_eq!(stalls, vec![(0, 0, 6), (1, 2, 6)]);
+        assert_eq!(reader.take_stall_changes().len(), 2);
+        // The broker recovers: the reader delivers what was held and clears the stalls.
+        cluster.clear_request_errors(RDKafkaApiKey::Fetch);
+        let mut read = 0;
+        while read < 10 || reader.stalled().count() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(40), "no recovery ({read} read)");
+            read += reader.next_batch(limits, &stop, false).await.unwrap().records.len();
+        }
+        assert_eq!(read, 10);
+        assert_eq!(reader.take_stall_changes().len(), 2);
     }
 
     #[tokio::test]

@@ -5,14 +5,17 @@
 //! - [`options`]: `LOCATION` and `OPTIONS` (librdkafka properties pass through);
 //! - [`consumer`]: micro-batch reads from explicitly assigned partitions and resume offsets;
 //! - [`decode`]: records to rows and dead letters;
+//! - [`stall`]: noticing a partition that holds records but delivers none;
 //! - [`table`]: the table provider (a `SELECT` reads the topic up to its current end).
 
 pub mod consumer;
 pub mod decode;
 pub mod options;
+pub mod stall;
 pub mod table;
 
 pub use consumer::{BatchLimits, KafkaReader, KafkaRecord, MicroBatch};
 pub use decode::RecordDecoder;
 pub use options::{KafkaOptions, StartFrom, position_key, position_prefix};
+pub use stall::{Stall, StallChange};
 pub use table::{KAFKA_FORMAT, KafkaFactory, KafkaTable, KafkaTopic};

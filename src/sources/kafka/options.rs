@@ -17,13 +17,14 @@ pub enum StartFrom {
 }
 
 /// mkflow's own options (keys without a dot); every key with a dot goes to librdkafka.
-pub const KNOWN_OPTIONS: [&str; 6] = [
+pub const KNOWN_OPTIONS: [&str; 7] = [
     "start",
     "partitions",
     "max_batch_rows",
     "linger_ms",
     "max_record_bytes",
     "scan_timeout_ms",
+    "stall_timeout_ms",
 ];
 
 /// A Kafka table's settings.
@@ -45,6 +46,9 @@ pub struct KafkaOptions {
     pub max_record_bytes: usize,
     /// How long a `SELECT` over the topic waits for the broker before giving up.
     pub scan_timeout: Duration,
+    /// How long a partition may hold records past the reader's position without delivering
+    /// one before it is reported stalled.
+    pub stall_timeout: Duration,
 }
 
 /// Default group id (consumer-group offsets are committed for lag monitoring only).
@@ -80,6 +84,7 @@ impl KafkaOptions {
             linger: Duration::from_millis(200),
             max_record_bytes: 1 << 20,
             scan_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
         };
         for (key, value) in options {
             let bare = key.strip_prefix("format.").unwrap_or(key);
@@ -122,6 +127,7 @@ impl KafkaOptions {
                 "linger_ms" => parsed.linger = Duration::from_millis(number(bare)?),
                 "max_record_bytes" => parsed.max_record_bytes = number(bare)? as usize,
                 "scan_timeout_ms" => parsed.scan_timeout = Duration::from_millis(number(bare)?),
+                "stall_timeout_ms" => parsed.stall_timeout = Duration::from_millis(number(bare)?),
                 other => {
                     return Err(plan_error(format!(
                         "unknown option '{other}' for STORED AS KAFKA (mkflow options: {}; librdkafka properties contain a dot, e.g. 'bootstrap.servers')",
@@ -181,6 +187,7 @@ mod tests {
                 ("format.partitions", "1, 3"),
                 ("format.start", "latest"),
                 ("linger_ms", "50"),
+                ("stall_timeout_ms", "2500"),
                 ("security.protocol", "plaintext"),
             ]),
         )
@@ -190,6 +197,7 @@ mod tests {
         assert_eq!(o.partitions, Some(vec![1, 3]));
         assert_eq!(o.start, StartFrom::Latest);
         assert_eq!(o.linger, Duration::from_millis(50));
+        assert_eq!(o.stall_timeout, Duration::from_millis(2500));
         assert_eq!(o.client["security.protocol"], "plaintext");
         assert_eq!(o.client["group.id"], DEFAULT_GROUP_ID);
         assert_eq!(o.position_key(3), "kafka:papers:3");

@@ -115,6 +115,9 @@ impl Scan {
             linger: self.topic.options.linger,
         };
         let batch = reader.next_batch(limits, &NEVER_STOP, true).await?;
+        if let Some(stall) = reader.stalled().next() {
+            return Err(DataFusionError::Execution(stall.describe(&self.topic.options.topic)));
+        }
         let (decoded, refused) = self.topic.decoder.decode(&batch.records)?;
         self.topic.dead_letters.record(refused);
         Ok(Some(decoded))
