@@ -316,9 +316,50 @@ async fn questions_clusters_and_summaries_follow_two_batches() {
         .unwrap();
     assert_eq!(single_int(&own), 0);
 
+    // The metadata clusters were kept by the commits (adds, a replay, a delete) alone: they
+    // match the rows exactly, and the centroids a full scan computes on reopening.
+    let incremental = metadata_shapes(&engine).await;
+    let documents_per_cluster = engine
+        .sql("SELECT cluster_name, count(*) AS n FROM scifact_mk WHERE cluster_name IS NOT NULL GROUP BY cluster_name")
+        .await
+        .unwrap();
+    let questions_per_cluster = engine
+        .sql("SELECT coalesce(cluster_name, '') AS cluster_name, count(*) AS n FROM scifact_mk_questions GROUP BY 1")
+        .await
+        .unwrap();
+    for (batches, which) in [(&documents_per_cluster, 0), (&questions_per_cluster, 1)] {
+        let counted: HashMap<String, i64> = strings(batches, "cluster_name")
+            .into_iter()
+            .zip(batches.iter().flat_map(|b| {
+                let n = b
+                    .column_by_name("n")
+                    .unwrap()
+                    .as_primitive::<datafusion::arrow::datatypes::Int64Type>();
+                n.values().to_vec()
+            }))
+            .collect();
+        let kept: HashMap<String, i64> = incremental
+            .iter()
+            .map(|(name, shape)| (name.clone(), [shape.0, shape.1][which] as i64))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        assert_eq!(kept, counted, "{}", ["documents", "questions"][which]);
+    }
+
     // Reopened from disk, the questions and clusters are still there.
     drop(engine);
     let engine = common::engine(&dir.path().join("data")).await;
+    let rescanned = metadata_shapes(&engine).await;
+    assert_eq!(rescanned.len(), incremental.len());
+    for (name, (documents, questions, centroid)) in &incremental {
+        let (d, q, c) = &rescanned[name];
+        assert_eq!((documents, questions), (d, q), "{name}");
+        let cosine: f32 = centroid.iter().zip(c).map(|(a, b)| a * b).sum();
+        assert!(
+            centroid.is_empty() && c.is_empty() || cosine > 0.9999,
+            "{name}: {cosine}"
+        );
+    }
     let reopened = clusters(&engine, "metadata").await;
     assert_eq!(
         reopened.values().map(|(_, v)| *v).collect::<Vec<_>>().len(),
@@ -330,6 +371,32 @@ async fn questions_clusters_and_summaries_follow_two_batches() {
         "topics read back"
     );
     assert!(count_rows(&engine, "SELECT * FROM scifact_mk_questions").await > 0);
+}
+
+/// Metadata cluster → (documents, questions, centroid).
+async fn metadata_shapes(engine: &Engine) -> HashMap<String, (u64, u64, Vec<f32>)> {
+    let batches = engine
+        .sql("SELECT cluster_name, documents, questions, centroid FROM scifact_mk_clusters WHERE kind = 'metadata'")
+        .await
+        .unwrap();
+    let centroids = batches.iter().flat_map(|b| {
+        let column = b.column_by_name("centroid").unwrap();
+        let values = mkflow_index::vector_values(column);
+        let dims = values.len() / column.len().max(1);
+        (0..column.len())
+            .map(|i| match column.is_null(i) {
+                true => Vec::new(),
+                false => values[i * dims..(i + 1) * dims].to_vec(),
+            })
+            .collect::<Vec<_>>()
+    });
+    let names = strings(&batches, "cluster_name");
+    let sizes = u64s(&batches, "documents").into_iter().zip(u64s(&batches, "questions"));
+    names
+        .into_iter()
+        .zip(sizes.zip(centroids))
+        .map(|(n, ((d, q), c))| (n, (d, q, c)))
+        .collect()
 }
 
 async fn count_rows(engine: &Engine, sql: &str) -> usize {

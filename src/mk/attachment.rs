@@ -66,23 +66,18 @@ impl MkAttachment {
     }
 
     /// Removes the questions of deleted documents, then updates clusters and summaries.
-    pub async fn forget(
-        &self,
-        documents: &Arc<KnowledgeIndex>,
-        deleted: HashSet<String>,
-        context: &TaskContext,
-    ) -> Result<()> {
+    pub async fn forget(&self, deleted: HashSet<String>, context: &TaskContext) -> Result<()> {
         let mk = self.index.clone();
         blocking(move || mk.remove_questions_of(&deleted).map(drop)).await?;
-        self.refresh(documents, context).await
+        self.refresh(context).await
     }
 
     /// Recomputes the clusters after the documents changed, and rewrites the summaries the
     /// change made stale.
-    pub async fn refresh(&self, documents: &Arc<KnowledgeIndex>, context: &TaskContext) -> Result<()> {
+    pub async fn refresh(&self, context: &TaskContext) -> Result<()> {
         let options = MkOptions::of(context.session_config().options());
-        let (mk, docs, policy) = (self.index.clone(), documents.clone(), topic_policy(&options));
-        blocking(move || mk.refresh_clusters(&docs, policy)).await?;
+        let (mk, policy) = (self.index.clone(), topic_policy(&options));
+        blocking(move || mk.refresh_clusters(policy)).await?;
         self.refresh_summaries(&options).await
     }
 

@@ -1,16 +1,13 @@
-//! Clusters of a Meta-Knowledge index: sizes and centroids (of the metadata clusters,
-//! recomputed from the questions after every commit, which is cheap; topics keep theirs, see
-//! [`super::topics`]) and summaries (expensive, so persisted and rewritten
+//! Clusters of a Meta-Knowledge index: sizes and centroids (the metadata clusters' kept by
+//! running totals, see [`super::tally`]; topics keep theirs, see [`super::topics`]) and summaries (expensive, so persisted and rewritten
 //! only when a cluster has changed enough or its summary grew old).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::DataType;
 use serde::{Deserialize, Serialize};
 
-use mkflow_index::{IndexError, vector_values};
+use mkflow_index::IndexError;
 use mkflow_udfs::mk::ClusterKind;
 
 /// When a summary is rewritten.
@@ -116,7 +113,7 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), IndexError
         })
 }
 
-/// A cluster's size and centroid, as computed from the rows.
+/// A metadata cluster's size and centroid.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ClusterShape {
     /// Documents in the cluster.
@@ -125,59 +122,4 @@ pub struct ClusterShape {
     pub questions: usize,
     /// Normalised mean of the question vectors (empty when there are none).
     pub centroid: Vec<f32>,
-}
-
-/// Sizes and centroids of clusters from the question rows (their cluster and vector columns
-/// at the given positions) and the document rows (their cluster column).
-pub fn cluster_shapes(
-    questions: &[RecordBatch],
-    (cluster_column, vector_column): (usize, usize),
-    documents: &[RecordBatch],
-    document_cluster_column: usize,
-    dimensions: usize,
-) -> HashMap<String, ClusterShape> {
-    let mut shapes: HashMap<String, ClusterShape> = HashMap::new();
-    fn shape<'a>(shapes: &'a mut HashMap<String, ClusterShape>, name: &str, dimensions: usize) -> &'a mut ClusterShape {
-        shapes.entry(name.to_string()).or_insert_with(|| ClusterShape {
-            centroid: vec![0.0; dimensions],
-            ..Default::default()
-        })
-    }
-    for batch in questions {
-        let clusters = batch.column(cluster_column).as_string::<i32>();
-        let vectors = batch.column(vector_column);
-        let values = vector_values(vectors);
-        for row in 0..batch.num_rows() {
-            let name = if clusters.is_valid(row) {
-                clusters.value(row)
-            } else {
-                ""
-            };
-            let entry = shape(&mut shapes, name, dimensions);
-            entry.questions += 1;
-            if vectors.is_valid(row) {
-                let vector = &values[row * dimensions..(row + 1) * dimensions];
-                entry.centroid.iter_mut().zip(vector).for_each(|(s, v)| *s += v);
-            }
-        }
-    }
-    for batch in documents {
-        let Ok(clusters) = datafusion::arrow::compute::cast(batch.column(document_cluster_column), &DataType::Utf8)
-        else {
-            continue;
-        };
-        let clusters = clusters.as_string::<i32>();
-        for row in (0..batch.num_rows()).filter(|&r| clusters.is_valid(r)) {
-            shape(&mut shapes, clusters.value(row), dimensions).documents += 1;
-        }
-    }
-    for entry in shapes.values_mut() {
-        let norm = entry.centroid.iter().map(|x| x * x).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            entry.centroid.iter_mut().for_each(|x| *x /= norm);
-        } else {
-            entry.centroid.clear();
-        }
-    }
-    shapes
 }

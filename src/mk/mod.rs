@@ -9,14 +9,16 @@
 //! Layout inside the index directory: `questions/` (a knowledge index keyed by
 //! `question_id` = `<doc_id>#<n>`), `clusters.json` (summaries of both kinds) and
 //! `topics.json` (the topics' names and centroids). Every document upsert replaces the
-//! document's questions (and moves them between topics); every commit recomputes the metadata
-//! clusters' sizes and centroids and re-fits the topics when they drifted; summaries are
-//! rewritten only for clusters that changed enough (see [`SummaryPolicy`]).
+//! document's questions (and moves them between topics and metadata clusters, see [`tally`]);
+//! every commit rebuilds the cluster list from those running totals and re-fits the topics when
+//! they drifted — work in proportion to what the commit changed, not to the index; summaries
+//! are rewritten only for clusters that changed enough (see [`SummaryPolicy`]).
 
 mod attachment;
 pub mod clusters;
 pub mod personas;
 mod tables;
+mod tally;
 pub mod topics;
 
 use std::collections::{HashMap, HashSet};
@@ -31,11 +33,12 @@ use mkflow_udfs::mk::{ClusterBrief, ClusterDigest, ClusterKind, qa_type};
 use mkflow_udfs::{EmbedQueue, TextRole};
 
 pub use attachment::{MkAttachment, MkServices, PersonaRow, topic_policy};
+use clusters::SummaryFile;
 pub use clusters::{Cluster, Summary, SummaryPolicy};
-use clusters::{SummaryFile, cluster_shapes};
 pub use personas::Persona;
 use personas::PersonaFile;
 pub use tables::ClustersTable;
+use tally::MetadataTally;
 pub use topics::TopicPolicy;
 use topics::{MIN_QUESTIONS, TOPIC_PREFIX, Topics, sample_step};
 
@@ -79,6 +82,8 @@ pub struct MkIndex {
     clusters: RwLock<Vec<Cluster>>,
     /// The topics and every question's membership (`None` until there are enough questions).
     topics: RwLock<Option<Topics>>,
+    /// The metadata clusters' running sizes and centroid sums.
+    tally: Mutex<MetadataTally>,
     /// The personas as persisted in `personas.json`.
     personas: Mutex<PersonaFile>,
 }
@@ -88,6 +93,35 @@ pub struct MkIndex {
 pub struct PendingQuestions {
     batches: Vec<RecordBatch>,
     documents: HashSet<String>,
+    /// Each written document's metadata cluster.
+    clusters: Vec<(String, Option<String>)>,
+}
+
+/// A question removed from the index, as its topics and metadata cluster knew it.
+#[derive(Debug)]
+struct TakenQuestion {
+    document: String,
+    cluster: Option<String>,
+    vector: Vec<f32>,
+}
+
+/// Adds every document of `documents` to `tally` under its metadata cluster (one scan, when
+/// the index is opened).
+fn tally_documents(documents: &KnowledgeIndex, tally: &mut MetadataTally) -> Result<(), IndexError> {
+    let schema = documents.schema();
+    let (key, cluster) = (
+        schema.index_of(&documents.manifest().key_column)?,
+        schema.index_of(CLUSTER_COLUMN)?,
+    );
+    for batch in documents.snapshot()? {
+        let ids = datafusion::arrow::compute::cast(batch.column(key), &DataType::Utf8)?;
+        let clusters = datafusion::arrow::compute::cast(batch.column(cluster), &DataType::Utf8)?;
+        let (ids, clusters) = (ids.as_string::<i32>(), clusters.as_string::<i32>());
+        for row in (0..batch.num_rows()).filter(|&r| ids.is_valid(r) && clusters.is_valid(r)) {
+            tally.set_document(ids.value(row), Some(clusters.value(row)));
+        }
+    }
+    Ok(())
 }
 
 /// The columns a document table needs for Meta-Knowledge: `metadata` (of the given type),
@@ -158,16 +192,24 @@ impl MkIndex {
             questions: Arc::new(questions),
             clusters: RwLock::new(Vec::new()),
             topics: RwLock::new(None),
+            tally: Mutex::new(MetadataTally::new(manifest.dimensions)),
             personas: Mutex::new(PersonaFile::read(documents.dir())?),
         };
-        if let Some(mut topics) = Topics::read(&mk.dir, mk.questions.manifest().dimensions)? {
-            mk.for_each_question(|question, document, vector| {
+        let mut topics = Topics::read(&mk.dir, mk.questions.manifest().dimensions)?;
+        let mut tally = MetadataTally::new(manifest.dimensions);
+        mk.for_each_question(|question, document, cluster, vector| {
+            tally.add_question(cluster, vector);
+            if let Some(topics) = topics.as_mut() {
                 topics.place(question, document, vector);
-            })?;
+            }
+        })?;
+        tally_documents(documents, &mut tally)?;
+        *mk.tally.lock().unwrap_or_else(|e| e.into_inner()) = tally;
+        if let Some(mut topics) = topics {
             topics.settle(None);
             *mk.topics.write().unwrap_or_else(|e| e.into_inner()) = Some(topics);
         }
-        mk.refresh_clusters(documents, policy)?;
+        mk.refresh_clusters(policy)?;
         Ok(mk)
     }
 
@@ -193,6 +235,7 @@ impl MkIndex {
         let mut pending = PendingQuestions {
             batches: Vec::new(),
             documents: HashSet::new(),
+            clusters: Vec::new(),
         };
         for batch in documents.iter().filter(|b| b.num_rows() > 0) {
             let column = |name: &str| {
@@ -214,6 +257,8 @@ impl MkIndex {
                 }
                 let id = ids.value(row);
                 pending.documents.insert(id.to_string());
+                let cluster = clusters.is_valid(row).then(|| clusters.value(row).to_string());
+                pending.clusters.push((id.to_string(), cluster));
                 if qa.is_null(row) {
                     continue;
                 }
@@ -257,65 +302,83 @@ impl MkIndex {
     }
 
     /// Replaces the questions of the documents in `pending` with its questions, moving them
-    /// between topics: a question replaced by itself (a document delivered again) stays where
-    /// it is and is no change.
+    /// between topics and metadata clusters: a question replaced by itself (a document
+    /// delivered again) stays in its topic and is no change.
     pub fn commit_questions(&self, pending: &PendingQuestions) -> Result<(), IndexError> {
         let mut removed = self.take_questions_of(&pending.documents)?;
         self.questions.upsert(&pending.batches)?;
+        let mut tally = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        for old in removed.values() {
+            tally.remove_question(old.cluster.as_deref(), &old.vector);
+        }
+        for (document, cluster) in &pending.clusters {
+            tally.set_document(document, cluster.as_deref());
+        }
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let mut changes = 0;
+        self.visit_questions(&pending.batches, |question, document, cluster, vector| {
+            tally.add_question(cluster, vector);
+            let Some(topics) = topics.as_mut() else { return };
+            match removed.remove(question) {
+                Some(old) if old.vector == vector => return,
+                Some(old) => topics.remove(question, &old.document, &old.vector),
+                None => {}
+            }
+            topics.add(question, document, vector);
+            changes += 1;
+        })?;
         if let Some(topics) = topics.as_mut() {
-            let mut changes = 0;
-            self.visit_questions(&pending.batches, |question, document, vector| {
-                match removed.remove(question) {
-                    Some((_, old)) if old == vector => return,
-                    Some((old_document, old)) => topics.remove(question, &old_document, &old),
-                    None => {}
-                }
-                topics.add(question, document, vector);
-                changes += 1;
-            })?;
-            for (question, (document, vector)) in &removed {
-                topics.remove(question, document, vector);
+            for (question, old) in &removed {
+                topics.remove(question, &old.document, &old.vector);
             }
             topics.note_changes(changes + removed.len());
         }
         Ok(())
     }
 
-    /// Removes the questions of documents (and takes them out of their topics).
+    /// Removes deleted documents from the clusters, and their questions (from their topics
+    /// too).
     pub fn remove_questions_of(&self, documents: &HashSet<String>) -> Result<usize, IndexError> {
         let removed = self.take_questions_of(documents)?;
+        let mut tally = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+        for old in removed.values() {
+            tally.remove_question(old.cluster.as_deref(), &old.vector);
+        }
+        documents.iter().for_each(|d| tally.remove_document(d));
         if let Some(topics) = self.topics.write().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            for (question, (document, vector)) in &removed {
-                topics.remove(question, document, vector);
+            for (question, old) in &removed {
+                topics.remove(question, &old.document, &old.vector);
             }
             topics.note_changes(removed.len());
         }
         Ok(removed.len())
     }
 
-    /// Deletes the questions of documents; returns them: question id → (document id, vector).
-    fn take_questions_of(
-        &self,
-        documents: &HashSet<String>,
-    ) -> Result<HashMap<String, (String, Vec<f32>)>, IndexError> {
+    /// Deletes the questions of documents; returns them by question id.
+    fn take_questions_of(&self, documents: &HashSet<String>) -> Result<HashMap<String, TakenQuestion>, IndexError> {
         let removed = self.questions.take_where_in("doc_id", documents)?;
         let mut taken = HashMap::new();
-        self.visit_questions(std::slice::from_ref(&removed), |question, document, vector| {
-            taken.insert(question.to_string(), (document.to_string(), vector.to_vec()));
+        self.visit_questions(std::slice::from_ref(&removed), |question, document, cluster, vector| {
+            let question_row = TakenQuestion {
+                document: document.to_string(),
+                cluster: cluster.map(str::to_string),
+                vector: vector.to_vec(),
+            };
+            taken.insert(question.to_string(), question_row);
         })?;
         Ok(taken)
     }
 
-    /// Calls `visit` with (question id, document id, vector) for every question row of
-    /// `batches` that has a vector.
+    /// Calls `visit` with (question id, document id, metadata cluster, vector) for every
+    /// question row of `batches` that has a vector.
     fn visit_questions(
         &self,
         batches: &[RecordBatch],
-        mut visit: impl FnMut(&str, &str, &[f32]),
+        mut visit: impl FnMut(&str, &str, Option<&str>, &[f32]),
     ) -> Result<(), IndexError> {
         let schema = self.questions.schema();
         let (ids, documents) = (schema.index_of("question_id")?, schema.index_of("doc_id")?);
+        let cluster_column = schema.index_of(CLUSTER_COLUMN)?;
         let vector_column = schema.index_of(&self.questions.manifest().vector_column)?;
         let dims = self.questions.manifest().dimensions;
         for batch in batches {
@@ -323,12 +386,14 @@ impl MkIndex {
                 batch.column(ids).as_string::<i32>(),
                 batch.column(documents).as_string::<i32>(),
             );
+            let clusters = batch.column(cluster_column).as_string::<i32>();
             let vectors = batch.column(vector_column);
             let values = mkflow_index::vector_values(vectors);
             for row in (0..batch.num_rows()).filter(|&r| vectors.is_valid(r)) {
                 visit(
                     question_ids.value(row),
                     doc_ids.value(row),
+                    clusters.is_valid(row).then(|| clusters.value(row)),
                     &values[row * dims..(row + 1) * dims],
                 );
             }
@@ -337,7 +402,7 @@ impl MkIndex {
     }
 
     /// [`visit_questions`](Self::visit_questions) over every question of the index.
-    fn for_each_question(&self, visit: impl FnMut(&str, &str, &[f32])) -> Result<(), IndexError> {
+    fn for_each_question(&self, visit: impl FnMut(&str, &str, Option<&str>, &[f32])) -> Result<(), IndexError> {
         self.visit_questions(&self.questions.snapshot()?, visit)
     }
 
@@ -349,7 +414,7 @@ impl MkIndex {
         let dims = self.questions.manifest().dimensions;
         let step = sample_step(count);
         let (mut sample, mut seen) = (Vec::new(), 0usize);
-        self.for_each_question(|_, _, vector| {
+        self.for_each_question(|_, _, _, vector| {
             if seen % step == 0 {
                 sample.extend_from_slice(vector);
             }
@@ -364,7 +429,7 @@ impl MkIndex {
             previous.as_ref(),
         );
         let mut similarity = 0.0f64;
-        self.for_each_question(|question, document, vector| {
+        self.for_each_question(|question, document, _, vector| {
             similarity += f64::from(topics.place(question, document, vector).unwrap_or(0.0));
         })?;
         topics.settle(Some((similarity / seen.max(1) as f64) as f32));
@@ -394,9 +459,9 @@ impl MkIndex {
         Ok(())
     }
 
-    /// Recomputes the metadata clusters' sizes and centroids from the rows, and re-fits the
-    /// topics when `policy` says they drifted (after every commit).
-    pub fn refresh_clusters(&self, documents: &KnowledgeIndex, policy: TopicPolicy) -> Result<(), IndexError> {
+    /// Rebuilds the cluster list from the metadata clusters' running totals and the topics,
+    /// re-fitting the topics first when `policy` says they drifted (after every commit).
+    pub fn refresh_clusters(&self, policy: TopicPolicy) -> Result<(), IndexError> {
         let refit = match &*self.topics.read().unwrap_or_else(|e| e.into_inner()) {
             None => self.questions.len() >= MIN_QUESTIONS,
             Some(topics) => {
@@ -407,19 +472,7 @@ impl MkIndex {
         if refit {
             self.refit_topics(policy)?;
         }
-        let question_schema = self.questions.schema();
-        let columns = (
-            question_schema.index_of(CLUSTER_COLUMN)?,
-            question_schema.index_of(&self.questions.manifest().vector_column)?,
-        );
-        let document_cluster = documents.schema().index_of(CLUSTER_COLUMN)?;
-        let shapes = cluster_shapes(
-            &self.questions.snapshot()?,
-            columns,
-            &documents.snapshot()?,
-            document_cluster,
-            self.questions.manifest().dimensions,
-        );
+        let shapes = self.tally.lock().unwrap_or_else(|e| e.into_inner()).shapes();
         let summaries = &self.summaries.lock().unwrap_or_else(|e| e.into_inner()).summaries;
         let mut clusters: Vec<Cluster> = shapes
             .into_iter()

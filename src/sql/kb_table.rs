@@ -219,7 +219,7 @@ impl DataSink for UpsertSink {
         let stats = blocking(move || index.upsert_from_source(&rows, &offsets)).await?;
         metrics::global().observe_commit(&self.name, started.elapsed());
         if let Some(mk) = &self.mk {
-            mk.refresh(&self.index, context).await?;
+            mk.refresh(context).await?;
         }
         Ok(stats.rows as u64)
     }
@@ -261,8 +261,7 @@ impl DataSink for DeleteSink {
             blocking(move || chunks.remove_chunks_of(&documents)).await?;
         }
         if let Some(mk) = &self.mk {
-            mk.forget(&self.index, deleted.iter().cloned().collect(), context)
-                .await?;
+            mk.forget(deleted.iter().cloned().collect(), context).await?;
         }
         Ok(deleted.len() as u64)
     }
