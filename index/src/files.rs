@@ -34,7 +34,15 @@ fn row_schema(path: &Path, stored_schema: &Schema) -> Result<(SchemaRef, usize),
 
 fn open_rows(path: &Path) -> Result<FileReader<std::io::BufReader<fs::File>>, IndexError> {
     let file = fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
-    Ok(FileReader::try_new(std::io::BufReader::new(file), None)?)
+    FileReader::try_new(std::io::BufReader::new(file), None).map_err(|e| unreadable(path, e))
+}
+
+/// A row file that cannot be read, named, with what to do about it.
+fn unreadable(path: &Path, e: arrow::error::ArrowError) -> IndexError {
+    IndexError::Invalid(format!(
+        "{} is not a readable Arrow row file ({e}); the index's rows cannot be recovered from it          (hint: restore the directory from a backup, or re-ingest the documents into a new LOCATION)",
+        path.display()
+    ))
 }
 
 /// The row schema of an Arrow IPC row file, without reading its rows.
@@ -49,7 +57,7 @@ pub(crate) fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexE
     let (schema, key_position) = row_schema(path, &reader.schema())?;
     let mut segments = Vec::new();
     for batch in reader {
-        let batch = batch?;
+        let batch = batch.map_err(|e| unreadable(path, e))?;
         let keys: Arc<[u64]> = Arc::from(
             batch
                 .column(key_position)

@@ -110,11 +110,8 @@ impl State {
 pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), IndexError> {
     let rows_path = dir.join(&manifest.rows_file);
     let (schema, base) = read_rows(&rows_path)?;
-    let ann = AnnIndex::load(
-        &dir.join(&manifest.ann_file),
-        manifest.dimensions,
-        manifest.quantization,
-    )?;
+    let ann_path = dir.join(&manifest.ann_file);
+    let ann = AnnIndex::load(&ann_path, manifest.dimensions, manifest.quantization);
     let column = |role: &str, name: &str| {
         schema
             .index_of(name)
@@ -135,6 +132,18 @@ pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, S
         }
         segments.push(segment);
     }
+    let ann = match ann {
+        Ok(ann) => ann,
+        Err(e) => {
+            log::warn!(
+                "{}: cannot load the ANN graph ({e}); rebuilding it from the {} rows of {}",
+                ann_path.display(),
+                locations.len(),
+                rows_path.display()
+            );
+            graph_of(&segments, vector_column, &manifest)?
+        }
+    };
     let mut state = State {
         manifest,
         segments,
@@ -158,6 +167,22 @@ pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, S
     }
     remove_stray_files(dir, &state.manifest);
     Ok((schema, state))
+}
+
+/// An ANN graph over the vectors of `segments` (a full rows file's: every row live).
+fn graph_of(segments: &[Segment], vector_column: usize, manifest: &Manifest) -> Result<AnnIndex, IndexError> {
+    let ann = AnnIndex::new(manifest.dimensions, manifest.quantization)?;
+    for segment in segments {
+        let vectors = extract_vectors(segment.batch.column(vector_column), manifest.dimensions)?;
+        let items: Vec<(u64, &[f32])> = segment
+            .keys
+            .iter()
+            .zip(&vectors)
+            .filter_map(|(key, vector)| Some((*key, vector.as_deref()?)))
+            .collect();
+        ann.add_many(&items)?;
+    }
+    Ok(ann)
 }
 
 /// Applies a delta segment as its upsert did: each row replaces the live row of its document

@@ -576,3 +576,42 @@ fn concurrent_searches_see_whole_generations() {
     assert!(searches >= 200);
     assert_eq!(index.len(), 2000 + 40 * 20 - 4);
 }
+
+#[test]
+fn a_corrupt_graph_is_rebuilt_from_the_rows_and_a_corrupt_row_file_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..500, |i| (i % 10) as i64, 0)]).unwrap();
+    index.upsert(&[batch(&index, 500..510, |_| 0, 0)]).unwrap();
+    let manifest = index.manifest();
+    assert_eq!(manifest.deltas.len(), 1, "the second upsert is a delta");
+    let queries: Vec<Vec<f32>> = (0..10).map(|i| vector(20_000 + i)).collect();
+    let before: Vec<Vec<String>> = queries
+        .iter()
+        .map(|q| ids_of(&index.search(q, 10, None).unwrap()))
+        .collect();
+    drop(index);
+
+    // A torn or overwritten graph: the index opens, rebuilt from its rows, and answers alike.
+    std::fs::write(dir.path().join(&manifest.ann_file), b"not a usearch graph").unwrap();
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(reopened.len(), 510);
+    for (q, expected) in queries.iter().zip(&before) {
+        assert_eq!(&ids_of(&reopened.search(q, 10, None).unwrap()), expected);
+    }
+    drop(reopened);
+
+    // A corrupt delta or rows file cannot be repaired: the error names it.
+    for file in [&manifest.deltas[0], &manifest.rows_file] {
+        let path = dir.path().join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = KnowledgeIndex::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(file.as_str()) && err.contains("not a readable Arrow row file"),
+            "{err}"
+        );
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    assert_eq!(KnowledgeIndex::open(dir.path()).unwrap().len(), 510);
+}

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -191,19 +191,6 @@ impl Broker {
         if let Backend::Mock(cluster) = &self.backend {
             cluster.clear_request_errors(RDKafkaApiKey::Fetch);
         }
-    }
-
-    /// Commits `offset` as consumer group `group`'s position in `partition` of `topic`.
-    pub fn commit_group_offset(&self, group: &str, topic: &str, partition: i32, offset: i64) {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.servers)
-            .set("group.id", group)
-            .create()
-            .unwrap();
-        let mut list = rdkafka::TopicPartitionList::new();
-        list.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))
-            .unwrap();
-        consumer.commit(&list, CommitMode::Sync).unwrap();
     }
 
     /// Sends `value` (keyed by `key`) to `partition` of `topic`.
