@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
 
+use crate::faults::{self, Stage};
 use crate::files::{fsync_file, write_rows};
 use crate::layered::LayeredMap;
 use crate::segment::Segment;
@@ -60,7 +61,9 @@ impl KnowledgeIndex {
             &self.schema,
             std::slice::from_ref(&compacted),
         )?;
-        state.ann.save(&self.dir.join(&ann_file))?;
+        let ann_path = self.dir.join(&ann_file);
+        faults::check(&ann_path, Stage::Write).map_err(|e| IndexError::io(&ann_path, e))?;
+        state.ann.save(&ann_path)?;
         fsync_file(&self.dir.join(&ann_file))?;
         let mut old_files = vec![state.manifest.rows_file.clone(), state.manifest.ann_file.clone()];
         old_files.extend(state.manifest.deltas.iter().cloned());

@@ -10,6 +10,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
 use arrow::ipc::reader::FileReader;
 use arrow::ipc::writer::FileWriter;
 
+use crate::faults::{self, Stage};
 use crate::segment::Segment;
 use crate::{IndexError, Manifest};
 
@@ -83,6 +84,7 @@ pub(crate) fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) 
     let file_schema = Arc::new(Schema::new(fields));
     let tmp = path.with_extension("arrow.tmp");
     let file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
+    faults::check(path, Stage::Write).map_err(|e| IndexError::io(&tmp, e))?;
     let mut writer = FileWriter::try_new(std::io::BufWriter::new(file), &file_schema)?;
     for segment in segments {
         let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(segment.keys.to_vec()))];
@@ -94,14 +96,17 @@ pub(crate) fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) 
         .into_inner()?
         .into_inner()
         .map_err(|e| IndexError::io(&tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| IndexError::io(&tmp, e))?;
+    faults::check(path, Stage::Sync)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| IndexError::io(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| IndexError::io(path, e))?;
     Ok(())
 }
 
 /// Flushes a file and its directory entry to disk.
 pub(crate) fn fsync_file(path: &Path) -> Result<(), IndexError> {
-    fs::File::open(path)
+    faults::check(path, Stage::Sync)
+        .and_then(|_| fs::File::open(path))
         .and_then(|f| f.sync_all())
         .map_err(|e| IndexError::io(path, e))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))

@@ -26,6 +26,7 @@
 mod ann;
 mod commit;
 mod error;
+mod faults;
 mod files;
 pub mod fulltext;
 mod layered;

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::faults::{self, Stage};
 use crate::files::sync_dir;
 use crate::{IndexError, Quantization, SourceOffsets, TextColumn};
 
@@ -74,7 +75,12 @@ impl Manifest {
             Err(e) => return Err(IndexError::io(&path, e)),
         };
         let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| IndexError::Invalid(format!("{} is not a valid manifest: {e}", path.display())))?;
+            .map_err(|e| {
+                IndexError::Invalid(format!(
+                    "{} is not a valid manifest: {e} (it is only ever replaced by an atomic rename, so                      the file was damaged outside mkflow; hint: restore the index directory from a backup)",
+                    path.display()
+                ))
+            })?;
         if manifest.format_version != FORMAT_VERSION {
             return Err(IndexError::Invalid(format!(
                 "{} has format version {}, this mkflow reads version {FORMAT_VERSION}",
@@ -91,8 +97,12 @@ impl Manifest {
         let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("manifest serialises");
         let mut file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
-        file.write_all(text.as_bytes()).map_err(|e| IndexError::io(&tmp, e))?;
-        file.sync_all().map_err(|e| IndexError::io(&tmp, e))?;
+        faults::check(&path, Stage::Write)
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .map_err(|e| IndexError::io(&tmp, e))?;
+        faults::check(&path, Stage::Sync)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| IndexError::io(&tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| IndexError::io(&path, e))?;
         sync_dir(dir)
     }

@@ -614,4 +614,73 @@ fn a_corrupt_graph_is_rebuilt_from_the_rows_and_a_corrupt_row_file_is_named() {
         std::fs::write(&path, &bytes).unwrap();
     }
     assert_eq!(KnowledgeIndex::open(dir.path()).unwrap().len(), 510);
+
+    // A damaged manifest is named too.
+    std::fs::write(dir.path().join(MANIFEST_FILE), b"{\"generation\": 3, \"mod").unwrap();
+    let err = KnowledgeIndex::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains(MANIFEST_FILE) && err.contains("not a valid manifest"),
+        "{err}"
+    );
+}
+
+/// Every disk fault a commit can meet — a full disk or a failed fsync, on a delta, a full rows
+/// file, the graph or the manifest — fails that commit with an error naming the file, leaves the
+/// previous generation published and whole, lets the next commit succeed, and the index reopens
+/// cleanly.
+#[test]
+fn disk_faults_fail_the_commit_naming_the_file_and_keep_the_previous_generation() {
+    use crate::faults::{Stage, armed};
+    let cases = [
+        (Stage::Write, "delta-", false),
+        (Stage::Sync, "delta-", false),
+        (Stage::Write, "rows-", true),
+        (Stage::Sync, "rows-", true),
+        (Stage::Write, "ann-", true),
+        (Stage::Sync, "ann-", true),
+        (Stage::Write, "manifest", false),
+        (Stage::Sync, "manifest", true),
+    ];
+    for (stage, prefix, full) in cases {
+        let case = format!(
+            "{stage:?} fault on {prefix}… ({} commit)",
+            if full { "full" } else { "delta" }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+        index.upsert(&[batch(&index, 0..200, |i| (i % 10) as i64, 0)]).unwrap();
+        let generation = index.manifest().generation;
+        let query = vector(999);
+        let before = ids_of(&index.search(&query, 5, None).unwrap());
+
+        armed::arm(stage, prefix);
+        // A delete always rewrites in full; 10 new rows commit as a delta.
+        let failed = if full {
+            index.delete(&category_filter(3)).map(drop)
+        } else {
+            index.upsert(&[batch(&index, 200..210, |_| 0, 0)]).map(drop)
+        };
+        assert!(!armed::pending(), "{case}: the fault was never reached");
+        let err = failed.expect_err(&case).to_string();
+        let errno = match stage {
+            Stage::Write => "No space left on device",
+            Stage::Sync => "Input/output error",
+        };
+        assert!(err.contains(prefix) && err.contains(errno), "{case}: {err}");
+        assert_eq!(index.manifest().generation, generation, "{case}");
+        assert_eq!(index.len(), 200, "{case}");
+        assert_eq!(ids_of(&index.search(&query, 5, None).unwrap()), before, "{case}");
+
+        // The next commit goes through, and a restart opens cleanly with no stray files.
+        index.upsert(&[batch(&index, 200..210, |_| 0, 0)]).unwrap();
+        drop(index);
+        let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+        assert_eq!(reopened.len(), 210, "{case}");
+        let strays: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(strays.is_empty(), "{case}: {strays:?}");
+    }
 }
