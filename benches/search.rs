@@ -1,6 +1,7 @@
 //! Search latency: `vector_search` through SQL against a bare usearch index on the same
 //! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count);
-//! commit cost (delta vs full); and search latency while full commits run vs idle (searches
+//! commit cost (delta vs full); micro-batch commit latency with inline vs background
+//! compaction; and search latency while full commits run vs idle (searches
 //! read the published state, so a commit must not make them wait).
 //!
 //! Both hold the same 384-dimensional unit vectors with the same HNSW settings; both answer the
@@ -12,7 +13,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema};
@@ -248,6 +249,45 @@ async fn main() {
     println!(
         "commit into {count} rows: 10-row upsert (delta) p50 {delta50:.1} ms vs full commit {full_ms:.1} ms ({:.0}x less)",
         full_ms / delta50
+    );
+
+    // A stream of 10-row micro-batch commits, one every 20 ms, across several compactions:
+    // inline (the commit that finds the deltas grown rewrites everything) vs in the background
+    // (a compactor thread rewrites a snapshot; commits only ever write deltas).
+    let stream = |background: bool, first: usize, rng: &mut Rng| {
+        index.set_background_compaction(background);
+        let mut ms = Vec::new();
+        let mut compactor: Option<std::thread::JoinHandle<bool>> = None;
+        let mut compactions = 0;
+        for round in 0..150 {
+            let batch = small_batch(first + round * 10, rng);
+            let started = Instant::now();
+            index.upsert(&[batch]).unwrap();
+            ms.push(started.elapsed().as_secs_f64() * 1e3);
+            if compactor.as_ref().is_some_and(|c| c.is_finished()) {
+                compactions += usize::from(compactor.take().unwrap().join().unwrap());
+            }
+            if background && compactor.is_none() && index.compaction_due() {
+                let index = index.clone();
+                compactor = Some(std::thread::spawn(move || index.compact().unwrap()));
+            }
+            std::thread::sleep(Duration::from_millis(20).saturating_sub(started.elapsed()));
+        }
+        if let Some(c) = compactor {
+            compactions += usize::from(c.join().unwrap());
+        }
+        ms.sort_by(f64::total_cmp);
+        (percentile(&ms, 0.5), percentile(&ms, 0.99), compactions)
+    };
+    let (inline50, inline99, _) = stream(false, 10_000, &mut rng);
+    let (background50, background99, compactions) = stream(true, 20_000, &mut rng);
+    index.set_background_compaction(false);
+    println!(
+        "micro-batch commits (10 rows every 20 ms, 150 of them) into {count} rows: inline compaction p50 {inline50:.1} ms, \
+         p99 {inline99:.1} ms ({:.1}x p50) vs background compaction ({compactions} ran) p50 {background50:.1} ms, \
+         p99 {background99:.1} ms ({:.1}x p50, target <= 2)",
+        inline99 / inline50,
+        background99 / background50
     );
 
     // Search latency while full commits of the whole index run back to back, against idle

@@ -170,6 +170,15 @@ impl AnnIndex {
         self.index.save(path_str).map_err(ann_error)
     }
 
+    /// The index as [`AnnIndex::save`] writes it, in memory (a copy taken in one step, so the
+    /// caller can write it out while inserts go on).
+    pub(crate) fn to_bytes(&self) -> Result<Vec<u8>, IndexError> {
+        let _shared = self.growth.read().unwrap_or_else(|e| e.into_inner());
+        let mut buffer = vec![0u8; self.index.serialized_length()];
+        self.index.save_to_buffer(&mut buffer).map_err(ann_error)?;
+        Ok(buffer)
+    }
+
     /// Grows the capacity to `capacity`, waiting for running calls and holding new ones back
     /// meanwhile (usearch reallocates its tables).
     fn reserve(&self, capacity: usize) -> Result<(), IndexError> {

@@ -1,5 +1,6 @@
 //! Commit policy: a small upsert writes only its rows as a delta file; a large one, too many
-//! deltas, or a delete rewrites rows and graph in full and drops the deltas.
+//! deltas (unless a background compaction will take them, see [`crate::compaction`]), or a
+//! delete rewrites rows and graph in full and drops the deltas.
 //!
 //! A commit works on the next [`State`], not the published one: searches keep reading the
 //! published state while the files are written and flushed, and see the next one only once
@@ -8,10 +9,12 @@
 use std::collections::HashMap;
 use std::fs;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
 
+use crate::compaction::{MAX_DEFERRED_DELTAS, deltas_grown};
 use crate::faults::{self, Stage};
 use crate::files::{fsync_file, write_rows};
 use crate::layered::LayeredMap;
@@ -28,11 +31,9 @@ impl KnowledgeIndex {
     pub(crate) fn commit_upsert(&self, state: &mut State, first_new: usize) -> Result<(), IndexError> {
         let new_rows: usize = state.segments[first_new..].iter().map(|s| s.keys.len()).sum();
         let manifest = &state.manifest;
-        if manifest.rows_file.is_empty()
-            || manifest.deltas.len() >= MAX_DELTA_FILES
-            || new_rows * 8 > manifest.rows
-            || manifest.delta_rows + new_rows > manifest.rows / 4
-        {
+        let grown = deltas_grown(manifest.deltas.len(), manifest.delta_rows + new_rows, manifest.rows);
+        let deferred = self.background_compaction.load(Ordering::SeqCst) && manifest.deltas.len() < MAX_DEFERRED_DELTAS;
+        if manifest.rows_file.is_empty() || new_rows * 8 > manifest.rows || (grown && !deferred) {
             return self.persist(state);
         }
         let generation = manifest.generation + 1;
@@ -52,7 +53,7 @@ impl KnowledgeIndex {
     /// Compacts live rows into one segment and writes a new generation in full (rows and
     /// graph), dropping the deltas.
     pub(crate) fn persist(&self, state: &mut State) -> Result<(), IndexError> {
-        let compacted = compact(&self.schema, state)?;
+        let compacted = compact_rows(&self.schema, state)?;
         let generation = state.manifest.generation + 1;
         let rows_file = format!("rows-{generation}.arrow");
         let ann_file = format!("ann-{generation}.usearch");
@@ -99,7 +100,7 @@ impl KnowledgeIndex {
     /// Commits the staged text changes as `generation`, after the row files and before the
     /// manifest: a crash between the two leaves the text index one generation ahead, which
     /// opening detects and repairs (see [`crate::fulltext`]).
-    fn commit_text(&self, state: &mut State, generation: u64) -> Result<(), IndexError> {
+    pub(crate) fn commit_text(&self, state: &mut State, generation: u64) -> Result<(), IndexError> {
         if let Some(full_text) = &self.full_text {
             state.text = Some(full_text.commit(generation)?);
         }
@@ -108,7 +109,7 @@ impl KnowledgeIndex {
 }
 
 /// All live rows as one segment.
-fn compact(schema: &SchemaRef, state: &State) -> Result<Segment, IndexError> {
+pub(crate) fn compact_rows(schema: &SchemaRef, state: &State) -> Result<Segment, IndexError> {
     let mut batches = Vec::new();
     let mut keys = Vec::new();
     for segment in &state.segments {

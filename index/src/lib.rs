@@ -14,7 +14,8 @@
 //! the index. Once the deltas would hold more than a quarter of the index or number
 //! [`MAX_DELTA_FILES`], for larger upserts, and on every delete, the commit rewrites the rows and
 //! the graph in full and drops the deltas (amortised, each row is rewritten a bounded number of
-//! times). Reopening loads the graph as saved and re-inserts the delta rows' vectors, so
+//! times) — or, with background compaction on, leaves that rewrite to [`KnowledgeIndex::compact`]
+//! run off the write path (see [`compaction`]). Reopening loads the graph as saved and re-inserts the delta rows' vectors, so
 //! answers match the pre-crash index within HNSW's approximation (exactly, once compacted).
 //!
 //! Rows are upserted by the key column (`doc_id` by default): a row whose key exists replaces
@@ -25,6 +26,7 @@
 
 mod ann;
 mod commit;
+mod compaction;
 mod error;
 mod faults;
 mod files;
@@ -41,7 +43,7 @@ pub mod vector;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use arrow::array::{Array, ArrayRef, RecordBatch};
@@ -50,6 +52,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 
 pub use ann::{AnnIndex, Hit, Quantization};
 pub use commit::MAX_DELTA_FILES;
+pub use compaction::MAX_DEFERRED_DELTAS;
 pub use error::IndexError;
 pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery};
 pub use manifest::{MANIFEST_FILE, Manifest};
@@ -112,6 +115,10 @@ pub struct KnowledgeIndex {
     /// Held by a commit from its first change to its publication: one commit at a time.
     writer: Mutex<()>,
     exact_search_max_rows: AtomicUsize,
+    /// Whether full rewrites are left to [`KnowledgeIndex::compact`] (see [`compaction`]).
+    background_compaction: AtomicBool,
+    /// Set while a compaction runs (one at a time).
+    compacting: AtomicBool,
 }
 
 impl KnowledgeIndex {
@@ -234,6 +241,8 @@ impl KnowledgeIndex {
             current: RwLock::new(Arc::new(state)),
             writer: Mutex::new(()),
             exact_search_max_rows: AtomicUsize::new(search::DEFAULT_EXACT_SEARCH_MAX_ROWS),
+            background_compaction: AtomicBool::new(false),
+            compacting: AtomicBool::new(false),
         })
     }
 

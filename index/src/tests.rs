@@ -684,3 +684,88 @@ fn disk_faults_fail_the_commit_naming_the_file_and_keep_the_previous_generation(
         assert!(strays.is_empty(), "{case}: {strays:?}");
     }
 }
+
+/// With background compaction on, small upserts pile up as deltas past the inline limit; a
+/// compaction on another thread, while commits go on, rewrites the rows and graph of its snapshot
+/// and keeps the deltas committed since: every row (replaced ones in their last version) is
+/// found, and a reopened index answers identically.
+#[test]
+fn background_compaction_runs_beside_commits_and_keeps_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = Arc::new(KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap());
+    index.set_background_compaction(true);
+    index.upsert(&[batch(&index, 0..2000, |i| (i % 10) as i64, 0)]).unwrap();
+    // doc-i's vector is vector(i + offset[i]).
+    let mut offset: std::collections::HashMap<u64, u64> = (0..2000).map(|i| (i, 0)).collect();
+    let mut commit = |index: &KnowledgeIndex, n: u64| {
+        // Even commits replace ten existing documents with new vectors, odd ones add ten.
+        let ids = if n.is_multiple_of(2) {
+            n * 10..n * 10 + 10
+        } else {
+            3000 + n * 10..3000 + n * 10 + 10
+        };
+        index
+            .upsert(&[batch(index, ids.clone(), |_| 1, 100_000 + 1000 * n)])
+            .unwrap();
+        ids.for_each(|i| {
+            offset.insert(i, 100_000 + 1000 * n);
+        });
+    };
+    for n in 0..40 {
+        commit(&index, n);
+    }
+    let manifest = index.manifest();
+    assert_eq!(
+        manifest.deltas.len(),
+        40,
+        "no inline rewrite past {MAX_DELTA_FILES} deltas"
+    );
+    assert!(index.compaction_due());
+
+    let compactor = {
+        let index = index.clone();
+        std::thread::spawn(move || index.compact())
+    };
+    for n in 40..50 {
+        commit(&index, n);
+    }
+    assert!(compactor.join().unwrap().unwrap(), "the compaction published");
+    let manifest = index.manifest();
+    assert!(manifest.rows_file.ends_with("-compacted.arrow"), "{manifest:?}");
+    assert!(
+        manifest.deltas.len() <= 10,
+        "only deltas committed since the snapshot remain"
+    );
+    assert!(!index.compaction_due());
+    assert!(!index.compact().unwrap(), "nothing due");
+
+    let expect_all = |index: &KnowledgeIndex| {
+        assert_eq!(index.len(), offset.len());
+        for (&i, &off) in offset.iter().filter(|(i, _)| *i % 37 == 0 || **i >= 3000) {
+            let hit = index.search(&vector(i + off), 1, None).unwrap();
+            assert_eq!(ids_of(&hit), vec![format!("doc-{i}")], "doc-{i}");
+        }
+    };
+    expect_all(&index);
+    let queries: Vec<Vec<f32>> = (0..10).map(|i| vector(50_000 + i)).collect();
+    let before: Vec<Vec<String>> = queries
+        .iter()
+        .map(|q| ids_of(&index.search(q, 10, None).unwrap()))
+        .collect();
+    drop(index);
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    expect_all(&reopened);
+    for (q, expected) in queries.iter().zip(&before) {
+        assert_eq!(&ids_of(&reopened.search(q, 10, None).unwrap()), expected);
+    }
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".arrow") || n.ends_with(".usearch"))
+        .collect();
+    assert_eq!(
+        files.len(),
+        2 + reopened.manifest().deltas.len(),
+        "old files removed: {files:?}"
+    );
+}

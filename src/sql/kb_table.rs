@@ -23,7 +23,7 @@ use super::memory_scan;
 use crate::chunks::ChunkIndex;
 use crate::metrics;
 use crate::mk::{MkAttachment, PendingQuestions};
-use crate::support::{blocking, index_error};
+use crate::support::{blocking, compaction, index_error};
 use mkflow_index::{KnowledgeIndex, SourceOffsets};
 
 /// Counts rows as they flow into knowledge indexes, for progress display.
@@ -203,10 +203,12 @@ impl DataSink for UpsertSink {
         };
         if let (Some(mk), Some(pending)) = (&self.mk, pending) {
             mk.commit_questions(pending).await?;
+            compaction::after_commit(mk.index.questions());
         }
         if let (Some(chunks), Some(pending)) = (&self.chunks, pending_chunks) {
-            let chunks = chunks.clone();
-            blocking(move || chunks.commit(&pending)).await?;
+            let committing = chunks.clone();
+            blocking(move || committing.commit(&pending)).await?;
+            compaction::after_commit(chunks.chunks());
         }
         // A streaming micro-batch commits where its sources resume together with its rows.
         let offsets = context
@@ -218,6 +220,7 @@ impl DataSink for UpsertSink {
         let started = Instant::now();
         let stats = blocking(move || index.upsert_from_source(&rows, &offsets)).await?;
         metrics::global().observe_commit(&self.name, started.elapsed());
+        compaction::after_commit(&self.index);
         if let Some(mk) = &self.mk {
             mk.refresh(context).await?;
         }

@@ -1,0 +1,175 @@
+//! Compaction off the write path: rewriting the rows and graph in full, done by a caller's
+//! background task instead of inside a commit.
+//!
+//! With [`KnowledgeIndex::set_background_compaction`] on, a small upsert always commits as a
+//! delta (up to [`MAX_DEFERRED_DELTAS`] files, past which a commit compacts inline again, so a
+//! compactor that never runs cannot let deltas grow without bound), and the caller runs
+//! [`KnowledgeIndex::compact`] when [`KnowledgeIndex::compaction_due`] says so. A compaction:
+//!
+//! 1. under the writer lock, briefly: takes the published state S and a copy of its graph;
+//! 2. without any lock: writes S's live rows as one rows file and the graph copy as its graph
+//!    file (both flushed) — commits and searches go on meanwhile;
+//! 3. under the writer lock: when nothing but deltas was committed since S, publishes a new
+//!    generation whose rows and graph are those files and whose deltas are the ones committed
+//!    since S; otherwise (a delete or a full commit came first) drops its files and does nothing.
+//!
+//! The in-memory graph stays the shared one; only the files and the row layout change.
+
+use std::collections::HashMap;
+use std::fs;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::commit::{MAX_DELTA_FILES, compact_rows};
+use crate::files::{fsync_file, write_rows};
+use crate::layered::LayeredMap;
+use crate::state::State;
+use crate::{IndexError, KnowledgeIndex};
+
+/// Most delta files a commit leaves for a background compaction before compacting inline.
+pub const MAX_DEFERRED_DELTAS: usize = 4 * MAX_DELTA_FILES;
+
+/// Clears the "compacting" flag when a compaction ends, however it ends.
+struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl KnowledgeIndex {
+    /// Leaves full rewrites to [`KnowledgeIndex::compact`] (run by the caller off the write
+    /// path) instead of doing them inside the commit that finds the deltas grown.
+    pub fn set_background_compaction(&self, on: bool) {
+        self.background_compaction.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the deltas have grown enough that a compaction should run.
+    pub fn compaction_due(&self) -> bool {
+        let manifest = &self.current().manifest;
+        deltas_grown(manifest.deltas.len(), manifest.delta_rows, manifest.rows)
+    }
+
+    /// Rewrites the rows and graph of the published generation in full and drops its deltas,
+    /// holding the writer lock only to copy the graph and to publish (see the module docs).
+    /// Returns whether it compacted: `false` when nothing was due, another compaction is
+    /// running, or a delete or full commit came first.
+    pub fn compact(&self) -> Result<bool, IndexError> {
+        if self.compacting.swap(true, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let _running = Running(&self.compacting);
+        let (snapshot, graph) = {
+            let _writer = self.lock_writer();
+            let snapshot = self.current();
+            let manifest = &snapshot.manifest;
+            if manifest.deltas.is_empty() || !deltas_grown(manifest.deltas.len(), manifest.delta_rows, manifest.rows) {
+                return Ok(false);
+            }
+            let graph = snapshot.ann.to_bytes()?;
+            (snapshot, graph)
+        };
+        let generation = snapshot.manifest.generation;
+        let rows_file = format!("rows-{generation}-compacted.arrow");
+        let ann_file = format!("ann-{generation}-compacted.usearch");
+        let written = (|| {
+            let compacted = compact_rows(&self.schema, &snapshot)?;
+            write_rows(
+                &self.dir.join(&rows_file),
+                &self.schema,
+                std::slice::from_ref(&compacted),
+            )?;
+            let ann_path = self.dir.join(&ann_file);
+            fs::write(&ann_path, &graph).map_err(|e| IndexError::io(&ann_path, e))?;
+            fsync_file(&ann_path)?;
+            Ok(compacted)
+        })();
+        drop(graph);
+        let remove_files = || {
+            let _ = fs::remove_file(self.dir.join(&rows_file));
+            let _ = fs::remove_file(self.dir.join(&ann_file));
+        };
+        let compacted = match written {
+            Ok(compacted) => compacted,
+            Err(e) => {
+                remove_files();
+                return Err(e);
+            }
+        };
+        let base: HashMap<u64, (usize, usize)> = compacted
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(row, &key)| (key, (0, row)))
+            .collect();
+
+        let _writer = self.lock_writer();
+        let current = self.current();
+        if !only_deltas_since(&snapshot, &current) {
+            remove_files();
+            return Ok(false);
+        }
+        let mut next = (*current).clone();
+        let since = snapshot.segments.len();
+        let mut locations = base;
+        locations.retain(|key, _| current.is_live(*key));
+        let mut segments = vec![compacted];
+        for (j, segment) in current.segments[since..].iter().enumerate() {
+            for (row, key) in segment.keys.iter().enumerate() {
+                if current.locations.get(key) == Some(&(since + j, row)) {
+                    locations.insert(*key, (1 + j, row));
+                }
+            }
+            segments.push(segment.clone());
+        }
+        let old_files: Vec<String> = [&snapshot.manifest.rows_file, &snapshot.manifest.ann_file]
+            .into_iter()
+            .chain(&snapshot.manifest.deltas)
+            .cloned()
+            .collect();
+        let mut manifest = current.manifest.clone();
+        manifest.generation += 1;
+        manifest.rows_file = rows_file.clone();
+        manifest.ann_file = ann_file.clone();
+        manifest.deltas = current.manifest.deltas[snapshot.manifest.deltas.len()..].to_vec();
+        manifest.delta_rows = current.manifest.delta_rows - snapshot.manifest.delta_rows;
+        manifest.rows = locations.len();
+        next.segments = segments;
+        next.locations = LayeredMap::from(locations);
+        let committed = (|| {
+            self.commit_text(&mut next, manifest.generation)?;
+            manifest.write_atomic(&self.dir)
+        })();
+        if let Err(e) = committed {
+            remove_files();
+            self.recover();
+            return Err(e);
+        }
+        next.manifest = manifest;
+        self.publish(next);
+        for old in old_files.iter().filter(|f| !f.is_empty()) {
+            let _ = fs::remove_file(self.dir.join(old));
+        }
+        Ok(true)
+    }
+}
+
+/// Whether deltas of this size call for a full rewrite.
+pub(crate) fn deltas_grown(files: usize, delta_rows: usize, rows: usize) -> bool {
+    files >= MAX_DELTA_FILES || delta_rows > rows / 4
+}
+
+/// Whether `current` is `snapshot` plus delta commits only: the same rows file and graph, the
+/// same segments first, and `snapshot`'s deltas first.
+fn only_deltas_since(snapshot: &State, current: &State) -> bool {
+    current.manifest.rows_file == snapshot.manifest.rows_file
+        && Arc::ptr_eq(&current.ann, &snapshot.ann)
+        && current.manifest.deltas.starts_with(&snapshot.manifest.deltas)
+        && current.segments.len() >= snapshot.segments.len()
+        && current
+            .segments
+            .iter()
+            .zip(&snapshot.segments)
+            .all(|(a, b)| Arc::ptr_eq(&a.keys, &b.keys))
+}
