@@ -208,8 +208,8 @@ impl ContinuousInsert {
                 .await?;
             metrics.stage("poll", polled.elapsed());
             if !batch.records.is_empty() {
-                committed_rows += self.commit_batch(ctx, pipeline, &metrics, batch, &mut reader).await?;
-                gauges.record_committed(&self.resume_offsets());
+                committed_rows += self.commit_batch(ctx, pipeline, &metrics, &batch, &reader).await?;
+                gauges.record_committed(&batch.next_offsets);
                 if last_lag_check.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     last_lag_check = Some(Instant::now());
                     match reader.high_watermarks().await {
@@ -238,8 +238,8 @@ impl ContinuousInsert {
         ctx: &SessionContext,
         pipeline: &str,
         metrics: &PipelineMetrics,
-        batch: MicroBatch,
-        reader: &mut KafkaReader,
+        batch: &MicroBatch,
+        reader: &KafkaReader,
     ) -> Result<u64> {
         let kafka = self.kafka();
         let topic = &kafka.options().topic;

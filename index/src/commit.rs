@@ -7,7 +7,6 @@
 //! its manifest is on disk. The text index commits between the row files and the manifest.
 
 use std::collections::HashMap;
-use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -16,7 +15,7 @@ use arrow::datatypes::SchemaRef;
 
 use crate::compaction::{MAX_DEFERRED_DELTAS, deltas_grown};
 use crate::faults::{self, Stage};
-use crate::files::{fsync_file, write_rows};
+use crate::files::{fsync_file, remove_files_of, write_rows};
 use crate::layered::LayeredMap;
 use crate::segment::Segment;
 use crate::state::{State, live_rows};
@@ -66,8 +65,7 @@ impl KnowledgeIndex {
         faults::check(&ann_path, Stage::Write).map_err(|e| IndexError::io(&ann_path, e))?;
         state.ann.save(&ann_path)?;
         fsync_file(&self.dir.join(&ann_file))?;
-        let mut old_files = vec![state.manifest.rows_file.clone(), state.manifest.ann_file.clone()];
-        old_files.extend(state.manifest.deltas.iter().cloned());
+        let replaced = state.manifest.clone();
         let mut manifest = state.manifest.clone();
         manifest.generation = generation;
         manifest.rows = compacted.keys.len();
@@ -89,9 +87,7 @@ impl KnowledgeIndex {
         );
         state.doc_keys = LayeredMap::from(state.doc_keys.flattened());
         state.segments = vec![compacted];
-        for old in old_files.iter().filter(|f| !f.is_empty()) {
-            let _ = fs::remove_file(self.dir.join(old));
-        }
+        remove_files_of(&self.dir, &replaced);
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::commit::{MAX_DELTA_FILES, compact_rows};
-use crate::files::{fsync_file, write_rows};
+use crate::files::{fsync_file, remove_files_of, write_rows};
 use crate::layered::LayeredMap;
 use crate::state::State;
 use crate::{IndexError, KnowledgeIndex};
@@ -123,11 +123,6 @@ impl KnowledgeIndex {
             }
             segments.push(segment.clone());
         }
-        let old_files: Vec<String> = [&snapshot.manifest.rows_file, &snapshot.manifest.ann_file]
-            .into_iter()
-            .chain(&snapshot.manifest.deltas)
-            .cloned()
-            .collect();
         let mut manifest = current.manifest.clone();
         manifest.generation += 1;
         manifest.rows_file = rows_file.clone();
@@ -148,9 +143,7 @@ impl KnowledgeIndex {
         }
         next.manifest = manifest;
         self.publish(next);
-        for old in old_files.iter().filter(|f| !f.is_empty()) {
-            let _ = fs::remove_file(self.dir.join(old));
-        }
+        remove_files_of(&self.dir, &snapshot.manifest);
         Ok(true)
     }
 }

@@ -119,6 +119,14 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), IndexError> {
         .map_err(|e| IndexError::io(dir, e))
 }
 
+/// Deletes the data files `replaced` names (after a generation that no longer needs them is
+/// published).
+pub(crate) fn remove_files_of(dir: &Path, replaced: &Manifest) {
+    for file in replaced.files() {
+        let _ = fs::remove_file(dir.join(file));
+    }
+}
+
 /// Deletes files of generations other than the manifest's (left by an interrupted commit).
 pub(crate) fn remove_stray_files(dir: &Path, manifest: &Manifest) {
     let Ok(entries) = fs::read_dir(dir) else { return };
@@ -127,7 +135,7 @@ pub(crate) fn remove_stray_files(dir: &Path, manifest: &Manifest) {
         let is_data = ((name.starts_with("rows-") || name.starts_with("delta-")) && name.ends_with(".arrow"))
             || (name.starts_with("ann-") && name.ends_with(".usearch"))
             || name.ends_with(".tmp");
-        if is_data && name != manifest.rows_file && name != manifest.ann_file && !manifest.deltas.contains(&name) {
+        if is_data && !manifest.files().any(|f| f == name) {
             let _ = fs::remove_file(entry.path());
         }
     }

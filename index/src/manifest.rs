@@ -91,6 +91,15 @@ impl Manifest {
         Ok(Some(manifest))
     }
 
+    /// The data files this generation names: rows, graph, then the deltas.
+    pub(crate) fn files(&self) -> impl Iterator<Item = &str> {
+        [&self.rows_file, &self.ann_file]
+            .into_iter()
+            .chain(&self.deltas)
+            .map(String::as_str)
+            .filter(|f| !f.is_empty())
+    }
+
     /// Writes the manifest atomically: temporary file, fsync, rename, fsync of the directory.
     pub fn write_atomic(&self, dir: &Path) -> Result<(), IndexError> {
         let path = dir.join(MANIFEST_FILE);

@@ -7,7 +7,6 @@
 //! only the time the reader spends polling counts (a slow micro-batch in between is not a stall).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::{Duration, Instant};
 
 /// A partition that holds records past the reader's position but delivers none.
@@ -194,16 +193,6 @@ impl StallWatch {
     /// Whether `partition` is stalled now.
     pub fn is_stalled(&self, partition: i32) -> bool {
         self.partitions.get(&partition).is_some_and(|w| w.stalled.is_some())
-    }
-}
-
-impl fmt::Display for Stall {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "partition {}: position {}, high watermark {}",
-            self.partition, self.position, self.high_watermark
-        )
     }
 }
 
