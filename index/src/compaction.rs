@@ -15,13 +15,12 @@
 //!
 //! The in-memory graph stays the shared one; only the files and the row layout change.
 
-use std::collections::HashMap;
 use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::commit::{MAX_DELTA_FILES, compact_rows};
-use crate::files::{fsync_file, remove_files_of, write_rows};
+use crate::commit::{MAX_DELTA_FILES, locations_of, write_compacted};
+use crate::files::{fsync_file, remove_files_of};
 use crate::layered::LayeredMap;
 use crate::state::State;
 use crate::{IndexError, KnowledgeIndex};
@@ -74,12 +73,7 @@ impl KnowledgeIndex {
         let rows_file = format!("rows-{generation}-compacted.arrow");
         let ann_file = format!("ann-{generation}-compacted.usearch");
         let written = (|| {
-            let compacted = compact_rows(&self.schema, &snapshot)?;
-            write_rows(
-                &self.dir.join(&rows_file),
-                &self.schema,
-                std::slice::from_ref(&compacted),
-            )?;
+            let compacted = write_compacted(&self.dir.join(&rows_file), &self.schema, &snapshot)?;
             let ann_path = self.dir.join(&ann_file);
             fs::write(&ann_path, &graph).map_err(|e| IndexError::io(&ann_path, e))?;
             fsync_file(&ann_path)?;
@@ -97,12 +91,7 @@ impl KnowledgeIndex {
                 return Err(e);
             }
         };
-        let base: HashMap<u64, (usize, usize)> = compacted
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(row, &key)| (key, (0, row)))
-            .collect();
+        let base = locations_of(&compacted);
 
         let _writer = self.lock_writer();
         let current = self.current();
@@ -114,11 +103,12 @@ impl KnowledgeIndex {
         let since = snapshot.segments.len();
         let mut locations = base;
         locations.retain(|key, _| current.is_live(*key));
-        let mut segments = vec![compacted];
+        let mut segments = compacted;
         for (j, segment) in current.segments[since..].iter().enumerate() {
+            let moved_to = segments.len();
             for (row, key) in segment.keys.iter().enumerate() {
                 if current.locations.get(key) == Some(&(since + j, row)) {
-                    locations.insert(*key, (1 + j, row));
+                    locations.insert(*key, (moved_to, row));
                 }
             }
             segments.push(segment.clone());
@@ -132,10 +122,9 @@ impl KnowledgeIndex {
         manifest.rows = locations.len();
         next.segments = segments;
         next.locations = LayeredMap::from(locations);
-        let committed = (|| {
-            self.commit_text(&mut next, manifest.generation)?;
-            manifest.write_atomic(&self.dir)
-        })();
+        // The text index is left as it is: the rows moved between files, no text changed.
+        manifest.text_generation = Some(current.manifest.text_generation());
+        let committed = manifest.write_atomic(&self.dir);
         if let Err(e) = committed {
             remove_files();
             self.recover();

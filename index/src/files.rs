@@ -2,13 +2,18 @@
 //! atomically, and the clean-up of files no manifest names.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray, RecordBatch, UInt64Array};
+use arrow::buffer::Buffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
-use arrow::ipc::reader::FileReader;
+use arrow::ipc::convert::fb_to_schema;
+use arrow::ipc::reader::{FileDecoder, FileReader, read_footer_length};
 use arrow::ipc::writer::FileWriter;
+use arrow::ipc::{Block, root_as_footer};
+use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::faults::{self, Stage};
 use crate::segment::Segment;
@@ -39,9 +44,10 @@ fn open_rows(path: &Path) -> Result<FileReader<std::io::BufReader<fs::File>>, In
 }
 
 /// A row file that cannot be read, named, with what to do about it.
-fn unreadable(path: &Path, e: arrow::error::ArrowError) -> IndexError {
+fn unreadable(path: &Path, e: impl std::fmt::Display) -> IndexError {
     IndexError::Invalid(format!(
-        "{} is not a readable Arrow row file ({e}); the index's rows cannot be recovered from it          (hint: restore the directory from a backup, or re-ingest the documents into a new LOCATION)",
+        "{} is not a readable Arrow row file ({e}); the index's rows cannot be recovered from it \
+         (hint: restore the directory from a backup, or re-ingest the documents into a new LOCATION)",
         path.display()
     ))
 }
@@ -52,17 +58,91 @@ pub(crate) fn read_schema(path: &Path) -> Result<SchemaRef, IndexError> {
     Ok(row_schema(path, &reader.schema())?.0)
 }
 
-/// Reads an Arrow IPC row file: its schema without the key column, and each batch with its keys.
-pub(crate) fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexError> {
-    let reader = open_rows(path)?;
-    let (schema, key_position) = row_schema(path, &reader.schema())?;
+/// A row file mapped into memory. The rows read from it share its pages: the kernel loads
+/// them on access and can drop them again under memory pressure (they belong to the page
+/// cache, not to the process's heap), so an index holds its rows without their weight in RAM.
+#[derive(Debug)]
+pub(crate) struct MappedFile(Mmap);
+
+impl MappedFile {
+    /// Unmaps the pages read so far from this process (they stay in the page cache, and come
+    /// back on the next access): after a full read — checking a file on open, copying it into
+    /// a rewrite — the process's resident memory goes back to what it uses.
+    pub(crate) fn release_pages(&self) {
+        // SAFETY: a read-only shared mapping of a file that is never changed: dropped pages are
+        // read from the file again on access, with the same bytes.
+        if let Err(e) = unsafe { self.0.unchecked_advise(UncheckedAdvice::DontNeed) } {
+            log::debug!("madvise(DONTNEED) failed: {e}");
+        }
+    }
+}
+
+/// Whether the rows of a mapped file are checked (UTF-8, offsets) as they are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Check everything: a file from disk, maybe damaged.
+    Full,
+    /// Trust the file: this process has just written it from checked rows.
+    WrittenHere,
+}
+
+/// Reads an Arrow IPC row file: its schema without the key column, and each batch with its
+/// keys. The rows stay in the file's pages (memory-mapped); only the keys are copied.
+pub(crate) fn read_rows(path: &Path, check: Check) -> Result<(SchemaRef, Vec<Segment>), IndexError> {
+    let file = fs::File::open(path).map_err(|e| IndexError::io(path, e))?;
+    // SAFETY: row files are written whole under a temporary name, renamed into place and never
+    // changed afterwards (a later generation writes new files); a mapping stays valid after its
+    // file is deleted.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| IndexError::io(path, e))?;
+    let len = map.len();
+    if len < 10 + 8 {
+        return Err(unreadable(path, "the file is too short"));
+    }
+    let pointer = NonNull::new(map.as_ptr().cast_mut()).ok_or_else(|| unreadable(path, "empty mapping"))?;
+    let file = Arc::new(MappedFile(map));
+    // SAFETY: the pointer and length are the mapping's, which the buffer keeps alive.
+    let buffer = unsafe { Buffer::from_custom_allocation(pointer, len, file.clone()) };
+    let trailer = len - 10;
+    let footer_length =
+        read_footer_length(buffer[trailer..].try_into().expect("10 bytes")).map_err(|e| unreadable(path, e))?;
+    let footer_start = trailer
+        .checked_sub(footer_length)
+        .ok_or_else(|| unreadable(path, "the footer is longer than the file"))?;
+    let footer = root_as_footer(&buffer[footer_start..trailer]).map_err(|e| unreadable(path, e))?;
+    let stored_schema = Arc::new(fb_to_schema(
+        footer
+            .schema()
+            .ok_or_else(|| unreadable(path, "no schema in the footer"))?,
+    ));
+    let (schema, key_position) = row_schema(path, &stored_schema)?;
+    let mut decoder = FileDecoder::new(stored_schema, footer.version());
+    if check == Check::WrittenHere {
+        // SAFETY: the file was written by this process, from rows arrow had validated.
+        decoder = unsafe { decoder.with_skip_validation(true) };
+    }
+    let block_data = |block: &Block| {
+        let start = usize::try_from(block.offset()).ok()?;
+        let length = usize::try_from(block.bodyLength()).ok()? + usize::try_from(block.metaDataLength()).ok()?;
+        (start.checked_add(length)? <= footer_start).then(|| buffer.slice_with_length(start, length))
+    };
+    for block in footer.dictionaries().iter().flatten() {
+        let data = block_data(block).ok_or_else(|| unreadable(path, "a dictionary lies outside the file"))?;
+        decoder.read_dictionary(block, &data).map_err(|e| unreadable(path, e))?;
+    }
     let mut segments = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| unreadable(path, e))?;
+    for block in footer.recordBatches().iter().flatten() {
+        let data = block_data(block).ok_or_else(|| unreadable(path, "a batch lies outside the file"))?;
+        let Some(batch) = decoder
+            .read_record_batch(block, &data)
+            .map_err(|e| unreadable(path, e))?
+        else {
+            continue;
+        };
         let keys: Arc<[u64]> = Arc::from(
             batch
                 .column(key_position)
-                .as_primitive::<UInt64Type>()
+                .as_primitive_opt::<UInt64Type>()
+                .ok_or_else(|| unreadable(path, format!("{KEY_FIELD} is not a UInt64 column")))?
                 .values()
                 .as_ref(),
         );
@@ -71,36 +151,91 @@ pub(crate) fn read_rows(path: &Path) -> Result<(SchemaRef, Vec<Segment>), IndexE
         segments.push(Segment {
             batch: RecordBatch::try_new(schema.clone(), columns)?,
             keys,
+            file: Some(file.clone()),
         });
+    }
+    if check == Check::Full {
+        file.release_pages();
     }
     Ok((schema, segments))
 }
 
-/// Writes segments (rows with their keys) to an Arrow IPC file, atomically (temporary file,
-/// fsync, rename).
-pub(crate) fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) -> Result<(), IndexError> {
-    let mut fields = vec![Field::new(KEY_FIELD, DataType::UInt64, false)];
-    fields.extend(schema.fields().iter().map(|f| f.as_ref().clone()));
-    let file_schema = Arc::new(Schema::new(fields));
-    let tmp = path.with_extension("arrow.tmp");
-    let file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
-    faults::check(path, Stage::Write).map_err(|e| IndexError::io(&tmp, e))?;
-    let mut writer = FileWriter::try_new(std::io::BufWriter::new(file), &file_schema)?;
-    for segment in segments {
+/// Writes segments (rows with their keys) to an Arrow IPC row file, one at a time, atomically
+/// (temporary file, fsync, rename on [`RowWriter::finish`]).
+pub(crate) struct RowWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    schema: SchemaRef,
+    writer: FileWriter<std::io::BufWriter<fs::File>>,
+    segments: usize,
+}
+
+impl RowWriter {
+    /// Starts the row file `path` for rows of `schema`.
+    pub(crate) fn create(path: &Path, schema: &SchemaRef) -> Result<Self, IndexError> {
+        let mut fields = vec![Field::new(KEY_FIELD, DataType::UInt64, false)];
+        fields.extend(schema.fields().iter().map(|f| f.as_ref().clone()));
+        let file_schema = Arc::new(Schema::new(fields));
+        let tmp = path.with_extension("arrow.tmp");
+        let file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
+        faults::check(path, Stage::Write).map_err(|e| IndexError::io(&tmp, e))?;
+        let writer = FileWriter::try_new(std::io::BufWriter::new(file), &file_schema)?;
+        Ok(RowWriter {
+            path: path.to_path_buf(),
+            tmp,
+            schema: file_schema,
+            writer,
+            segments: 0,
+        })
+    }
+
+    /// Appends one segment (one row block of the file).
+    pub(crate) fn write(&mut self, segment: &Segment) -> Result<(), IndexError> {
         let mut columns: Vec<ArrayRef> = vec![Arc::new(UInt64Array::from(segment.keys.to_vec()))];
         columns.extend(segment.batch.columns().iter().cloned());
-        writer.write(&RecordBatch::try_new(file_schema.clone(), columns)?)?;
+        self.writer
+            .write(&RecordBatch::try_new(self.schema.clone(), columns)?)?;
+        self.segments += 1;
+        // A rewrite copies mapped rows: keep only the segment being copied resident.
+        if let Some(file) = &segment.file {
+            file.release_pages();
+        }
+        Ok(())
     }
-    writer.finish()?;
-    let file = writer
-        .into_inner()?
-        .into_inner()
-        .map_err(|e| IndexError::io(&tmp, e.into_error()))?;
-    faults::check(path, Stage::Sync)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| IndexError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| IndexError::io(path, e))?;
-    Ok(())
+
+    /// Flushes the file to disk and moves it into place; returns its segments, read back from
+    /// it (from then on they live in its pages, memory-mapped, instead of the heap).
+    pub(crate) fn finish(mut self) -> Result<Vec<Segment>, IndexError> {
+        self.writer.finish()?;
+        let file = self
+            .writer
+            .into_inner()?
+            .into_inner()
+            .map_err(|e| IndexError::io(&self.tmp, e.into_error()))?;
+        faults::check(&self.path, Stage::Sync)
+            .and_then(|_| file.sync_all())
+            .map_err(|e| IndexError::io(&self.tmp, e))?;
+        fs::rename(&self.tmp, &self.path).map_err(|e| IndexError::io(&self.path, e))?;
+        let (_, mapped) = read_rows(&self.path, Check::WrittenHere)?;
+        if mapped.len() != self.segments {
+            return Err(IndexError::Invalid(format!(
+                "{} holds {} row blocks, not the {} just written",
+                self.path.display(),
+                mapped.len(),
+                self.segments
+            )));
+        }
+        Ok(mapped)
+    }
+}
+
+/// Writes `segments` to the row file `path` (see [`RowWriter`]); returns them read back from it.
+pub(crate) fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) -> Result<Vec<Segment>, IndexError> {
+    let mut writer = RowWriter::create(path, schema)?;
+    for segment in segments {
+        writer.write(segment)?;
+    }
+    writer.finish()
 }
 
 /// Flushes a file and its directory entry to disk.

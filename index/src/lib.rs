@@ -198,6 +198,7 @@ impl KnowledgeIndex {
             delta_rows: 0,
             source_offsets: Default::default(),
             text_columns: Some(text_columns),
+            text_generation: None,
         };
         let state = State {
             ann: Arc::new(AnnIndex::new(settings.dimensions, settings.quantization)?),
@@ -413,7 +414,7 @@ impl KnowledgeIndex {
                 }
                 stats.rows += keys.len();
                 stats.replaced += next.place_segment(
-                    Segment { batch, keys },
+                    Segment::in_memory(batch, keys),
                     doc_ids,
                     vectors,
                     self.vector_column,

@@ -63,6 +63,11 @@ pub struct Manifest {
     /// the key column, indexed when they are opened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_columns: Option<Vec<TextColumn>>,
+    /// The generation whose text-index commit holds this generation's text, when an earlier one
+    /// (a background compaction moves rows between files but changes no text, so it leaves the
+    /// text index alone); absent: `generation` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_generation: Option<u64>,
 }
 
 impl Manifest {
@@ -89,6 +94,12 @@ impl Manifest {
             )));
         }
         Ok(Some(manifest))
+    }
+
+    /// The generation the text index must have committed for this manifest's rows (see
+    /// [`Manifest::text_generation`](field@Manifest::text_generation)).
+    pub fn text_generation(&self) -> u64 {
+        self.text_generation.unwrap_or(self.generation)
     }
 
     /// The data files this generation names: rows, graph, then the deltas.

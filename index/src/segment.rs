@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 
+use crate::files::MappedFile;
+
 /// Rows and their `u64` keys, one key per row. Cheap to clone (both parts are shared), so a
 /// commit can start its next state from the current one without copying rows.
 #[derive(Debug, Clone)]
@@ -12,4 +14,17 @@ pub(crate) struct Segment {
     pub(crate) batch: RecordBatch,
     /// Their keys, one per row.
     pub(crate) keys: Arc<[u64]>,
+    /// The row file whose pages hold the rows (`None`: they are on the heap).
+    pub(crate) file: Option<Arc<MappedFile>>,
+}
+
+impl Segment {
+    /// Rows held on the heap (not yet written).
+    pub(crate) fn in_memory(batch: RecordBatch, keys: Arc<[u64]>) -> Self {
+        Segment {
+            batch,
+            keys,
+            file: None,
+        }
+    }
 }

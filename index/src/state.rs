@@ -16,7 +16,7 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 
-use crate::files::{read_rows, remove_stray_files};
+use crate::files::{Check, read_rows, remove_stray_files};
 use crate::fulltext::view::TextView;
 use crate::layered::LayeredMap;
 use crate::segment::Segment;
@@ -109,7 +109,7 @@ impl State {
 /// Reads the generation named by `manifest`: the full rows and graph, then each delta in order.
 pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, State), IndexError> {
     let rows_path = dir.join(&manifest.rows_file);
-    let (schema, base) = read_rows(&rows_path)?;
+    let (schema, base) = read_rows(&rows_path, Check::Full)?;
     let ann_path = dir.join(&manifest.ann_file);
     let ann = AnnIndex::load(&ann_path, manifest.dimensions, manifest.quantization);
     let column = |role: &str, name: &str| {
@@ -154,7 +154,7 @@ pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, S
         text: None,
     };
     for delta in state.manifest.deltas.clone() {
-        let (delta_schema, segments) = read_rows(&dir.join(&delta))?;
+        let (delta_schema, segments) = read_rows(&dir.join(&delta), Check::Full)?;
         if delta_schema != schema {
             return Err(IndexError::Invalid(format!(
                 "{} does not have the index's columns",

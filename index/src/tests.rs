@@ -624,6 +624,57 @@ fn a_corrupt_graph_is_rebuilt_from_the_rows_and_a_corrupt_row_file_is_named() {
     );
 }
 
+#[test]
+fn rows_live_in_their_files_pages_and_small_segments_merge_on_a_full_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..300, |i| (i % 3) as i64, 0)]).unwrap();
+    for start in (300..330).step_by(3) {
+        index.upsert(&[batch(&index, start..start + 3, |_| 5, 0)]).unwrap();
+    }
+    let mapped = |index: &KnowledgeIndex| {
+        let state = index.current();
+        (state.segments.len(), state.segments.iter().all(|s| s.file.is_some()))
+    };
+    // A full commit, then ten deltas: eleven segments, each read back from its file.
+    assert_eq!(mapped(&index), (11, true));
+    let rows_before = index.snapshot().unwrap();
+    drop(index);
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(mapped(&reopened), (11, true), "opening maps the files too");
+    assert_eq!(reopened.snapshot().unwrap(), rows_before);
+    // A delete rewrites in full: the small segments merge into one, in their order.
+    reopened.delete(&category_filter(1)).unwrap();
+    assert_eq!(mapped(&reopened), (1, true));
+    let ids = ids_of(&arrow::compute::concat_batches(&reopened.schema(), &reopened.snapshot().unwrap()).unwrap());
+    let expected: Vec<String> = (0..330)
+        .filter(|i| i >= &300 || i % 3 != 1)
+        .map(|i| format!("doc-{i}"))
+        .collect();
+    assert_eq!(ids, expected);
+    for doc in [0u64, 2, 329] {
+        let hits = reopened.search(&vector(doc), 1, None).unwrap();
+        assert_eq!(ids_of(&hits), vec![format!("doc-{doc}")]);
+    }
+    drop(reopened);
+
+    // Bytes damaged inside a row file (not just cut short) are found on open and named.
+    let manifest = Manifest::read(dir.path()).unwrap().unwrap();
+    let path = dir.path().join(&manifest.rows_file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"doc-20")
+        .expect("a key in the file");
+    bytes[at] = 0xff; // no longer UTF-8
+    std::fs::write(&path, &bytes).unwrap();
+    let err = KnowledgeIndex::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains(manifest.rows_file.as_str()) && err.contains("not a readable Arrow row file"),
+        "{err}"
+    );
+}
+
 /// Every disk fault a commit can meet — a full disk or a failed fsync, on a delta, a full rows
 /// file, the graph or the manifest — fails that commit with an error naming the file, leaves the
 /// previous generation published and whole, lets the next commit succeed, and the index reopens

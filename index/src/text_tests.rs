@@ -388,3 +388,52 @@ fn two_handles_on_one_index_share_its_text_writer() {
     let reopened = KnowledgeIndex::open(dir.path()).unwrap();
     assert_eq!(search(&reopened, "quokka wombat", 10).len(), 2);
 }
+
+#[test]
+fn a_background_compaction_leaves_the_text_index_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = create(dir.path());
+    index.set_background_compaction(true);
+    let names: Vec<String> = (0..240).map(|i| format!("doc-{i}")).collect();
+    let first: Vec<(&str, &str, &str, i64)> = names[..200]
+        .iter()
+        .map(|n| (n.as_str(), "meteor", "shower", 0))
+        .collect();
+    index.upsert(&[rows(&index, &first)]).unwrap();
+    for name in &names[200..] {
+        index
+            .upsert(&[rows(&index, &[(name.as_str(), "meteor", "crater", 0)])])
+            .unwrap();
+    }
+    assert!(index.compaction_due());
+    let text_commit = |dir: &std::path::Path| -> Option<String> {
+        tantivy::Index::open_in_dir(dir.join(fulltext::FULLTEXT_DIR))
+            .unwrap()
+            .load_metas()
+            .unwrap()
+            .payload
+    };
+    let before = index.manifest().generation;
+    assert_eq!(text_commit(dir.path()), Some(before.to_string()));
+    assert!(index.compact().unwrap());
+    let manifest = index.manifest();
+    assert_eq!(
+        (manifest.generation, manifest.text_generation),
+        (before + 1, Some(before))
+    );
+    assert_eq!(text_commit(dir.path()), Some(before.to_string()), "no text commit");
+    assert_eq!(search(&index, "crater", 1000).len(), 40);
+    drop(index);
+    // Reopening finds the text index at the generation the manifest names: nothing to rebuild.
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_eq!(text_commit(dir.path()), Some(before.to_string()), "not rebuilt");
+    assert_eq!(search(&reopened, "meteor", 1000).len(), 240);
+    // The next commit commits the text index with its own generation again.
+    reopened
+        .upsert(&[rows(&reopened, &[("doc-0", "comet", "tail", 0)])])
+        .unwrap();
+    let manifest = reopened.manifest();
+    assert_eq!(manifest.text_generation, None);
+    assert_eq!(text_commit(dir.path()), Some(manifest.generation.to_string()));
+    assert_eq!(search(&reopened, "comet", 10), vec!["doc-0"]);
+}

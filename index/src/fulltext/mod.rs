@@ -232,7 +232,7 @@ impl FullText {
     /// The view of `state`'s generation: the committed text index when it is that generation's,
     /// else the text index rebuilt from `state`'s rows (with a warning) and committed as it.
     pub(crate) fn sync(&self, state: &State) -> Result<TextView, IndexError> {
-        let generation = state.manifest.generation;
+        let generation = state.manifest.text_generation();
         let committed = self.committed_generation();
         if committed != Some(generation) {
             log::warn!(
@@ -273,7 +273,7 @@ impl FullText {
             let live: Vec<bool> = segment.keys.iter().map(|k| state.is_live(*k)).collect();
             self.add_rows(writer, &segment.batch, &segment.keys, Some(&live), state)?;
         }
-        self.commit_locked(writer, state.manifest.generation)
+        self.commit_locked(writer, state.manifest.text_generation())
     }
 
     /// The writer, created on first use.
