@@ -24,7 +24,7 @@ use crate::access::{Access, Refusal};
 use crate::mk::MkServices;
 use crate::sql::call_args::rewrite_call_args;
 use crate::statement::StatementKind;
-use crate::streaming::{ContinuousInsert, count_batch};
+use crate::streaming::{ContinuousInsert, FileInsert, count_batch};
 
 /// The result of one statement of a script.
 #[derive(Debug)]
@@ -150,6 +150,10 @@ impl Session {
         }
         if let Some(stream) = ContinuousInsert::find(&plan)? {
             let rows = stream.run(&self.ctx, pipeline, &self.shared.streams).await?;
+            return Ok(vec![count_batch(rows)?]);
+        }
+        if let Some(insert) = FileInsert::find(&plan)? {
+            let rows = insert.run(&self.ctx, pipeline, &self.shared.streams).await?;
             return Ok(vec![count_batch(rows)?]);
         }
         // A query runs on the state it was planned with; DDL and statements (`SET`, `CREATE`)

@@ -7,11 +7,16 @@
 //! `LOCATION '-'` reads standard input instead (to its end, once per process:
 //! `cat docs.jsonl | mkflow run pipeline.sql`).
 //!
+//! Options: `commit_rows` (lines per batch, and per commit of an `INSERT` into a knowledge
+//! index that reads the file; default 4096) and `resume` (`true` by default: such an `INSERT`
+//! stores the file position with each commit and the next run goes on from there; see
+//! [`crate::streaming::FileInsert`]).
+//!
 //! (DataFusion's own `STORED AS JSON` infers the schema instead, and fails the query on the
 //! first malformed line.)
 
-use std::io::BufRead;
-use std::path::PathBuf;
+use std::io::{BufRead, Seek};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -36,8 +41,12 @@ pub const STDIN_LOCATION: &str = "-";
 /// Standard input, read to its end by the first scan that needs it.
 static STDIN: std::sync::OnceLock<std::io::Result<Vec<u8>>> = std::sync::OnceLock::new();
 
-/// Lines decoded together (one batch of rows) when all of them are valid.
-const LINES_PER_BATCH: usize = 4096;
+/// Lines decoded together (one batch of rows, one commit of an `INSERT`) unless the table's
+/// `commit_rows` says otherwise.
+const DEFAULT_COMMIT_ROWS: usize = 4096;
+
+/// A batch also ends once its lines hold this many bytes, so long records keep memory bounded.
+const MAX_BATCH_BYTES: usize = 32 << 20;
 
 /// Creates [`JsonlTable`]s that report bad records to a dead-letter store.
 #[derive(Debug)]
@@ -61,8 +70,22 @@ impl TableProviderFactory for JsonlFactory {
         if cmd.schema.fields().is_empty() {
             return plan_err!("STORED AS JSONL needs declared columns, e.g. (doc_id VARCHAR NOT NULL, body VARCHAR)");
         }
-        if let Some(key) = cmd.options.keys().next() {
-            return plan_err!("STORED AS JSONL takes no options (got '{key}')");
+        let (mut commit_rows, mut resume) = (DEFAULT_COMMIT_ROWS, true);
+        for (key, value) in &cmd.options {
+            match key.strip_prefix("format.").unwrap_or(key) {
+                "commit_rows" => match value.parse::<usize>() {
+                    Ok(rows) if rows > 0 => commit_rows = rows,
+                    _ => return plan_err!("commit_rows must be a positive number of lines, not '{value}'"),
+                },
+                "resume" => match value.to_lowercase().as_str() {
+                    "true" => resume = true,
+                    "false" => resume = false,
+                    _ => return plan_err!("resume must be 'true' or 'false', not '{value}'"),
+                },
+                other => {
+                    return plan_err!("unknown option '{other}' for STORED AS JSONL (known: commit_rows, resume)");
+                }
+            }
         }
         let path = PathBuf::from(location);
         if location != STDIN_LOCATION && !path.is_file() {
@@ -75,6 +98,8 @@ impl TableProviderFactory for JsonlFactory {
             path,
             schema: Arc::new(cmd.schema.as_arrow().clone()),
             dead_letters: self.dead_letters.clone(),
+            commit_rows,
+            resume,
         })))
     }
 }
@@ -89,14 +114,68 @@ pub struct JsonlSource {
     path: PathBuf,
     schema: SchemaRef,
     dead_letters: Arc<DeadLetters>,
+    commit_rows: usize,
+    resume: bool,
+}
+
+/// A place in a JSON Lines source: the byte where the next line starts and how many lines
+/// come before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinePosition {
+    /// Offset of the next line's first byte.
+    pub byte: u64,
+    /// Lines before it (the next line's number is `line + 1`).
+    pub line: u64,
+}
+
+/// One batch of lines, decoded.
+#[derive(Debug)]
+pub struct DecodedLines {
+    /// The valid lines' rows.
+    pub batch: RecordBatch,
+    /// The refused lines.
+    pub refused: Vec<DeadLetter>,
+    /// Where the batch ends (and the next one starts).
+    pub end: LinePosition,
 }
 
 impl JsonlSource {
+    /// The file read (`-` for standard input).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the source is standard input (which has no positions to resume from).
+    pub fn is_stdin(&self) -> bool {
+        self.path.as_os_str() == STDIN_LOCATION
+    }
+
+    /// Lines per batch (and per commit of an `INSERT` that reads the file).
+    pub fn commit_rows(&self) -> usize {
+        self.commit_rows
+    }
+
+    /// Whether an `INSERT` that reads the file stores its position and goes on from there.
+    pub fn resumes(&self) -> bool {
+        self.resume && !self.is_stdin()
+    }
+
+    /// The dead-letter table of refused lines.
+    pub fn dead_letters(&self) -> &Arc<DeadLetters> {
+        &self.dead_letters
+    }
+
     /// Decodes the source in batches of lines, handing each batch's rows and refused records to
     /// `emit` until the source ends or `emit` returns false.
     fn decode(&self, mut emit: impl FnMut(RecordBatch, Vec<DeadLetter>) -> bool) -> Result<()> {
+        self.decode_from(LinePosition::default(), |lines| emit(lines.batch, lines.refused))
+    }
+
+    /// Decodes the source from `start` (the start of a line) in batches of lines, handing each
+    /// to `emit` until the source ends or `emit` returns false.
+    pub fn decode_from(&self, start: LinePosition, mut emit: impl FnMut(DecodedLines) -> bool) -> Result<()> {
         let read_error = |e: &std::io::Error| DataFusionError::Execution(format!("cannot read {}: {e}", self.source()));
-        let mut reader: Box<dyn BufRead> = if self.path.as_os_str() == STDIN_LOCATION {
+        let mut reader: Box<dyn BufRead> = if self.is_stdin() {
             let bytes = STDIN
                 .get_or_init(|| {
                     let mut bytes = Vec::new();
@@ -104,23 +183,31 @@ impl JsonlSource {
                 })
                 .as_ref()
                 .map_err(read_error)?;
-            Box::new(bytes.as_slice())
+            Box::new(bytes.get(start.byte as usize..).unwrap_or_default())
         } else {
-            let file = std::fs::File::open(&self.path).map_err(|e| read_error(&e))?;
+            let mut file = std::fs::File::open(&self.path).map_err(|e| read_error(&e))?;
+            file.seek(std::io::SeekFrom::Start(start.byte))
+                .map_err(|e| read_error(&e))?;
             Box::new(std::io::BufReader::new(file))
         };
         let decoder = JsonRecordDecoder::new(self.schema.clone());
-        let mut line_number = 0u64;
+        let mut position = start;
         let mut buffer = Vec::new();
-        let mut chunk: Vec<(u64, String)> = Vec::with_capacity(LINES_PER_BATCH);
+        let mut chunk: Vec<(u64, String)> = Vec::with_capacity(self.commit_rows.min(DEFAULT_COMMIT_ROWS));
         loop {
             chunk.clear();
-            while chunk.len() < LINES_PER_BATCH {
+            let (mut chunk_bytes, mut ended) = (0, false);
+            while chunk.len() < self.commit_rows && chunk_bytes < MAX_BATCH_BYTES {
                 buffer.clear();
-                if reader.read_until(b'\n', &mut buffer).map_err(|e| read_error(&e))? == 0 {
+                let read = reader.read_until(b'\n', &mut buffer).map_err(|e| read_error(&e))?;
+                if read == 0 {
+                    ended = true;
                     break;
                 }
-                line_number += 1;
+                position.byte += read as u64;
+                position.line += 1;
+                chunk_bytes += read;
+                let line_number = position.line;
                 let line = buffer.strip_suffix(b"\n").unwrap_or(&buffer);
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 let text = String::from_utf8_lossy(line);
@@ -129,11 +216,14 @@ impl JsonlSource {
                 }
             }
             if chunk.is_empty() {
-                return Ok(());
+                match ended {
+                    true => return Ok(()),
+                    false => continue, // only blank lines so far
+                }
             }
             let texts: Vec<&str> = chunk.iter().map(|(_, l)| l.as_str()).collect();
             let decoded = decoder.decode(&texts)?;
-            let refused = decoded
+            let refused: Vec<DeadLetter> = decoded
                 .refused
                 .into_iter()
                 .map(|(i, error)| DeadLetter {
@@ -144,15 +234,20 @@ impl JsonlSource {
                     recorded_at_ms: now_ms(),
                 })
                 .collect();
-            if !emit(decoded.batch, refused) {
+            let lines = DecodedLines {
+                batch: decoded.batch,
+                refused,
+                end: position,
+            };
+            if !emit(lines) {
                 return Ok(());
             }
         }
     }
 
     /// The source's name in dead letters and messages.
-    fn source(&self) -> String {
-        if self.path.as_os_str() == STDIN_LOCATION {
+    pub fn source(&self) -> String {
+        if self.is_stdin() {
             "stdin".into()
         } else {
             self.path.display().to_string()
@@ -214,6 +309,8 @@ mod tests {
                 Field::new("year", DataType::Int64, true),
             ])),
             dead_letters: dead_letters.clone(),
+            commit_rows: DEFAULT_COMMIT_ROWS,
+            resume: true,
         };
         let (mut batches, mut refused) = (Vec::new(), Vec::new());
         source
@@ -250,7 +347,7 @@ mod tests {
     async fn the_file_is_read_when_the_scan_runs_in_batches_of_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("docs.jsonl");
-        let lines: String = (0..LINES_PER_BATCH * 2 + 10)
+        let lines: String = (0..DEFAULT_COMMIT_ROWS * 2 + 10)
             .map(|i| format!("{{\"doc_id\": \"d{i}\"}}\n"))
             .collect();
         std::fs::write(&path, lines).unwrap();
@@ -259,6 +356,8 @@ mod tests {
             path: path.clone(),
             schema: Arc::new(Schema::new(vec![Field::new("doc_id", DataType::Utf8, false)])),
             dead_letters: Arc::new(DeadLetters::open(None)),
+            commit_rows: DEFAULT_COMMIT_ROWS,
+            resume: true,
         };
         ctx.register_table("docs", Arc::new(JsonlTable::new(source))).unwrap();
         let all = ctx
@@ -270,9 +369,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             all.iter().map(|b| b.num_rows()).sum::<usize>(),
-            LINES_PER_BATCH * 2 + 10
+            DEFAULT_COMMIT_ROWS * 2 + 10
         );
-        assert_eq!(all.len(), 3, "one batch per {LINES_PER_BATCH} lines");
+        assert_eq!(all.len(), 3, "one batch per {DEFAULT_COMMIT_ROWS} lines");
         let first = ctx
             .sql("SELECT doc_id FROM docs LIMIT 3")
             .await

@@ -13,5 +13,5 @@ pub mod records;
 mod text_files;
 
 pub use dead_letters::{DeadLetter, DeadLetters};
-pub use jsonl::{JSONL_FORMAT, JsonlFactory, JsonlTable, STDIN_LOCATION};
+pub use jsonl::{DecodedLines, JSONL_FORMAT, JsonlFactory, JsonlSource, JsonlTable, LinePosition, STDIN_LOCATION};
 pub use text_files::{TEXT_FILES_FORMAT, TextFilesFactory, TextFilesTable};

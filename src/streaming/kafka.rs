@@ -3,150 +3,60 @@
 //!
 //! Each micro-batch (bounded by the table's `max_batch_rows` and `linger_ms`) is decoded, run
 //! through the statement's plan — the Kafka scan replaced by the batch's rows, every UDF as
-//! written — and committed to the index together with the offsets where each partition resumes
-//! (a [`SourceOffsets`] session-config extension the index sink stores). Only then is the next batch read, so a slow UDF slows
-//! consumption and memory stays bounded by one batch plus librdkafka's prefetch queue. On
-//! restart the source resumes from the index's offsets: a crash at any moment neither loses nor
-//! repeats a record.
+//! written — and committed to the index together with the offsets where each partition
+//! resumes. Only then is the next batch read, so a slow UDF slows consumption and memory stays
+//! bounded by one batch plus librdkafka's prefetch queue. On restart the source resumes from
+//! the index's offsets: a crash at any moment neither loses nor repeats a record.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, UInt64Type};
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{DataFusionError, Result, TableReference};
-use datafusion::datasource::MemTable;
-use datafusion::datasource::{provider_as_source, source_as_provider};
+use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::context::SessionContext;
-use datafusion::logical_expr::{DmlStatement, LogicalPlan, TableScan, WriteOp};
-use datafusion::physical_plan::collect;
+use datafusion::logical_expr::LogicalPlan;
 
+use super::insert::{InsertScans, PieceInsert};
+use super::{PipelineState, StreamControl};
 use crate::metrics::{self, PartitionLabels, PipelineLabels, StageLabels};
 use crate::sources::kafka::{
     BatchLimits, KafkaReader, KafkaTable, KafkaTopic, MicroBatch, StallChange, position_key, position_prefix,
 };
-use crate::sql::KbTable;
-use mkflow_index::{KnowledgeIndex, SourceOffsets};
-
-/// State of a pipeline, for readiness and status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PipelineState {
-    /// Running its statements; no stream consuming yet.
-    Starting,
-    /// A continuous statement has its partitions assigned and is consuming.
-    Streaming,
-    /// Consuming, but a partition holds records it does not deliver (the reason names it).
-    Stalled(String),
-    /// All statements finished.
-    Finished,
-    /// A statement failed with this error.
-    Failed(String),
-}
-
-/// Controls continuous statements: when they stop, and what they report.
-#[derive(Debug, Clone, Default)]
-pub struct StreamControl {
-    stop: Arc<AtomicBool>,
-    until_caught_up: bool,
-    states: Arc<Mutex<BTreeMap<String, PipelineState>>>,
-}
-
-impl StreamControl {
-    /// Streams run until [`StreamControl::stop`]; with `until_caught_up` they also end once
-    /// every partition has been read to its end (batch-style runs, tests, benchmarks).
-    pub fn new(until_caught_up: bool) -> Self {
-        StreamControl {
-            until_caught_up,
-            ..Default::default()
-        }
-    }
-
-    /// Asks every stream to finish its in-flight micro-batch, commit it and return.
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether a stop was requested.
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    /// Records the state of pipeline `name`.
-    pub fn set_state(&self, name: &str, state: PipelineState) {
-        self.states
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), state);
-    }
-
-    /// Every pipeline's state.
-    pub fn states(&self) -> BTreeMap<String, PipelineState> {
-        self.states.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
 
 /// An `INSERT` into a knowledge index that reads a Kafka table.
 #[derive(Debug)]
 pub struct ContinuousInsert {
-    plan: LogicalPlan,
-    source_name: TableReference,
-    source: Arc<dyn datafusion::catalog::TableProvider>,
-    target_name: String,
-    target: Arc<KnowledgeIndex>,
+    insert: PieceInsert,
 }
 
 impl ContinuousInsert {
     /// Recognises an `INSERT INTO <knowledge index> … FROM <kafka table>` plan.
     pub fn find(plan: &LogicalPlan) -> Result<Option<Self>> {
-        let LogicalPlan::Dml(DmlStatement {
-            table_name,
-            target,
-            op: WriteOp::Insert(_),
-            input,
-            ..
-        }) = plan
-        else {
+        let Some(mut found) = InsertScans::find(plan, |provider| provider.is::<KafkaTable>())? else {
             return Ok(None);
         };
-        let mut kafka_scans = Vec::new();
-        input.apply(|node| {
-            if let LogicalPlan::TableScan(scan) = node
-                && let Ok(provider) = source_as_provider(&scan.source)
-                && provider.is::<KafkaTable>()
-            {
-                kafka_scans.push((scan.table_name.clone(), provider));
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
-        let Some((source_name, source)) = kafka_scans.pop() else {
+        let Some(source) = found.scans.pop() else {
             return Ok(None);
         };
-        if !kafka_scans.is_empty() {
+        if !found.scans.is_empty() {
             return Err(DataFusionError::Plan(
                 "a streaming INSERT reads one Kafka table (run one pipeline per topic)".into(),
             ));
         }
-        let target_provider = source_as_provider(target)?;
-        let Some(kb) = target_provider.downcast_ref::<KbTable>() else {
+        let Some(target) = found.target else {
             return Err(DataFusionError::Plan(format!(
-                "streaming from Kafka table '{source_name}' needs a knowledge index (STORED AS KB) as the target, not '{table_name}': \
-                 its commits store the offsets that make ingestion exactly-once"
+                "streaming from Kafka table '{}' needs a knowledge index (STORED AS KB) as the target, not '{}': \
+                 its commits store the offsets that make ingestion exactly-once",
+                source.0, found.table_name
             )));
         };
         Ok(Some(ContinuousInsert {
-            plan: plan.clone(),
-            source_name,
-            source,
-            target_name: table_name.table().to_string(),
-            target: kb.index().clone(),
+            insert: PieceInsert::new(found.plan, source, found.table_name, target),
         }))
     }
 
     fn kafka(&self) -> &KafkaTopic {
-        self.source
+        self.insert
+            .source()
             .downcast_ref::<KafkaTable>()
             .expect("checked by find()")
             .source()
@@ -155,26 +65,12 @@ impl ContinuousInsert {
     /// Partition → offset where the index says consumption resumes.
     fn resume_offsets(&self) -> BTreeMap<i32, i64> {
         let prefix = position_prefix(&self.kafka().options().topic);
-        self.target
+        self.insert
+            .target()
             .source_offsets()
             .iter()
             .filter_map(|(key, offset)| Some((key.strip_prefix(prefix.as_str())?.parse::<i32>().ok()?, offset)))
             .collect()
-    }
-
-    /// The statement's plan with the Kafka scan reading `rows` instead.
-    fn plan_for(&self, rows: RecordBatch) -> Result<LogicalPlan> {
-        let table = Arc::new(MemTable::try_new(self.source.schema(), vec![vec![rows]])?);
-        let plan = self.plan.clone().transform_up(|node| match node {
-            LogicalPlan::TableScan(scan) if scan.table_name == self.source_name => {
-                Ok(Transformed::yes(LogicalPlan::TableScan(TableScan {
-                    source: provider_as_source(table.clone()),
-                    ..scan
-                })))
-            }
-            other => Ok(Transformed::no(other)),
-        })?;
-        Ok(plan.data)
     }
 
     /// Runs the stream until stopped (or caught up, per `control`); returns the rows committed.
@@ -186,7 +82,7 @@ impl ContinuousInsert {
             "pipeline {pipeline}: streaming topic '{}' partitions {:?} into '{}'",
             options.topic,
             reader.partitions(),
-            self.target_name
+            self.insert.target_name()
         );
         control.set_state(pipeline, PipelineState::Streaming);
         let gauges = PartitionGauges::new(pipeline, &options.topic);
@@ -260,7 +156,7 @@ impl ContinuousInsert {
             .iter()
             .map(|(&p, &o)| (position_key(topic, p), o))
             .collect();
-        let written = self.execute(ctx, rows, offsets).await?;
+        let written = self.insert.execute(ctx, rows, offsets).await?;
         metrics.stage("execute", executing.elapsed());
         metrics.committed(written, started.elapsed());
         reader.commit_group_offsets(&batch.next_offsets, false);
@@ -305,16 +201,6 @@ impl ContinuousInsert {
             control.set_state(pipeline, state);
         }
         Ok(())
-    }
-
-    /// Runs a micro-batch's rows through the statement's plan; the index commit stores
-    /// `offsets` with them. Returns the rows written.
-    async fn execute(&self, ctx: &SessionContext, rows: RecordBatch, offsets: SourceOffsets) -> Result<u64> {
-        let plan = self.plan_for(rows)?;
-        let mut state = ctx.state();
-        state.config_mut().set_extension(Arc::new(offsets));
-        let physical = state.create_physical_plan(&plan).await?;
-        Ok(inserted_rows(&collect(physical, state.task_ctx()).await?))
     }
 }
 
@@ -361,25 +247,6 @@ impl PipelineMetrics {
         metrics.records_out.get_or_create(&self.labels).inc_by(rows);
         metrics.batches.get_or_create(&self.labels).inc();
     }
-}
-
-/// The `count` an INSERT plan returns.
-fn inserted_rows(batches: &[RecordBatch]) -> u64 {
-    batches
-        .iter()
-        .filter(|b| b.num_columns() == 1)
-        .filter_map(|b| b.column(0).as_primitive_opt::<UInt64Type>())
-        .flat_map(|c| c.iter().flatten())
-        .sum()
-}
-
-/// The one-row `count` result a streaming INSERT returns, like any INSERT.
-pub fn count_batch(rows: u64) -> Result<RecordBatch> {
-    let schema = Arc::new(Schema::new(vec![Field::new("count", DataType::UInt64, false)]));
-    Ok(RecordBatch::try_new(
-        schema,
-        vec![Arc::new(UInt64Array::from(vec![rows]))],
-    )?)
 }
 
 /// Per-partition gauges of one stream.

@@ -57,7 +57,7 @@ impl<S: BatchSource> BatchTable<S> {
     }
 
     /// The source behind the table.
-    pub fn source(&self) -> &S {
+    pub fn source(&self) -> &Arc<S> {
         &self.source
     }
 }

@@ -1,0 +1,229 @@
+//! Inserting a JSON Lines file into a knowledge index: batch by batch, each batch committed with
+//! the file position after it, so a re-run goes on where the last one stopped — after new lines
+//! were appended, and after a SIGKILL at any moment — and inserts every line exactly once.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mkflow_index::{KnowledgeIndex, Manifest};
+
+/// `count` documents (ids `d0`…) with the sample corpus's titles, one JSON object per line, and
+/// a bad line after every `bad_every` good ones. Returns the text and the bad lines' numbers.
+fn corpus(count: usize, bad_every: usize, id_prefix: &str) -> (String, Vec<u64>) {
+    let titles: Vec<String> = std::fs::read_to_string(sample_corpus())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["title"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let (mut text, mut bad) = (String::new(), Vec::new());
+    let mut line = 0u64;
+    for i in 0..count {
+        let record = serde_json::json!({"doc_id": format!("{id_prefix}{i}"), "title": titles[i % titles.len()]});
+        text.push_str(&format!("{record}\n"));
+        line += 1;
+        if (i + 1) % bad_every == 0 {
+            text.push_str(&format!("{{\"doc_id\": \"{id_prefix}{i}-broken\", \"title\": \n"));
+            line += 1;
+            bad.push(line);
+        }
+    }
+    (text, bad)
+}
+
+/// A pipeline inserting `file` into index `kb` in batches of `commit_rows` lines.
+fn script(file: &Path, options: &str) -> String {
+    format!(
+        "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS JSONL LOCATION '{}'
+           OPTIONS ({options});
+         CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS KB LOCATION 'kb';
+         INSERT INTO kb SELECT doc_id, title, embed(title) FROM docs;",
+        file.display()
+    )
+}
+
+/// Runs `script` on a fresh engine over `data`; returns the rows the last statement inserted.
+async fn run(data: &Path, script: &str) -> i64 {
+    let engine = engine(data).await;
+    let results = engine.run_script("test", script, |_| {}).await.unwrap();
+    single_int(&results.last().unwrap().batches)
+}
+
+fn manifest(data: &Path) -> Manifest {
+    Manifest::read(&data.join("kb")).unwrap().expect("the index exists")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jsonl_insert_commits_batch_by_batch_and_a_rerun_reads_only_what_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, file) = (dir.path().join("data"), dir.path().join("docs.jsonl"));
+    let (text, bad) = corpus(60, 20, "d");
+    std::fs::write(&file, &text).unwrap();
+    let script = script(&file, "'commit_rows' '7'");
+
+    assert_eq!(run(&data, &script).await, 60);
+    let first = manifest(&data);
+    assert_eq!((first.rows, first.next_key), (60, 60));
+    // Creating the index is generation 1; then 63 lines in batches of 7: 9 commits, each with
+    // the position after its batch.
+    assert_eq!(first.generation, 1 + 9, "one commit per batch of lines");
+    let positions: Vec<(&str, i64)> = first.source_offsets.iter().collect();
+    assert_eq!(positions.len(), 3, "{positions:?}");
+    assert!(positions[0].0.starts_with("file:") && positions[0].0.ends_with("docs.jsonl"));
+    assert_eq!(positions[0].1, text.len() as i64, "byte offset at the end of the file");
+    assert_eq!(positions[2], (format!("{}#lines", positions[0].0).as_str(), 63));
+
+    // Nothing new: nothing inserted, nothing committed.
+    assert_eq!(run(&data, &script).await, 0);
+    assert_eq!(manifest(&data).generation, 1 + 9);
+
+    // Appended lines, and only they, are read by the next run.
+    let (more, _) = corpus(10, 100, "e");
+    std::fs::write(&file, format!("{text}{more}")).unwrap();
+    assert_eq!(run(&data, &script).await, 10);
+    let appended = manifest(&data);
+    assert_eq!((appended.rows, appended.next_key), (70, 70));
+
+    // A file rewritten under the same name is read from its start.
+    let (rewritten, _) = corpus(30, 100, "f");
+    std::fs::write(&file, &rewritten).unwrap();
+    assert_eq!(run(&data, &script).await, 30);
+    assert_eq!(manifest(&data).rows, 100);
+
+    // `resume 'false'` reads the whole file every time.
+    let script = script_with_resume_off(&file);
+    assert_eq!(run(&data, &script).await, 30);
+    assert_eq!(run(&data, &script).await, 30);
+    assert_eq!(manifest(&data).next_key, 160);
+
+    // The bad lines went to the dead letters once each, with their line numbers.
+    let engine = engine(&data).await;
+    let letters = engine
+        .sql("SELECT position FROM dead_letters ORDER BY position")
+        .await
+        .unwrap();
+    let positions: Vec<u64> = strings(&letters, "position")
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(positions, bad);
+}
+
+fn script_with_resume_off(file: &Path) -> String {
+    script(file, "'resume' 'false', 'commit_rows' '100'")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_that_is_not_row_by_row_runs_whole_as_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, file) = (dir.path().join("data"), dir.path().join("docs.jsonl"));
+    let (text, _) = corpus(20, 100, "d");
+    // Every document twice: the GROUP BY must see both copies, across batch boundaries.
+    std::fs::write(&file, format!("{text}{text}")).unwrap();
+    let script = format!(
+        "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS JSONL LOCATION '{}'
+           OPTIONS ('commit_rows' '3');
+         CREATE EXTERNAL TABLE kb (doc_id VARCHAR NOT NULL, title VARCHAR, copies BIGINT) STORED AS KB LOCATION 'kb';
+         INSERT INTO kb SELECT doc_id, max(title), count(*), embed(max(title)) FROM docs GROUP BY doc_id;",
+        file.display()
+    );
+    let engine = engine(&data).await;
+    engine.run_script("test", &script, |_| {}).await.unwrap();
+    let copies = engine.sql("SELECT DISTINCT copies FROM kb").await.unwrap();
+    assert_eq!(strings(&copies, "copies"), vec!["2".to_string()]);
+    let manifest = manifest(&data);
+    assert_eq!(
+        (manifest.rows, manifest.generation),
+        (20, 1 + 1),
+        "created, then one commit"
+    );
+    assert!(manifest.source_offsets.is_empty(), "{:?}", manifest.source_offsets);
+    let limited = engine
+        .sql("INSERT INTO kb SELECT doc_id, title, 0, embed(title) FROM docs LIMIT 5")
+        .await
+        .unwrap();
+    assert_eq!(single_int(&limited), 5);
+}
+
+fn mkflow(data: &Path, pipeline: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_mkflow"))
+        .arg("--data-dir")
+        .arg(data)
+        .arg("run")
+        .arg(pipeline)
+        .env("MKFLOW_HOME", assets_home())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `ready` or the child exits; then, after `delay`, SIGKILLs it. Returns whether it
+/// was killed.
+fn kill_when(mut child: Child, delay: Duration, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if ready() {
+            std::thread::sleep(delay);
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return true;
+        }
+        assert!(Instant::now() < deadline, "ingestion made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn jsonl_ingestion_is_exactly_once_across_sigkill_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, file) = (dir.path().join("data"), dir.path().join("docs.jsonl"));
+    let (text, bad) = corpus(800, 50, "d");
+    std::fs::write(&file, &text).unwrap();
+    let pipeline: PathBuf = dir.path().join("ingest.sql");
+    std::fs::write(&pipeline, script(&file, "'commit_rows' '40'")).unwrap();
+    let rows = || Manifest::read(&data.join("kb")).ok().flatten().map_or(0, |m| m.rows);
+
+    let kills_wanted = 5;
+    let mut kills = 0;
+    for k in 1..=kills_wanted {
+        let threshold = (800 * k / (kills_wanted + 1)).max(rows() + 1);
+        let delay = Duration::from_millis((k as u64 * 41) % 150);
+        if kill_when(mkflow(&data, &pipeline), delay, || rows() >= threshold) {
+            kills += 1;
+        }
+    }
+    assert_eq!(
+        kills, kills_wanted,
+        "every kill happened before the file was read to its end"
+    );
+    let status = mkflow(&data, &pipeline).wait().unwrap();
+    assert!(status.success(), "the last run reads the file to its end: {status}");
+
+    // Every good line once: 800 rows, and no row key handed out twice for the same line.
+    let index = KnowledgeIndex::open(data.join("kb")).unwrap();
+    let manifest = index.manifest();
+    assert_eq!((manifest.rows, manifest.next_key), (800, 800));
+    let letters = std::fs::read_to_string(data.join("dead_letters.jsonl")).unwrap();
+    let mut positions: Vec<u64> = letters
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["position"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    positions.sort();
+    assert_eq!(positions, bad, "each bad line once, under its own line number");
+}
