@@ -5,7 +5,7 @@
 //! shutdown).
 //!
 //! The kill soak's size comes from `MKFLOW_SOAK_KILLS` (default 6) and `MKFLOW_SOAK_DOCS`
-//! (default 300); `scripts/soak.sh` runs it large.
+//! (default 300); `benches/soak.sh` is the large soak.
 
 mod common;
 #[path = "common/kafka.rs"]

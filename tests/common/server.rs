@@ -60,7 +60,25 @@ impl Server {
             client: reqwest::Client::new(),
         };
         server.wait_for("/healthz", Duration::from_secs(30)).await;
+        server.wait_until_loaded(Duration::from_secs(60)).await;
         server
+    }
+
+    /// Waits until the server has loaded its indexes (it listens, and answers `/healthz`,
+    /// before that; SQL meanwhile gets a 503).
+    pub async fn wait_until_loaded(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let loading = match self.client.get(format!("{}/readyz", self.base)).send().await {
+                Ok(r) => r.text().await.unwrap_or_default().contains("still loading its indexes"),
+                Err(_) => true,
+            };
+            if !loading {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the server did not load its indexes");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// `GET path`.
