@@ -3,13 +3,16 @@
 //! were appended, and after a SIGKILL at any moment — and inserts every line exactly once.
 
 mod common;
+#[path = "common/server.rs"]
+mod server;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use common::*;
 use mkflow_index::{KnowledgeIndex, Manifest};
+use server::{kill_when, mkflow};
 
 /// `count` documents (ids `d0`…) with the sample corpus's titles, one JSON object per line, and
 /// a bad line after every `bad_every` good ones. Returns the text and the bad lines' numbers.
@@ -153,36 +156,14 @@ async fn an_insert_that_is_not_row_by_row_runs_whole_as_one_commit() {
     assert_eq!(single_int(&limited), 5);
 }
 
-fn mkflow(data: &Path, pipeline: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_mkflow"))
-        .arg("--data-dir")
-        .arg(data)
+fn run_binary(data: &Path, pipeline: &Path) -> Child {
+    mkflow(data)
         .arg("run")
         .arg(pipeline)
-        .env("MKFLOW_HOME", assets_home())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// Waits until `ready` or the child exits; then, after `delay`, SIGKILLs it. Returns whether it
-/// was killed.
-fn kill_when(mut child: Child, delay: Duration, ready: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        if ready() {
-            std::thread::sleep(delay);
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            return true;
-        }
-        assert!(Instant::now() < deadline, "ingestion made no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]
@@ -200,7 +181,7 @@ fn jsonl_ingestion_is_exactly_once_across_sigkill_restarts() {
     for k in 1..=kills_wanted {
         let threshold = (800 * k / (kills_wanted + 1)).max(rows() + 1);
         let delay = Duration::from_millis((k as u64 * 41) % 150);
-        if kill_when(mkflow(&data, &pipeline), delay, || rows() >= threshold) {
+        if kill_when(run_binary(&data, &pipeline), delay, || rows() >= threshold) {
             kills += 1;
         }
     }
@@ -208,7 +189,7 @@ fn jsonl_ingestion_is_exactly_once_across_sigkill_restarts() {
         kills, kills_wanted,
         "every kill happened before the file was read to its end"
     );
-    let status = mkflow(&data, &pipeline).wait().unwrap();
+    let status = run_binary(&data, &pipeline).wait().unwrap();
     assert!(status.success(), "the last run reads the file to its end: {status}");
 
     // Every good line once: 800 rows, and no row key handed out twice for the same line.

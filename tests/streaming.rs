@@ -15,14 +15,14 @@ mod server;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::ipc::reader::StreamReader;
 use kafka::Broker;
 use mkflow_index::{KnowledgeIndex, Manifest};
 use serde_json::Value;
-use server::{Server, mkflow};
+use server::{Server, kill_when, mkflow};
 
 /// Records that must not become rows, each for a different reason.
 const MALFORMED: [&str; 4] = [
@@ -114,25 +114,6 @@ fn pipeline(dir: &Path, servers: &str, topic: &str) -> PathBuf {
 /// Rows committed to the index in `dir`, as its manifest says (0 before the first commit).
 fn committed_rows(dir: &Path) -> usize {
     Manifest::read(dir).ok().flatten().map(|m| m.rows).unwrap_or(0)
-}
-
-/// Waits until `ready` or the child exits; then, after `delay`, SIGKILLs it. Returns whether it
-/// was killed.
-fn kill_when(mut child: Child, delay: Duration, ready: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        if ready() {
-            std::thread::sleep(delay);
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            return true;
-        }
-        assert!(Instant::now() < deadline, "ingestion made no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A positive integer from the environment, else `default`.

@@ -20,6 +20,25 @@ pub fn mkflow(data_dir: &Path) -> Command {
     command
 }
 
+/// Waits until `ready` or the child exits; then, after `delay`, SIGKILLs it. Returns whether it
+/// was killed.
+pub fn kill_when(mut child: Child, delay: Duration, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if ready() {
+            std::thread::sleep(delay);
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            return true;
+        }
+        assert!(Instant::now() < deadline, "ingestion made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
