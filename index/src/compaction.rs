@@ -19,14 +19,11 @@ use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::commit::{MAX_DELTA_FILES, locations_of, write_compacted};
 use crate::files::{fsync_file, remove_files_of};
 use crate::layered::LayeredMap;
+use crate::rewrite::{deltas_grown, locations_of, write_compacted};
 use crate::state::State;
 use crate::{IndexError, KnowledgeIndex};
-
-/// Most delta files a commit leaves for a background compaction before compacting inline.
-pub const MAX_DEFERRED_DELTAS: usize = 4 * MAX_DELTA_FILES;
 
 /// Clears the "compacting" flag when a compaction ends, however it ends.
 struct Running<'a>(&'a std::sync::atomic::AtomicBool);
@@ -135,11 +132,6 @@ impl KnowledgeIndex {
         remove_files_of(&self.dir, &snapshot.manifest);
         Ok(true)
     }
-}
-
-/// Whether deltas of this size call for a full rewrite.
-pub(crate) fn deltas_grown(files: usize, delta_rows: usize, rows: usize) -> bool {
-    files >= MAX_DELTA_FILES || delta_rows > rows / 4
 }
 
 /// Whether `current` is `snapshot` plus delta commits only: the same rows file and graph, the

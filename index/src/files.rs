@@ -13,9 +13,10 @@ use arrow::ipc::convert::fb_to_schema;
 use arrow::ipc::reader::{FileDecoder, FileReader, read_footer_length};
 use arrow::ipc::writer::FileWriter;
 use arrow::ipc::{Block, root_as_footer};
-use memmap2::{Mmap, UncheckedAdvice};
+use memmap2::Mmap;
 
 use crate::faults::{self, Stage};
+use crate::mapped::MappedFile;
 use crate::segment::Segment;
 use crate::{IndexError, Manifest};
 
@@ -58,25 +59,6 @@ pub(crate) fn read_schema(path: &Path) -> Result<SchemaRef, IndexError> {
     Ok(row_schema(path, &reader.schema())?.0)
 }
 
-/// A row file mapped into memory. The rows read from it share its pages: the kernel loads
-/// them on access and can drop them again under memory pressure (they belong to the page
-/// cache, not to the process's heap), so an index holds its rows without their weight in RAM.
-#[derive(Debug)]
-pub(crate) struct MappedFile(Mmap);
-
-impl MappedFile {
-    /// Unmaps the pages read so far from this process (they stay in the page cache, and come
-    /// back on the next access): after a full read — checking a file on open, copying it into
-    /// a rewrite — the process's resident memory goes back to what it uses.
-    pub(crate) fn release_pages(&self) {
-        // SAFETY: a read-only shared mapping of a file that is never changed: dropped pages are
-        // read from the file again on access, with the same bytes.
-        if let Err(e) = unsafe { self.0.unchecked_advise(UncheckedAdvice::DontNeed) } {
-            log::debug!("madvise(DONTNEED) failed: {e}");
-        }
-    }
-}
-
 /// Whether the rows of a mapped file are checked (UTF-8, offsets) as they are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Check {
@@ -99,7 +81,7 @@ pub(crate) fn read_rows(path: &Path, check: Check) -> Result<(SchemaRef, Vec<Seg
         return Err(unreadable(path, "the file is too short"));
     }
     let pointer = NonNull::new(map.as_ptr().cast_mut()).ok_or_else(|| unreadable(path, "empty mapping"))?;
-    let file = Arc::new(MappedFile(map));
+    let file = Arc::new(MappedFile::new(map));
     // SAFETY: the pointer and length are the mapping's, which the buffer keeps alive.
     let buffer = unsafe { Buffer::from_custom_allocation(pointer, len, file.clone()) };
     let trailer = len - 10;

@@ -33,8 +33,10 @@ mod files;
 pub mod fulltext;
 mod layered;
 mod manifest;
+mod mapped;
 mod offsets;
 mod retire;
+mod rewrite;
 mod search;
 mod segment;
 mod state;
@@ -51,12 +53,11 @@ use arrow::compute::cast;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 
 pub use ann::{AnnIndex, Hit, Quantization};
-pub use commit::MAX_DELTA_FILES;
-pub use compaction::MAX_DEFERRED_DELTAS;
 pub use error::IndexError;
 pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery};
 pub use manifest::{MANIFEST_FILE, Manifest};
 pub use offsets::SourceOffsets;
+pub use rewrite::{MAX_DEFERRED_DELTAS, MAX_DELTA_FILES};
 pub use search::{DEFAULT_EXACT_SEARCH_MAX_ROWS, RowPredicate, SCORE_COLUMN};
 pub use vector::{vector_type, vector_values, vectors_to_array};
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 
-use crate::files::MappedFile;
+use crate::mapped::MappedFile;
 
 /// Rows and their `u64` keys, one key per row. Cheap to clone (both parts are shared), so a
 /// commit can start its next state from the current one without copying rows.

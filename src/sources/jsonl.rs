@@ -10,7 +10,7 @@
 //! Options: `commit_rows` (lines per batch, and per commit of an `INSERT` into a knowledge
 //! index that reads the file; default 4096) and `resume` (`true` by default: such an `INSERT`
 //! stores the file position with each commit and the next run goes on from there; see
-//! [`crate::streaming::FileInsert`]).
+//! `streaming/file.rs`).
 //!
 //! (DataFusion's own `STORED AS JSON` infers the schema instead, and fails the query on the
 //! first malformed line.)
