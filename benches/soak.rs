@@ -15,7 +15,10 @@
 //!    does, and again lost/duplicated documents at the end.
 //!
 //! `MKFLOW_SOAK_DOCS` (default 2000) documents are produced in phase 1 (SciFact from
-//! `../shared` when present, else the bundled sample, repeated with new ids).
+//! `../shared` when present, else the bundled sample, repeated with new ids). Before it,
+//! `MKFLOW_SOAK_BASE_DOCS` (default 50000) documents of random words (~3 KB, no vectors, no
+//! questions) are loaded from a JSON Lines file, so that a compaction rewrites enough rows to
+//! take seconds, and kills can land inside one.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -106,7 +109,7 @@ fn pipeline(dir: &Path, servers: &str) -> PathBuf {
         &path,
         format!(
             "CREATE EXTERNAL TABLE {TOPIC} (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
-               STORED AS KAFKA LOCATION 'kafka://{servers}/{TOPIC}' OPTIONS ('max_batch_rows' '32', 'linger_ms' '50');
+               STORED AS KAFKA LOCATION 'kafka://{servers}/{TOPIC}' OPTIONS ('max_batch_rows' '8', 'linger_ms' '50');
              CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
                STORED AS KB LOCATION 'kb' OPTIONS ('meta_knowledge' 'true');
              INSERT INTO kb SELECT doc_id, title, body, metadata, qa, mk_cluster(metadata), embedding FROM (
@@ -117,6 +120,44 @@ fn pipeline(dir: &Path, servers: &str) -> PathBuf {
     )
     .unwrap();
     path
+}
+
+/// Loads `count` documents of random words into the index `kb` from a JSON Lines file (without
+/// vectors or questions: only their rows and text are indexed).
+fn load_base(work: &Path, data: &Path, count: usize, rng: &mut Rng) {
+    let file = work.join("base.jsonl");
+    let mut text = String::new();
+    for i in 0..count {
+        let words = |n: usize, rng: &mut Rng| -> String {
+            (0..n)
+                .map(|_| format!("w{}", rng.below(50_000)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let record =
+            serde_json::json!({"doc_id": format!("base-{i}"), "title": words(8, rng), "body": words(450, rng)});
+        text.push_str(&format!("{record}\n"));
+    }
+    std::fs::write(&file, text).unwrap();
+    let pipeline = work.join("base.sql");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "CREATE EXTERNAL TABLE base (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR) STORED AS JSONL LOCATION '{}';
+             CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR, body VARCHAR)
+               STORED AS KB LOCATION 'kb' OPTIONS ('meta_knowledge' 'true');
+             INSERT INTO kb SELECT doc_id, title, body, NULL AS m, NULL AS qa, NULL AS c, NULL AS e FROM base;",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let status = mkflow(data)
+        .arg("run")
+        .arg(&pipeline)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "loading the base documents: {status}");
 }
 
 /// Whether a background compaction has written files it has not swapped in yet, in the index
@@ -194,7 +235,7 @@ fn kill_phase(data: &Path, pipeline: &Path, kills_wanted: usize, rng: &mut Rng) 
             if (wait_for_compaction && compaction) || (!wait_for_compaction && started.elapsed() >= delay) {
                 break Some(compaction);
             }
-            if wait_for_compaction && started.elapsed() > Duration::from_secs(20) {
+            if wait_for_compaction && started.elapsed() > Duration::from_secs(60) {
                 break Some(false);
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -247,6 +288,7 @@ fn main() {
 
 async fn soak() {
     let docs_wanted = env_number("MKFLOW_SOAK_DOCS", 2000) as usize;
+    let base_docs = env_number("MKFLOW_SOAK_BASE_DOCS", 50_000) as usize;
     let kills_wanted = env_number("MKFLOW_SOAK_KILLS", 20) as usize;
     let seconds = env_number("MKFLOW_SOAK_SECONDS", 600);
     let rate = env_number("MKFLOW_SOAK_RATE", 5).max(1);
@@ -259,6 +301,12 @@ async fn soak() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
 
     // Phase 1.
+    let loading = Instant::now();
+    load_base(work.path(), &data, base_docs, &mut rng);
+    eprintln!(
+        "soak: {base_docs} base documents loaded in {:.0} s",
+        loading.elapsed().as_secs_f64()
+    );
     let broker = Broker::mock();
     broker.create_topic(TOPIC, PARTITIONS).await;
     let docs = documents(docs_wanted, "d");
@@ -274,12 +322,13 @@ async fn soak() {
     };
     let (rows, keys) = committed(&kb);
     let (letters, distinct_letters) = dead_letters(&data);
+    let expected = base_docs + docs.len();
     println!(
-        "soak phase 1: {} documents + {bad} bad records, {kills} SIGKILLs ({during_compaction} during a compaction), {:.0} s: \
+        "soak phase 1: {base_docs} base documents, then {} documents + {bad} bad records, {kills} SIGKILLs ({during_compaction} during a compaction), {:.0} s: \
          {rows} rows ({} lost), {keys} row keys ({} duplicated), {letters} dead letters ({distinct_letters} distinct, {bad} expected)",
         docs.len(),
         started.elapsed().as_secs_f64(),
-        docs.len() as i64 - rows as i64,
+        expected as i64 - rows as i64,
         keys as i64 - rows as i64,
     );
 
@@ -378,7 +427,7 @@ async fn soak() {
         task.await.unwrap();
     }
     let produced = producer.await.unwrap();
-    let expected = docs.len() + produced;
+    let expected = expected + produced;
     let deadline = Instant::now() + Duration::from_secs(300);
     while committed(&kb).0 < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -89,7 +89,8 @@ impl Server {
         let deadline = Instant::now() + timeout;
         loop {
             let loading = match self.client.get(format!("{}/readyz", self.base)).send().await {
-                Ok(r) => r.text().await.unwrap_or_default().contains("still loading its indexes"),
+                // `/readyz` says `"reason": "loading indexes"` until the engine is up.
+                Ok(r) => r.text().await.unwrap_or_default().contains("loading indexes"),
                 Err(_) => true,
             };
             if !loading {
