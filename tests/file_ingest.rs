@@ -120,6 +120,42 @@ async fn a_jsonl_insert_commits_batch_by_batch_and_a_rerun_reads_only_what_is_ne
     assert_eq!(positions, bad);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jsonl_options_are_refused_with_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docs.jsonl");
+    std::fs::write(&file, "{\"doc_id\": \"a\"}\n").unwrap();
+    let engine = engine(&dir.path().join("data")).await;
+    let create = |options: &str| {
+        format!(
+            "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL) STORED AS JSONL LOCATION '{}' OPTIONS ({options})",
+            file.display()
+        )
+    };
+    for (options, expected) in [
+        (
+            "'commit_rows' '0'",
+            "commit_rows must be a positive number of lines, not '0'",
+        ),
+        ("'commit_rows' '-5'", "not '-5'"),
+        (
+            "'commit_rows' '99999999999999999999999'",
+            "commit_rows must be a positive number",
+        ),
+        ("'resume' 'maybe'", "resume must be 'true' or 'false', not 'maybe'"),
+        (
+            "'batch' '10'",
+            "unknown option 'batch' for STORED AS JSONL (known: commit_rows, resume)",
+        ),
+    ] {
+        let error = sql_error(&engine, &create(options)).await;
+        assert!(error.contains(expected), "{options}: {error}");
+    }
+    // A huge batch size is bounded by the bytes a batch may hold, and works.
+    engine.sql(&create("'commit_rows' '1000000000'")).await.unwrap();
+    assert_eq!(single_int(&engine.sql("SELECT count(*) FROM docs").await.unwrap()), 1);
+}
+
 fn script_with_resume_off(file: &Path) -> String {
     script(file, "'resume' 'false', 'commit_rows' '100'")
 }

@@ -86,19 +86,23 @@ impl FileInsert {
             let (source, path) = (source.clone(), source.path().to_path_buf());
             let fingerprints = keys.is_some();
             tokio::task::spawn_blocking(move || {
+                let mut failed = None;
                 source.decode_from(start, |lines| {
                     let check = match fingerprints {
                         true => match fingerprint(&path, lines.end.byte) {
                             Ok(check) => Some(check),
                             Err(e) => {
-                                log::error!("cannot fingerprint {}: {e}", path.display());
+                                // The batch could not be committed with its position: fail the
+                                // insert rather than end it early as if the file had.
+                                failed = Some(read_error(&path.display().to_string(), e));
                                 return false;
                             }
                         },
                         false => None,
                     };
                     sender.blocking_send((lines, check)).is_ok()
-                })
+                })?;
+                failed.map_or(Ok(()), Err)
             })
         };
         let (mut written, mut commits, mut refused, mut end) = (0u64, 0usize, 0usize, start);
