@@ -857,3 +857,97 @@ async fn personas_route_mk_search_among_their_clusters_with_their_summary_and_fi
     assert_eq!(strings(&kept, "name"), vec!["immunologist", "strict"]);
     assert_eq!(u64s(&kept, "summary_version"), vec![1, 1]);
 }
+
+/// Documents and their questions commit as one: the documents' manifest names the questions'
+/// generation, after inserts and deletes alike. A crash after a batch's questions committed but
+/// before its documents did (the on-disk state is recreated by putting the documents' manifest
+/// of the batch before back) reopens as that batch before, whole: its documents and exactly
+/// their questions; delivering the batch again then adds both. The questions table is
+/// read-only: it commits only with the documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_and_their_questions_commit_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = corpus_slice(dir.path(), "first.jsonl", 0, 40);
+    let second = corpus_slice(dir.path(), "second.jsonl", 40, 2);
+    let data = dir.path().join("data");
+    let kb = data.join("scifact_mk");
+    let generation = |path: PathBuf| -> (u64, serde_json::Value) {
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        (manifest["generation"].as_u64().unwrap(), manifest)
+    };
+    let named_matches_questions = || {
+        let (_, documents) = generation(kb.join("manifest.json"));
+        let (questions, _) = generation(kb.join("questions").join("manifest.json"));
+        assert_eq!(
+            documents["companions"]["questions"]["generation"].as_u64(),
+            Some(questions)
+        );
+    };
+    let engine = engine(&data).await;
+    ingest_slice(&engine, &first).await;
+    named_matches_questions();
+    let first_questions = count(&engine, "SELECT count(*) FROM scifact_mk_questions").await;
+    for (sql, hint) in [
+        (
+            "INSERT INTO scifact_mk_questions SELECT * FROM scifact_mk_questions",
+            "INSERT INTO scifact_mk instead",
+        ),
+        ("DELETE FROM scifact_mk_questions", "DELETE FROM scifact_mk instead"),
+    ] {
+        let err = engine.sql(sql).await.expect_err(sql).to_string();
+        assert!(
+            err.contains(hint) && err.contains("scifact_mk_questions"),
+            "{sql}: {err}"
+        );
+    }
+    assert_eq!(
+        count(&engine, "SELECT count(*) FROM scifact_mk_questions").await,
+        first_questions
+    );
+
+    let before_second = std::fs::read(kb.join("manifest.json")).unwrap();
+    ingest_slice(&engine, &second).await;
+    named_matches_questions();
+    let all_questions = count(&engine, "SELECT count(*) FROM scifact_mk_questions").await;
+    assert!(all_questions > first_questions);
+    drop(engine);
+
+    std::fs::write(kb.join("manifest.json"), before_second).unwrap();
+    let engine = common::engine(&data).await;
+    assert_eq!(count(&engine, "SELECT count(*) FROM scifact_mk").await, 40);
+    assert_eq!(
+        count(&engine, "SELECT count(*) FROM scifact_mk_questions").await,
+        first_questions,
+        "the questions of the batch whose documents never committed are gone"
+    );
+    assert_eq!(
+        count(
+            &engine,
+            "SELECT count(*) FROM scifact_mk_questions q LEFT JOIN scifact_mk d ON q.doc_id = d.doc_id WHERE d.doc_id IS NULL"
+        )
+        .await,
+        0
+    );
+    ingest_slice(&engine, &second).await;
+    assert_eq!(count(&engine, "SELECT count(*) FROM scifact_mk").await, 42);
+    assert_eq!(
+        count(&engine, "SELECT count(*) FROM scifact_mk_questions").await,
+        all_questions
+    );
+
+    let doc = strings(
+        &engine.sql("SELECT doc_id FROM scifact_mk LIMIT 1").await.unwrap(),
+        "doc_id",
+    )
+    .remove(0);
+    engine
+        .sql(&format!("DELETE FROM scifact_mk WHERE doc_id = '{doc}'"))
+        .await
+        .unwrap();
+    named_matches_questions();
+    assert!(count(&engine, "SELECT count(*) FROM scifact_mk_questions").await < all_questions);
+}
+
+async fn count(engine: &Engine, sql: &str) -> i64 {
+    single_int(&engine.sql(sql).await.unwrap())
+}

@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::faults::{self, Stage};
-use crate::files::{fsync_file, remove_files_of, write_rows};
+use crate::files::{fsync_file, write_rows};
 use crate::layered::LayeredMap;
 use crate::rewrite::{MAX_DEFERRED_DELTAS, deltas_grown, locations_of, write_compacted};
 use crate::state::State;
@@ -38,7 +38,7 @@ impl KnowledgeIndex {
         manifest.deltas.push(delta_file);
         manifest.delta_rows += new_rows;
         self.commit_text(state, generation)?;
-        manifest.write_atomic(&self.dir)?;
+        self.write_manifest(&mut manifest)?;
         state.manifest = manifest;
         Ok(())
     }
@@ -64,13 +64,13 @@ impl KnowledgeIndex {
         manifest.deltas.clear();
         manifest.delta_rows = 0;
         self.commit_text(state, generation)?;
-        manifest.write_atomic(&self.dir)?;
+        self.write_manifest(&mut manifest)?;
         state.manifest = manifest;
         // Rebuild the in-memory maps around the compacted segments: fresh bases, no changes.
         state.locations = LayeredMap::from(locations_of(&compacted));
         state.doc_keys = LayeredMap::from(state.doc_keys.flattened());
         state.segments = compacted;
-        remove_files_of(&self.dir, &replaced);
+        self.retained.discard(&self.dir, replaced, generation);
         Ok(())
     }
 }

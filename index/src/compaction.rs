@@ -19,7 +19,7 @@ use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::files::{fsync_file, remove_files_of};
+use crate::files::fsync_file;
 use crate::layered::LayeredMap;
 use crate::rewrite::{deltas_grown, locations_of, write_compacted};
 use crate::state::State;
@@ -121,15 +121,16 @@ impl KnowledgeIndex {
         next.locations = LayeredMap::from(locations);
         // The text index is left as it is: the rows moved between files, no text changed.
         manifest.text_generation = Some(current.manifest.text_generation());
-        let committed = manifest.write_atomic(&self.dir);
+        let committed = self.write_manifest(&mut manifest);
         if let Err(e) = committed {
             remove_files();
             self.recover();
             return Err(e);
         }
+        let generation = manifest.generation;
         next.manifest = manifest;
         self.publish(next);
-        remove_files_of(&self.dir, &snapshot.manifest);
+        self.retained.discard(&self.dir, snapshot.manifest.clone(), generation);
         Ok(true)
     }
 }

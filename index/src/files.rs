@@ -244,15 +244,16 @@ pub(crate) fn remove_files_of(dir: &Path, replaced: &Manifest) {
     }
 }
 
-/// Deletes files of generations other than the manifest's (left by an interrupted commit).
-pub(crate) fn remove_stray_files(dir: &Path, manifest: &Manifest) {
+/// Deletes files of generations other than the manifest's (left by an interrupted commit),
+/// but those in `kept` (replaced files a companion keeps for the generation its parent names).
+pub(crate) fn remove_stray_files(dir: &Path, manifest: &Manifest, kept: &std::collections::HashSet<String>) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         let is_data = ((name.starts_with("rows-") || name.starts_with("delta-")) && name.ends_with(".arrow"))
             || (name.starts_with("ann-") && name.ends_with(".usearch"))
             || name.ends_with(".tmp");
-        if is_data && !manifest.files().any(|f| f == name) {
+        if is_data && !manifest.files().any(|f| f == name) && !kept.contains(&name) {
             let _ = fs::remove_file(entry.path());
         }
     }

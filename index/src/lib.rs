@@ -31,6 +31,7 @@ mod error;
 mod faults;
 mod files;
 pub mod fulltext;
+mod group;
 mod layered;
 mod manifest;
 mod mapped;
@@ -55,6 +56,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 pub use ann::{AnnIndex, Hit, Quantization};
 pub use error::IndexError;
 pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery};
+pub use group::GroupCommit;
 pub use manifest::{MANIFEST_FILE, Manifest};
 pub use offsets::SourceOffsets;
 pub use rewrite::{MAX_DEFERRED_DELTAS, MAX_DELTA_FILES};
@@ -62,12 +64,15 @@ pub use search::{DEFAULT_EXACT_SEARCH_MAX_ROWS, RowPredicate, SCORE_COLUMN};
 pub use vector::{vector_type, vector_values, vectors_to_array};
 
 #[cfg(test)]
+mod group_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod text_tests;
 
-use files::KEY_FIELD;
+use files::{KEY_FIELD, remove_stray_files};
 use fulltext::{FullText, default_text_columns};
+use group::{Companions, Retained};
 use manifest::FORMAT_VERSION;
 use segment::Segment;
 use state::{State, doc_ids, live_rows, load_state};
@@ -120,6 +125,10 @@ pub struct KnowledgeIndex {
     background_compaction: AtomicBool,
     /// Set while a compaction runs (one at a time).
     compacting: AtomicBool,
+    /// The indexes committed together with this one (see [`group`]).
+    companions: Companions,
+    /// Replaced files kept for the generation a parent index names (companions only).
+    retained: Retained,
 }
 
 impl KnowledgeIndex {
@@ -133,6 +142,7 @@ impl KnowledgeIndex {
             ))
         })?;
         let (schema, mut state) = load_state(dir, manifest)?;
+        remove_stray_files(dir, &state.manifest, &Default::default());
         let columns = match &state.manifest.text_columns {
             Some(columns) => columns.clone(),
             None => default_text_columns(&schema, &state.manifest.key_column),
@@ -200,6 +210,7 @@ impl KnowledgeIndex {
             source_offsets: Default::default(),
             text_columns: Some(text_columns),
             text_generation: None,
+            companions: Default::default(),
         };
         let state = State {
             ann: Arc::new(AnnIndex::new(settings.dimensions, settings.quantization)?),
@@ -245,6 +256,8 @@ impl KnowledgeIndex {
             exact_search_max_rows: AtomicUsize::new(search::DEFAULT_EXACT_SEARCH_MAX_ROWS),
             background_compaction: AtomicBool::new(false),
             compacting: AtomicBool::new(false),
+            companions: Companions::default(),
+            retained: Retained::default(),
         })
     }
 
@@ -381,6 +394,12 @@ impl KnowledgeIndex {
         batches: &[RecordBatch],
         offsets: &SourceOffsets,
     ) -> Result<UpsertStats, IndexError> {
+        let _writer = self.lock_writer();
+        self.upsert_locked(batches, offsets)
+    }
+
+    /// [`KnowledgeIndex::upsert_from_source`] for a caller holding the writer lock.
+    fn upsert_locked(&self, batches: &[RecordBatch], offsets: &SourceOffsets) -> Result<UpsertStats, IndexError> {
         // Validate and convert everything before touching the index: an error leaves it as is.
         let prepared = batches
             .iter()
@@ -391,12 +410,11 @@ impl KnowledgeIndex {
         if prepared.is_empty() && offsets.is_empty() {
             return Ok(stats);
         }
-        let _writer = self.lock_writer();
         let mut next = (*self.current()).clone();
         if prepared.is_empty() {
             let mut manifest = next.manifest.clone();
             manifest.source_offsets.merge(offsets);
-            manifest.write_atomic(&self.dir)?;
+            self.write_manifest(&mut manifest)?;
             next.manifest = manifest;
             self.publish(next);
             return Ok(stats);
@@ -484,21 +502,17 @@ impl KnowledgeIndex {
         gather: bool,
     ) -> Result<(Vec<String>, Option<RecordBatch>), IndexError> {
         let _writer = self.lock_writer();
+        self.remove_rows_locked(predicate, gather)
+    }
+
+    /// [`KnowledgeIndex::remove_rows`] for a caller holding the writer lock.
+    fn remove_rows_locked(
+        &self,
+        predicate: &RowPredicate<'_>,
+        gather: bool,
+    ) -> Result<(Vec<String>, Option<RecordBatch>), IndexError> {
         let mut next = (*self.current()).clone();
-        let key_name = &next.manifest.key_column;
-        let mut doomed: Vec<(u64, String)> = Vec::new();
-        for segment in &next.segments {
-            let mask = predicate(&segment.batch)?;
-            if mask.true_count() == 0 {
-                continue;
-            }
-            let ids = doc_ids(&segment.batch, self.key_column, key_name)?;
-            for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
-                if mask.is_valid(row) && mask.value(row) && next.is_live(key) {
-                    doomed.push((key, id));
-                }
-            }
-        }
+        let doomed = self.matching_rows(&next, predicate)?;
         if doomed.is_empty() {
             return Ok((Vec::new(), None));
         }
@@ -533,6 +547,25 @@ impl KnowledgeIndex {
         }
     }
 
+    /// The live rows of `state` for which `predicate` is true: (key, document id).
+    fn matching_rows(&self, state: &State, predicate: &RowPredicate<'_>) -> Result<Vec<(u64, String)>, IndexError> {
+        let key_name = &state.manifest.key_column;
+        let mut matching = Vec::new();
+        for segment in &state.segments {
+            let mask = predicate(&segment.batch)?;
+            if mask.true_count() == 0 {
+                continue;
+            }
+            let ids = doc_ids(&segment.batch, self.key_column, key_name)?;
+            for (row, (&key, id)) in segment.keys.iter().zip(ids).enumerate() {
+                if mask.is_valid(row) && mask.value(row) && state.is_live(key) {
+                    matching.push((key, id));
+                }
+            }
+        }
+        Ok(matching)
+    }
+
     /// After a failed commit (its caller holds the writer lock): publishes the last committed
     /// generation as read back from disk, since the failed commit may have changed the shared
     /// graph. Should even that fail, the published state stays: its searches drop the graph's
@@ -545,6 +578,7 @@ impl KnowledgeIndex {
         match Manifest::read(&self.dir).and_then(|m| {
             let manifest = m.ok_or_else(|| IndexError::Invalid("manifest vanished".into()))?;
             let (schema, mut state) = load_state(&self.dir, manifest)?;
+            remove_stray_files(&self.dir, &state.manifest, &self.retained.files());
             state.manifest.text_columns = self.current().manifest.text_columns.clone();
             if let Some(full_text) = &self.full_text {
                 state.text = Some(full_text.sync(&state)?);

@@ -5,6 +5,7 @@
 //! atomically (write to a temporary file, fsync, rename). A crash at any moment leaves either
 //! the old or the new manifest, each naming complete files.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -68,6 +69,12 @@ pub struct Manifest {
     /// text index alone); absent: `generation` itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_generation: Option<u64>,
+    /// The manifests of the companion indexes committed together with this one (a
+    /// Meta-Knowledge index's questions, a chunked index's chunks), by subdirectory, as of this
+    /// generation: opening rolls a companion that is ahead back to its entry (see
+    /// [`KnowledgeIndex::open_companion`](crate::KnowledgeIndex::open_companion)).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub companions: BTreeMap<String, Manifest>,
 }
 
 impl Manifest {

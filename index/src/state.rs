@@ -16,7 +16,7 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 
-use crate::files::{Check, read_rows, remove_stray_files};
+use crate::files::{Check, read_rows};
 use crate::fulltext::view::TextView;
 use crate::layered::LayeredMap;
 use crate::segment::Segment;
@@ -165,7 +165,6 @@ pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, S
             replay(&mut state, segment, key_column, vector_column)?;
         }
     }
-    remove_stray_files(dir, &state.manifest);
     Ok((schema, state))
 }
 

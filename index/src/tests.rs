@@ -11,7 +11,7 @@ use super::*;
 
 const DIMS: usize = 16;
 
-fn settings() -> IndexSettings {
+pub(super) fn settings() -> IndexSettings {
     IndexSettings {
         model: "synthetic".into(),
         dimensions: DIMS,
@@ -22,7 +22,7 @@ fn settings() -> IndexSettings {
     }
 }
 
-fn columns() -> Schema {
+pub(super) fn columns() -> Schema {
     Schema::new(vec![
         Field::new("doc_id", DataType::Utf8, false),
         Field::new("category", DataType::Int64, true),
@@ -30,7 +30,7 @@ fn columns() -> Schema {
 }
 
 /// A deterministic pseudo-random unit vector for `seed`.
-fn vector(seed: u64) -> Vec<f32> {
+pub(super) fn vector(seed: u64) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut v: Vec<f32> = (0..DIMS)
         .map(|_| {
@@ -45,7 +45,7 @@ fn vector(seed: u64) -> Vec<f32> {
     v
 }
 
-fn batch(
+pub(super) fn batch(
     index: &KnowledgeIndex,
     ids: std::ops::Range<u64>,
     category: impl Fn(u64) -> i64,
@@ -86,7 +86,7 @@ fn list_vector_row(values: &[f32]) -> RecordBatch {
     .unwrap()
 }
 
-fn ids_of(batch: &RecordBatch) -> Vec<String> {
+pub(super) fn ids_of(batch: &RecordBatch) -> Vec<String> {
     let ids = batch.column(0).as_string::<i32>();
     (0..ids.len()).map(|i| ids.value(i).to_string()).collect()
 }
@@ -99,7 +99,7 @@ fn scores_of(batch: &RecordBatch) -> Vec<f32> {
         .to_vec()
 }
 
-fn category_filter(wanted: i64) -> impl Fn(&RecordBatch) -> Result<BooleanArray, IndexError> {
+pub(super) fn category_filter(wanted: i64) -> impl Fn(&RecordBatch) -> Result<BooleanArray, IndexError> {
     move |b: &RecordBatch| {
         Ok(b.column(1)
             .as_primitive::<Int64Type>()

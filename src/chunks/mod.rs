@@ -7,10 +7,10 @@
 //! `<doc_id>#<n>`: the document, the chunk's position, context, text, character offsets in the
 //! chunked column and tokens, and its vector) and `chunking.json` ([`ChunkSettings`]).
 //!
-//! Every upsert replaces its documents' chunks before the documents commit, and a delete removes
-//! them after: a crash in between leaves chunks that the re-delivered documents replace again
-//! (streaming resumes from the documents' commit), and searches skip chunks whose document is
-//! not in the index.
+//! The chunks index is a companion of the documents (see `mkflow_index::GroupCommit`): an
+//! upsert replaces its documents' chunks and a delete removes them inside the documents' group
+//! commit, so one manifest generation names documents and chunks alike, and a crash in between
+//! reopens with the chunks of the documents' generation.
 
 pub mod search;
 mod settings;
@@ -142,15 +142,18 @@ impl ChunkIndex {
             vector_column: manifest.vector_column,
             text_columns: (!chunks_dir.join(MANIFEST_FILE).is_file() || rebuild).then_some(text_columns),
         };
-        let chunks = KnowledgeIndex::open_or_create(&chunks_dir, &chunk_columns(), &index_settings)?;
+        // The chunks commit together with the documents (one generation names both).
+        let chunks = documents.open_companion(CHUNKS_DIR, &chunk_columns(), &index_settings)?;
         let index = ChunkIndex {
-            chunks: Arc::new(chunks),
+            chunks,
             settings,
             chunker,
             embedder,
         };
         if rebuild {
+            let group = documents.lock_group();
             index.rebuild(documents)?;
+            group.commit()?;
             index.settings.write(dir)?;
         }
         Ok(index)

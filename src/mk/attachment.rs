@@ -57,21 +57,6 @@ impl MkAttachment {
         .await
     }
 
-    /// Replaces the inserted documents' questions. Runs before the documents' own commit, so
-    /// a crash in between leaves questions that the re-delivered documents replace again
-    /// (exactly-once streaming resumes from the documents' commit).
-    pub async fn commit_questions(&self, pending: PendingQuestions) -> Result<()> {
-        let mk = self.index.clone();
-        blocking(move || mk.commit_questions(&pending)).await
-    }
-
-    /// Removes the questions of deleted documents, then updates clusters and summaries.
-    pub async fn forget(&self, deleted: HashSet<String>, context: &TaskContext) -> Result<()> {
-        let mk = self.index.clone();
-        blocking(move || mk.remove_questions_of(&deleted).map(drop)).await?;
-        self.refresh(context).await
-    }
-
     /// Recomputes the clusters after the documents changed, and rewrites the summaries the
     /// change made stale.
     pub async fn refresh(&self, context: &TaskContext) -> Result<()> {

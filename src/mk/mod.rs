@@ -185,11 +185,12 @@ impl MkIndex {
                 analyzer: Analyzer::default(),
             }]),
         };
-        let questions = KnowledgeIndex::open_or_create(documents.dir().join(QUESTIONS_DIR), &columns, &settings)?;
+        // The questions commit together with the documents (one generation names both).
+        let questions = documents.open_companion(QUESTIONS_DIR, &columns, &settings)?;
         let mk = MkIndex {
             summaries: Mutex::new(SummaryFile::read(&documents.dir().join(CLUSTERS_FILE))?),
             dir: documents.dir().to_path_buf(),
-            questions: Arc::new(questions),
+            questions,
             clusters: RwLock::new(Vec::new()),
             topics: RwLock::new(None),
             tally: Mutex::new(MetadataTally::new(manifest.dimensions)),

@@ -186,22 +186,16 @@ impl KbSchema {
     fn table_for(&self, name: &str, named: Named) -> Arc<dyn TableProvider> {
         match named {
             Named::Index(entry) => Arc::new(KbTable::new(name, entry, self.progress.clone())),
-            Named::Questions(mk) => Arc::new(KbTable::new(
+            Named::Questions(mk) => Arc::new(KbTable::derived(
                 name,
-                KbEntry {
-                    index: mk.index.questions().clone(),
-                    mk: None,
-                    chunks: None,
-                },
+                mk.index.questions().clone(),
+                name.strip_suffix(QUESTIONS_SUFFIX).unwrap_or(name),
                 self.progress.clone(),
             )),
-            Named::Chunks(chunks) => Arc::new(KbTable::new(
+            Named::Chunks(chunks) => Arc::new(KbTable::derived(
                 name,
-                KbEntry {
-                    index: chunks.chunks().clone(),
-                    mk: None,
-                    chunks: None,
-                },
+                chunks.chunks().clone(),
+                name.strip_suffix(CHUNKS_SUFFIX).unwrap_or(name),
                 self.progress.clone(),
             )),
             Named::Clusters(mk) => Arc::new(BatchTable::new(SnapshotView(Arc::new(ClustersTable::new(

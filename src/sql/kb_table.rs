@@ -1,14 +1,16 @@
 //! A knowledge index as a DataFusion table: scan, `INSERT` (upsert by key), `DELETE`.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::{Result, not_impl_err};
+use datafusion::common::{Result, not_impl_err, plan_err};
 use datafusion::datasource::sink::{DataSink, DataSinkExec};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::dml::InsertOp;
@@ -24,7 +26,7 @@ use crate::chunks::ChunkIndex;
 use crate::metrics;
 use crate::mk::{MkAttachment, PendingQuestions};
 use crate::support::{blocking, compaction, index_error};
-use mkflow_index::{KnowledgeIndex, SourceOffsets};
+use mkflow_index::{KnowledgeIndex, RowPredicate, SourceOffsets};
 
 /// Counts rows as they flow into knowledge indexes, for progress display.
 #[derive(Debug, Default)]
@@ -51,6 +53,9 @@ pub struct KbTable {
     progress: Arc<IngestProgress>,
     mk: Option<MkAttachment>,
     chunks: Option<Arc<ChunkIndex>>,
+    /// The table whose documents this one is derived from (`<kb>_questions`, `<kb>_chunks`):
+    /// read-only, since its rows commit only together with the documents'.
+    parent: Option<String>,
 }
 
 impl KbTable {
@@ -63,6 +68,30 @@ impl KbTable {
             progress,
             mk: entry.mk,
             chunks: entry.chunks,
+            parent: None,
+        }
+    }
+
+    /// Read-only table `name` over `index`, kept by mkflow from the documents of `parent`.
+    pub fn derived(name: &str, index: Arc<KnowledgeIndex>, parent: &str, progress: Arc<IngestProgress>) -> Self {
+        KbTable {
+            name: name.to_string(),
+            index,
+            progress,
+            mk: None,
+            chunks: None,
+            parent: Some(parent.to_string()),
+        }
+    }
+
+    /// Refuses a write to a derived table, naming the table to write instead.
+    fn check_writable(&self, what: &str) -> Result<()> {
+        match &self.parent {
+            Some(parent) => plan_err!(
+                "{} is kept by mkflow from the documents of {parent} and commits with them: {what} {parent} instead",
+                self.name
+            ),
+            None => Ok(()),
         }
     }
 
@@ -124,6 +153,7 @@ impl TableProvider for KbTable {
         input: Arc<dyn ExecutionPlan>,
         insert_op: InsertOp,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.check_writable("INSERT INTO")?;
         if insert_op != InsertOp::Append {
             return not_impl_err!(
                 "{insert_op} is not supported by knowledge indexes: INSERT upserts by key; use DELETE FROM first to replace everything"
@@ -140,6 +170,7 @@ impl TableProvider for KbTable {
     }
 
     async fn delete_from(&self, state: &dyn Session, filters: Vec<Expr>) -> Result<Arc<dyn ExecutionPlan>> {
+        self.check_writable("DELETE FROM")?;
         let filter = CompiledFilter::compile(state, &self.schema(), &filters)?;
         let sink = DeleteSink {
             index: self.index.clone(),
@@ -201,15 +232,6 @@ impl DataSink for UpsertSink {
             Some(mk) => Some(mk.pending_questions(&self.index, batches.clone()).await?),
             None => None,
         };
-        if let (Some(mk), Some(pending)) = (&self.mk, pending) {
-            mk.commit_questions(pending).await?;
-            compaction::after_commit(mk.index.questions());
-        }
-        if let (Some(chunks), Some(pending)) = (&self.chunks, pending_chunks) {
-            let committing = chunks.clone();
-            blocking(move || committing.commit(&pending)).await?;
-            compaction::after_commit(chunks.chunks());
-        }
         // A streaming micro-batch commits where its sources resume together with its rows.
         let offsets = context
             .session_config()
@@ -217,14 +239,40 @@ impl DataSink for UpsertSink {
             .map(|o| o.as_ref().clone())
             .unwrap_or_default();
         let (index, rows) = (self.index.clone(), batches.clone());
+        let (mk, chunks) = (self.mk.as_ref().map(|mk| mk.index.clone()), self.chunks.clone());
         let started = Instant::now();
-        let stats = blocking(move || index.upsert_from_source(&rows, &offsets)).await?;
+        // One group commit: the questions and chunks first, then the documents, whose manifest
+        // names all three (a crash at any point leaves the previous generation of each).
+        let stats = blocking(move || {
+            let group = index.lock_group();
+            if let (Some(mk), Some(pending)) = (mk, pending) {
+                mk.commit_questions(&pending)?;
+            }
+            if let (Some(chunks), Some(pending)) = (chunks, pending_chunks) {
+                chunks.commit(&pending)?;
+            }
+            group.upsert_from_source(&rows, &offsets)
+        })
+        .await?;
         metrics::global().observe_commit(&self.name, started.elapsed());
-        compaction::after_commit(&self.index);
+        self.after_commit();
         if let Some(mk) = &self.mk {
             mk.refresh(context).await?;
         }
         Ok(stats.rows as u64)
+    }
+}
+
+impl UpsertSink {
+    /// Lets the background compactor look at every index the commit wrote.
+    fn after_commit(&self) {
+        if let Some(mk) = &self.mk {
+            compaction::after_commit(mk.index.questions());
+        }
+        if let Some(chunks) = &self.chunks {
+            compaction::after_commit(chunks.chunks());
+        }
+        compaction::after_commit(&self.index);
     }
 }
 
@@ -254,17 +302,32 @@ impl DataSink for DeleteSink {
     async fn write_all(&self, _data: SendableRecordBatchStream, context: &Arc<TaskContext>) -> Result<u64> {
         let index = self.index.clone();
         let filter = self.filter.clone();
-        let deleted = blocking(move || match &filter {
-            Some(f) => index.delete(&|batch| f.evaluate(batch)),
-            None => index.delete(&|batch| Ok(vec![true; batch.num_rows()].into())),
+        let (mk, chunks) = (self.mk.as_ref().map(|mk| mk.index.clone()), self.chunks.clone());
+        // One group commit: the documents' questions and chunks go first, then the documents.
+        let deleted = blocking(move || {
+            let all = |batch: &RecordBatch| Ok(vec![true; batch.num_rows()].into());
+            let predicate: &RowPredicate<'_> = match &filter {
+                Some(f) => &|batch| f.evaluate(batch),
+                None => &all,
+            };
+            let group = index.lock_group();
+            let doomed: HashSet<String> = group.matching(predicate)?.into_iter().collect();
+            if doomed.is_empty() {
+                return Ok(Vec::new());
+            }
+            if let Some(chunks) = chunks {
+                chunks.remove_chunks_of(&doomed)?;
+            }
+            if let Some(mk) = mk {
+                mk.remove_questions_of(&doomed)?;
+            }
+            group.delete(predicate)
         })
         .await?;
-        if let Some(chunks) = &self.chunks {
-            let (chunks, documents) = (chunks.clone(), deleted.iter().cloned().collect());
-            blocking(move || chunks.remove_chunks_of(&documents)).await?;
-        }
-        if let Some(mk) = &self.mk {
-            mk.forget(deleted.iter().cloned().collect(), context).await?;
+        if let Some(mk) = &self.mk
+            && !deleted.is_empty()
+        {
+            mk.refresh(context).await?;
         }
         Ok(deleted.len() as u64)
     }

@@ -1,0 +1,206 @@
+//! Indexes that commit as one: a parent index (the documents) and its companions (the
+//! documents' synthetic questions, their chunks), each a knowledge index in a subdirectory of
+//! the parent, committed together so that one manifest generation names everything an insert
+//! touched.
+//!
+//! - The parent's manifest carries a copy of each companion's manifest
+//!   ([`Manifest::companions`]): the parent's generation names the companions' generations.
+//! - A write to the group takes the parent's writer lock ([`KnowledgeIndex::lock_group`]),
+//!   commits the companions (each its own manifest, as usual), then commits the parent, whose
+//!   manifest names the companions' new generations: that rename is the group's commit point.
+//! - A companion keeps the files its commits replace (a full rewrite's old rows and graph)
+//!   until the parent names a generation past them ([`Retained`]), so the generation the
+//!   parent names is always whole on disk.
+//! - Opening a companion ([`KnowledgeIndex::open_companion`]) pins it to the generation the
+//!   parent names: a crash after a companion committed but before the parent did leaves the
+//!   companion one or more generations ahead, and opening rolls it back (its text index is
+//!   then rebuilt from the rows, with a warning).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::Schema;
+
+use crate::files::remove_files_of;
+use crate::search::RowPredicate;
+use crate::{IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE, Manifest, SourceOffsets, UpsertStats};
+
+/// The files of replaced generations of a companion, kept until its parent names a later
+/// generation (`None`: not a companion, files go as soon as they are replaced).
+#[derive(Debug, Default)]
+pub(crate) struct Retained(Mutex<Option<Vec<(u64, Manifest)>>>);
+
+impl Retained {
+    /// Starts keeping replaced files.
+    fn keep(&self) {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        kept.get_or_insert_with(Vec::new);
+    }
+
+    /// Deletes the files of `replaced` (replaced by generation `by`), or keeps them until the
+    /// parent names `by` or later.
+    pub(crate) fn discard(&self, dir: &Path, replaced: Manifest, by: u64) {
+        match &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(kept) => kept.push((by, replaced)),
+            None => remove_files_of(dir, &replaced),
+        }
+    }
+
+    /// Deletes the kept files replaced by generation `named` or earlier.
+    fn release(&self, dir: &Path, named: u64) {
+        if let Some(kept) = &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            kept.retain(|(by, replaced)| {
+                let done = *by <= named;
+                if done {
+                    remove_files_of(dir, replaced);
+                }
+                !done
+            });
+        }
+    }
+
+    /// Names of the kept files.
+    pub(crate) fn files(&self) -> HashSet<String> {
+        match &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(kept) => kept
+                .iter()
+                .flat_map(|(_, m)| m.files().map(str::to_string).collect::<Vec<_>>())
+                .collect(),
+            None => HashSet::new(),
+        }
+    }
+}
+
+/// The companions of a parent index, by name (the subdirectory each lives in).
+#[derive(Debug, Default)]
+pub(crate) struct Companions(Mutex<Vec<(String, Arc<KnowledgeIndex>)>>);
+
+impl Companions {
+    fn add(&self, name: &str, index: Arc<KnowledgeIndex>) {
+        let mut members = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        members.retain(|(n, _)| n != name);
+        members.push((name.to_string(), index));
+    }
+
+    fn members(&self) -> Vec<(String, Arc<KnowledgeIndex>)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl KnowledgeIndex {
+    /// Opens (or creates) the companion `name` of this index: the index in the subdirectory
+    /// `name`, rolled back to the generation this index's manifest names for it when it is
+    /// ahead (a group commit interrupted before this index committed), committed together
+    /// with this index from now on (see the module docs).
+    pub fn open_companion(
+        &self,
+        name: &str,
+        columns: &Schema,
+        settings: &IndexSettings,
+    ) -> Result<Arc<KnowledgeIndex>, IndexError> {
+        let dir = self.dir.join(name);
+        if let Some(pinned) = self.current().manifest.companions.get(name) {
+            restore(&dir, pinned)?;
+        }
+        let companion = Arc::new(KnowledgeIndex::open_or_create(&dir, columns, settings)?);
+        companion.retained.keep();
+        self.companions.add(name, companion.clone());
+        Ok(companion)
+    }
+
+    /// Takes this index's writer lock for a group commit: commit the companions, then commit
+    /// this index through the returned guard, which names their new generations.
+    pub fn lock_group(&self) -> GroupCommit<'_> {
+        GroupCommit {
+            index: self,
+            _writer: self.lock_writer(),
+        }
+    }
+
+    /// Writes `manifest` as this index's manifest, naming the companions' current generations,
+    /// then lets the companions delete the files only older generations named.
+    pub(crate) fn write_manifest(&self, manifest: &mut Manifest) -> Result<(), IndexError> {
+        let members = self.companions.members();
+        for (name, companion) in &members {
+            manifest.companions.insert(name.clone(), companion.manifest());
+        }
+        manifest.write_atomic(&self.dir)?;
+        for (name, companion) in &members {
+            companion
+                .retained
+                .release(&companion.dir, manifest.companions[name].generation);
+        }
+        Ok(())
+    }
+}
+
+/// Rewrites the manifest in `dir` as `pinned` when it names another generation.
+fn restore(dir: &Path, pinned: &Manifest) -> Result<(), IndexError> {
+    let on_disk = Manifest::read(dir)?;
+    if on_disk.as_ref().map(|m| m.generation) == Some(pinned.generation) {
+        return Ok(());
+    }
+    if let Some(missing) = pinned.files().find(|f| !dir.join(f).is_file()) {
+        return Err(IndexError::Invalid(format!(
+            "{} is gone, but {} names it (generation {} of {}); hint: restore the index directory from a backup",
+            dir.join(missing).display(),
+            dir.parent().unwrap_or(dir).join(MANIFEST_FILE).display(),
+            pinned.generation,
+            dir.display()
+        )));
+    }
+    log::warn!(
+        "{}: at generation {}, its parent index committed generation {}: a commit was interrupted; rolling back",
+        dir.display(),
+        on_disk.map_or("none".into(), |m| m.generation.to_string()),
+        pinned.generation
+    );
+    pinned.write_atomic(dir)
+}
+
+/// A group commit in progress: holds the parent's writer lock (no other commit of the parent
+/// runs meanwhile); commits made through it name the companions' current generations.
+#[must_use = "a group commits through its methods"]
+pub struct GroupCommit<'a> {
+    index: &'a KnowledgeIndex,
+    _writer: MutexGuard<'a, ()>,
+}
+
+impl GroupCommit<'_> {
+    /// [`KnowledgeIndex::upsert_from_source`] as the group's commit.
+    pub fn upsert_from_source(
+        &self,
+        batches: &[RecordBatch],
+        offsets: &SourceOffsets,
+    ) -> Result<UpsertStats, IndexError> {
+        self.index.upsert_locked(batches, offsets)
+    }
+
+    /// [`KnowledgeIndex::delete`] as the group's commit.
+    pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
+        Ok(self.index.remove_rows_locked(predicate, false)?.0)
+    }
+
+    /// The document ids of the live rows `predicate` is true for (what [`GroupCommit::delete`]
+    /// would delete), so the companions' rows of those documents go first.
+    pub fn matching(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
+        let state = self.index.current();
+        let rows = self.index.matching_rows(&state, predicate)?;
+        Ok(rows.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// Commits a generation that changes no row, naming the companions' current generations
+    /// (after a companion changed on its own: its chunks rebuilt, say).
+    pub fn commit(&self) -> Result<(), IndexError> {
+        let mut next = (*self.index.current()).clone();
+        let mut manifest = next.manifest.clone();
+        manifest.generation += 1;
+        manifest.text_generation = Some(next.manifest.text_generation());
+        self.index.write_manifest(&mut manifest)?;
+        next.manifest = manifest;
+        self.index.publish(next);
+        Ok(())
+    }
+}
