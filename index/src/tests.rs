@@ -586,19 +586,25 @@ fn a_corrupt_graph_is_rebuilt_from_the_rows_and_a_corrupt_row_file_is_named() {
     let manifest = index.manifest();
     assert_eq!(manifest.deltas.len(), 1, "the second upsert is a delta");
     let queries: Vec<Vec<f32>> = (0..10).map(|i| vector(20_000 + i)).collect();
-    let before: Vec<Vec<String>> = queries
-        .iter()
-        .map(|q| ids_of(&index.search(q, 10, None).unwrap()))
-        .collect();
     drop(index);
 
-    // A torn or overwritten graph: the index opens, rebuilt from its rows, and answers alike.
+    // A torn or overwritten graph: the index opens, rebuilt from its rows (the delta's too), and
+    // its graph finds what exact search finds (two HNSW builds need not agree row for row).
     std::fs::write(dir.path().join(&manifest.ann_file), b"not a usearch graph").unwrap();
     let reopened = KnowledgeIndex::open(dir.path()).unwrap();
     assert_eq!(reopened.len(), 510);
-    for (q, expected) in queries.iter().zip(&before) {
-        assert_eq!(&ids_of(&reopened.search(q, 10, None).unwrap()), expected);
+    assert_eq!(
+        reopened.ann_stats().0,
+        510,
+        "every row's vector is in the rebuilt graph"
+    );
+    let mut found = 0;
+    for q in &queries {
+        let exact = ids_of(&reopened.exact_search(q, 10).unwrap());
+        let approximate = ids_of(&reopened.search(q, 10, None).unwrap());
+        found += approximate.iter().filter(|id| exact.contains(id)).count();
     }
+    assert!(found >= 95, "recall@10 {}%", found);
     drop(reopened);
 
     // A corrupt delta or rows file cannot be repaired: the error names it.
