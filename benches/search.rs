@@ -256,6 +256,21 @@ async fn main() {
     // (a compactor thread rewrites a snapshot; commits only ever write deltas).
     let stream = |background: bool, first: usize, rng: &mut Rng| {
         index.set_background_compaction(background);
+        index.set_background_indexing(background);
+        // What the engine does after each commit: insert the vectors it left out of the graph.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let indexer = background.then(|| {
+            let (index, stop) = (index.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if index.backlog_due() {
+                        index.index_backlog().unwrap();
+                    } else {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            })
+        });
         let mut ms = Vec::new();
         let mut compactor: Option<std::thread::JoinHandle<bool>> = None;
         let mut compactions = 0;
@@ -276,16 +291,22 @@ async fn main() {
         if let Some(c) = compactor {
             compactions += usize::from(c.join().unwrap());
         }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(indexer) = indexer {
+            indexer.join().unwrap();
+        }
         ms.sort_by(f64::total_cmp);
         (percentile(&ms, 0.5), percentile(&ms, 0.99), compactions)
     };
     let (inline50, inline99, _) = stream(false, 10_000, &mut rng);
     let (background50, background99, compactions) = stream(true, 20_000, &mut rng);
     index.set_background_compaction(false);
+    index.set_background_indexing(false);
+    index.index_backlog().unwrap();
     println!(
         "micro-batch commits (10 rows every 20 ms, 150 of them) into {count} rows: inline compaction p50 {inline50:.1} ms, \
          p99 {inline99:.1} ms ({:.1}x p50) vs background compaction ({compactions} ran) p50 {background50:.1} ms, \
-         p99 {background99:.1} ms ({:.1}x p50, target <= 2)",
+         p99 {background99:.1} ms ({:.1}x p50, target <= 2; vectors inserted by a background thread)",
         inline99 / inline50,
         background99 / background50
     );

@@ -275,6 +275,12 @@ impl AnnIndex {
             .collect())
     }
 
+    /// Whether the index holds a vector for `key`.
+    pub fn contains(&self, key: u64) -> bool {
+        let _shared = self.growth.read().unwrap_or_else(|e| e.into_inner());
+        self.index.contains(key)
+    }
+
     /// Vectors in the index.
     pub fn len(&self) -> usize {
         self.index.size()

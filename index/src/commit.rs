@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::faults::{self, Stage};
-use crate::files::{fsync_file, write_rows};
+use crate::files::{Pace, fsync_file, write_rows};
 use crate::layered::LayeredMap;
 use crate::rewrite::{MAX_DEFERRED_DELTAS, deltas_grown, locations_of, write_compacted};
 use crate::state::State;
@@ -46,10 +46,12 @@ impl KnowledgeIndex {
     /// Compacts the live rows into few segments and writes a new generation in full (rows and
     /// graph), dropping the deltas.
     pub(crate) fn persist(&self, state: &mut State) -> Result<(), IndexError> {
+        // The graph written must hold every live row's vector: wait for a compaction's copy.
+        self.update_graph(state, &[], true)?;
         let generation = state.manifest.generation + 1;
         let rows_file = format!("rows-{generation}.arrow");
         let ann_file = format!("ann-{generation}.usearch");
-        let compacted = write_compacted(&self.dir.join(&rows_file), &self.schema, state)?;
+        let compacted = write_compacted(&self.dir.join(&rows_file), &self.schema, state, Pace::AtOnce)?;
         let ann_path = self.dir.join(&ann_file);
         faults::check(&ann_path, Stage::Write).map_err(|e| IndexError::io(&ann_path, e))?;
         state.ann.save(&ann_path)?;
@@ -61,6 +63,8 @@ impl KnowledgeIndex {
         manifest.rows = compacted.iter().map(|s| s.keys.len()).sum();
         manifest.rows_file = rows_file;
         manifest.ann_file = ann_file;
+        manifest.ann_missing.clear();
+        manifest.ann_removed.clear();
         manifest.deltas.clear();
         manifest.delta_rows = 0;
         self.commit_text(state, generation)?;

@@ -6,10 +6,13 @@
 //! compactor that never runs cannot let deltas grow without bound), and the caller runs
 //! [`KnowledgeIndex::compact`] when [`KnowledgeIndex::compaction_due`] says so. A compaction:
 //!
-//! 1. under the writer lock, briefly: takes the published state S and a copy of its graph;
+//! 1. holding the graph gate (see [`crate::backlog`]; commits go on meanwhile, leaving their
+//!    graph changes to the backlog): takes the published state S and a copy of the graph,
+//!    which is S's but for S's backlog (recorded in the new manifest, repaired on open);
 //! 2. without any lock: writes S's live rows as one rows file and the graph copy as its graph
-//!    file (both flushed) — commits and searches go on meanwhile;
-//! 3. under the writer lock: when nothing but deltas was committed since S, publishes a new
+//!    file (flushed every few MiB, so a commit's fsync never waits behind all of it) — commits
+//!    and searches go on meanwhile;
+//! 3. under the writer lock, briefly: when nothing but deltas was committed since S, publishes a new
 //!    generation whose rows and graph are those files and whose deltas are the ones committed
 //!    since S; otherwise (a delete or a full commit came first) drops its files and does nothing.
 //!
@@ -19,7 +22,7 @@ use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::files::fsync_file;
+use crate::files::{Pace, write_paced};
 use crate::layered::LayeredMap;
 use crate::rewrite::{deltas_grown, locations_of, write_compacted};
 use crate::state::State;
@@ -48,7 +51,7 @@ impl KnowledgeIndex {
     }
 
     /// Rewrites the rows and graph of the published generation in full and drops its deltas,
-    /// holding the writer lock only to copy the graph and to publish (see the module docs).
+    /// holding the writer lock only to publish (see the module docs).
     /// Returns whether it compacted: `false` when nothing was due, another compaction is
     /// running, or a delete or full commit came first.
     pub fn compact(&self) -> Result<bool, IndexError> {
@@ -56,24 +59,24 @@ impl KnowledgeIndex {
             return Ok(false);
         }
         let _running = Running(&self.compacting);
-        let (snapshot, graph) = {
-            let _writer = self.lock_writer();
-            let snapshot = self.current();
-            let manifest = &snapshot.manifest;
-            if manifest.deltas.is_empty() || !deltas_grown(manifest.deltas.len(), manifest.delta_rows, manifest.rows) {
-                return Ok(false);
-            }
-            let graph = snapshot.ann.to_bytes()?;
-            (snapshot, graph)
-        };
+        // No graph change runs while the gate is held, so the graph copied is the published
+        // state's, but for its backlog (which the manifest lists) and changes a commit made to
+        // the graph before publishing (keys of later deltas: replaying them adds nothing).
+        let gate = self.lock_graph();
+        let snapshot = self.current();
+        let manifest = &snapshot.manifest;
+        if manifest.deltas.is_empty() || !deltas_grown(manifest.deltas.len(), manifest.delta_rows, manifest.rows) {
+            return Ok(false);
+        }
+        let graph = snapshot.ann.to_bytes()?;
+        drop(gate);
         let generation = snapshot.manifest.generation;
         let rows_file = format!("rows-{generation}-compacted.arrow");
         let ann_file = format!("ann-{generation}-compacted.usearch");
         let written = (|| {
-            let compacted = write_compacted(&self.dir.join(&rows_file), &self.schema, &snapshot)?;
+            let compacted = write_compacted(&self.dir.join(&rows_file), &self.schema, &snapshot, Pace::Paced)?;
             let ann_path = self.dir.join(&ann_file);
-            fs::write(&ann_path, &graph).map_err(|e| IndexError::io(&ann_path, e))?;
-            fsync_file(&ann_path)?;
+            write_paced(&ann_path, &graph)?;
             Ok(compacted)
         })();
         drop(graph);
@@ -90,7 +93,7 @@ impl KnowledgeIndex {
         };
         let base = locations_of(&compacted);
 
-        let _writer = self.lock_writer();
+        let writer = self.lock_writer();
         let current = self.current();
         if !only_deltas_since(&snapshot, &current) {
             remove_files();
@@ -114,6 +117,8 @@ impl KnowledgeIndex {
         manifest.generation += 1;
         manifest.rows_file = rows_file.clone();
         manifest.ann_file = ann_file.clone();
+        manifest.ann_missing = snapshot.backlog.unindexed.clone();
+        manifest.ann_removed = snapshot.backlog.unremoved.clone();
         manifest.deltas = current.manifest.deltas[snapshot.manifest.deltas.len()..].to_vec();
         manifest.delta_rows = current.manifest.delta_rows - snapshot.manifest.delta_rows;
         manifest.rows = locations.len();
@@ -130,6 +135,7 @@ impl KnowledgeIndex {
         let generation = manifest.generation;
         next.manifest = manifest;
         self.publish(next);
+        drop(writer);
         self.retained.discard(&self.dir, snapshot.manifest.clone(), generation);
         Ok(true)
     }

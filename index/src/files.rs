@@ -2,6 +2,7 @@
 //! atomically, and the clean-up of files no manifest names.
 
 use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -148,20 +149,20 @@ pub(crate) struct RowWriter {
     path: PathBuf,
     tmp: PathBuf,
     schema: SchemaRef,
-    writer: FileWriter<std::io::BufWriter<fs::File>>,
+    writer: FileWriter<std::io::BufWriter<PacedFile>>,
     segments: usize,
 }
 
 impl RowWriter {
-    /// Starts the row file `path` for rows of `schema`.
-    pub(crate) fn create(path: &Path, schema: &SchemaRef) -> Result<Self, IndexError> {
+    /// Starts the row file `path` for rows of `schema`, written at `pace`.
+    pub(crate) fn create(path: &Path, schema: &SchemaRef, pace: Pace) -> Result<Self, IndexError> {
         let mut fields = vec![Field::new(KEY_FIELD, DataType::UInt64, false)];
         fields.extend(schema.fields().iter().map(|f| f.as_ref().clone()));
         let file_schema = Arc::new(Schema::new(fields));
         let tmp = path.with_extension("arrow.tmp");
         let file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
         faults::check(path, Stage::Write).map_err(|e| IndexError::io(&tmp, e))?;
-        let writer = FileWriter::try_new(std::io::BufWriter::new(file), &file_schema)?;
+        let writer = FileWriter::try_new(std::io::BufWriter::new(PacedFile::new(file, pace)), &file_schema)?;
         Ok(RowWriter {
             path: path.to_path_buf(),
             tmp,
@@ -193,7 +194,8 @@ impl RowWriter {
             .writer
             .into_inner()?
             .into_inner()
-            .map_err(|e| IndexError::io(&self.tmp, e.into_error()))?;
+            .map_err(|e| IndexError::io(&self.tmp, e.into_error()))?
+            .file;
         faults::check(&self.path, Stage::Sync)
             .and_then(|_| file.sync_all())
             .map_err(|e| IndexError::io(&self.tmp, e))?;
@@ -211,9 +213,67 @@ impl RowWriter {
     }
 }
 
+/// Bytes a large file write leaves unflushed at most: a commit's fsync, which on ext4 waits for
+/// every dirty page the journal must order before it, then never waits behind a whole
+/// compaction's files.
+const PACE_BYTES: usize = 8 << 20;
+
+/// How a large file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pace {
+    /// At once, flushed at the end (nothing else commits meanwhile: an inline full commit).
+    AtOnce,
+    /// Flushed every [`PACE_BYTES`] (a background compaction, beside commits).
+    Paced,
+}
+
+/// A file that flushes its data to disk every [`PACE_BYTES`] written, when paced.
+pub(crate) struct PacedFile {
+    file: fs::File,
+    pace: Pace,
+    unsynced: usize,
+}
+
+impl PacedFile {
+    pub(crate) fn new(file: fs::File, pace: Pace) -> Self {
+        PacedFile {
+            file,
+            pace,
+            unsynced: 0,
+        }
+    }
+}
+
+impl std::io::Write for PacedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.file.write(buf)?;
+        self.unsynced += written;
+        if self.pace == Pace::Paced && self.unsynced >= PACE_BYTES {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Writes `bytes` to `path` in [`PACE_BYTES`] pieces, each flushed to disk, then the whole
+/// file and its directory entry.
+pub(crate) fn write_paced(path: &Path, bytes: &[u8]) -> Result<(), IndexError> {
+    let file = fs::File::create(path).map_err(|e| IndexError::io(path, e))?;
+    let mut file = PacedFile::new(file, Pace::Paced);
+    faults::check(path, Stage::Write)
+        .and_then(|_| bytes.chunks(PACE_BYTES).try_for_each(|piece| file.write_all(piece)))
+        .map_err(|e| IndexError::io(path, e))?;
+    fsync_file(path)
+}
+
 /// Writes `segments` to the row file `path` (see [`RowWriter`]); returns them read back from it.
 pub(crate) fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) -> Result<Vec<Segment>, IndexError> {
-    let mut writer = RowWriter::create(path, schema)?;
+    let mut writer = RowWriter::create(path, schema, Pace::AtOnce)?;
     for segment in segments {
         writer.write(segment)?;
     }

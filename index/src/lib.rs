@@ -25,6 +25,7 @@
 #![warn(missing_docs)]
 
 mod ann;
+mod backlog;
 mod commit;
 mod compaction;
 mod error;
@@ -54,6 +55,7 @@ use arrow::compute::cast;
 use arrow::datatypes::{Field, Schema, SchemaRef};
 
 pub use ann::{AnnIndex, Hit, Quantization};
+pub use backlog::MAX_BACKLOG;
 pub use error::IndexError;
 pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery};
 pub use group::GroupCommit;
@@ -63,6 +65,8 @@ pub use rewrite::{MAX_DEFERRED_DELTAS, MAX_DELTA_FILES};
 pub use search::{DEFAULT_EXACT_SEARCH_MAX_ROWS, RowPredicate, SCORE_COLUMN};
 pub use vector::{vector_type, vector_values, vectors_to_array};
 
+#[cfg(test)]
+mod backlog_tests;
 #[cfg(test)]
 mod group_tests;
 #[cfg(test)]
@@ -125,6 +129,10 @@ pub struct KnowledgeIndex {
     background_compaction: AtomicBool,
     /// Set while a compaction runs (one at a time).
     compacting: AtomicBool,
+    /// Held while the graph changes or a compaction copies it (see [`backlog`]).
+    graph_gate: Mutex<()>,
+    /// Whether the graph inserts of small upserts are left to [`KnowledgeIndex::index_backlog`].
+    background_indexing: AtomicBool,
     /// The indexes committed together with this one (see [`group`]).
     companions: Companions,
     /// Replaced files kept for the generation a parent index names (companions only).
@@ -210,6 +218,8 @@ impl KnowledgeIndex {
             source_offsets: Default::default(),
             text_columns: Some(text_columns),
             text_generation: None,
+            ann_missing: Vec::new(),
+            ann_removed: Vec::new(),
             companions: Default::default(),
         };
         let state = State {
@@ -220,6 +230,7 @@ impl KnowledgeIndex {
             doc_keys: Default::default(),
             vectors: 0,
             text: None,
+            backlog: Default::default(),
         };
         let index = Self::from_parts(dir, schema, state, full_text)?;
         {
@@ -256,6 +267,8 @@ impl KnowledgeIndex {
             exact_search_max_rows: AtomicUsize::new(search::DEFAULT_EXACT_SEARCH_MAX_ROWS),
             background_compaction: AtomicBool::new(false),
             compacting: AtomicBool::new(false),
+            graph_gate: Mutex::new(()),
+            background_indexing: AtomicBool::new(false),
             companions: Companions::default(),
             retained: Retained::default(),
         })
@@ -442,7 +455,7 @@ impl KnowledgeIndex {
                 )?;
             }
             let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-            next.ann.add_many(&items)?;
+            self.update_graph(&mut next, &items, false)?;
             self.commit_upsert(&mut next, first_new_segment)
         })();
         match applied {

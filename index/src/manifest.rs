@@ -69,6 +69,14 @@ pub struct Manifest {
     /// text index alone); absent: `generation` itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_generation: Option<u64>,
+    /// Keys of rows whose vectors `ann_file` lacks (a background compaction copied the graph
+    /// before they reached it); added to the graph on open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ann_missing: Vec<u64>,
+    /// Keys of rows that had left but whose vectors `ann_file` still holds; removed from the
+    /// graph on open.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ann_removed: Vec<u64>,
     /// The manifests of the companion indexes committed together with this one (a
     /// Meta-Knowledge index's questions, a chunked index's chunks), by subdirectory, as of this
     /// generation: opening rolls a companion that is ahead back to its entry (see

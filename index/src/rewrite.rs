@@ -10,7 +10,7 @@ use arrow::compute::concat_batches;
 use arrow::datatypes::SchemaRef;
 
 use crate::IndexError;
-use crate::files::RowWriter;
+use crate::files::{Pace, RowWriter};
 use crate::segment::Segment;
 use crate::state::{State, live_rows};
 
@@ -18,7 +18,7 @@ use crate::state::{State, live_rows};
 pub const MAX_DELTA_FILES: usize = 32;
 
 /// Most delta files a commit leaves for a background compaction before compacting inline.
-pub const MAX_DEFERRED_DELTAS: usize = 4 * MAX_DELTA_FILES;
+pub const MAX_DEFERRED_DELTAS: usize = 16 * MAX_DELTA_FILES;
 
 /// Whether deltas of this size call for a full rewrite.
 pub(crate) fn deltas_grown(files: usize, delta_rows: usize, rows: usize) -> bool {
@@ -33,9 +33,15 @@ pub(crate) fn deltas_grown(files: usize, delta_rows: usize, rows: usize) -> bool
 const MERGED_SEGMENT_BYTES: usize = 32 << 20;
 
 /// Writes all live rows of `state`, in order, to the row file `path` (see
-/// [`MERGED_SEGMENT_BYTES`]), one segment at a time; returns them read back from the file.
-pub(crate) fn write_compacted(path: &Path, schema: &SchemaRef, state: &State) -> Result<Vec<Segment>, IndexError> {
-    let mut writer = RowWriter::create(path, schema)?;
+/// [`MERGED_SEGMENT_BYTES`]), one segment at a time, at `pace`; returns them read back from the
+/// file.
+pub(crate) fn write_compacted(
+    path: &Path,
+    schema: &SchemaRef,
+    state: &State,
+    pace: Pace,
+) -> Result<Vec<Segment>, IndexError> {
+    let mut writer = RowWriter::create(path, schema, pace)?;
     let mut merging = Merging::default();
     for segment in &state.segments {
         let live: Vec<u64> = segment.keys.iter().copied().filter(|&k| state.is_live(k)).collect();

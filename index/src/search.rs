@@ -66,6 +66,38 @@ fn live_hits(state: &State, mut hits: Vec<Hit>) -> Vec<Hit> {
     hits
 }
 
+/// Best first; ties by key.
+fn by_score(a: &Hit, b: &Hit) -> std::cmp::Ordering {
+    b.score.total_cmp(&a.score).then(a.key.cmp(&b.key))
+}
+
+/// The best `k` of `hits` and `more`, each key once.
+fn merged(mut hits: Vec<Hit>, more: &[Hit], k: usize) -> Vec<Hit> {
+    if more.is_empty() {
+        return hits;
+    }
+    hits.extend_from_slice(more);
+    hits.sort_by(by_score);
+    let mut seen = std::collections::HashSet::with_capacity(hits.len());
+    hits.retain(|hit| seen.insert(hit.key));
+    hits.truncate(k);
+    hits
+}
+
+/// A vector's length (never zero, so it can divide).
+fn norm(vector: &[f32]) -> f32 {
+    vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE)
+}
+
+/// Cosine similarity of `query` (of length `query_norm`) and `vector`.
+fn cosine(query: &[f32], query_norm: f32, vector: &[f32]) -> f32 {
+    let (dot, norm) = vector
+        .iter()
+        .zip(query)
+        .fold((0.0f32, 0.0f32), |(d, n), (a, b)| (d + a * b, n + a * a));
+    dot / (query_norm * norm.sqrt().max(f32::MIN_POSITIVE))
+}
+
 impl KnowledgeIndex {
     /// The schema of search results: the index's columns plus `score` (cosine similarity).
     pub fn search_schema(&self) -> SchemaRef {
@@ -89,9 +121,12 @@ impl KnowledgeIndex {
             None => {
                 // The graph is shared with a commit that may be running: keep the hits live in
                 // this state; should too few be, walk again skipping the others, then exactly.
-                let mut hits = live_hits(&state, state.ann.search(query, k, None)?);
+                // Rows whose vectors wait in the backlog are scored exactly and merged in.
+                let waiting = self.backlog_hits(&state, query, None);
+                let mut hits = merged(live_hits(&state, state.ann.search(query, k, None)?), &waiting, k);
                 if hits.len() < k {
-                    hits = live_hits(&state, state.ann.search(query, k, Some(&|key| state.is_live(key)))?);
+                    let walked = state.ann.search(query, k, Some(&|key| state.is_live(key)))?;
+                    hits = merged(live_hits(&state, walked), &waiting, k);
                 }
                 if hits.len() < k {
                     hits = self.exact_hits(&state, query, k, None)?;
@@ -105,6 +140,7 @@ impl KnowledgeIndex {
                 } else {
                     let mut hits = live_hits(&state, state.ann.search(query, k, Some(&|key| allowed.contains(key)))?);
                     hits.retain(|hit| allowed.contains(hit.key));
+                    hits = merged(hits, &self.backlog_hits(&state, query, Some(&allowed)), k);
                     if hits.len() < k.min(allowed.len) {
                         self.exact_hits(&state, query, k, Some(&allowed))?
                     } else {
@@ -155,7 +191,7 @@ impl KnowledgeIndex {
         allowed: Option<&KeySet>,
     ) -> Result<Vec<Hit>, IndexError> {
         let dims = query.len();
-        let query_norm = query.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        let query_norm = norm(query);
         let mut hits: Vec<Hit> = Vec::new();
         for segment in &state.segments {
             let column = segment.batch.column(self.vector_column);
@@ -165,24 +201,40 @@ impl KnowledgeIndex {
                 if !passes || !column.is_valid(row) || !state.is_live(key) {
                     continue;
                 }
-                let v = &values[row * dims..(row + 1) * dims];
-                let (dot, norm) = v
-                    .iter()
-                    .zip(query)
-                    .fold((0.0f32, 0.0f32), |(d, n), (a, b)| (d + a * b, n + a * a));
                 hits.push(Hit {
                     key,
-                    score: dot / (query_norm * norm.sqrt().max(f32::MIN_POSITIVE)),
+                    score: cosine(query, query_norm, &values[row * dims..(row + 1) * dims]),
                 });
             }
         }
-        let by_score = |a: &Hit, b: &Hit| b.score.total_cmp(&a.score).then(a.key.cmp(&b.key));
         if hits.len() > k {
             hits.select_nth_unstable_by(k, by_score);
             hits.truncate(k);
         }
         hits.sort_by(by_score);
         Ok(hits)
+    }
+
+    /// The live rows (passing `allowed`, when given) whose vectors wait in the graph's backlog
+    /// (see [`crate::backlog`]), scored exactly; usually none.
+    fn backlog_hits(&self, state: &State, query: &[f32], allowed: Option<&KeySet>) -> Vec<Hit> {
+        let dims = query.len();
+        let query_norm = norm(query);
+        state
+            .backlog
+            .unindexed
+            .iter()
+            .filter(|key| allowed.is_none_or(|a| a.contains(**key)))
+            .filter_map(|&key| {
+                let (segment, row) = *state.locations.get(&key)?;
+                let column = state.segments[segment].batch.column(self.vector_column);
+                let vector = &vector_values(column)[row * dims..(row + 1) * dims];
+                column.is_valid(row).then(|| Hit {
+                    key,
+                    score: cosine(query, query_norm, vector),
+                })
+            })
+            .collect()
     }
 
     /// The rows of `hits`, in order, with their scores.

@@ -16,6 +16,7 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 
+use crate::backlog::{GraphBacklog, repair_graph};
 use crate::files::{Check, read_rows};
 use crate::fulltext::view::TextView;
 use crate::layered::LayeredMap;
@@ -40,6 +41,9 @@ pub(crate) struct State {
     pub(crate) ann: Arc<AnnIndex>,
     /// The full-text index as of this generation (`None`: no text columns).
     pub(crate) text: Option<TextView>,
+    /// Graph changes waiting for a compaction's copy of the graph to end (see
+    /// [`crate::backlog`]).
+    pub(crate) backlog: Arc<GraphBacklog>,
 }
 
 impl State {
@@ -81,7 +85,7 @@ impl State {
                 if old >= pending_from {
                     pending.retain(|(k, _)| *k != old);
                 } else {
-                    self.ann.remove(old)?;
+                    self.unindex(old);
                     replaced += 1;
                 }
             }
@@ -102,7 +106,8 @@ impl State {
             self.vectors -= 1;
         }
         self.doc_keys.remove(&Arc::from(doc_id));
-        self.ann.remove(key)
+        self.unindex(key);
+        Ok(())
     }
 }
 
@@ -152,7 +157,9 @@ pub(crate) fn load_state(dir: &Path, manifest: Manifest) -> Result<(SchemaRef, S
         vectors,
         ann: Arc::new(ann),
         text: None,
+        backlog: Default::default(),
     };
+    repair_graph(&mut state, vector_column)?;
     for delta in state.manifest.deltas.clone() {
         let (delta_schema, segments) = read_rows(&dir.join(&delta), Check::Full)?;
         if delta_schema != schema {
@@ -193,7 +200,7 @@ fn replay(state: &mut State, segment: Segment, key_column: usize, vector_column:
     let mut additions = Vec::new();
     state.place_segment(segment, ids, vectors, vector_column, &mut additions, first_key)?;
     let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-    state.ann.add_many(&items)
+    state.apply_graph(&items, vector_column)
 }
 
 /// The key column of `batch` as text, one id per row; a null key is an error naming the row.

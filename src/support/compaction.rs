@@ -1,16 +1,31 @@
-//! Background compaction of the knowledge indexes the engine writes: after each commit, an
-//! index whose deltas have grown is compacted on tokio's blocking pool, so micro-batches and
-//! searches never wait for a full rewrite (see `mkflow_index`'s `compaction` module).
+//! Background upkeep of the knowledge indexes the engine writes: after each commit, the
+//! vectors a small commit left out of the ANN graph are inserted, and an index whose deltas
+//! have grown is compacted, both on tokio's blocking pool, so micro-batches and searches never
+//! wait for graph inserts or a full rewrite (see `mkflow_index`'s `backlog` and `compaction`
+//! modules).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use mkflow_index::KnowledgeIndex;
 
-/// Leaves `index`'s full rewrites to the background from now on, and starts one when due (at
-/// most one runs per index; a failed one leaves the deltas, and a later commit tries again).
+/// Leaves `index`'s graph inserts and full rewrites to the background from now on, and starts
+/// them when due (at most one compaction runs per index; a failed one leaves the deltas, and a
+/// later commit tries again).
 pub fn after_commit(index: &Arc<KnowledgeIndex>) {
     index.set_background_compaction(true);
+    index.set_background_indexing(true);
+    if index.backlog_due() {
+        let index = index.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = index.index_backlog() {
+                log::warn!(
+                    "{}: inserting vectors into the graph failed ({e}); searches score them exactly until a later commit tries again",
+                    index.dir().display()
+                );
+            }
+        });
+    }
     if !index.compaction_due() {
         return;
     }
