@@ -21,63 +21,14 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard, TryLockError};
 
-use arrow::array::Array;
-
 use crate::state::State;
-use crate::{IndexError, KnowledgeIndex, Manifest, vector_values};
+use crate::{IndexError, KnowledgeIndex};
 
 /// Most vectors a backlog holds: a commit that would grow it further applies it inline.
 pub const MAX_BACKLOG: usize = 4096;
 
 /// Upserts adding at least this many vectors insert them inline, on all cores.
 const INLINE_ADDITIONS: usize = 256;
-
-/// Graph changes recorded while the graph could not be changed.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct GraphBacklog {
-    /// Keys whose vectors the graph is still to receive (their rows may have left since).
-    pub(crate) unindexed: Vec<u64>,
-    /// Keys whose rows left but whose vectors the graph still holds.
-    pub(crate) unremoved: Vec<u64>,
-}
-
-impl GraphBacklog {
-    /// Whether nothing waits.
-    pub(crate) fn is_empty(&self) -> bool {
-        self.unindexed.is_empty() && self.unremoved.is_empty()
-    }
-}
-
-impl State {
-    /// Records that the rows of `key` left (its vector leaves the graph with the backlog).
-    pub(crate) fn unindex(&mut self, key: u64) {
-        Arc::make_mut(&mut self.backlog).unremoved.push(key);
-    }
-
-    /// Applies the backlog and adds `additions` to the graph. The caller holds the graph gate
-    /// (or owns the graph, while loading). Keys the graph already holds are not added again:
-    /// applying a backlog twice changes nothing, and replaying a delta over a compaction's graph
-    /// that already holds some of its rows adds only the others.
-    pub(crate) fn apply_graph(&mut self, additions: &[(u64, &[f32])], vector_column: usize) -> Result<(), IndexError> {
-        let backlog = std::mem::take(Arc::make_mut(&mut self.backlog));
-        for key in backlog.unremoved {
-            self.ann.remove(key)?;
-        }
-        let dims = self.manifest.dimensions;
-        let mut items: Vec<(u64, &[f32])> = backlog
-            .unindexed
-            .iter()
-            .filter_map(|key| {
-                let (segment, row) = *self.locations.get(key)?;
-                let column = self.segments[segment].batch.column(vector_column);
-                let fresh = column.is_valid(row) && !self.ann.contains(*key);
-                fresh.then(|| (*key, &vector_values(column)[row * dims..(row + 1) * dims]))
-            })
-            .collect();
-        items.extend(additions.iter().filter(|(key, _)| !self.ann.contains(*key)));
-        self.ann.add_many(&items)
-    }
-}
 
 impl KnowledgeIndex {
     /// Leaves the graph inserts of small upserts to [`KnowledgeIndex::index_backlog`], run by
@@ -151,17 +102,4 @@ impl KnowledgeIndex {
     pub(crate) fn lock_graph(&self) -> MutexGuard<'_, ()> {
         self.graph_gate.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// Repairs a graph loaded from `manifest`'s graph file written by a compaction: removes the
-/// vectors of rows that had left and adds those of rows it lacked (see the module docs).
-pub(crate) fn repair_graph(state: &mut State, vector_column: usize) -> Result<(), IndexError> {
-    let manifest: &Manifest = &state.manifest;
-    if manifest.ann_missing.is_empty() && manifest.ann_removed.is_empty() {
-        return Ok(());
-    }
-    let backlog = Arc::make_mut(&mut state.backlog);
-    backlog.unremoved.extend(&manifest.ann_removed);
-    backlog.unindexed.extend(&manifest.ann_missing);
-    state.apply_graph(&[], vector_column)
 }

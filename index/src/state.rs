@@ -16,13 +16,12 @@ use arrow::array::{Array, AsArray, BooleanArray, RecordBatch, StringArray};
 use arrow::compute::{cast, filter_record_batch};
 use arrow::datatypes::{DataType, SchemaRef};
 
-use crate::backlog::{GraphBacklog, repair_graph};
 use crate::files::{Check, read_rows};
 use crate::fulltext::view::TextView;
 use crate::layered::LayeredMap;
 use crate::segment::Segment;
 use crate::vector::extract_vectors;
-use crate::{AnnIndex, IndexError, Manifest};
+use crate::{AnnIndex, IndexError, Manifest, vector_values};
 
 /// Everything a commit changes.
 #[derive(Debug, Clone)]
@@ -226,4 +225,64 @@ pub(crate) fn live_rows(
         return Ok(segment.batch.clone());
     }
     Ok(filter_record_batch(&segment.batch, &mask)?)
+}
+
+/// Graph changes recorded while the graph could not be changed (see [`crate::backlog`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct GraphBacklog {
+    /// Keys whose vectors the graph is still to receive (their rows may have left since).
+    pub(crate) unindexed: Vec<u64>,
+    /// Keys whose rows left but whose vectors the graph still holds.
+    pub(crate) unremoved: Vec<u64>,
+}
+
+impl GraphBacklog {
+    /// Whether nothing waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.unindexed.is_empty() && self.unremoved.is_empty()
+    }
+}
+
+impl State {
+    /// Records that the rows of `key` left (its vector leaves the graph with the backlog).
+    pub(crate) fn unindex(&mut self, key: u64) {
+        Arc::make_mut(&mut self.backlog).unremoved.push(key);
+    }
+
+    /// Applies the backlog and adds `additions` to the graph. The caller holds the graph gate
+    /// (or owns the graph, while loading). Keys the graph already holds are not added again:
+    /// applying a backlog twice changes nothing, and replaying a delta over a compaction's graph
+    /// that already holds some of its rows adds only the others.
+    pub(crate) fn apply_graph(&mut self, additions: &[(u64, &[f32])], vector_column: usize) -> Result<(), IndexError> {
+        let backlog = std::mem::take(Arc::make_mut(&mut self.backlog));
+        for key in backlog.unremoved {
+            self.ann.remove(key)?;
+        }
+        let dims = self.manifest.dimensions;
+        let mut items: Vec<(u64, &[f32])> = backlog
+            .unindexed
+            .iter()
+            .filter_map(|key| {
+                let (segment, row) = *self.locations.get(key)?;
+                let column = self.segments[segment].batch.column(vector_column);
+                let fresh = column.is_valid(row) && !self.ann.contains(*key);
+                fresh.then(|| (*key, &vector_values(column)[row * dims..(row + 1) * dims]))
+            })
+            .collect();
+        items.extend(additions.iter().filter(|(key, _)| !self.ann.contains(*key)));
+        self.ann.add_many(&items)
+    }
+}
+
+/// Repairs a graph loaded from `manifest`'s graph file written by a compaction: removes the
+/// vectors of rows that had left and adds those of rows it lacked (see [`crate::backlog`]).
+pub(crate) fn repair_graph(state: &mut State, vector_column: usize) -> Result<(), IndexError> {
+    let manifest = &state.manifest;
+    if manifest.ann_missing.is_empty() && manifest.ann_removed.is_empty() {
+        return Ok(());
+    }
+    let backlog = Arc::make_mut(&mut state.backlog);
+    backlog.unremoved.extend(&manifest.ann_removed);
+    backlog.unindexed.extend(&manifest.ann_missing);
+    state.apply_graph(&[], vector_column)
 }
