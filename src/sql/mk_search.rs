@@ -27,8 +27,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Float32Array, ListBuilder, RecordBatch, StringArray, StringBuilder,
-    UInt32Array,
+    Array, ArrayRef, AsArray, BooleanArray, Float32Array, RecordBatch, StringArray, UInt32Array,
 };
 use datafusion::arrow::compute::kernels::boolean::and;
 use datafusion::arrow::compute::take;
@@ -43,6 +42,7 @@ use mkflow_udfs::mk::{ClusterBrief, ClusterKind, MkOptions, string_list_type};
 
 use super::KbSchema;
 use super::call_args::{CallArgs, int_arg, string_arg, table_arg};
+use super::columns::string_lists;
 use super::filters::CompiledFilter;
 use super::vector_search::search_k;
 use crate::access::Access;
@@ -525,18 +525,6 @@ impl MkSearchTable {
         }
         Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
     }
-}
-
-/// A `List<Utf8>` column with one list per row.
-pub(super) fn string_lists<'a>(rows: impl Iterator<Item = Vec<&'a str>>) -> ArrayRef {
-    let mut builder = ListBuilder::new(StringBuilder::new());
-    for row in rows {
-        for value in row {
-            builder.values().append_value(value);
-        }
-        builder.append(true);
-    }
-    Arc::new(builder.finish())
 }
 
 #[async_trait]

@@ -16,6 +16,7 @@
 pub mod async_calls;
 pub mod call_args;
 pub mod catalog;
+mod columns;
 pub mod filters;
 pub mod fusion;
 pub mod kb_entry;

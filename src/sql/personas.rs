@@ -22,9 +22,9 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan};
 use futures::StreamExt;
 use mkflow_udfs::mk::{MkOptions, string_list_type};
 
+use super::columns::string_lists;
 use super::filters::CompiledFilter;
 use super::memory_scan;
-use super::mk_search::string_lists;
 use crate::mk::{MkAttachment, PersonaRow};
 use crate::support::blocking;
 
