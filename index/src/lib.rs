@@ -100,6 +100,9 @@ pub struct IndexSettings {
     pub text_columns: Option<Vec<TextColumn>>,
 }
 
+/// A batch validated for an upsert, with its document ids and vectors.
+type Prepared = (RecordBatch, Vec<String>, Vec<Option<Vec<f32>>>);
+
 /// What an upsert did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UpsertStats {
@@ -434,34 +437,106 @@ impl KnowledgeIndex {
         }
         let applied = (|| {
             next.manifest.source_offsets.merge(offsets);
-            let first_new_segment = next.segments.len();
-            let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
-            let first_new_key = next.manifest.next_key;
-            for (batch, doc_ids, vectors) in prepared {
-                let first_key = next.manifest.next_key;
-                let keys: Arc<[u64]> = (first_key..first_key + batch.num_rows() as u64).collect();
-                next.manifest.next_key += batch.num_rows() as u64;
-                if let Some(full_text) = &self.full_text {
-                    full_text.stage_rows(&batch, &keys, &next)?;
-                }
-                stats.rows += keys.len();
-                stats.replaced += next.place_segment(
-                    Segment::in_memory(batch, keys),
-                    doc_ids,
-                    vectors,
-                    self.vector_column,
-                    &mut additions,
-                    first_new_key,
-                )?;
-            }
-            let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-            self.update_graph(&mut next, &items, false)?;
+            let first_new_segment = self.stage_upsert(&mut next, prepared, &mut stats)?;
             self.commit_upsert(&mut next, first_new_segment)
         })();
         match applied {
             Ok(()) => {
                 self.publish(next);
                 Ok(stats)
+            }
+            Err(e) => {
+                self.recover();
+                Err(e)
+            }
+        }
+    }
+
+    /// Places validated rows into `next` (each replacing its document's row) and stages their
+    /// text and vectors; returns the index of the first new segment.
+    fn stage_upsert(
+        &self,
+        next: &mut State,
+        prepared: Vec<Prepared>,
+        stats: &mut UpsertStats,
+    ) -> Result<usize, IndexError> {
+        let first_new_segment = next.segments.len();
+        let mut additions: Vec<(u64, Vec<f32>)> = Vec::new();
+        let first_new_key = next.manifest.next_key;
+        for (batch, doc_ids, vectors) in prepared {
+            let first_key = next.manifest.next_key;
+            let keys: Arc<[u64]> = (first_key..first_key + batch.num_rows() as u64).collect();
+            next.manifest.next_key += batch.num_rows() as u64;
+            if let Some(full_text) = &self.full_text {
+                full_text.stage_rows(&batch, &keys, next)?;
+            }
+            stats.rows += keys.len();
+            stats.replaced += next.place_segment(
+                Segment::in_memory(batch, keys),
+                doc_ids,
+                vectors,
+                self.vector_column,
+                &mut additions,
+                first_new_key,
+            )?;
+        }
+        let items: Vec<(u64, &[f32])> = additions.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        self.update_graph(next, &items, false)?;
+        Ok(first_new_segment)
+    }
+
+    /// Replaces, in one commit, the rows whose text column `column` holds one of `values` with
+    /// `batches`: a row whose key `batches` upserts again is replaced, the others are deleted
+    /// (a document's synthetic questions, say, when it is delivered again). Returns the rows
+    /// replaced or deleted, as they were. A commit that only replaces is a delta commit; one
+    /// that deletes rewrites the index in full, as every delete does.
+    pub fn replace_where_in(
+        &self,
+        column: &str,
+        values: &std::collections::HashSet<String>,
+        batches: &[RecordBatch],
+    ) -> Result<RecordBatch, IndexError> {
+        let position = self.schema.index_of(column)?;
+        let prepared = batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| self.prepare(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upserted: std::collections::HashSet<String> =
+            prepared.iter().flat_map(|(_, ids, _)| ids.iter().cloned()).collect();
+        let _writer = self.lock_writer();
+        let mut next = (*self.current()).clone();
+        let old = match values.is_empty() {
+            true => Vec::new(),
+            false => self.matching_rows(&next, &where_in(position, values))?,
+        };
+        let positions: Vec<(usize, usize)> = old
+            .iter()
+            .filter_map(|(key, _)| next.locations.get(key).copied())
+            .collect();
+        let taken = RecordBatch::try_new(self.schema.clone(), self.gather_columns(&next, &positions)?)?;
+        if old.is_empty() && prepared.is_empty() {
+            return Ok(taken);
+        }
+        let applied = (|| {
+            let mut deleted = false;
+            for (key, id) in old.iter().filter(|(_, id)| !upserted.contains(id)) {
+                next.remove(*key, id, self.vector_column)?;
+                if let Some(full_text) = &self.full_text {
+                    full_text.stage_delete(id)?;
+                }
+                deleted = true;
+            }
+            let first_new_segment = self.stage_upsert(&mut next, prepared, &mut UpsertStats::default())?;
+            match deleted {
+                true => self.persist(&mut next),
+                false => self.commit_upsert(&mut next, first_new_segment),
+            }
+        })();
+        match applied {
+            Ok(()) => {
+                self.publish(next);
+                Ok(taken)
             }
             Err(e) => {
                 self.recover();
@@ -607,8 +682,7 @@ impl KnowledgeIndex {
     }
 
     /// Validates a batch and splits out its document ids and vectors.
-    #[allow(clippy::type_complexity)]
-    fn prepare(&self, batch: &RecordBatch) -> Result<(RecordBatch, Vec<String>, Vec<Option<Vec<f32>>>), IndexError> {
+    fn prepare(&self, batch: &RecordBatch) -> Result<Prepared, IndexError> {
         if batch.num_columns() != self.schema.fields().len() {
             return Err(IndexError::Invalid(format!(
                 "expected {} columns ({}), got {}",

@@ -185,6 +185,51 @@ fn take_where_in_returns_the_live_rows_it_deletes() {
     assert_eq!((again.num_rows(), again.schema()), (0, index.schema()));
 }
 
+/// `replace_where_in` replaces a group of rows in one commit: a delta when every old row is
+/// upserted again, a full rewrite when some are left out (deleted); it returns the old rows.
+#[test]
+fn replace_where_in_replaces_a_group_in_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+    index.upsert(&[batch(&index, 0..3000, |i| (i % 30) as i64, 0)]).unwrap();
+    let group = |c: &str| -> std::collections::HashSet<String> { [c.to_string()].into() };
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+
+    // Group 2, every row upserted again with new vectors: one delta commit.
+    let generation = index.manifest().generation;
+    let again = batch(&index, 0..3000, |i| (i % 30) as i64, 500);
+    let again = arrow::compute::filter_record_batch(&again, &category_filter(2)(&again).unwrap()).unwrap();
+    let taken = index.replace_where_in("category", &group("2"), &[again]).unwrap();
+    assert_eq!(taken.num_rows(), 100);
+    let manifest = index.manifest();
+    assert_eq!((manifest.generation, manifest.deltas.len()), (generation + 1, 1));
+    assert_eq!(ids_of(&index.search(&vector(2 + 500), 1, None).unwrap()), ["doc-2"]);
+
+    // Group 1 replaced by two rows: the other 98 are deleted, in the same (full) commit.
+    let taken = index
+        .replace_where_in(
+            "category",
+            &group("1"),
+            &[batch(&index, 1..2, |_| 1, 900), batch(&index, 31..32, |_| 1, 900)],
+        )
+        .unwrap();
+    assert_eq!(
+        sorted(ids_of(&taken)),
+        sorted((1..3000).step_by(30).map(|i| format!("doc-{i}")).collect())
+    );
+    let manifest = index.manifest();
+    assert_eq!((manifest.generation, manifest.deltas.len()), (generation + 2, 0));
+    assert_eq!(index.len(), 2902);
+    let filter = category_filter(1);
+    let left = index.search(&vector(901), 10, Some(&filter)).unwrap();
+    assert_eq!(sorted(ids_of(&left)), ["doc-1", "doc-31"]);
+    drop(index);
+    assert_eq!(KnowledgeIndex::open(dir.path()).unwrap().len(), 2902);
+}
+
 #[test]
 fn filtered_search_returns_k_rows_at_one_percent_selectivity() {
     let dir = tempfile::tempdir().unwrap();
@@ -799,8 +844,10 @@ fn background_compaction_runs_beside_commits_and_keeps_every_row() {
     let expect_all = |index: &KnowledgeIndex| {
         assert_eq!(index.len(), offset.len());
         for (&i, &off) in offset.iter().filter(|(i, _)| *i % 37 == 0 || **i >= 3000) {
-            let hit = index.search(&vector(i + off), 1, None).unwrap();
-            assert_eq!(ids_of(&hit), vec![format!("doc-{i}")], "doc-{i}");
+            // Found among the ten nearest (a graph missing its vector never answers it; a
+            // multi-threaded HNSW build may rank an exact match below the first place).
+            let hits = ids_of(&index.search(&vector(i + off), 10, None).unwrap());
+            assert!(hits.contains(&format!("doc-{i}")), "doc-{i}: {hits:?}");
         }
     };
     expect_all(&index);

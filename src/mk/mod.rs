@@ -306,8 +306,12 @@ impl MkIndex {
     /// between topics and metadata clusters: a question replaced by itself (a document
     /// delivered again) stays in its topic and is no change.
     pub fn commit_questions(&self, pending: &PendingQuestions) -> Result<(), IndexError> {
-        let mut removed = self.take_questions_of(&pending.documents)?;
-        self.questions.upsert(&pending.batches)?;
+        // One commit: a document's questions are replaced by key (a delta), and only those past
+        // its new count are deleted (a full rewrite, when there are any).
+        let replaced = self
+            .questions
+            .replace_where_in("doc_id", &pending.documents, &pending.batches)?;
+        let mut removed = self.questions_of(&replaced)?;
         let mut tally = self.tally.lock().unwrap_or_else(|e| e.into_inner());
         for old in removed.values() {
             tally.remove_question(old.cluster.as_deref(), &old.vector);
@@ -357,9 +361,13 @@ impl MkIndex {
 
     /// Deletes the questions of documents; returns them by question id.
     fn take_questions_of(&self, documents: &HashSet<String>) -> Result<HashMap<String, TakenQuestion>, IndexError> {
-        let removed = self.questions.take_where_in("doc_id", documents)?;
+        self.questions_of(&self.questions.take_where_in("doc_id", documents)?)
+    }
+
+    /// The question rows of `removed` by question id.
+    fn questions_of(&self, removed: &RecordBatch) -> Result<HashMap<String, TakenQuestion>, IndexError> {
         let mut taken = HashMap::new();
-        self.visit_questions(std::slice::from_ref(&removed), |question, document, cluster, vector| {
+        self.visit_questions(std::slice::from_ref(removed), |question, document, cluster, vector| {
             let question_row = TakenQuestion {
                 document: document.to_string(),
                 cluster: cluster.map(str::to_string),
