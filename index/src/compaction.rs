@@ -12,9 +12,9 @@
 //! 2. without any lock: writes S's live rows as one rows file and the graph copy as its graph
 //!    file (flushed every few MiB, so a commit's fsync never waits behind all of it) — commits
 //!    and searches go on meanwhile;
-//! 3. under the writer lock, briefly: when nothing but deltas was committed since S, publishes a new
-//!    generation whose rows and graph are those files and whose deltas are the ones committed
-//!    since S; otherwise (a delete or a full commit came first) drops its files and does nothing.
+//! 3. under the writer lock, briefly: when nothing but deltas was committed since S, publishes
+//!    a new generation whose rows and graph are those files and whose deltas are the ones
+//!    committed since S; otherwise (a delete or a full commit came first) drops its files and does nothing.
 //!
 //! The in-memory graph stays the shared one; only the files and the row layout change.
 

@@ -417,11 +417,7 @@ impl KnowledgeIndex {
     /// [`KnowledgeIndex::upsert_from_source`] for a caller holding the writer lock.
     fn upsert_locked(&self, batches: &[RecordBatch], offsets: &SourceOffsets) -> Result<UpsertStats, IndexError> {
         // Validate and convert everything before touching the index: an error leaves it as is.
-        let prepared = batches
-            .iter()
-            .filter(|b| b.num_rows() > 0)
-            .map(|b| self.prepare(b))
-            .collect::<Result<Vec<_>, _>>()?;
+        let prepared = self.prepare_all(batches)?;
         let mut stats = UpsertStats::default();
         if prepared.is_empty() && offsets.is_empty() {
             return Ok(stats);
@@ -497,11 +493,7 @@ impl KnowledgeIndex {
         batches: &[RecordBatch],
     ) -> Result<RecordBatch, IndexError> {
         let position = self.schema.index_of(column)?;
-        let prepared = batches
-            .iter()
-            .filter(|b| b.num_rows() > 0)
-            .map(|b| self.prepare(b))
-            .collect::<Result<Vec<_>, _>>()?;
+        let prepared = self.prepare_all(batches)?;
         let upserted: std::collections::HashSet<String> =
             prepared.iter().flat_map(|(_, ids, _)| ids.iter().cloned()).collect();
         let _writer = self.lock_writer();
@@ -510,21 +502,14 @@ impl KnowledgeIndex {
             true => Vec::new(),
             false => self.matching_rows(&next, &where_in(position, values))?,
         };
-        let positions: Vec<(usize, usize)> = old
-            .iter()
-            .filter_map(|(key, _)| next.locations.get(key).copied())
-            .collect();
-        let taken = RecordBatch::try_new(self.schema.clone(), self.gather_columns(&next, &positions)?)?;
+        let taken = self.rows_of(&next, &old)?;
         if old.is_empty() && prepared.is_empty() {
             return Ok(taken);
         }
         let applied = (|| {
             let mut deleted = false;
             for (key, id) in old.iter().filter(|(_, id)| !upserted.contains(id)) {
-                next.remove(*key, id, self.vector_column)?;
-                if let Some(full_text) = &self.full_text {
-                    full_text.stage_delete(id)?;
-                }
+                self.stage_delete(&mut next, *key, id)?;
                 deleted = true;
             }
             let first_new_segment = self.stage_upsert(&mut next, prepared, &mut UpsertStats::default())?;
@@ -604,22 +589,13 @@ impl KnowledgeIndex {
         if doomed.is_empty() {
             return Ok((Vec::new(), None));
         }
-        let rows = if gather {
-            let positions: Vec<(usize, usize)> = doomed
-                .iter()
-                .filter_map(|(key, _)| next.locations.get(key).copied())
-                .collect();
-            let columns = self.gather_columns(&next, &positions)?;
-            Some(RecordBatch::try_new(self.schema.clone(), columns)?)
-        } else {
-            None
+        let rows = match gather {
+            true => Some(self.rows_of(&next, &doomed)?),
+            false => None,
         };
         let applied = (|| {
             for (key, doc_id) in &doomed {
-                next.remove(*key, doc_id, self.vector_column)?;
-                if let Some(full_text) = &self.full_text {
-                    full_text.stage_delete(doc_id)?;
-                }
+                self.stage_delete(&mut next, *key, doc_id)?;
             }
             self.persist(&mut next)
         })();
@@ -633,6 +609,27 @@ impl KnowledgeIndex {
                 Err(e)
             }
         }
+    }
+
+    /// Stops row `key` (of document `doc_id`) from being live in `next`, its text with it.
+    fn stage_delete(&self, next: &mut State, key: u64, doc_id: &str) -> Result<(), IndexError> {
+        next.remove(key, doc_id, self.vector_column)?;
+        if let Some(full_text) = &self.full_text {
+            full_text.stage_delete(doc_id)?;
+        }
+        Ok(())
+    }
+
+    /// The live rows of `state` at `rows` (key, document id), as one batch.
+    fn rows_of(&self, state: &State, rows: &[(u64, String)]) -> Result<RecordBatch, IndexError> {
+        let positions: Vec<(usize, usize)> = rows
+            .iter()
+            .filter_map(|(key, _)| state.locations.get(key).copied())
+            .collect();
+        Ok(RecordBatch::try_new(
+            self.schema.clone(),
+            self.gather_columns(state, &positions)?,
+        )?)
     }
 
     /// The live rows of `state` for which `predicate` is true: (key, document id).
@@ -679,6 +676,15 @@ impl KnowledgeIndex {
                 self.dir.display()
             ),
         }
+    }
+
+    /// [`KnowledgeIndex::prepare`] for every non-empty batch.
+    fn prepare_all(&self, batches: &[RecordBatch]) -> Result<Vec<Prepared>, IndexError> {
+        batches
+            .iter()
+            .filter(|b| b.num_rows() > 0)
+            .map(|b| self.prepare(b))
+            .collect()
     }
 
     /// Validates a batch and splits out its document ids and vectors.

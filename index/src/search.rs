@@ -218,7 +218,6 @@ impl KnowledgeIndex {
     /// The live rows (passing `allowed`, when given) whose vectors wait in the graph's backlog
     /// (see [`crate::backlog`]), scored exactly; usually none.
     fn backlog_hits(&self, state: &State, query: &[f32], allowed: Option<&KeySet>) -> Vec<Hit> {
-        let dims = query.len();
         let query_norm = norm(query);
         state
             .backlog
@@ -226,10 +225,8 @@ impl KnowledgeIndex {
             .iter()
             .filter(|key| allowed.is_none_or(|a| a.contains(**key)))
             .filter_map(|&key| {
-                let (segment, row) = *state.locations.get(&key)?;
-                let column = state.segments[segment].batch.column(self.vector_column);
-                let vector = &vector_values(column)[row * dims..(row + 1) * dims];
-                column.is_valid(row).then(|| Hit {
+                let vector = state.live_vector(key, self.vector_column)?;
+                Some(Hit {
                     key,
                     score: cosine(query, query_norm, vector),
                 })

@@ -40,8 +40,8 @@ pub(crate) struct State {
     pub(crate) ann: Arc<AnnIndex>,
     /// The full-text index as of this generation (`None`: no text columns).
     pub(crate) text: Option<TextView>,
-    /// Graph changes waiting for a compaction's copy of the graph to end (see
-    /// [`crate::backlog`]).
+    /// Graph changes waiting for a background task or for a compaction's copy of the graph
+    /// to end (see [`crate::backlog`]).
     pub(crate) backlog: Arc<GraphBacklog>,
 }
 
@@ -244,6 +244,16 @@ impl GraphBacklog {
 }
 
 impl State {
+    /// The vector of live row `key` (`None`: not live, or without a vector).
+    pub(crate) fn live_vector(&self, key: u64, vector_column: usize) -> Option<&[f32]> {
+        let (segment, row) = *self.locations.get(&key)?;
+        let column = self.segments[segment].batch.column(vector_column);
+        let dims = self.manifest.dimensions;
+        column
+            .is_valid(row)
+            .then(|| &vector_values(column)[row * dims..(row + 1) * dims])
+    }
+
     /// Records that the rows of `key` left (its vector leaves the graph with the backlog).
     pub(crate) fn unindex(&mut self, key: u64) {
         Arc::make_mut(&mut self.backlog).unremoved.push(key);
@@ -258,16 +268,11 @@ impl State {
         for key in backlog.unremoved {
             self.ann.remove(key)?;
         }
-        let dims = self.manifest.dimensions;
         let mut items: Vec<(u64, &[f32])> = backlog
             .unindexed
             .iter()
-            .filter_map(|key| {
-                let (segment, row) = *self.locations.get(key)?;
-                let column = self.segments[segment].batch.column(vector_column);
-                let fresh = column.is_valid(row) && !self.ann.contains(*key);
-                fresh.then(|| (*key, &vector_values(column)[row * dims..(row + 1) * dims]))
-            })
+            .filter(|key| !self.ann.contains(**key))
+            .filter_map(|&key| Some((key, self.live_vector(key, vector_column)?)))
             .collect();
         items.extend(additions.iter().filter(|(key, _)| !self.ann.contains(*key)));
         self.ann.add_many(&items)
