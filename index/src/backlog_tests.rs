@@ -91,9 +91,9 @@ fn a_compaction_over_a_backlog_records_what_its_graph_lacks_and_opening_repairs_
     for i in (0..400u64).step_by(7).chain(5010..5020) {
         let replaced = i >= 5000 || (i / 10).is_multiple_of(2);
         let offset = if replaced { 100_000 } else { 0 };
-        assert_eq!(
-            ids_of(&reopened.search(&vector(i + offset), 1, None).unwrap()),
-            [format!("doc-{i}")]
-        );
+        // Among the ten nearest, not only first: a multi-threaded HNSW build may rank an exact
+        // match second; a vector missing from the graph is never found.
+        let hits = ids_of(&reopened.search(&vector(i + offset), 10, None).unwrap());
+        assert!(hits.contains(&format!("doc-{i}")), "doc-{i}: {hits:?}");
     }
 }
