@@ -23,6 +23,8 @@ impl KnowledgeIndex {
         let manifest = &state.manifest;
         let grown = deltas_grown(manifest.deltas.len(), manifest.delta_rows + new_rows, manifest.rows);
         let deferred = self.background_compaction.load(Ordering::SeqCst) && manifest.deltas.len() < MAX_DEFERRED_DELTAS;
+        self.compaction_hurry
+            .store(manifest.deltas.len() >= MAX_DEFERRED_DELTAS * 3 / 4, Ordering::Relaxed);
         if manifest.rows_file.is_empty() || new_rows * 8 > manifest.rows || (grown && !deferred) {
             return self.persist(state);
         }

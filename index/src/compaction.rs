@@ -10,7 +10,8 @@
 //!    graph changes to the backlog): takes the published state S and a copy of the graph,
 //!    which is S's but for S's backlog (recorded in the new manifest, repaired on open);
 //! 2. without any lock: writes S's live rows as one rows file and the graph copy as its graph
-//!    file (flushed every few MiB, so a commit's fsync never waits behind all of it) — commits
+//!    file (flushed every MiB and held to a modest rate unless deltas pile up, so a commit's
+//!    fsync never queues behind much of it) — commits
 //!    and searches go on meanwhile;
 //! 3. under the writer lock, briefly: when nothing but deltas was committed since S, publishes
 //!    a new generation whose rows and graph are those files and whose deltas are the ones
@@ -74,9 +75,14 @@ impl KnowledgeIndex {
         let rows_file = format!("rows-{generation}-compacted.arrow");
         let ann_file = format!("ann-{generation}-compacted.usearch");
         let written = (|| {
-            let compacted = write_compacted(&self.dir.join(&rows_file), &self.schema, &snapshot, Pace::Paced)?;
+            let compacted = write_compacted(
+                &self.dir.join(&rows_file),
+                &self.schema,
+                &snapshot,
+                Pace::Background(self.compaction_hurry.clone()),
+            )?;
             let ann_path = self.dir.join(&ann_file);
-            write_paced(&ann_path, &graph)?;
+            write_paced(&ann_path, &graph, Pace::Background(self.compaction_hurry.clone()))?;
             Ok(compacted)
         })();
         drop(graph);

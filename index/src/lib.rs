@@ -132,6 +132,8 @@ pub struct KnowledgeIndex {
     background_compaction: AtomicBool,
     /// Set while a compaction runs (one at a time).
     compacting: AtomicBool,
+    /// Set by commits while deltas pile up: a background compaction then writes at full speed.
+    compaction_hurry: Arc<AtomicBool>,
     /// Held while the graph changes or a compaction copies it (see [`backlog`]).
     graph_gate: Mutex<()>,
     /// Whether the graph inserts of small upserts are left to [`KnowledgeIndex::index_backlog`].
@@ -270,6 +272,7 @@ impl KnowledgeIndex {
             exact_search_max_rows: AtomicUsize::new(search::DEFAULT_EXACT_SEARCH_MAX_ROWS),
             background_compaction: AtomicBool::new(false),
             compacting: AtomicBool::new(false),
+            compaction_hurry: Arc::new(AtomicBool::new(false)),
             graph_gate: Mutex::new(()),
             background_indexing: AtomicBool::new(false),
             companions: Companions::default(),
