@@ -6,6 +6,7 @@
 //! published state while the files are written and flushed, and see the next one only once
 //! its manifest is on disk. The text index commits between the row files and the manifest.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use crate::faults::{self, Stage};
@@ -76,7 +77,7 @@ impl KnowledgeIndex {
         state.locations = LayeredMap::from(locations_of(&compacted));
         state.doc_keys = LayeredMap::from(state.doc_keys.flattened());
         state.segments = compacted;
-        self.retained.discard(&self.dir, replaced, generation);
+        self.retained.discard(&self.dir, replaced, generation, &HashSet::new());
         Ok(())
     }
 }

@@ -19,12 +19,14 @@
 //!
 //! The in-memory graph stays the shared one; only the files and the row layout change.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::files::{Pace, write_paced};
 use crate::layered::LayeredMap;
+use crate::mapped::MappedFile;
 use crate::rewrite::{deltas_grown, locations_of, write_compacted};
 use crate::state::State;
 use crate::{IndexError, KnowledgeIndex};
@@ -142,9 +144,33 @@ impl KnowledgeIndex {
         next.manifest = manifest;
         self.publish(next);
         drop(writer);
-        self.retained.discard(&self.dir, snapshot.manifest.clone(), generation);
+        let replaced = snapshot.manifest.clone();
+        let shrink = unmapped_files(snapshot, current);
+        self.retained.discard(&self.dir, replaced, generation, &shrink);
         Ok(true)
     }
+}
+
+/// The replaced generation's files that no one maps once `snapshot` and `current` (the states
+/// before the swap) are dropped: its graph file (read into memory on open) and each row file
+/// no search still reads; their blocks may be freed gradually.
+fn unmapped_files(snapshot: Arc<State>, current: Arc<State>) -> HashSet<String> {
+    let maps: HashMap<String, Arc<MappedFile>> = snapshot
+        .segments
+        .iter()
+        .filter_map(|s| s.file.clone())
+        .map(|file| (file.name().to_string(), file))
+        .collect();
+    let mut files: HashSet<String> = [snapshot.manifest.ann_file.clone()].into();
+    drop((snapshot, current));
+    // Ours is the last reference when no search holds a state with the file's rows; dropping it
+    // unmaps the file.
+    files.extend(
+        maps.into_iter()
+            .filter(|(_, map)| Arc::strong_count(map) == 1)
+            .map(|(name, _)| name),
+    );
+    files
 }
 
 /// Whether `current` is `snapshot` plus delta commits only: the same rows file and graph, the

@@ -1,6 +1,7 @@
 //! The index's files: Arrow IPC row files (rows with their hidden `u64` keys), written
 //! atomically, and the clean-up of files no manifest names.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -84,7 +85,8 @@ pub(crate) fn read_rows(path: &Path, check: Check) -> Result<(SchemaRef, Vec<Seg
         return Err(unreadable(path, "the file is too short"));
     }
     let pointer = NonNull::new(map.as_ptr().cast_mut()).ok_or_else(|| unreadable(path, "empty mapping"))?;
-    let file = Arc::new(MappedFile::new(map));
+    let name = path.file_name().unwrap_or_default().to_string_lossy().to_string();
+    let file = Arc::new(MappedFile::new(map, name));
     // SAFETY: the pointer and length are the mapping's, which the buffer keeps alive.
     let buffer = unsafe { Buffer::from_custom_allocation(pointer, len, file.clone()) };
     let trailer = len - 10;
@@ -261,7 +263,13 @@ impl PacedFile {
 
 impl std::io::Write for PacedFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let written = self.file.write(buf)?;
+        // A large buffer (a whole vector column) is written a piece at a time, or one fsync
+        // would flush all of it.
+        let piece = match self.pace {
+            Pace::AtOnce => buf,
+            Pace::Background(_) => &buf[..buf.len().min(PACE_BYTES - self.unsynced)],
+        };
+        let written = self.file.write(piece)?;
         self.unsynced += written;
         self.written += written;
         if let Pace::Background(hurry) = &self.pace
@@ -318,16 +326,48 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), IndexError> {
 }
 
 /// Deletes the data files `replaced` names (after a generation that no longer needs them is
-/// published).
-pub(crate) fn remove_files_of(dir: &Path, replaced: &Manifest) {
+/// published); those named in `shrink` are first shrunk a piece at a time: freeing a 160 MB
+/// file's blocks in one unlink held a concurrent 10-row commit's fsync ~15 ms behind the
+/// journal. Only a file no one maps may shrink (a search's read of a truncated page is a crash).
+pub(crate) fn remove_files_of(dir: &Path, replaced: &Manifest, shrink: &HashSet<String>) {
     for file in replaced.files() {
-        let _ = fs::remove_file(dir.join(file));
+        let path = dir.join(file);
+        if shrink.contains(file) {
+            shrink_gradually(&path);
+        }
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// Pieces a file about to be deleted is shrunk by, and the pause after each (small in tests,
+/// so a test's small files shrink in several pieces too).
+#[cfg(not(test))]
+const SHRINK_BYTES: u64 = 8 << 20;
+#[cfg(not(test))]
+const SHRINK_PAUSE: Duration = Duration::from_millis(20);
+#[cfg(test)]
+const SHRINK_BYTES: u64 = 16 << 10;
+#[cfg(test)]
+const SHRINK_PAUSE: Duration = Duration::from_millis(1);
+
+/// Truncates a file no one maps [`SHRINK_BYTES`] at a time.
+fn shrink_gradually(path: &Path) {
+    let Ok(file) = fs::OpenOptions::new().write(true).open(path) else {
+        return;
+    };
+    let mut len = file.metadata().map_or(0, |m| m.len());
+    while len > SHRINK_BYTES {
+        len -= SHRINK_BYTES;
+        if file.set_len(len).and_then(|_| file.sync_all()).is_err() {
+            return;
+        }
+        std::thread::sleep(SHRINK_PAUSE);
     }
 }
 
 /// Deletes files of generations other than the manifest's (left by an interrupted commit),
 /// but those in `kept` (replaced files a companion keeps for the generation its parent names).
-pub(crate) fn remove_stray_files(dir: &Path, manifest: &Manifest, kept: &std::collections::HashSet<String>) {
+pub(crate) fn remove_stray_files(dir: &Path, manifest: &Manifest, kept: &HashSet<String>) {
     let Ok(entries) = fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();

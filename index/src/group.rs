@@ -40,12 +40,14 @@ impl Retained {
     }
 
     /// Deletes the files of `replaced` (replaced by generation `by`), or keeps them until the
-    /// parent names `by` or later.
-    pub(crate) fn discard(&self, dir: &Path, replaced: Manifest, by: u64) {
-        match &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(kept) => kept.push((by, replaced)),
-            None => remove_files_of(dir, &replaced),
+    /// parent names `by` or later. Deleted, those in `shrink` are shrunk first (see
+    /// [`remove_files_of`]), without holding the lock a commit's [`Retained::release`] takes.
+    pub(crate) fn discard(&self, dir: &Path, replaced: Manifest, by: u64, shrink: &HashSet<String>) {
+        if let Some(kept) = &mut *self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            kept.push((by, replaced));
+            return;
         }
+        remove_files_of(dir, &replaced, shrink);
     }
 
     /// Deletes the kept files replaced by generation `named` or earlier.
@@ -54,7 +56,7 @@ impl Retained {
             kept.retain(|(by, replaced)| {
                 let done = *by <= named;
                 if done {
-                    remove_files_of(dir, replaced);
+                    remove_files_of(dir, replaced, &HashSet::new());
                 }
                 !done
             });
