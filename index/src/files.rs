@@ -151,7 +151,7 @@ pub(crate) fn read_rows(path: &Path, check: Check) -> Result<(SchemaRef, Vec<Seg
 /// (temporary file, fsync, rename on [`RowWriter::finish`]).
 pub(crate) struct RowWriter {
     path: PathBuf,
-    tmp: PathBuf,
+    tmp: TempFile,
     schema: SchemaRef,
     writer: FileWriter<std::io::BufWriter<PacedFile>>,
     segments: usize,
@@ -163,9 +163,9 @@ impl RowWriter {
         let mut fields = vec![Field::new(KEY_FIELD, DataType::UInt64, false)];
         fields.extend(schema.fields().iter().map(|f| f.as_ref().clone()));
         let file_schema = Arc::new(Schema::new(fields));
-        let tmp = path.with_extension("arrow.tmp");
-        let file = fs::File::create(&tmp).map_err(|e| IndexError::io(&tmp, e))?;
-        faults::check(path, Stage::Write).map_err(|e| IndexError::io(&tmp, e))?;
+        let tmp = TempFile(path.with_extension("arrow.tmp"));
+        let file = fs::File::create(&tmp.0).map_err(|e| IndexError::io(&tmp.0, e))?;
+        faults::check(path, Stage::Write).map_err(|e| IndexError::io(&tmp.0, e))?;
         let writer = FileWriter::try_new(std::io::BufWriter::new(PacedFile::new(file, pace)), &file_schema)?;
         Ok(RowWriter {
             path: path.to_path_buf(),
@@ -198,12 +198,12 @@ impl RowWriter {
             .writer
             .into_inner()?
             .into_inner()
-            .map_err(|e| IndexError::io(&self.tmp, e.into_error()))?
+            .map_err(|e| IndexError::io(&self.tmp.0, e.into_error()))?
             .file;
         faults::check(&self.path, Stage::Sync)
             .and_then(|_| file.sync_all())
-            .map_err(|e| IndexError::io(&self.tmp, e))?;
-        fs::rename(&self.tmp, &self.path).map_err(|e| IndexError::io(&self.path, e))?;
+            .map_err(|e| IndexError::io(&self.tmp.0, e))?;
+        self.tmp.rename_to(&self.path)?;
         let (_, mapped) = read_rows(&self.path, Check::WrittenHere)?;
         if mapped.len() != self.segments {
             return Err(IndexError::Invalid(format!(
@@ -214,6 +214,27 @@ impl RowWriter {
             )));
         }
         Ok(mapped)
+    }
+}
+
+/// A temporary file, removed when dropped unless it was moved into place: a write that fails
+/// leaves nothing behind.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    /// Moves the file to `path`; it is no longer temporary.
+    fn rename_to(&mut self, path: &Path) -> Result<(), IndexError> {
+        fs::rename(&self.0, path).map_err(|e| IndexError::io(path, e))?;
+        self.0 = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.0);
+        }
     }
 }
 

@@ -198,15 +198,16 @@ fn replace_where_in_replaces_a_group_in_one_commit() {
         ids
     };
 
-    // Group 2, every row upserted again with new vectors: one delta commit.
+    // Group 2, every row upserted again with new vectors (seeds no other row has; at offset 500
+    // doc-2's new vector was doc-502's, a tie for the first place): one delta commit.
     let generation = index.manifest().generation;
-    let again = batch(&index, 0..3000, |i| (i % 30) as i64, 500);
+    let again = batch(&index, 0..3000, |i| (i % 30) as i64, 100_000);
     let again = arrow::compute::filter_record_batch(&again, &category_filter(2)(&again).unwrap()).unwrap();
     let taken = index.replace_where_in("category", &group("2"), &[again]).unwrap();
     assert_eq!(taken.num_rows(), 100);
     let manifest = index.manifest();
     assert_eq!((manifest.generation, manifest.deltas.len()), (generation + 1, 1));
-    assert_eq!(ids_of(&index.search(&vector(2 + 500), 1, None).unwrap()), ["doc-2"]);
+    assert_eq!(ids_of(&index.search(&vector(2 + 100_000), 1, None).unwrap()), ["doc-2"]);
 
     // Group 1 replaced by two rows: the other 98 are deleted, in the same (full) commit.
     let taken = index
@@ -911,4 +912,53 @@ fn rows_held_across_a_background_compaction_stay_readable() {
 fn vectors_of(batch: &RecordBatch) -> Vec<f32> {
     let vectors = batch.column_by_name("embedding").unwrap().as_fixed_size_list();
     vectors.values().as_primitive::<Float32Type>().values().to_vec()
+}
+
+/// A disk fault in a background compaction (its rows file, its graph, or the manifest that
+/// would publish them) fails the compaction with an error naming the file, removes what it
+/// wrote, leaves the published generation as it was, and the next compaction goes through.
+#[test]
+fn disk_faults_fail_a_background_compaction_and_keep_the_published_generation() {
+    use crate::faults::{Stage, armed};
+    for stage in [Stage::Write, Stage::Sync] {
+        for prefix in ["rows-", "ann-", "manifest"] {
+            let case = format!("{stage:?} fault on {prefix}… in a compaction");
+            let dir = tempfile::tempdir().unwrap();
+            let index = KnowledgeIndex::open_or_create(dir.path(), &columns(), &settings()).unwrap();
+            index.set_background_compaction(true);
+            index.upsert(&[batch(&index, 0..300, |i| (i % 10) as i64, 0)]).unwrap();
+            for n in 0..40 {
+                index
+                    .upsert(&[batch(&index, 1000 + n * 5..1005 + n * 5, |_| 1, 0)])
+                    .unwrap();
+            }
+            assert!(index.compaction_due(), "{case}");
+            let before = index.manifest();
+
+            armed::arm(stage, prefix);
+            let failed = index.compact();
+            assert!(!armed::pending(), "{case}: the fault was never reached");
+            let err = failed.expect_err(&case).to_string();
+            assert!(err.contains(prefix), "{case}: {err}");
+            let after = index.manifest();
+            assert_eq!(
+                (after.generation, &after.rows_file),
+                (before.generation, &before.rows_file),
+                "{case}"
+            );
+            assert_eq!(index.len(), 500, "{case}");
+            let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .filter(|n| n.contains("-compacted") || n.ends_with(".tmp"))
+                .collect();
+            assert!(leftovers.is_empty(), "{case}: {leftovers:?}");
+
+            assert!(index.compact().unwrap(), "{case}: the next compaction publishes");
+            drop(index);
+            let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+            assert_eq!(reopened.len(), 500, "{case}");
+            assert!(reopened.manifest().rows_file.ends_with("-compacted.arrow"), "{case}");
+        }
+    }
 }
