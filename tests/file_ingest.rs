@@ -1,6 +1,7 @@
-//! Inserting a JSON Lines file into a knowledge index: batch by batch, each batch committed with
-//! the file position after it, so a re-run goes on where the last one stopped — after new lines
-//! were appended, and after a SIGKILL at any moment — and inserts every line exactly once.
+//! Inserting a JSON Lines file (or a directory of text files) into a knowledge index: batch by
+//! batch, each batch committed with the position after it, so a re-run goes on where the last
+//! one stopped — after new lines were appended, and after a SIGKILL at any moment — and inserts
+//! every line (every file) exactly once.
 
 mod common;
 #[path = "common/server.rs"]
@@ -243,4 +244,110 @@ fn jsonl_ingestion_is_exactly_once_across_sigkill_restarts() {
         .collect();
     positions.sort();
     assert_eq!(positions, bad, "each bad line once, under its own line number");
+}
+
+/// A directory of `count` Markdown files (`n0000.md`…) with the sample corpus's titles as
+/// headings.
+fn notes(dir: &Path, count: usize) {
+    let titles: Vec<String> = std::fs::read_to_string(sample_corpus())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["title"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..count {
+        let text = format!("# {}\n\nNote {i}.\n", titles[i % titles.len()]);
+        std::fs::write(dir.join(format!("n{i:04}.md")), text).unwrap();
+    }
+}
+
+/// A pipeline inserting the text files under `notes` into index `kb`.
+fn notes_script(notes: &Path, options: &str) -> String {
+    format!(
+        "CREATE EXTERNAL TABLE notes STORED AS TEXT_FILES LOCATION '{}' OPTIONS ({options});
+         CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS KB LOCATION 'kb';
+         INSERT INTO kb SELECT doc_id, title, embed(title) FROM notes;",
+        notes.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_insert_commits_batch_by_batch_and_a_finished_pass_clears_its_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, notes_dir) = (dir.path().join("data"), dir.path().join("notes"));
+    notes(&notes_dir, 30);
+    let script = notes_script(&notes_dir, "'commit_rows' '7'");
+
+    assert_eq!(run(&data, &script).await, 30);
+    let first = manifest(&data);
+    assert_eq!((first.rows, first.next_key), (30, 30));
+    // Creating the index is generation 1; then 30 files in batches of 7: 5 commits.
+    assert_eq!(first.generation, 1 + 5, "one commit per batch of files");
+    let positions: Vec<(&str, i64)> = first.source_offsets.iter().collect();
+    assert_eq!(positions.len(), 2, "{positions:?}");
+    assert!(positions[0].0.starts_with("dir:") && positions[0].0.ends_with("notes"));
+    assert_eq!(positions[0].1, 0, "the pass is over: the next one starts anew");
+
+    // The next pass reads every file again; each replaces its row.
+    std::fs::write(notes_dir.join("n0003.md"), "# Changed\n").unwrap();
+    assert_eq!(run(&data, &script).await, 30);
+    let second = manifest(&data);
+    assert_eq!((second.rows, second.next_key, second.generation), (30, 60, 6 + 5));
+    let engine = engine(&data).await;
+    let changed = engine
+        .sql("SELECT title FROM kb WHERE doc_id = 'n0003.md'")
+        .await
+        .unwrap();
+    assert_eq!(strings(&changed, "title"), vec!["Changed".to_string()]);
+
+    // Without `resume` no position is stored, and the whole directory is one pass anyway.
+    let data = dir.path().join("data-without-resume");
+    assert_eq!(run(&data, &notes_script(&notes_dir, "'resume' 'false'")).await, 30);
+    assert!(manifest(&data).source_offsets.is_empty());
+}
+
+#[test]
+fn directory_ingestion_is_exactly_once_across_sigkill_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, notes_dir) = (dir.path().join("data"), dir.path().join("notes"));
+    notes(&notes_dir, 400);
+    let pipeline: PathBuf = dir.path().join("ingest.sql");
+    std::fs::write(&pipeline, notes_script(&notes_dir, "'commit_rows' '20'")).unwrap();
+    let rows = || Manifest::read(&data.join("kb")).ok().flatten().map_or(0, |m| m.rows);
+
+    let kills_wanted = 4;
+    let mut kills = 0;
+    for k in 1..=kills_wanted {
+        let threshold = (400 * k / (kills_wanted + 1)).max(rows() + 1);
+        let delay = Duration::from_millis((k as u64 * 37) % 120);
+        if kill_when(run_binary(&data, &pipeline), delay, || rows() >= threshold) {
+            kills += 1;
+        }
+    }
+    assert_eq!(
+        kills, kills_wanted,
+        "every kill happened before the directory was read to its end"
+    );
+    let stored = Manifest::read(&data.join("kb")).unwrap().unwrap().source_offsets;
+    let done = stored
+        .iter()
+        .find(|(key, _)| key.starts_with("dir:") && !key.contains('#'));
+    assert!(
+        done.is_some_and(|(_, files)| files > 0 && files % 20 == 0),
+        "a pass cut short stores the files it committed: {stored:?}"
+    );
+    let status = run_binary(&data, &pipeline).wait().unwrap();
+    assert!(
+        status.success(),
+        "the last run reads the directory to its end: {status}"
+    );
+
+    // Every file once: 400 rows, and no row key handed out twice for the same file.
+    let manifest = KnowledgeIndex::open(data.join("kb")).unwrap().manifest();
+    assert_eq!((manifest.rows, manifest.next_key), (400, 400));
 }

@@ -24,7 +24,7 @@ use crate::access::{Access, Refusal};
 use crate::mk::MkServices;
 use crate::sql::call_args::rewrite_call_args;
 use crate::statement::StatementKind;
-use crate::streaming::{ContinuousInsert, FileInsert, count_batch};
+use crate::streaming::{ContinuousInsert, DirectoryInsert, FileInsert, count_batch};
 
 /// The result of one statement of a script.
 #[derive(Debug)]
@@ -153,6 +153,10 @@ impl Session {
             return Ok(vec![count_batch(rows)?]);
         }
         if let Some(insert) = FileInsert::find(&plan)? {
+            let rows = insert.run(&self.ctx, pipeline, &self.shared.streams).await?;
+            return Ok(vec![count_batch(rows)?]);
+        }
+        if let Some(insert) = DirectoryInsert::find(&plan)? {
             let rows = insert.run(&self.ctx, pipeline, &self.shared.streams).await?;
             return Ok(vec![count_batch(rows)?]);
         }

@@ -29,6 +29,7 @@ use datafusion::logical_expr::CreateExternalTable;
 
 use super::dead_letters::{DeadLetter, DeadLetters};
 use super::records::JsonRecordDecoder;
+use super::resumable::ResumeOptions;
 use crate::support::batch_table::{BatchSource, BatchTable, blocking_batches};
 use crate::support::now_ms;
 
@@ -70,21 +71,11 @@ impl TableProviderFactory for JsonlFactory {
         if cmd.schema.fields().is_empty() {
             return plan_err!("STORED AS JSONL needs declared columns, e.g. (doc_id VARCHAR NOT NULL, body VARCHAR)");
         }
-        let (mut commit_rows, mut resume) = (DEFAULT_COMMIT_ROWS, true);
+        let mut options = ResumeOptions::new(DEFAULT_COMMIT_ROWS);
         for (key, value) in &cmd.options {
-            match key.strip_prefix("format.").unwrap_or(key) {
-                "commit_rows" => match value.parse::<usize>() {
-                    Ok(rows) if rows > 0 => commit_rows = rows,
-                    _ => return plan_err!("commit_rows must be a positive number of lines, not '{value}'"),
-                },
-                "resume" => match value.to_lowercase().as_str() {
-                    "true" => resume = true,
-                    "false" => resume = false,
-                    _ => return plan_err!("resume must be 'true' or 'false', not '{value}'"),
-                },
-                other => {
-                    return plan_err!("unknown option '{other}' for STORED AS JSONL (known: commit_rows, resume)");
-                }
+            let key = key.strip_prefix("format.").unwrap_or(key);
+            if !options.take(key, value, "lines")? {
+                return plan_err!("unknown option '{key}' for STORED AS JSONL (known: commit_rows, resume)");
             }
         }
         let path = PathBuf::from(location);
@@ -98,8 +89,8 @@ impl TableProviderFactory for JsonlFactory {
             path,
             schema: Arc::new(cmd.schema.as_arrow().clone()),
             dead_letters: self.dead_letters.clone(),
-            commit_rows,
-            resume,
+            commit_rows: options.commit_rows,
+            resume: options.resume,
         })))
     }
 }

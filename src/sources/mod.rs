@@ -10,8 +10,10 @@ pub mod dead_letters;
 mod jsonl;
 pub mod kafka;
 pub mod records;
+mod resumable;
 mod text_files;
 
 pub use dead_letters::{DeadLetter, DeadLetters};
 pub use jsonl::{DecodedLines, JSONL_FORMAT, JsonlFactory, JsonlSource, JsonlTable, LinePosition, STDIN_LOCATION};
-pub use text_files::{TEXT_FILES_FORMAT, TextFilesFactory, TextFilesTable};
+pub use resumable::ResumeOptions;
+pub use text_files::{TEXT_FILES_FORMAT, TextFilesFactory, TextFilesSource, TextFilesTable};

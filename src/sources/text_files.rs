@@ -8,6 +8,12 @@
 //! - `modified`: last modification time;
 //! - `error`: why the file could not be read (then `title` and `body` are null); a bad file
 //!   never stops the scan.
+//!
+//! Options: `extensions` (default `md,markdown,txt`), `commit_rows` (files per batch, and per
+//! commit of an `INSERT` into a knowledge index that reads the directory; default 256; a batch
+//! also ends at 32 MiB of files) and `resume` (`true` by default: such an `INSERT` stores its
+//! position in the listing with each commit, and a run after a crash or a stop goes on after
+//! the last file committed; see `streaming/directory.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,13 +27,20 @@ use datafusion::common::{Result, plan_err};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::CreateExternalTable;
 
+use super::resumable::ResumeOptions;
 use crate::support::batch_table::{BatchSource, BatchTable, blocking_batches};
 
 /// The `STORED AS` name of text-file directories.
 pub const TEXT_FILES_FORMAT: &str = "TEXT_FILES";
 
 const DEFAULT_EXTENSIONS: &[&str] = &["md", "markdown", "txt"];
-const ROWS_PER_BATCH: usize = 1024;
+
+/// Files read together (one batch of rows, one commit of an `INSERT`) unless the table's
+/// `commit_rows` says otherwise.
+const DEFAULT_COMMIT_ROWS: usize = 256;
+
+/// A batch also ends once its files hold this many bytes, so large files keep memory bounded.
+const MAX_BATCH_BYTES: u64 = 32 << 20;
 
 /// Creates [`TextFilesTable`]s.
 #[derive(Debug, Default)]
@@ -40,23 +53,28 @@ impl TableProviderFactory for TextFilesFactory {
             return plan_err!("STORED AS TEXT_FILES takes one LOCATION (a directory)");
         };
         let mut extensions: Vec<String> = DEFAULT_EXTENSIONS.iter().map(|s| s.to_string()).collect();
+        let mut options = ResumeOptions::new(DEFAULT_COMMIT_ROWS);
         for (key, value) in &cmd.options {
-            match key.strip_prefix("format.").unwrap_or(key) {
-                "extensions" => {
-                    extensions = value
-                        .split(',')
-                        .map(|e| e.trim().trim_start_matches('.').to_lowercase())
-                        .filter(|e| !e.is_empty())
-                        .collect()
-                }
-                other => return plan_err!("unknown option '{other}' for STORED AS TEXT_FILES (known: extensions)"),
+            let key = key.strip_prefix("format.").unwrap_or(key);
+            if key == "extensions" {
+                extensions = value
+                    .split(',')
+                    .map(|e| e.trim().trim_start_matches('.').to_lowercase())
+                    .filter(|e| !e.is_empty())
+                    .collect();
+            } else if !options.take(key, value, "files")? {
+                return plan_err!(
+                    "unknown option '{key}' for STORED AS TEXT_FILES (known: extensions, commit_rows, resume)"
+                );
             }
         }
         let root = PathBuf::from(location);
         if !root.is_dir() {
             return plan_err!("TEXT_FILES location {} is not a directory", root.display());
         }
-        Ok(Arc::new(TextFilesTable::new(TextFilesSource::new(root, extensions))))
+        Ok(Arc::new(TextFilesTable::new(
+            TextFilesSource::new(root, extensions).with_options(options),
+        )))
     }
 }
 
@@ -68,6 +86,7 @@ pub type TextFilesTable = BatchTable<TextFilesSource>;
 pub struct TextFilesSource {
     root: PathBuf,
     extensions: Vec<String>,
+    options: ResumeOptions,
     schema: SchemaRef,
 }
 
@@ -85,11 +104,28 @@ impl TextFilesSource {
         TextFilesSource {
             root,
             extensions,
+            options: ResumeOptions::new(DEFAULT_COMMIT_ROWS),
             schema,
         }
     }
 
-    fn files(&self) -> Vec<PathBuf> {
+    /// The source with `options` (`commit_rows`, `resume`).
+    pub fn with_options(self, options: ResumeOptions) -> Self {
+        TextFilesSource { options, ..self }
+    }
+
+    /// The directory read.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Whether an `INSERT` from this directory stores its position and resumes from it.
+    pub fn resumes(&self) -> bool {
+        self.options.resume
+    }
+
+    /// The files under the directory with one of the extensions, in path order.
+    pub fn files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
         let mut pending = vec![self.root.clone()];
         while let Some(dir) = pending.pop() {
@@ -111,7 +147,26 @@ impl TextFilesSource {
         files
     }
 
-    fn batch(&self, files: &[PathBuf]) -> Result<RecordBatch> {
+    /// `files` split into the batches they are read in: `commit_rows` files, fewer where
+    /// their sizes add up to [`MAX_BATCH_BYTES`].
+    pub fn batches_of<'f>(&self, files: &'f [PathBuf]) -> Vec<&'f [PathBuf]> {
+        let mut batches = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, file) in files.iter().enumerate() {
+            if i > start && (i - start == self.options.commit_rows || bytes >= MAX_BATCH_BYTES) {
+                batches.push(&files[start..i]);
+                (start, bytes) = (i, 0);
+            }
+            bytes += std::fs::metadata(file).map_or(0, |m| m.len());
+        }
+        if start < files.len() {
+            batches.push(&files[start..]);
+        }
+        batches
+    }
+
+    /// The rows of `files`, one per file (see the module docs).
+    pub fn batch(&self, files: &[PathBuf]) -> Result<RecordBatch> {
         let mut doc_id = StringBuilder::new();
         let mut title = StringBuilder::new();
         let mut body = StringBuilder::new();
@@ -184,7 +239,8 @@ impl BatchSource for TextFilesSource {
 
     fn stream(self: Arc<Self>, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         blocking_batches(self.schema.clone(), move |sender| {
-            for chunk in self.files().chunks(ROWS_PER_BATCH) {
+            let files = self.files();
+            for chunk in self.batches_of(&files) {
                 if !sender.send(self.batch(chunk)?) {
                     break;
                 }
@@ -222,5 +278,27 @@ mod tests {
         assert_eq!(ids.value(1), "good.md");
         assert!(errors.is_null(1));
         assert_eq!(batch.column(1).as_string::<i32>().value(1), "Good");
+    }
+
+    #[test]
+    fn batches_end_at_commit_rows_files_or_at_the_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..10 {
+            std::fs::write(dir.path().join(format!("{i}.txt")), "small").unwrap();
+        }
+        let big = vec![b'x'; (MAX_BATCH_BYTES / 2 + 1) as usize];
+        for name in ["b1.txt", "b2.txt", "b3.txt"] {
+            std::fs::write(dir.path().join(name), &big).unwrap();
+        }
+        let options = ResumeOptions {
+            commit_rows: 10,
+            resume: true,
+        };
+        let source = TextFilesSource::new(dir.path().to_path_buf(), vec!["txt".into()]).with_options(options);
+        let files = source.files();
+        let sizes: Vec<usize> = source.batches_of(&files).iter().map(|b| b.len()).collect();
+        // The ten small files, then the big ones two at a time (the second passes the limit).
+        assert_eq!(sizes, vec![10, 2, 1]);
+        assert_eq!(sizes.iter().sum::<usize>(), files.len());
     }
 }

@@ -17,14 +17,13 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
 
 use super::StreamControl;
-use super::insert::{InsertScans, PieceInsert};
-use crate::sources::{DecodedLines, JsonlSource, JsonlTable, LinePosition};
+use super::insert::{InsertScans, Piece, PieceInsert, works_row_by_row};
+use crate::sources::{DeadLetter, DecodedLines, JsonlSource, JsonlTable, LinePosition};
 use mkflow_index::SourceOffsets;
 
 /// Bytes hashed at each end of the read part of a file to recognise it on the next run.
@@ -81,16 +80,15 @@ impl FileInsert {
                 start.line
             );
         }
-        let (sender, mut batches) = tokio::sync::mpsc::channel::<(DecodedLines, Option<i64>)>(1);
-        let reading = {
+        let read = {
             let (source, path) = (source.clone(), source.path().to_path_buf());
-            let fingerprints = keys.is_some();
-            tokio::task::spawn_blocking(move || {
+            let keys = keys.clone();
+            move |emit: &mut dyn FnMut(Piece<(Vec<DeadLetter>, LinePosition)>) -> bool| {
                 let mut failed = None;
                 source.decode_from(start, |lines| {
-                    let check = match fingerprints {
-                        true => match fingerprint(&path, lines.end.byte) {
-                            Ok(check) => Some(check),
+                    let offsets = match &keys {
+                        Some(keys) => match fingerprint(&path, lines.end.byte) {
+                            Ok(check) => keys.offsets(lines.end, check),
                             Err(e) => {
                                 // The batch could not be committed with its position: fail the
                                 // insert rather than end it early as if the file had.
@@ -98,37 +96,34 @@ impl FileInsert {
                                 return false;
                             }
                         },
-                        false => None,
+                        None => SourceOffsets::new(),
                     };
-                    sender.blocking_send((lines, check)).is_ok()
+                    let DecodedLines { batch, refused, end } = lines;
+                    emit(Piece {
+                        rows: batch,
+                        offsets,
+                        meta: (refused, end),
+                    })
                 })?;
                 failed.map_or(Ok(()), Err)
-            })
-        };
-        let (mut written, mut commits, mut refused, mut end) = (0u64, 0usize, 0usize, start);
-        while let Some((lines, check)) = batches.recv().await {
-            refused += source.dead_letters().record(lines.refused);
-            let offsets = match (&keys, check) {
-                (Some(keys), Some(check)) => keys.offsets(lines.end, check),
-                _ => SourceOffsets::new(),
-            };
-            written += self.insert.execute(ctx, lines.batch, offsets).await?;
-            commits += 1;
-            end = lines.end;
-            if control.stopping() {
-                log::info!(
-                    "pipeline {pipeline}: stopped after line {} of {}; the next run goes on from there",
-                    end.line,
-                    source.source()
-                );
-                break;
             }
+        };
+        let (mut refused, mut end) = (0usize, start);
+        let run = self
+            .insert
+            .run_pieces(ctx, control, &source.source(), read, |(letters, at)| {
+                refused += source.dead_letters().record(letters);
+                end = at;
+            })
+            .await?;
+        if run.stopped {
+            log::info!(
+                "pipeline {pipeline}: stopped after line {} of {}; the next run goes on from there",
+                end.line,
+                source.source()
+            );
         }
-        drop(batches);
-        reading
-            .await
-            .map_err(|e| DataFusionError::Execution(format!("reading {} failed: {e}", source.source())))??;
-        if keys.is_some() && end.byte == self.file_length()? && commits == 0 {
+        if keys.is_some() && end.byte == self.file_length()? && run.commits == 0 {
             log::info!(
                 "pipeline {pipeline}: nothing new in {} since the last run",
                 source.source()
@@ -140,8 +135,12 @@ impl FileInsert {
                 source.source()
             );
         }
-        log::debug!("pipeline {pipeline}: {written} rows into '{target}' in {commits} commits");
-        Ok(written)
+        log::debug!(
+            "pipeline {pipeline}: {} rows into '{target}' in {} commits",
+            run.written,
+            run.commits
+        );
+        Ok(run.written)
     }
 
     /// Where the last run stopped, if the index stored a position for this very file.
@@ -177,6 +176,7 @@ impl FileInsert {
 }
 
 /// The source-offset keys of one file's position.
+#[derive(Clone)]
 struct PositionKeys {
     byte: String,
     lines: String,
@@ -203,26 +203,6 @@ impl PositionKeys {
         .into_iter()
         .collect()
     }
-}
-
-/// Whether `plan` computes each output row from one input row (so running it on batches of
-/// the input gives the rows running it once would).
-fn works_row_by_row(plan: &LogicalPlan) -> Result<bool> {
-    let mut row_by_row = true;
-    plan.apply(|node| {
-        row_by_row &= matches!(
-            node,
-            LogicalPlan::Projection(_)
-                | LogicalPlan::Filter(_)
-                | LogicalPlan::SubqueryAlias(_)
-                | LogicalPlan::TableScan(_)
-        );
-        Ok(match row_by_row {
-            true => TreeNodeRecursion::Continue,
-            false => TreeNodeRecursion::Stop,
-        })
-    })?;
-    Ok(row_by_row)
 }
 
 /// A 64-bit FNV-1a hash of the first and the last [`FINGERPRINT_WINDOW`] bytes of the file's

@@ -8,15 +8,35 @@ use datafusion::arrow::array::{AsArray, RecordBatch, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, UInt64Type};
 use datafusion::catalog::TableProvider;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{Result, TableReference};
+use datafusion::common::{DataFusionError, Result, TableReference};
 use datafusion::datasource::MemTable;
 use datafusion::datasource::{provider_as_source, source_as_provider};
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::{DmlStatement, LogicalPlan, TableScan, WriteOp};
 use datafusion::physical_plan::collect;
 
+use super::StreamControl;
 use crate::sql::KbTable;
 use mkflow_index::{KnowledgeIndex, SourceOffsets};
+
+/// A piece of a resumable source, read on a blocking thread: its rows, the positions after it
+/// (committed with them), and what the source reports about it (`meta`) before its commit.
+pub(super) struct Piece<M> {
+    pub rows: RecordBatch,
+    pub offsets: SourceOffsets,
+    pub meta: M,
+}
+
+/// What a run of pieces did.
+#[derive(Debug, Default)]
+pub(super) struct PiecesRun {
+    /// Rows inserted.
+    pub written: u64,
+    /// Pieces committed.
+    pub commits: usize,
+    /// Whether the run stopped (asked to by its [`StreamControl`]) before the source's end.
+    pub stopped: bool,
+}
 
 /// An `INSERT` statement and the scans of one kind of source table in it.
 pub(super) struct InsertScans<'a> {
@@ -121,6 +141,36 @@ impl PieceInsert {
         Ok(inserted_rows(&collect(physical, state.task_ctx()).await?))
     }
 
+    /// Commits the pieces `read` emits (on a blocking thread, one piece ahead of the commits)
+    /// one by one, until `read` returns or `control` stops the run after a commit. `before`
+    /// sees each piece's `meta` before its commit. `source` names the source in errors.
+    pub async fn run_pieces<M: Send + 'static>(
+        &self,
+        ctx: &SessionContext,
+        control: &StreamControl,
+        source: &str,
+        read: impl FnOnce(&mut dyn FnMut(Piece<M>) -> bool) -> Result<()> + Send + 'static,
+        mut before: impl FnMut(M),
+    ) -> Result<PiecesRun> {
+        let (sender, mut pieces) = tokio::sync::mpsc::channel::<Piece<M>>(1);
+        let reading = tokio::task::spawn_blocking(move || read(&mut |piece| sender.blocking_send(piece).is_ok()));
+        let mut run = PiecesRun::default();
+        while let Some(piece) = pieces.recv().await {
+            before(piece.meta);
+            run.written += self.execute(ctx, piece.rows, piece.offsets).await?;
+            run.commits += 1;
+            if control.stopping() {
+                run.stopped = true;
+                break;
+            }
+        }
+        drop(pieces);
+        reading
+            .await
+            .map_err(|e| DataFusionError::Execution(format!("reading {source} failed: {e}")))??;
+        Ok(run)
+    }
+
     /// The statement's plan with the source's scan reading `rows` instead.
     fn plan_for(&self, rows: RecordBatch) -> Result<LogicalPlan> {
         let table = Arc::new(MemTable::try_new(self.source.schema(), vec![vec![rows]])?);
@@ -135,6 +185,26 @@ impl PieceInsert {
         })?;
         Ok(plan.data)
     }
+}
+
+/// Whether `plan` computes each output row from one input row (so running it on pieces of
+/// the input gives the rows running it once would).
+pub(super) fn works_row_by_row(plan: &LogicalPlan) -> Result<bool> {
+    let mut row_by_row = true;
+    plan.apply(|node| {
+        row_by_row &= matches!(
+            node,
+            LogicalPlan::Projection(_)
+                | LogicalPlan::Filter(_)
+                | LogicalPlan::SubqueryAlias(_)
+                | LogicalPlan::TableScan(_)
+        );
+        Ok(match row_by_row {
+            true => TreeNodeRecursion::Continue,
+            false => TreeNodeRecursion::Stop,
+        })
+    })?;
+    Ok(row_by_row)
 }
 
 /// The `count` an INSERT plan returns.

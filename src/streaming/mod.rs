@@ -7,16 +7,20 @@
 //!
 //! - [`ContinuousInsert`] (`kafka`): an unbounded stream of micro-batches from a Kafka topic;
 //! - [`FileInsert`] (`file`): a JSON Lines file in batches of lines, resumed at its byte offset;
+//! - [`DirectoryInsert`] (`directory`): a `TEXT_FILES` directory in batches of files, resumed
+//!   after the last file committed;
 //! - `insert`: what both share (recognising the statement, swapping a piece in for the scan,
 //!   running it with its positions);
 //! - [`StreamControl`]: when they stop and what state they report.
 
 mod control;
+mod directory;
 mod file;
 mod insert;
 mod kafka;
 
 pub use control::{PipelineState, StreamControl};
+pub use directory::DirectoryInsert;
 pub use file::FileInsert;
 pub use insert::count_batch;
 pub use kafka::ContinuousInsert;
