@@ -180,13 +180,15 @@ impl GroupCommit<'_> {
         self.index.upsert_locked(batches, offsets)
     }
 
-    /// [`KnowledgeIndex::delete`] as the group's commit.
-    pub fn delete(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
-        Ok(self.index.remove_rows_locked(predicate, false)?.0)
+    /// Deletes the live rows whose key is one of `ids` as the group's commit (the documents
+    /// [`GroupCommit::matching`] found, without evaluating its predicate again).
+    pub fn delete_keys(&self, ids: &HashSet<String>) -> Result<Vec<String>, IndexError> {
+        let keys = crate::where_in(self.index.key_column, ids);
+        Ok(self.index.remove_rows_locked(&keys, false)?.0)
     }
 
-    /// The document ids of the live rows `predicate` is true for (what [`GroupCommit::delete`]
-    /// would delete), so the companions' rows of those documents go first.
+    /// The document ids of the live rows `predicate` is true for (what [`GroupCommit::delete_keys`]
+    /// deletes next), so the companions' rows of those documents go first.
     pub fn matching(&self, predicate: &RowPredicate<'_>) -> Result<Vec<String>, IndexError> {
         let state = self.index.current();
         let rows = self.index.matching_rows(&state, predicate)?;

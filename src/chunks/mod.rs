@@ -22,7 +22,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
 use mkflow_index::{
     Analyzer, IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE, TextColumn, vector_type, vectors_to_array,
 };
@@ -296,24 +296,12 @@ impl ChunkIndex {
         Ok(pending)
     }
 
-    /// Replaces the chunks of the documents in `pending` with its chunks.
+    /// Replaces the chunks of the documents in `pending` with its chunks, in one commit: a
+    /// document's chunks are replaced by key (a delta), and only those past its new count (left
+    /// by a longer version of it) are deleted (a full rewrite, when there are any).
     pub fn commit(&self, pending: &PendingChunks) -> Result<(), IndexError> {
-        if !pending.is_empty() {
-            self.chunks.upsert(&pending.chunks)?;
-        }
-        // Chunks past a document's new count were left by a longer version of it.
-        let schema = self.chunks.schema();
-        let (doc_column, index_column) = (schema.index_of("doc_id")?, schema.index_of("chunk_index")?);
-        self.chunks.delete(&|batch: &RecordBatch| {
-            let ids = batch.column(doc_column).as_string::<i32>();
-            let positions = batch.column(index_column).as_primitive::<Int32Type>();
-            Ok((0..batch.num_rows())
-                .map(|row| {
-                    let count = pending.counts.get(ids.value(row));
-                    Some(count.is_some_and(|count| positions.value(row) as usize >= *count))
-                })
-                .collect::<BooleanArray>())
-        })?;
+        let documents: HashSet<String> = pending.counts.keys().cloned().collect();
+        self.chunks.replace_where_in("doc_id", &documents, &pending.chunks)?;
         Ok(())
     }
 

@@ -321,7 +321,7 @@ impl DataSink for DeleteSink {
             if let Some(mk) = mk {
                 mk.remove_questions_of(&doomed)?;
             }
-            group.delete(predicate)
+            group.delete_keys(&doomed)
         })
         .await?;
         if let Some(mk) = &self.mk
