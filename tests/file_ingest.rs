@@ -203,6 +203,20 @@ fn run_binary(data: &Path, pipeline: &Path) -> Child {
         .unwrap()
 }
 
+/// Runs `pipeline` (inserting `total` rows into index `kb` under `data`) `kills` times, each
+/// SIGKILLed a varying moment after the index holds a further share of the rows; returns how
+/// many kills landed before a run finished.
+fn kill_repeatedly(data: &Path, pipeline: &Path, total: usize, kills: usize) -> usize {
+    let rows = || Manifest::read(&data.join("kb")).ok().flatten().map_or(0, |m| m.rows);
+    (1..=kills)
+        .filter(|k| {
+            let threshold = (total * k / (kills + 1)).max(rows() + 1);
+            let delay = Duration::from_millis((*k as u64 * 41) % 150);
+            kill_when(run_binary(data, pipeline), delay, || rows() >= threshold)
+        })
+        .count()
+}
+
 #[test]
 fn jsonl_ingestion_is_exactly_once_across_sigkill_restarts() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,19 +225,9 @@ fn jsonl_ingestion_is_exactly_once_across_sigkill_restarts() {
     std::fs::write(&file, &text).unwrap();
     let pipeline: PathBuf = dir.path().join("ingest.sql");
     std::fs::write(&pipeline, script(&file, "'commit_rows' '40'")).unwrap();
-    let rows = || Manifest::read(&data.join("kb")).ok().flatten().map_or(0, |m| m.rows);
-
-    let kills_wanted = 5;
-    let mut kills = 0;
-    for k in 1..=kills_wanted {
-        let threshold = (800 * k / (kills_wanted + 1)).max(rows() + 1);
-        let delay = Duration::from_millis((k as u64 * 41) % 150);
-        if kill_when(run_binary(&data, &pipeline), delay, || rows() >= threshold) {
-            kills += 1;
-        }
-    }
     assert_eq!(
-        kills, kills_wanted,
+        kill_repeatedly(&data, &pipeline, 800, 5),
+        5,
         "every kill happened before the file was read to its end"
     );
     let status = run_binary(&data, &pipeline).wait().unwrap();
@@ -318,19 +322,9 @@ fn directory_ingestion_is_exactly_once_across_sigkill_restarts() {
     notes(&notes_dir, 400);
     let pipeline: PathBuf = dir.path().join("ingest.sql");
     std::fs::write(&pipeline, notes_script(&notes_dir, "'commit_rows' '20'")).unwrap();
-    let rows = || Manifest::read(&data.join("kb")).ok().flatten().map_or(0, |m| m.rows);
-
-    let kills_wanted = 4;
-    let mut kills = 0;
-    for k in 1..=kills_wanted {
-        let threshold = (400 * k / (kills_wanted + 1)).max(rows() + 1);
-        let delay = Duration::from_millis((k as u64 * 37) % 120);
-        if kill_when(run_binary(&data, &pipeline), delay, || rows() >= threshold) {
-            kills += 1;
-        }
-    }
     assert_eq!(
-        kills, kills_wanted,
+        kill_repeatedly(&data, &pipeline, 400, 4),
+        4,
         "every kill happened before the directory was read to its end"
     );
     let stored = Manifest::read(&data.join("kb")).unwrap().unwrap().source_offsets;

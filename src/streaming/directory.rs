@@ -19,7 +19,7 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
 
 use super::StreamControl;
-use super::insert::{InsertScans, Piece, PieceInsert, works_row_by_row};
+use super::insert::{Piece, PieceInsert};
 use crate::sources::{TextFilesSource, TextFilesTable};
 use mkflow_index::SourceOffsets;
 
@@ -35,18 +35,8 @@ impl DirectoryInsert {
     /// batch by batch: one directory scan, a knowledge index as the target, and a plan that
     /// works row by row. Any other insert runs whole, as one commit.
     pub fn find(plan: &LogicalPlan) -> Result<Option<Self>> {
-        let Some(mut found) = InsertScans::find(plan, |provider| provider.is::<TextFilesTable>())? else {
-            return Ok(None);
-        };
-        let (Some(source), true, Some(target)) = (found.scans.pop(), found.scans.is_empty(), found.target) else {
-            return Ok(None);
-        };
-        if !works_row_by_row(found.input)? {
-            return Ok(None);
-        }
-        Ok(Some(DirectoryInsert {
-            insert: PieceInsert::new(found.plan, source, found.table_name, target),
-        }))
+        let found = PieceInsert::find_row_by_row(plan, |provider| provider.is::<TextFilesTable>())?;
+        Ok(found.map(|insert| DirectoryInsert { insert }))
     }
 
     fn directory(&self) -> &Arc<TextFilesSource> {

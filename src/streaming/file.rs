@@ -22,7 +22,7 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
 
 use super::StreamControl;
-use super::insert::{InsertScans, Piece, PieceInsert, works_row_by_row};
+use super::insert::{Piece, PieceInsert};
 use crate::sources::{DeadLetter, DecodedLines, JsonlSource, JsonlTable, LinePosition};
 use mkflow_index::SourceOffsets;
 
@@ -41,18 +41,8 @@ impl FileInsert {
     /// batch: one JSONL scan, a knowledge index as the target, and a plan that works row by
     /// row. Any other insert runs whole, as one commit.
     pub fn find(plan: &LogicalPlan) -> Result<Option<Self>> {
-        let Some(mut found) = InsertScans::find(plan, |provider| provider.is::<JsonlTable>())? else {
-            return Ok(None);
-        };
-        let (Some(source), true, Some(target)) = (found.scans.pop(), found.scans.is_empty(), found.target) else {
-            return Ok(None);
-        };
-        if !works_row_by_row(found.input)? {
-            return Ok(None);
-        }
-        Ok(Some(FileInsert {
-            insert: PieceInsert::new(found.plan, source, found.table_name, target),
-        }))
+        let found = PieceInsert::find_row_by_row(plan, |provider| provider.is::<JsonlTable>())?;
+        Ok(found.map(|insert| FileInsert { insert }))
     }
 
     fn jsonl(&self) -> &Arc<JsonlSource> {

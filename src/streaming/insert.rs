@@ -100,6 +100,22 @@ pub(super) struct PieceInsert {
 }
 
 impl PieceInsert {
+    /// The `INSERT INTO <knowledge index> … FROM <source>` of `plan` when it can run piece by
+    /// piece: one scan of a table `is_source` accepts, a knowledge index as the target, and a
+    /// plan that works row by row. Any other insert runs whole, as one commit.
+    pub fn find_row_by_row(plan: &LogicalPlan, is_source: impl Fn(&dyn TableProvider) -> bool) -> Result<Option<Self>> {
+        let Some(mut found) = InsertScans::find(plan, is_source)? else {
+            return Ok(None);
+        };
+        let (Some(source), true, Some(target)) = (found.scans.pop(), found.scans.is_empty(), found.target) else {
+            return Ok(None);
+        };
+        if !works_row_by_row(found.input)? {
+            return Ok(None);
+        }
+        Ok(Some(PieceInsert::new(found.plan, source, found.table_name, target)))
+    }
+
     /// `plan` run piece by piece from the scan of `source` (`source_name`) into `target`.
     pub fn new(
         plan: &LogicalPlan,
@@ -189,7 +205,7 @@ impl PieceInsert {
 
 /// Whether `plan` computes each output row from one input row (so running it on pieces of
 /// the input gives the rows running it once would).
-pub(super) fn works_row_by_row(plan: &LogicalPlan) -> Result<bool> {
+fn works_row_by_row(plan: &LogicalPlan) -> Result<bool> {
     let mut row_by_row = true;
     plan.apply(|node| {
         row_by_row &= matches!(
