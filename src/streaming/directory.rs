@@ -18,7 +18,7 @@ use datafusion::common::Result;
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
 
-use super::StreamControl;
+use super::control::StreamControl;
 use super::insert::{Piece, PieceInsert};
 use crate::sources::{TextFilesSource, TextFilesTable};
 use mkflow_index::SourceOffsets;

@@ -21,7 +21,7 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
 
-use super::StreamControl;
+use super::control::StreamControl;
 use super::insert::{Piece, PieceInsert};
 use crate::sources::{DeadLetter, DecodedLines, JsonlSource, JsonlTable, LinePosition};
 use mkflow_index::SourceOffsets;

@@ -15,7 +15,7 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::{DmlStatement, LogicalPlan, TableScan, WriteOp};
 use datafusion::physical_plan::collect;
 
-use super::StreamControl;
+use super::control::StreamControl;
 use crate::sql::KbTable;
 use mkflow_index::{KnowledgeIndex, SourceOffsets};
 

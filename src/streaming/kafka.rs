@@ -16,7 +16,7 @@ use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
 
 use super::insert::{InsertScans, PieceInsert};
-use super::{PipelineState, StreamControl};
+use super::control::{PipelineState, StreamControl};
 use crate::metrics::{self, PartitionLabels, PipelineLabels, StageLabels};
 use crate::sources::kafka::{
     BatchLimits, KafkaReader, KafkaTable, KafkaTopic, MicroBatch, StallChange, position_key, position_prefix,
