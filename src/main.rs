@@ -99,6 +99,7 @@ enum Command {
     ///   model = "all-MiniLM-L6-v2"            # MKFLOW_MODEL, --model
     ///   [server]
     ///   listen = "127.0.0.1:8080"             # MKFLOW_LISTEN, --listen
+    ///   flight_listen = "127.0.0.1:50051"     # Arrow Flight SQL; MKFLOW_FLIGHT_LISTEN, --flight-listen
     ///   auth_token_env = "MKFLOW_AUTH_TOKEN"  # variable holding a read token
     ///   admin_token_env = "MKFLOW_ADMIN_TOKEN" # variable holding an admin token
     ///   max_request_bytes = 1048576           # MKFLOW_MAX_REQUEST_BYTES
@@ -125,6 +126,10 @@ enum Command {
         /// Address to listen on (overrides the file and MKFLOW_LISTEN).
         #[arg(long)]
         listen: Option<String>,
+        /// Address to serve Arrow Flight SQL on, with the same tokens and roles as /v1/sql
+        /// (overrides the file and MKFLOW_FLIGHT_LISTEN; not served unless set).
+        #[arg(long)]
+        flight_listen: Option<String>,
         /// Extra pipeline files to run (named after the file).
         #[arg(long = "pipeline")]
         pipelines: Vec<PathBuf>,
@@ -520,6 +525,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve {
             config: file,
             listen,
+            flight_listen,
             pipelines,
         } => {
             let file = match &file {
@@ -538,7 +544,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.allowed_paths = file.server.allowed_paths.clone();
             let mut specs = file.pipeline_specs()?;
             specs.extend(pipelines.iter().map(|p| PipelineSpec::from_file(p)));
-            let server = file.server_settings(listen.as_deref(), |name| std::env::var(name).ok())?;
+            let server = file.server_settings(listen.as_deref(), flight_listen.as_deref(), |name| {
+                std::env::var(name).ok()
+            })?;
             ensure_assets(&config.home)?;
             serve(ServeOptions {
                 engine: config,

@@ -7,6 +7,7 @@
 //!
 //! [server]
 //! listen = "127.0.0.1:8080"         # env MKFLOW_LISTEN, --listen
+//! flight_listen = "127.0.0.1:50051" # Arrow Flight SQL (off unless set); env MKFLOW_FLIGHT_LISTEN, --flight-listen
 //! auth_token_env = "MKFLOW_AUTH_TOKEN"    # variable holding a read token for /v1/sql
 //! admin_token_env = "MKFLOW_ADMIN_TOKEN"  # variable holding an admin token
 //! max_request_bytes = 1048576       # env MKFLOW_MAX_REQUEST_BYTES
@@ -63,6 +64,8 @@ pub struct ServeFile {
 pub struct ServerFile {
     /// Address to listen on.
     pub listen: Option<String>,
+    /// Address to serve Arrow Flight SQL on (none: not served).
+    pub flight_listen: Option<String>,
     /// Name of the environment variable holding a bearer token with the read role (the token
     /// itself never goes in the file).
     pub auth_token_env: Option<String>,
@@ -148,6 +151,8 @@ pub fn pipeline_name(file: &Path) -> String {
 pub struct ServerSettings {
     /// Address to listen on.
     pub listen: String,
+    /// Address to serve Arrow Flight SQL on, if any.
+    pub flight_listen: Option<String>,
     /// Bearer tokens `/v1/sql` accepts, each with its role. None: the endpoint is open and
     /// read-only.
     pub tokens: Vec<(String, Role)>,
@@ -241,10 +246,12 @@ impl ServeFile {
     }
 
     /// HTTP settings: `listen` from the flag, else `MKFLOW_LISTEN`, else the file, else the
-    /// default; the others from the environment, else the file, else defaults.
+    /// default (and `flight_listen` alike, from `MKFLOW_FLIGHT_LISTEN`, with no default); the
+    /// others from the environment, else the file, else defaults.
     pub fn server_settings(
         &self,
         listen_flag: Option<&str>,
+        flight_flag: Option<&str>,
         env: impl Fn(&str) -> Option<String>,
     ) -> anyhow::Result<ServerSettings> {
         let server = &self.server;
@@ -253,6 +260,10 @@ impl ServeFile {
             .or_else(|| env("MKFLOW_LISTEN"))
             .or_else(|| server.listen.clone())
             .unwrap_or_else(|| DEFAULT_LISTEN.into());
+        let flight_listen = flight_flag
+            .map(str::to_string)
+            .or_else(|| env("MKFLOW_FLIGHT_LISTEN"))
+            .or_else(|| server.flight_listen.clone());
         let read_env = server
             .auth_token_env
             .clone()
@@ -287,6 +298,7 @@ impl ServeFile {
         };
         Ok(ServerSettings {
             listen,
+            flight_listen,
             tokens,
             max_request_bytes: number(
                 "MKFLOW_MAX_REQUEST_BYTES",
@@ -331,13 +343,20 @@ file = "/abs/other.sql"
         assert_eq!(specs[1].name, "other");
         let env: HashMap<&str, &str> = [("MY_TOKEN", "s3cret"), ("MKFLOW_MAX_REQUEST_BYTES", "2048")].into();
         let lookup = |k: &str| env.get(k).map(|v| v.to_string());
-        let settings = file.server_settings(None, lookup).unwrap();
+        let settings = file.server_settings(None, None, lookup).unwrap();
         assert_eq!(settings.listen, "0.0.0.0:9000");
         assert_eq!(settings.tokens, vec![("s3cret".to_string(), Role::Read)]);
         assert_eq!(settings.max_request_bytes, 2048);
         assert_eq!(settings.query_timeout, Duration::from_secs(5));
-        let flagged = file.server_settings(Some("127.0.0.1:1"), lookup).unwrap();
+        assert_eq!(settings.flight_listen, None, "Flight SQL is off unless asked for");
+        let flagged = file
+            .server_settings(Some("127.0.0.1:1"), Some("127.0.0.1:2"), lookup)
+            .unwrap();
         assert_eq!(flagged.listen, "127.0.0.1:1");
+        assert_eq!(flagged.flight_listen.as_deref(), Some("127.0.0.1:2"));
+        let from_env = |k: &str| (k == "MKFLOW_FLIGHT_LISTEN").then(|| "127.0.0.1:3".to_string());
+        let settings = file.server_settings(None, None, from_env).unwrap();
+        assert_eq!(settings.flight_listen.as_deref(), Some("127.0.0.1:3"));
     }
 
     #[test]
@@ -347,7 +366,7 @@ file = "/abs/other.sql"
         let specs = file.pipeline_specs().unwrap();
         assert_eq!(specs[0].name, "papers");
         assert!(specs[0].file.is_file(), "{}", specs[0].file.display());
-        let settings = file.server_settings(None, |_| None).unwrap();
+        let settings = file.server_settings(None, None, |_| None).unwrap();
         assert_eq!(settings.listen, DEFAULT_LISTEN);
         assert!(settings.tokens.is_empty());
     }
@@ -383,7 +402,7 @@ strict_routing = true
         assert!(settings.contains(&("strict_routing".to_string(), "true".to_string())));
         let env: HashMap<&str, &str> = [("MKFLOW_ADMIN_TOKEN", "root"), ("ANALYST", "reader")].into();
         let settings = file
-            .server_settings(None, |k| env.get(k).map(|v| v.to_string()))
+            .server_settings(None, None, |k| env.get(k).map(|v| v.to_string()))
             .unwrap();
         assert_eq!(
             settings.tokens,
@@ -392,7 +411,7 @@ strict_routing = true
         // One token for two roles is a mistake.
         let same: HashMap<&str, &str> = [("MKFLOW_ADMIN_TOKEN", "x"), ("MKFLOW_AUTH_TOKEN", "x")].into();
         let error = file
-            .server_settings(None, |k| same.get(k).map(|v| v.to_string()))
+            .server_settings(None, None, |k| same.get(k).map(|v| v.to_string()))
             .unwrap_err();
         assert!(error.to_string().contains("same token"), "{error}");
         std::fs::write(&path, "[server.tokens]\nenv = 1\n").unwrap();
@@ -411,7 +430,9 @@ strict_routing = true
         assert!(err.contains("listen_on"), "{err}");
         let file = ServeFile::default();
         let err = file
-            .server_settings(None, |k| (k == "MKFLOW_QUERY_TIMEOUT_SECS").then(|| "soon".to_string()))
+            .server_settings(None, None, |k| {
+                (k == "MKFLOW_QUERY_TIMEOUT_SECS").then(|| "soon".to_string())
+            })
             .unwrap_err();
         assert!(err.to_string().contains("MKFLOW_QUERY_TIMEOUT_SECS"), "{err}");
     }

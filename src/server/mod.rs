@@ -3,14 +3,19 @@
 //! commit its in-flight micro-batch and exits cleanly.
 //!
 //! - [`config`]: the TOML file and its environment overrides;
-//! - [`http`]: the routes.
+//! - [`http`]: the routes;
+//! - [`flight`]: Arrow Flight SQL;
+//! - [`query`]: running one request's SQL, for either protocol.
 
 pub mod config;
+pub mod flight;
 pub mod http;
+pub mod query;
 
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
+use arrow_flight::flight_service_server::FlightServiceServer;
 
 use crate::streaming::PipelineState;
 use crate::{Engine, EngineConfig};
@@ -49,6 +54,10 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     };
     let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown_signal());
     let server = tokio::spawn(async move { server.await });
+    let flight = match &options.server.flight_listen {
+        Some(address) => Some(serve_flight(address, slot.clone(), Arc::new(options.server.clone())).await?),
+        None => None,
+    };
 
     let engine = Arc::new(Engine::new(options.engine.clone()).await?);
     let _ = slot.set(engine.clone());
@@ -74,6 +83,12 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         }));
     }
     server.await.context("HTTP server task")?.context("HTTP server")?;
+    if let Some(flight) = flight {
+        flight
+            .await
+            .context("Flight SQL server task")?
+            .context("Flight SQL server")?;
+    }
     eprintln!("shutting down: finishing in-flight micro-batches");
     engine.streams().stop();
     for task in running {
@@ -81,6 +96,28 @@ pub async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     }
     eprintln!("mkflow stopped cleanly");
     Ok(())
+}
+
+/// Starts serving Arrow Flight SQL on `address` (until a shutdown signal).
+async fn serve_flight(
+    address: &str,
+    engine: Arc<OnceLock<Arc<Engine>>>,
+    settings: Arc<ServerSettings>,
+) -> anyhow::Result<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} for Flight SQL"))?;
+    eprintln!(
+        "mkflow serving Arrow Flight SQL on grpc://{} (the same tokens and roles as /v1/sql)",
+        listener.local_addr()?
+    );
+    let service = FlightServiceServer::new(flight::FlightSql::new(engine, settings));
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    Ok(tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown_signal()),
+    ))
 }
 
 /// Resolves on SIGTERM or SIGINT.

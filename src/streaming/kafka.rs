@@ -15,8 +15,8 @@ use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::context::SessionContext;
 use datafusion::logical_expr::LogicalPlan;
 
-use super::insert::{InsertScans, PieceInsert};
 use super::control::{PipelineState, StreamControl};
+use super::insert::{InsertScans, PieceInsert};
 use crate::metrics::{self, PartitionLabels, PipelineLabels, StageLabels};
 use crate::sources::kafka::{
     BatchLimits, KafkaReader, KafkaTable, KafkaTopic, MicroBatch, StallChange, position_key, position_prefix,

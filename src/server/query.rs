@@ -1,0 +1,285 @@
+//! Running one request's SQL, whatever protocol brought it (HTTP, Flight SQL): who is asking
+//! (bearer token → role), a session of its own, the time limit, a panic in the engine failing
+//! only that request, the query metrics, and the status that fits each failure.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::error::ArrowError;
+use datafusion::common::DataFusionError;
+use datafusion::sql::parser::DFParser;
+use futures::FutureExt;
+
+use super::config::ServerSettings;
+use crate::Engine;
+use crate::access::{Refusal, Role};
+use crate::metrics;
+use crate::statement::{StatementKind, search_function};
+
+/// Why a request's SQL gave no result.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryFailure {
+    /// The engine is still loading its indexes.
+    #[error("mkflow is still loading its indexes; retry shortly")]
+    Loading,
+    /// No session could be opened.
+    #[error("cannot open a session: {0}")]
+    Session(DataFusionError),
+    /// The query ran past `query_timeout`.
+    #[error("query exceeded the {} s limit (query_timeout_secs)", .0.as_secs())]
+    Timeout(Duration),
+    /// The statement failed.
+    #[error("{0}")]
+    Failed(DataFusionError),
+}
+
+impl QueryFailure {
+    /// The HTTP status that fits (Flight maps it to its own codes).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            QueryFailure::Loading => StatusCode::SERVICE_UNAVAILABLE,
+            QueryFailure::Session(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            QueryFailure::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            QueryFailure::Failed(e) => status_of(e),
+        }
+    }
+}
+
+/// Runs `sql` for `role` in a session of its own (its `SET`s and tables end with it), within
+/// the settings' time limit, and records it in the query metrics; returns the last statement's
+/// result and how long it took.
+pub async fn run_query(
+    engine: &OnceLock<Arc<Engine>>,
+    settings: &ServerSettings,
+    role: Role,
+    sql: &str,
+) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
+    let engine = engine.get().cloned().ok_or(QueryFailure::Loading)?;
+    // The label comes from the parsed statement: parse only what the session will accept (a
+    // too deeply nested statement is refused by it before parsing).
+    let nested_too_deeply =
+        crate::statement::expression_depth(sql).is_ok_and(|depth| depth > engine.config().limits.max_expression_depth);
+    let function = if nested_too_deeply {
+        "invalid"
+    } else {
+        query_function(sql)
+    };
+    let started = Instant::now();
+    let timeout = settings.query_timeout;
+    let session = engine.network_session(role).map_err(QueryFailure::Session)?;
+    // A panic in the engine (a bug some input reaches) fails this request only.
+    let guarded = std::panic::AssertUnwindSafe(session.sql(sql)).catch_unwind();
+    let outcome = tokio::time::timeout(timeout, guarded).await.map(|ran| {
+        ran.unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(DataFusionError::External(Box::new(EnginePanic(message))))
+        })
+    });
+    let elapsed = started.elapsed();
+    let (outcome, result) = match outcome {
+        Err(_) => ("timeout", Err(QueryFailure::Timeout(timeout))),
+        Ok(Err(e)) => ("error", Err(QueryFailure::Failed(e))),
+        Ok(Ok(batches)) => ("ok", Ok((batches, elapsed))),
+    };
+    metrics::global().observe_query(function, outcome, elapsed);
+    result
+}
+
+/// The status that fits an engine error: the caller's mistake (bad SQL, unknown table, wrong
+/// types, a refused vector, a limit exceeded by what was asked) is a 400, and so is a statement
+/// DataFusion reports an internal error for (some functions answer bad arguments that way: the
+/// statement cannot run, and retrying will not help); a statement the caller's role does not
+/// allow is a 403, a result or memory use past its limit a 413; a failure of the server's own
+/// parts (disk, model, a panic) a 500.
+pub(super) fn status_of(error: &DataFusionError) -> StatusCode {
+    match error.find_root() {
+        DataFusionError::SQL(..)
+        | DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::NotImplemented(_)
+        | DataFusionError::Configuration(_)
+        | DataFusionError::Execution(_)
+        | DataFusionError::Internal(_) => StatusCode::BAD_REQUEST,
+        DataFusionError::ResourcesExhausted(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        // Arrow's errors while evaluating a query come from its values (a cast, an overflow),
+        // except for I/O and memory.
+        DataFusionError::ArrowError(e, _) => match e.as_ref() {
+            ArrowError::IoError(..) | ArrowError::IpcError(_) | ArrowError::CDataInterface(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            ArrowError::MemoryError(_) | ArrowError::OffsetOverflowError(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ArrowError::ExternalError(inner) => external_status(inner.as_ref()),
+            _ => StatusCode::BAD_REQUEST,
+        },
+        DataFusionError::External(e) => external_status(e.as_ref()),
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// A panic while running a statement (a bug some input reaches): that request fails with a 500,
+/// the server goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine failed on this statement ({0}); the server goes on")]
+struct EnginePanic(String);
+
+/// The status of an error raised outside DataFusion: a refusal says its own; the failures of
+/// the server's own parts (disk, model, a crashed task) are 500s; anything else was raised by a
+/// function over the request's own data (a regex that does not compile, a malformed value) and
+/// is a 400.
+fn external_status(error: &(dyn std::error::Error + Send + Sync + 'static)) -> StatusCode {
+    use mkflow_index::IndexError;
+    if let Some(refusal) = error.downcast_ref::<Refusal>() {
+        return match refusal {
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            Refusal::Limit(_) => StatusCode::BAD_REQUEST,
+            Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+    }
+    if error.downcast_ref::<mkflow_udfs::bounded::ValueTooLarge>().is_some() {
+        return StatusCode::PAYLOAD_TOO_LARGE;
+    }
+    let failed = match error.downcast_ref::<IndexError>() {
+        Some(e) => matches!(
+            e,
+            IndexError::Io { .. } | IndexError::Ann(_) | IndexError::Arrow(_) | IndexError::FullText(_)
+        ),
+        None => {
+            error.is::<mkflow_udfs::embedding::EmbedError>()
+                || error.is::<EnginePanic>()
+                || error.is::<std::io::Error>()
+                || error.is::<tokio::task::JoinError>()
+        }
+    };
+    if failed {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::BAD_REQUEST
+    }
+}
+
+/// The metrics label of a query: the search function it calls (`mk_search`, `qa_search`,
+/// `vector_search`) anywhere in any of its statements, else the kind of its first statement
+/// (`select`, `insert`, `delete`, `ddl`, `other`); `invalid` when it does not parse.
+pub(super) fn query_function(sql: &str) -> &'static str {
+    let Ok(statements) = DFParser::parse_sql(sql) else {
+        return "invalid";
+    };
+    if let Some(function) = statements.iter().find_map(search_function) {
+        return function.name();
+    }
+    match statements.front().map(StatementKind::of) {
+        Some(StatementKind::Query | StatementKind::Explain { .. } | StatementKind::Show) => "select",
+        Some(StatementKind::Insert) => "insert",
+        Some(StatementKind::Delete) => "delete",
+        Some(StatementKind::CreateExternalTable | StatementKind::Ddl | StatementKind::Set { .. }) => "ddl",
+        Some(StatementKind::Update | StatementKind::Copy | StatementKind::Other) | None => "other",
+    }
+}
+
+/// The role of a request whose `Authorization` header (HTTP) or metadata (Flight) is
+/// `authorization`: its bearer token's, `None` (unauthenticated) when tokens are configured and
+/// it holds none of them; with no token configured every request reads.
+pub fn role_of(settings: &ServerSettings, authorization: Option<&str>) -> Option<Role> {
+    if settings.tokens.is_empty() {
+        return Some(Role::Read);
+    }
+    let given = authorization.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    // Compare with every token, without an early exit, so timing reveals neither a matching
+    // prefix nor which token matched.
+    settings.tokens.iter().fold(None, |found, (token, role)| {
+        let same =
+            given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same { Some(*role) } else { found }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_labelled_by_function() {
+        assert_eq!(query_function("SELECT * FROM mk_search(kb, 'x', 3)"), "mk_search");
+        assert_eq!(
+            query_function("select doc_id from VECTOR_SEARCH(kb, 'x')"),
+            "vector_search"
+        );
+        assert_eq!(
+            query_function("WITH hits AS (SELECT * FROM qa_search(kb, 'x', 5)) SELECT * FROM hits"),
+            "qa_search"
+        );
+        assert_eq!(
+            query_function("SELECT * FROM kb WHERE doc_id IN (SELECT doc_id FROM vector_search(kb, 'x', 5))"),
+            "vector_search"
+        );
+        assert_eq!(
+            query_function("SELECT 1; SELECT * FROM (SELECT * FROM mk_search(kb, 'x', 3)) s"),
+            "mk_search"
+        );
+        // Text is not a call.
+        assert_eq!(query_function("SELECT 'vector_search(kb, x)' AS s FROM kb"), "select");
+        assert_eq!(
+            query_function("INSERT INTO kb VALUES ('a', 'see vector_search(kb)')"),
+            "insert"
+        );
+        assert_eq!(query_function("  SELECT count(*) FROM kb"), "select");
+        assert_eq!(query_function("EXPLAIN SELECT count(*) FROM kb"), "select");
+        assert_eq!(query_function("SHOW TABLES"), "select");
+        assert_eq!(query_function("INSERT INTO kb SELECT 1"), "insert");
+        assert_eq!(query_function("DELETE FROM kb WHERE doc_id = 'a'"), "delete");
+        assert_eq!(
+            query_function("CREATE EXTERNAL TABLE t STORED AS KB LOCATION 't'"),
+            "ddl"
+        );
+        assert_eq!(query_function("DROP TABLE t"), "ddl");
+        assert_eq!(query_function("SET mkflow.x = 1"), "ddl");
+        assert_eq!(query_function("SET datafusion.x = 1"), "ddl");
+        assert_eq!(query_function("UPDATE kb SET text = 'x'"), "other");
+        assert_eq!(query_function("SELEC * FROM kb"), "invalid");
+        assert_eq!(query_function("vector_search(kb, 'x')"), "invalid");
+    }
+
+    #[test]
+    fn caller_mistakes_are_400_and_engine_failures_500() {
+        assert_eq!(status_of(&DataFusionError::Plan("x".into())), StatusCode::BAD_REQUEST);
+        let wrapped = DataFusionError::Plan("no table".into()).context("statement 2 of 3");
+        assert_eq!(status_of(&wrapped), StatusCode::BAD_REQUEST);
+        let refused = DataFusionError::External(Box::new(mkflow_index::IndexError::DimensionMismatch {
+            expected: 384,
+            found: 3,
+        }));
+        assert_eq!(status_of(&refused), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            status_of(&DataFusionError::Internal("size to usize".into())),
+            StatusCode::BAD_REQUEST
+        );
+        let panic = DataFusionError::External(Box::new(EnginePanic("capacity overflow".into())));
+        assert_eq!(status_of(&panic), StatusCode::INTERNAL_SERVER_ERROR);
+        let io = mkflow_index::IndexError::Io {
+            path: "x".into(),
+            source: std::io::Error::other("disk"),
+        };
+        assert_eq!(
+            status_of(&DataFusionError::External(Box::new(io))),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        for (refusal, status) in [
+            (Refusal::Forbidden("x".into()), StatusCode::FORBIDDEN),
+            (Refusal::Limit("x".into()), StatusCode::BAD_REQUEST),
+            (Refusal::TooLarge("x".into()), StatusCode::PAYLOAD_TOO_LARGE),
+        ] {
+            let wrapped = refusal.into_error().context("statement 1 of 2");
+            assert_eq!(status_of(&wrapped), status);
+        }
+        assert_eq!(
+            status_of(&DataFusionError::ResourcesExhausted("pool".into())),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}
