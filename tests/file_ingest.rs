@@ -15,10 +15,9 @@ use common::*;
 use mkflow_index::{KnowledgeIndex, Manifest};
 use server::{kill_when, mkflow};
 
-/// `count` documents (ids `d0`…) with the sample corpus's titles, one JSON object per line, and
-/// a bad line after every `bad_every` good ones. Returns the text and the bad lines' numbers.
-fn corpus(count: usize, bad_every: usize, id_prefix: &str) -> (String, Vec<u64>) {
-    let titles: Vec<String> = std::fs::read_to_string(sample_corpus())
+/// The sample corpus's titles, in order.
+fn sample_titles() -> Vec<String> {
+    std::fs::read_to_string(sample_corpus())
         .unwrap()
         .lines()
         .map(|l| {
@@ -27,7 +26,13 @@ fn corpus(count: usize, bad_every: usize, id_prefix: &str) -> (String, Vec<u64>)
                 .unwrap()
                 .to_string()
         })
-        .collect();
+        .collect()
+}
+
+/// `count` documents (ids `d0`…) with the sample corpus's titles, one JSON object per line, and
+/// a bad line after every `bad_every` good ones. Returns the text and the bad lines' numbers.
+fn corpus(count: usize, bad_every: usize, id_prefix: &str) -> (String, Vec<u64>) {
+    let titles = sample_titles();
     let (mut text, mut bad) = (String::new(), Vec::new());
     let mut line = 0u64;
     for i in 0..count {
@@ -253,16 +258,7 @@ fn jsonl_ingestion_is_exactly_once_across_sigkill_restarts() {
 /// A directory of `count` Markdown files (`n0000.md`…) with the sample corpus's titles as
 /// headings.
 fn notes(dir: &Path, count: usize) {
-    let titles: Vec<String> = std::fs::read_to_string(sample_corpus())
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["title"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let titles = sample_titles();
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..count {
         let text = format!("# {}\n\nNote {i}.\n", titles[i % titles.len()]);
