@@ -151,6 +151,10 @@ async fn flight_sql_answers_as_http_does_with_the_same_tokens_and_roles() {
     let bad = flight(&mut reader, "SELECT nothing FROM nowhere").await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad}");
     assert!(bad.message().contains("nowhere"), "{bad}");
+    let huge = format!("SELECT '{}' AS s", "x".repeat(2 << 20));
+    let too_large = flight(&mut reader, &huge).await.unwrap_err();
+    assert_eq!(too_large.code(), Code::ResourceExhausted, "{too_large}");
+    assert!(too_large.message().contains("max_request_bytes"), "{too_large}");
     let write = "DELETE FROM kb WHERE doc_id = 'missing'";
     let forbidden = flight(&mut reader, write).await.unwrap_err();
     assert_eq!(forbidden.code(), Code::PermissionDenied, "{forbidden}");

@@ -4,8 +4,8 @@
 //!
 //! A statement (`CommandStatementQuery`) runs when its `GetFlightInfo` arrives, so a bad query
 //! fails there, with the message `/v1/sql` gives; its result waits under an unguessable ticket
-//! for the `DoGet` that fetches it, once ([`MAX_WAITING`] results wait at most; the oldest is
-//! dropped first). Other Flight SQL commands are answered "unimplemented".
+//! for the `DoGet` that fetches it, once ([`MAX_WAITING`] results and [`MAX_WAITING_BYTES`] wait
+//! at most; the oldest is dropped first). Other Flight SQL commands are answered "unimplemented".
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
@@ -32,11 +32,17 @@ use crate::access::Role;
 /// Results that wait for their `DoGet` at most.
 pub const MAX_WAITING: usize = 64;
 
+/// Bytes the waiting results hold at most (each is bounded by `max_result_bytes` on its own;
+/// clients that never fetch must not pile up 64 of them).
+pub const MAX_WAITING_BYTES: usize = 1 << 30;
+
 /// A result waiting for its `DoGet`.
 struct Waiting {
     handle: Vec<u8>,
     schema: SchemaRef,
     batches: Vec<RecordBatch>,
+    /// The batches' memory.
+    bytes: usize,
 }
 
 /// The Flight SQL service.
@@ -64,10 +70,13 @@ impl FlightSql {
         })
     }
 
+    /// Keeps `result` for its `DoGet`, dropping the oldest waiting results past
+    /// [`MAX_WAITING`] results or [`MAX_WAITING_BYTES`].
     fn wait(&self, result: Waiting) {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        if waiting.len() == MAX_WAITING {
-            waiting.pop_front();
+        let mut bytes: usize = waiting.iter().map(|w| w.bytes).sum();
+        while waiting.len() == MAX_WAITING || (!waiting.is_empty() && bytes + result.bytes > MAX_WAITING_BYTES) {
+            bytes -= waiting.pop_front().map_or(0, |w| w.bytes);
         }
         waiting.push_back(result);
     }
@@ -114,6 +123,12 @@ impl FlightSqlService for FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let role = self.role(&request)?;
+        if query.query.len() > self.settings.max_request_bytes {
+            return Err(Status::resource_exhausted(format!(
+                "statement exceeds max_request_bytes ({} bytes)",
+                self.settings.max_request_bytes
+            )));
+        }
         let (batches, _) = run_query(&self.engine, &self.settings, role, &query.query)
             .await
             .map_err(status_of)?;
@@ -138,6 +153,7 @@ impl FlightSqlService for FlightSql {
             handle,
             schema,
             batches,
+            bytes,
         });
         Ok(Response::new(info))
     }
