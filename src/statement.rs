@@ -14,6 +14,8 @@
 //! `mk_search`) a statement calls anywhere in its tree: in subqueries, CTEs, joins, `EXPLAIN`
 //! or `COPY (…) TO`. Text that merely looks like a call (a string literal, a comment) is not one.
 //!
+//! [`placeholders`] lists the parameters (`$1`, `$2`, …) of a statement to be prepared.
+//!
 //! [`expression_depth`] measures, from the tokens alone, how deep the trees the parser would build
 //! are: a chain of operators (`1+1+…`) builds a tree as deep as the chain is long, which every
 //! later pass (planning, display, drop) walks recursively; the engine refuses scripts that nest
@@ -405,6 +407,41 @@ impl Visitor for SearchFinder {
     }
 }
 
+/// The parameters (`$1`, `$2`, … or `$name`) `statement` holds anywhere, each once: numbered
+/// ones in their order, then named ones as they first appear.
+pub fn placeholders(statement: &Statement) -> Vec<String> {
+    let mut finder = PlaceholderFinder(Vec::new());
+    let _ = match statement {
+        Statement::Statement(statement) => statement.visit(&mut finder),
+        Statement::Explain(explain) => return placeholders(&explain.statement),
+        Statement::CopyTo(copy) => match &copy.source {
+            CopyToSource::Query(query) => query.visit(&mut finder),
+            CopyToSource::Relation(_) => ControlFlow::Continue(()),
+        },
+        Statement::CreateExternalTable(_) | Statement::Reset(_) => ControlFlow::Continue(()),
+    };
+    let mut found = finder.0;
+    found.sort_by_key(|id| id[1..].parse::<usize>().unwrap_or(usize::MAX));
+    found
+}
+
+/// Collects placeholders.
+struct PlaceholderFinder(Vec<String>);
+
+impl Visitor for PlaceholderFinder {
+    type Break = ();
+
+    fn pre_visit_expr(&mut self, expr: &ast::Expr) -> ControlFlow<()> {
+        if let ast::Expr::Value(value) = expr
+            && let ast::Value::Placeholder(id) = &value.value
+            && !self.0.contains(id)
+        {
+            self.0.push(id.clone());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use datafusion::sql::parser::DFParser;
@@ -421,6 +458,21 @@ mod tests {
         let statements = DFParser::parse_sql(sql).unwrap();
         assert_eq!(statements.len(), 1, "{sql}");
         search_function(&statements[0]).map(SearchFunction::name)
+    }
+
+    #[test]
+    fn placeholders_are_listed_once_in_their_order_wherever_they_are() {
+        let of = |sql: &str| placeholders(&DFParser::parse_sql(sql).unwrap()[0]);
+        assert_eq!(
+            of("SELECT * FROM vector_search(kb, $2, 5) WHERE category = $1 AND doc_id <> $2"),
+            ["$1", "$2"]
+        );
+        assert_eq!(
+            of("EXPLAIN SELECT * FROM rrf(vector_search(kb, $1), text_search(kb, $1))"),
+            ["$1"]
+        );
+        assert_eq!(of("SELECT $10, $9"), ["$9", "$10"]);
+        assert!(of("SELECT '$1' AS text").is_empty());
     }
 
     fn set(variable: &str) -> StatementKind {

@@ -45,6 +45,7 @@ use crate::sql::kb_factory::KB_FORMAT;
 use crate::sql::kb_table::IngestProgress;
 use crate::sql::mk_answer::MkAnswerFunction;
 use crate::sql::mk_search::MkSearchFunction;
+use crate::sql::parameters::WithParameters;
 use crate::sql::text_search::TextSearchFunction;
 use crate::sql::{KbSchema, KbTableFactory, SessionSchema, VectorSearchFunction};
 use crate::streaming::StreamControl;
@@ -52,7 +53,7 @@ use crate::support::batch_table::SnapshotView;
 use crate::support::{BatchTable, blocking};
 use mkflow_index::{KnowledgeIndex, MANIFEST_FILE};
 
-pub use session::{Session, StatementResult};
+pub use session::{PreparedStatement, Session, StatementResult};
 
 /// Where an engine keeps and finds things, and the bounds its sessions are held to.
 #[derive(Debug, Clone)]
@@ -255,12 +256,15 @@ impl Engine {
             );
         }
         let searches = Arc::new(searches);
+        // Each behind WithParameters: a prepared statement's `$1` may stand for any argument.
         for (name, function) in searches.iter() {
-            ctx.register_udtf(name, function.clone());
+            ctx.register_udtf(name, WithParameters::new(name, function.clone()));
         }
-        ctx.register_udtf("rrf", Arc::new(RrfFunction::new(searches.clone())));
+        let rrf = Arc::new(RrfFunction::new(searches.clone()));
+        ctx.register_udtf("rrf", WithParameters::new("rrf", rrf));
         // Not a ranking (one answer row), so not among the searches rrf fuses.
-        ctx.register_udtf("mk_answer", Arc::new(MkAnswerFunction::new(kbs.clone())));
+        let mk_answer = Arc::new(MkAnswerFunction::new(kbs.clone()));
+        ctx.register_udtf("mk_answer", WithParameters::new("mk_answer", mk_answer));
         // Search calls passed to rrf(…) and named arguments plan as these markers.
         let mut markers: Vec<&str> = searches.keys().copied().collect();
         markers.push("rrf");

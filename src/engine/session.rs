@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::common::{DataFusionError, Result};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::{DataFusionError, ParamValues, Result, ScalarValue};
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::context::{SessionContext, SessionState};
 use datafusion::logical_expr::async_udf::AsyncScalarUDF;
@@ -23,7 +24,8 @@ use super::authorize::{authorize, confine};
 use crate::access::{Access, Refusal};
 use crate::mk::MkServices;
 use crate::sql::call_args::rewrite_call_args;
-use crate::statement::StatementKind;
+use crate::sql::parameters::{BoundParameters, is_unbound_parameter};
+use crate::statement::{StatementKind, placeholders};
 use crate::streaming::{ContinuousInsert, DirectoryInsert, FileInsert, count_batch};
 
 /// The result of one statement of a script.
@@ -33,6 +35,17 @@ pub struct StatementResult {
     pub sql: String,
     /// Its output rows.
     pub batches: Vec<RecordBatch>,
+}
+
+/// A statement parsed and checked once (see [`Session::prepare`]).
+#[derive(Debug, Clone)]
+pub struct PreparedStatement {
+    /// As parsed (each run rewrites and checks a copy, as an unprepared statement is).
+    statement: Statement,
+    /// The schema of the query's result, when known before its values are bound.
+    pub schema: Option<SchemaRef>,
+    /// Its parameters, in order (`$1`, `$2`, …).
+    pub parameters: Vec<String>,
 }
 
 /// A session: its own settings and tables, the engine's indexes and services.
@@ -78,6 +91,71 @@ impl Session {
         Ok(results.pop().map(|r| r.batches).unwrap_or_default())
     }
 
+    /// Parses and checks `sql` (one statement) once, to be run with [`Session::run_prepared`]
+    /// any number of times, with values for its parameters (`$1`, `$2`, …; anywhere a value
+    /// may stand, the arguments of the search functions included). A query is planned now, so
+    /// a bad one fails here and its result schema is known, unless a table function's argument
+    /// is a parameter (it is planned when its values are bound).
+    pub async fn prepare(&self, sql: &str) -> Result<PreparedStatement> {
+        let access = self.access();
+        access.check_expression_depth(sql)?;
+        let mut statements = DFParser::parse_sql(sql)?;
+        if statements.len() != 1 {
+            return Err(DataFusionError::Plan(format!(
+                "a prepared statement holds one statement, not {}; prepare each on its own",
+                statements.len()
+            )));
+        }
+        let original = statements.pop_front().expect("one statement");
+        let mut statement = original.clone();
+        rewrite_call_args(&mut statement);
+        if let Some(role) = access.role() {
+            authorize(&statement, role, &access)?;
+            confine(&mut statement, &access, &self.shared.data_dir)?;
+        }
+        let parameters = placeholders(&statement);
+        let kind = StatementKind::of(&statement);
+        let schema = match kind {
+            StatementKind::Query | StatementKind::Explain { .. } => {
+                match self.ctx.state().statement_to_plan(statement).await {
+                    Ok(plan) => {
+                        if let Some(role) = access.role() {
+                            super::authorize::authorize_plan(&plan, role)?;
+                        }
+                        Some(Arc::clone(plan.schema().inner()))
+                    }
+                    Err(e) if is_unbound_parameter(&e) => None,
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => None,
+        };
+        Ok(PreparedStatement {
+            statement: original,
+            schema,
+            parameters,
+        })
+    }
+
+    /// Runs `prepared` with `values` for its parameters (in order: `$1`, `$2`, …) and returns
+    /// its rows.
+    pub async fn run_prepared(
+        &self,
+        prepared: &PreparedStatement,
+        values: Vec<ScalarValue>,
+    ) -> Result<Vec<RecordBatch>> {
+        if values.len() != prepared.parameters.len() {
+            return Err(DataFusionError::Plan(format!(
+                "the statement has {} parameter(s) ({}), {} value(s) are bound",
+                prepared.parameters.len(),
+                prepared.parameters.join(", "),
+                values.len()
+            )));
+        }
+        let values = (!values.is_empty()).then(|| ParamValues::from(values));
+        self.execute("sql", prepared.statement.clone(), values.as_ref()).await
+    }
+
     /// Runs a script statement by statement; `before` is told each statement before it runs.
     /// Stops at the first failing statement, naming it in the error. `pipeline` names the
     /// script in metrics and logs; an `INSERT` reading a Kafka table runs as a continuous
@@ -101,7 +179,7 @@ impl Session {
                 statement.to_string()
             };
             before(&sql);
-            let batches = self.execute(pipeline, statement).await.map_err(|e| {
+            let batches = self.execute(pipeline, statement, None).await.map_err(|e| {
                 if count > 1 {
                     e.context(format!("statement {} of {count}: {}", i + 1, super::abbreviate(&sql)))
                 } else {
@@ -120,9 +198,14 @@ impl Session {
         self.run_script(name, &script, before).await
     }
 
-    async fn execute(&self, pipeline: &str, statement: Statement) -> Result<Vec<RecordBatch>> {
+    async fn execute(
+        &self,
+        pipeline: &str,
+        statement: Statement,
+        values: Option<&ParamValues>,
+    ) -> Result<Vec<RecordBatch>> {
         let access = self.access();
-        let outcome = self.execute_as(&access, pipeline, statement).await;
+        let outcome = self.execute_as(&access, pipeline, statement, values).await;
         match outcome {
             // The memory pool of a network session is its max_query_memory: say so.
             Err(e) if access.is_network() && matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) => {
@@ -135,7 +218,14 @@ impl Session {
         }
     }
 
-    async fn execute_as(&self, access: &Access, pipeline: &str, mut statement: Statement) -> Result<Vec<RecordBatch>> {
+    /// Runs `statement` as `access` allows, with `values` for its parameters if it has any.
+    async fn execute_as(
+        &self,
+        access: &Access,
+        pipeline: &str,
+        mut statement: Statement,
+        values: Option<&ParamValues>,
+    ) -> Result<Vec<RecordBatch>> {
         rewrite_call_args(&mut statement);
         if let Some(role) = access.role() {
             authorize(&statement, role, access)?;
@@ -143,8 +233,14 @@ impl Session {
         }
         let sets_mk_option = StatementKind::of(&statement).sets_mkflow_option();
         let previous = sets_mk_option.then(|| self.mk_options());
-        let state = self.ctx.state();
-        let plan = state.statement_to_plan(statement).await?;
+        let mut state = self.ctx.state();
+        if let Some(values) = values {
+            BoundParameters::bind(state.config_mut(), values.clone());
+        }
+        let mut plan = state.statement_to_plan(statement).await?;
+        if let Some(values) = values {
+            plan = plan.with_param_values(values.clone())?;
+        }
         if let Some(role) = access.role() {
             super::authorize::authorize_plan(&plan, role)?;
         }

@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::error::ArrowError;
-use datafusion::common::DataFusionError;
+use datafusion::common::{DataFusionError, ScalarValue};
 use datafusion::sql::parser::DFParser;
 use futures::FutureExt;
 
 use super::config::ServerSettings;
 use crate::Engine;
 use crate::access::{Refusal, Role};
+use crate::engine::{PreparedStatement, Session};
 use crate::metrics;
 use crate::statement::{StatementKind, search_function};
 
@@ -47,6 +48,11 @@ impl QueryFailure {
     }
 }
 
+/// The engine, once it has loaded its indexes.
+pub fn loaded(engine: &OnceLock<Arc<Engine>>) -> Result<Arc<Engine>, QueryFailure> {
+    engine.get().cloned().ok_or(QueryFailure::Loading)
+}
+
 /// Runs `sql` for `role` in a session of its own (its `SET`s and tables end with it), within
 /// the settings' time limit, and records it in the query metrics; returns the last statement's
 /// result and how long it took.
@@ -56,21 +62,58 @@ pub async fn run_query(
     role: Role,
     sql: &str,
 ) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
-    let engine = engine.get().cloned().ok_or(QueryFailure::Loading)?;
+    let engine = loaded(engine)?;
+    let session = engine.network_session(role).map_err(QueryFailure::Session)?;
+    run_in_session(&engine, &session, settings, sql).await
+}
+
+/// Runs `sql` in `session` (a connection's: its `SET`s stay), as [`run_query`] does.
+pub async fn run_in_session(
+    engine: &Engine,
+    session: &Session,
+    settings: &ServerSettings,
+    sql: &str,
+) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
+    let function = metrics_label(engine, sql);
+    guarded(session.sql(sql), function, settings.query_timeout).await
+}
+
+/// Runs a statement `session` prepared, with `values` for its parameters, as [`run_query`]
+/// runs SQL; `function` labels its metrics (the [`metrics_label`] of its SQL).
+pub async fn run_prepared(
+    session: &Session,
+    settings: &ServerSettings,
+    prepared: &PreparedStatement,
+    values: Vec<ScalarValue>,
+    function: &'static str,
+) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
+    guarded(session.run_prepared(prepared, values), function, settings.query_timeout).await
+}
+
+/// The metrics label of `sql` (see [`query_function`]): `invalid` for a statement nested too
+/// deeply to be parsed.
+pub fn metrics_label(engine: &Engine, sql: &str) -> &'static str {
     // The label comes from the parsed statement: parse only what the session will accept (a
     // too deeply nested statement is refused by it before parsing).
     let nested_too_deeply =
         crate::statement::expression_depth(sql).is_ok_and(|depth| depth > engine.config().limits.max_expression_depth);
-    let function = if nested_too_deeply {
+    if nested_too_deeply {
         "invalid"
     } else {
         query_function(sql)
-    };
+    }
+}
+
+/// Runs `statement` within `timeout`, a panic in it failing only this request, and records it
+/// in the query metrics under `function`.
+async fn guarded(
+    statement: impl Future<Output = datafusion::common::Result<Vec<RecordBatch>>>,
+    function: &'static str,
+    timeout: Duration,
+) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
     let started = Instant::now();
-    let timeout = settings.query_timeout;
-    let session = engine.network_session(role).map_err(QueryFailure::Session)?;
     // A panic in the engine (a bug some input reaches) fails this request only.
-    let guarded = std::panic::AssertUnwindSafe(session.sql(sql)).catch_unwind();
+    let guarded = std::panic::AssertUnwindSafe(statement).catch_unwind();
     let outcome = tokio::time::timeout(timeout, guarded).await.map(|ran| {
         ran.unwrap_or_else(|panic| {
             let message = panic

@@ -11,7 +11,8 @@
 //! - [`mk_search`]: Meta-Knowledge retrieval, `mk_search(kb, 'query', k)`; [`mk_answer`]: its
 //!   "read" step, an answer with numbered citations; [`personas`]: the `<kb>_personas` table;
 //! - [`filters`]: SQL `WHERE` clauses turned into row predicates evaluated inside searches;
-//! - [`async_calls`]: async functions (`embed`) in `ORDER BY` keys and `VALUES` rows.
+//! - [`async_calls`]: async functions (`embed`) in `ORDER BY` keys and `VALUES` rows;
+//! - [`parameters`]: `$1`, `$2`, … bound to the arguments of the table functions.
 
 pub mod async_calls;
 pub mod call_args;
@@ -24,6 +25,7 @@ pub mod kb_factory;
 pub mod kb_table;
 pub mod mk_answer;
 pub mod mk_search;
+pub mod parameters;
 pub mod personas;
 pub mod reasoning;
 pub mod rerank;
