@@ -1,5 +1,7 @@
 //! Search latency: `vector_search` through SQL against a bare usearch index on the same
-//! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count);
+//! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count),
+//! and through Flight SQL (a prepared statement with the query vector bound, and the statement
+//! with a vector literal);
 //! commit cost (delta vs full); micro-batch commit latency with inline vs background
 //! compaction; and search latency while full commits run vs idle (searches
 //! read the published state, so a commit must not make them wait).
@@ -74,6 +76,100 @@ fn summary(name: &str, mut micros: Vec<f64>) -> (f64, f64) {
     (p50, p99)
 }
 
+/// Per-search latencies (µs) of a prepared `vector_search` run with each query vector bound in
+/// this process (no network), then through Flight SQL served in this process on loopback, and
+/// of the statement with the vector as a `literal` through Flight SQL.
+async fn flight_latencies(
+    engine: Arc<Engine>,
+    queries: &[Vec<f32>],
+    literal: &dyn Fn(&[f32]) -> String,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use datafusion::arrow::array::ListArray;
+    use datafusion::arrow::datatypes::Float32Type;
+    use datafusion::common::ScalarValue;
+    use futures::TryStreamExt;
+    use mkflow::server::config::ServerSettings;
+    use mkflow::server::serve_flight_on;
+
+    let slot = Arc::new(std::sync::OnceLock::new());
+    let in_process_engine = engine.clone();
+    let _ = slot.set(engine);
+    let settings = Arc::new(ServerSettings {
+        listen: String::new(),
+        flight_listen: None,
+        tokens: Vec::new(),
+        max_request_bytes: 16 << 20,
+        query_timeout: Duration::from_secs(30),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(serve_flight_on(listener, slot, settings, std::future::pending()));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = FlightSqlServiceClient::new(channel);
+    let mut statement = client
+        .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)".into(), None)
+        .await
+        .unwrap();
+    let (mut prepared, mut literal_us) = (Vec::new(), Vec::new());
+    // The same prepared statement run in this process: the SQL engine's share of the time.
+    let session = in_process_engine.network_session(mkflow::access::Role::Read).unwrap();
+    let in_process = session
+        .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)")
+        .await
+        .unwrap();
+    let mut in_process_us = Vec::new();
+    for q in queries {
+        let vector = ListArray::from_iter_primitive::<Float32Type, _, _>([Some(q.iter().map(|x| Some(*x)))]);
+        let started = Instant::now();
+        session
+            .run_prepared(&in_process, vec![ScalarValue::List(Arc::new(vector))])
+            .await
+            .unwrap();
+        in_process_us.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+
+    for q in queries {
+        let vector = ListArray::from_iter_primitive::<Float32Type, _, _>([Some(q.iter().map(|x| Some(*x)))]);
+        let values = RecordBatch::try_from_iter([("$1", Arc::new(vector) as ArrayRef)]).unwrap();
+        let started = Instant::now();
+        statement.set_parameters(values).unwrap();
+        let info = statement.execute().await.unwrap();
+        let mut rows = 0;
+        for endpoint in info.endpoint {
+            let batches: Vec<RecordBatch> = client
+                .do_get(endpoint.ticket.unwrap())
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+            rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+        }
+        prepared.push(started.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(rows, 10);
+
+        let sql = format!("SELECT doc_id, score FROM vector_search(bench, {}, 10)", literal(q));
+        let started = Instant::now();
+        let info = client.execute(sql, None).await.unwrap();
+        for endpoint in info.endpoint {
+            let _: Vec<RecordBatch> = client
+                .do_get(endpoint.ticket.unwrap())
+                .await
+                .unwrap()
+                .try_collect()
+                .await
+                .unwrap();
+        }
+        literal_us.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    (in_process_us, prepared, literal_us)
+}
+
 #[tokio::main]
 async fn main() {
     let count: usize = std::env::var("MKFLOW_BENCH_VECTORS")
@@ -144,15 +240,17 @@ async fn main() {
     );
     let index = Arc::new(index);
 
-    let engine = Engine::new(EngineConfig {
-        home: assets::home_dir(),
-        default_model: None,
-        embed_threads: None,
-        until_caught_up: false,
-        ..EngineConfig::new(tempfile::tempdir().unwrap().keep())
-    })
-    .await
-    .unwrap();
+    let engine = Arc::new(
+        Engine::new(EngineConfig {
+            home: assets::home_dir(),
+            default_model: None,
+            embed_threads: None,
+            until_caught_up: false,
+            ..EngineConfig::new(tempfile::tempdir().unwrap().keep())
+        })
+        .await
+        .unwrap(),
+    );
     engine.register_index("bench", index.clone()).await.unwrap();
 
     let literal = |q: &[f32]| {
@@ -205,7 +303,7 @@ async fn main() {
         assert_eq!(rows.iter().map(|b| b.num_rows()).sum::<usize>(), 10);
     }
     use datafusion::arrow::array::Array;
-    let (bare50, bare99) = summary("bare usearch search", bare_us);
+    let (bare50, bare99) = summary("bare usearch search", bare_us.clone());
     let (sql50, sql99) = summary("SQL vector_search", sql_us);
     summary("SQL floor (SELECT 1)", floor_us);
     summary("SQL vector_search WHERE (1% of rows)", filtered_us);
@@ -215,6 +313,23 @@ async fn main() {
     println!(
         "recall@10 of SQL vector_search vs exact search: {:.3}",
         exact_found as f64 / per_query
+    );
+
+    // What a Flight SQL client pays per search: a prepared vector_search with the query vector
+    // bound (DoPut, GetFlightInfo, DoGet over gRPC on loopback), vs the statement with the
+    // vector written as a literal. QPS ratios are of mean latencies, one client at a time.
+    let (in_process_us, prepared_us, statement_us) = flight_latencies(engine.clone(), &queries, &literal).await;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (bare_mean, prepared_mean, statement_mean) = (mean(&bare_us), mean(&prepared_us), mean(&statement_us));
+    summary("prepared, vector bound, in process", in_process_us);
+    let (prepared50, _) = summary("Flight SQL prepared, vector bound", prepared_us);
+    let (statement50, _) = summary("Flight SQL statement, vector literal", statement_us);
+    println!(
+        "Flight SQL QPS / bare usearch QPS: prepared {:.2} (p50 {:.2}), literal statement {:.2} (p50 {:.2}); target >= 0.5",
+        bare_mean / prepared_mean,
+        bare50 / prepared50,
+        bare_mean / statement_mean,
+        bare50 / statement50
     );
 
     // Commit cost in the same index: a streaming-sized upsert of 10 rows is committed as a
