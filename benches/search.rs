@@ -76,6 +76,26 @@ fn summary(name: &str, mut micros: Vec<f64>) -> (f64, f64) {
     (p50, p99)
 }
 
+/// Fetches the result `info` names; returns its row count.
+async fn fetch_rows(
+    client: &mut arrow_flight::sql::client::FlightSqlServiceClient<tonic::transport::Channel>,
+    info: arrow_flight::FlightInfo,
+) -> usize {
+    use futures::TryStreamExt;
+    let mut rows = 0;
+    for endpoint in info.endpoint {
+        let batches: Vec<RecordBatch> = client
+            .do_get(endpoint.ticket.unwrap())
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
+    }
+    rows
+}
+
 /// Per-search latencies (µs) of a prepared `vector_search` run with each query vector bound in
 /// this process (no network), then through Flight SQL served in this process on loopback, and
 /// of the statement with the vector as a `literal` through Flight SQL.
@@ -88,7 +108,6 @@ async fn flight_latencies(
     use datafusion::arrow::array::ListArray;
     use datafusion::arrow::datatypes::Float32Type;
     use datafusion::common::ScalarValue;
-    use futures::TryStreamExt;
     use mkflow::server::config::ServerSettings;
     use mkflow::server::serve_flight_on;
 
@@ -139,33 +158,16 @@ async fn flight_latencies(
         let started = Instant::now();
         statement.set_parameters(values).unwrap();
         let info = statement.execute().await.unwrap();
-        let mut rows = 0;
-        for endpoint in info.endpoint {
-            let batches: Vec<RecordBatch> = client
-                .do_get(endpoint.ticket.unwrap())
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
-            rows += batches.iter().map(RecordBatch::num_rows).sum::<usize>();
-        }
+        let rows = fetch_rows(&mut client, info).await;
         prepared.push(started.elapsed().as_secs_f64() * 1e6);
         assert_eq!(rows, 10);
 
         let sql = format!("SELECT doc_id, score FROM vector_search(bench, {}, 10)", literal(q));
         let started = Instant::now();
         let info = client.execute(sql, None).await.unwrap();
-        for endpoint in info.endpoint {
-            let _: Vec<RecordBatch> = client
-                .do_get(endpoint.ticket.unwrap())
-                .await
-                .unwrap()
-                .try_collect()
-                .await
-                .unwrap();
-        }
+        let rows = fetch_rows(&mut client, info).await;
         literal_us.push(started.elapsed().as_secs_f64() * 1e6);
+        assert_eq!(rows, 10);
     }
     (in_process_us, prepared, literal_us)
 }

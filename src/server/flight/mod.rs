@@ -113,6 +113,23 @@ impl FlightSql {
         Ok(prepared)
     }
 
+    /// The flight info of a metadata `command` whose result has `schema`: its ticket is the
+    /// command itself (its `DoGet` answers it).
+    fn metadata_info(
+        &self,
+        request: Request<FlightDescriptor>,
+        command: &impl ProstMessageExt,
+        schema: SchemaRef,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.role(&request)?;
+        let info = FlightInfo::new()
+            .try_with_schema(&schema)
+            .map_err(internal_status("cannot encode a schema"))?
+            .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.as_any().encode_to_vec())))
+            .with_descriptor(request.into_inner());
+        Ok(Response::new(info))
+    }
+
     /// Keeps `batches` for their `DoGet`; the flight info that names them.
     fn result_info(&self, batches: Vec<RecordBatch>, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
         let schema = batches
@@ -158,19 +175,6 @@ fn schema_bytes(schema: &Schema) -> Result<Vec<u8>, Status> {
         .try_into()
         .map_err(internal_status("cannot encode a schema"))?;
     Ok(bytes.to_vec())
-}
-
-/// A flight info whose ticket is the metadata command itself (its `DoGet` answers it).
-fn metadata_info(
-    command: &impl ProstMessageExt,
-    schema: SchemaRef,
-    descriptor: FlightDescriptor,
-) -> Result<FlightInfo, Status> {
-    Ok(FlightInfo::new()
-        .try_with_schema(&schema)
-        .map_err(internal_status("cannot encode a schema"))?
-        .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(command.as_any().encode_to_vec())))
-        .with_descriptor(descriptor))
 }
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
@@ -332,9 +336,8 @@ impl FlightSqlService for FlightSql {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.role(&request)?;
         let schema = query.into_builder().schema();
-        Ok(Response::new(metadata_info(&query, schema, request.into_inner())?))
+        self.metadata_info(request, &query, schema)
     }
 
     async fn do_get_catalogs(
@@ -352,9 +355,8 @@ impl FlightSqlService for FlightSql {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.role(&request)?;
         let schema = query.clone().into_builder().schema();
-        Ok(Response::new(metadata_info(&query, schema, request.into_inner())?))
+        self.metadata_info(request, &query, schema)
     }
 
     async fn do_get_schemas(
@@ -372,9 +374,8 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.role(&request)?;
         let schema = query.clone().into_builder().schema();
-        Ok(Response::new(metadata_info(&query, schema, request.into_inner())?))
+        self.metadata_info(request, &query, schema)
     }
 
     async fn do_get_tables(
@@ -394,9 +395,8 @@ impl FlightSqlService for FlightSql {
         query: CommandGetTableTypes,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.role(&request)?;
         let schema = query.into_builder().schema();
-        Ok(Response::new(metadata_info(&query, schema, request.into_inner())?))
+        self.metadata_info(request, &query, schema)
     }
 
     async fn do_get_table_types(
@@ -418,9 +418,8 @@ impl FlightSqlService for FlightSql {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.role(&request)?;
         let schema = query.clone().into_builder(&catalog::SQL_INFO).schema();
-        Ok(Response::new(metadata_info(&query, schema, request.into_inner())?))
+        self.metadata_info(request, &query, schema)
     }
 
     async fn do_get_sql_info(
