@@ -28,7 +28,8 @@ use crate::files::{Pace, write_paced};
 use crate::layered::LayeredMap;
 use crate::mapped::MappedFile;
 use crate::rewrite::{deltas_grown, locations_of, write_compacted};
-use crate::state::State;
+use crate::segment::Segment;
+use crate::state::{State, doc_ids};
 use crate::{IndexError, KnowledgeIndex};
 
 /// Clears the "compacting" flag when a compaction ends, however it ends.
@@ -110,7 +111,19 @@ impl KnowledgeIndex {
         let mut next = (*current).clone();
         let since = snapshot.segments.len();
         let mut locations = base;
-        locations.retain(|key, _| current.is_live(*key));
+        // The rows copied that deltas since the snapshot replaced: found from those deltas'
+        // rows, so the swap (commits wait for it) costs what was committed meanwhile, not a
+        // pass over every row.
+        let replaced = match replaced_keys(&snapshot, &current.segments[since..], self.key_column) {
+            Ok(replaced) => replaced,
+            Err(e) => {
+                remove_files();
+                return Err(e);
+            }
+        };
+        for key in replaced {
+            locations.remove(&key);
+        }
         let mut segments = compacted;
         for (j, segment) in current.segments[since..].iter().enumerate() {
             let moved_to = segments.len();
@@ -120,6 +133,15 @@ impl KnowledgeIndex {
                 }
             }
             segments.push(segment.clone());
+        }
+        debug_assert_eq!(
+            locations.len(),
+            current.locations.len(),
+            "the compacted rows are the live rows"
+        );
+        if locations.len() != current.locations.len() {
+            // Not the live rows (a bug in the reasoning above): keep exactly the live ones.
+            locations.retain(|key, _| current.is_live(*key));
         }
         let mut manifest = current.manifest.clone();
         manifest.generation += 1;
@@ -171,6 +193,22 @@ fn unmapped_files(snapshot: Arc<State>, current: Arc<State>) -> HashSet<String> 
             .map(|(name, _)| name),
     );
     files
+}
+
+/// The keys of `snapshot`'s rows whose documents have rows in `later` (the segments committed
+/// since it): the rows a compaction of `snapshot` copied that were replaced meanwhile. No other
+/// copied row can have stopped being live: every delete commits in full, which abandons the
+/// compaction.
+fn replaced_keys(snapshot: &State, later: &[Segment], key_column: usize) -> Result<Vec<u64>, IndexError> {
+    let mut replaced = Vec::new();
+    for segment in later {
+        for id in doc_ids(&segment.batch, key_column, &snapshot.manifest.key_column)? {
+            if let Some(key) = snapshot.doc_keys.get(id.as_str()) {
+                replaced.push(*key);
+            }
+        }
+    }
+    Ok(replaced)
 }
 
 /// Whether `current` is `snapshot` plus delta commits only: the same rows file and graph, the
