@@ -96,11 +96,63 @@ async fn fetch_rows(
     rows
 }
 
+/// A process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Copies directory `from` to `to`, recursively.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A free loopback address.
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// `mkflow serve` with Flight SQL on, in a process of its own (as a client finds it), over a
+/// copy of the index at `index_dir` named `bench`; returns the server, its data directory and
+/// its Flight SQL address.
+fn serve_copy(index_dir: &std::path::Path) -> (Killed, tempfile::TempDir, String) {
+    let data = tempfile::tempdir().unwrap();
+    copy_dir(index_dir, &data.path().join("bench"));
+    let flight = free_address();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mkflow"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["serve", "--listen", &free_address(), "--flight-listen", &flight])
+        .env("MKFLOW_HOME", assets::home_dir())
+        .env_remove("MKFLOW_AUTH_TOKEN")
+        .env_remove("MKFLOW_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (Killed(child), data, flight)
+}
+
 /// Per-search latencies (µs) of a prepared `vector_search` run with each query vector bound in
-/// this process (no network), then through Flight SQL served in this process on loopback, and
-/// of the statement with the vector as a `literal` through Flight SQL.
+/// this process (no network), then through Flight SQL against the server at `address` (another
+/// process, on loopback), and of the statement with the vector as a `literal` through Flight SQL.
 async fn flight_latencies(
-    engine: Arc<Engine>,
+    engine: &Engine,
+    address: &str,
     queries: &[Vec<f32>],
     literal: &dyn Fn(&[f32]) -> String,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -108,35 +160,31 @@ async fn flight_latencies(
     use datafusion::arrow::array::ListArray;
     use datafusion::arrow::datatypes::Float32Type;
     use datafusion::common::ScalarValue;
-    use mkflow::server::config::ServerSettings;
-    use mkflow::server::serve_flight_on;
 
-    let slot = Arc::new(std::sync::OnceLock::new());
-    let in_process_engine = engine.clone();
-    let _ = slot.set(engine);
-    let settings = Arc::new(ServerSettings {
-        listen: String::new(),
-        flight_listen: None,
-        tokens: Vec::new(),
-        max_request_bytes: 16 << 20,
-        query_timeout: Duration::from_secs(30),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(serve_flight_on(listener, slot, settings, std::future::pending()));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let channel = loop {
+        let endpoint = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap();
+        match endpoint.connect().await {
+            Ok(channel) => break channel,
+            Err(e) => assert!(Instant::now() < deadline, "mkflow serve did not start: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let mut client = FlightSqlServiceClient::new(channel);
-    let mut statement = client
-        .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)".into(), None)
-        .await
-        .unwrap();
+    // Prepared once the server has loaded its index (until then it answers Unavailable).
+    let mut statement = loop {
+        match client
+            .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)".into(), None)
+            .await
+        {
+            Ok(statement) => break statement,
+            Err(e) => assert!(Instant::now() < deadline, "mkflow serve did not load: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let (mut prepared, mut literal_us) = (Vec::new(), Vec::new());
     // The same prepared statement run in this process: the SQL engine's share of the time.
-    let session = in_process_engine.network_session(mkflow::access::Role::Read).unwrap();
+    let session = engine.network_session(mkflow::access::Role::Read).unwrap();
     let in_process = session
         .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)")
         .await
@@ -242,17 +290,15 @@ async fn main() {
     );
     let index = Arc::new(index);
 
-    let engine = Arc::new(
-        Engine::new(EngineConfig {
-            home: assets::home_dir(),
-            default_model: None,
-            embed_threads: None,
-            until_caught_up: false,
-            ..EngineConfig::new(tempfile::tempdir().unwrap().keep())
-        })
-        .await
-        .unwrap(),
-    );
+    let engine = Engine::new(EngineConfig {
+        home: assets::home_dir(),
+        default_model: None,
+        embed_threads: None,
+        until_caught_up: false,
+        ..EngineConfig::new(tempfile::tempdir().unwrap().keep())
+    })
+    .await
+    .unwrap();
     engine.register_index("bench", index.clone()).await.unwrap();
 
     let literal = |q: &[f32]| {
@@ -318,9 +364,10 @@ async fn main() {
     );
 
     // What a Flight SQL client pays per search: a prepared vector_search with the query vector
-    // bound (DoPut, GetFlightInfo, DoGet over gRPC on loopback), vs the statement with the
-    // vector written as a literal. QPS ratios are of mean latencies, one client at a time.
-    let (in_process_us, prepared_us, statement_us) = flight_latencies(engine.clone(), &queries, &literal).await;
+    // bound (DoPut, GetFlightInfo, DoGet over gRPC on loopback to a server process over a copy
+    // of the index), vs the statement with the vector written as a literal. QPS ratios are of mean latencies, one client at a time.
+    let (_server, _served, address) = serve_copy(&data.path().join("bench"));
+    let (in_process_us, prepared_us, statement_us) = flight_latencies(&engine, &address, &queries, &literal).await;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (bare_mean, prepared_mean, statement_mean) = (mean(&bare_us), mean(&prepared_us), mean(&statement_us));
     summary("prepared, vector bound, in process", in_process_us);

@@ -122,7 +122,7 @@ async fn serve_flight(
 /// Serves Arrow Flight SQL on `listener` until `shutdown` resolves. Connections send without
 /// Nagle's delay: a Flight SQL call is a few small frames each way, and waiting for the peer's
 /// delayed acknowledgement would add ~40 ms to every call.
-pub async fn serve_flight_on(
+async fn serve_flight_on(
     listener: tokio::net::TcpListener,
     engine: Arc<OnceLock<Arc<Engine>>>,
     settings: Arc<ServerSettings>,
