@@ -199,6 +199,8 @@ pub struct Metrics {
     pub queries: Family<QueryOutcomeLabels, Counter>,
     /// Query latency by function.
     pub query_seconds: Histograms<QueryLabels>,
+    /// Flight SQL connections holding a session.
+    pub flight_sessions: Gauge,
     /// Serialises scrapes (counters copied in are deltas against the last scrape).
     scrape: Mutex<()>,
 }
@@ -240,6 +242,7 @@ impl Metrics {
             commit_seconds: latency_family(),
             queries: Family::default(),
             query_seconds: latency_family(),
+            flight_sessions: Gauge::default(),
             scrape: Mutex::new(()),
         };
         let r = &mut registry;
@@ -363,6 +366,11 @@ impl Metrics {
             "Query latency by function",
             Unit::Seconds,
             m.query_seconds.clone(),
+        );
+        r.register(
+            "flight_sessions",
+            "Flight SQL connections holding a session",
+            m.flight_sessions.clone(),
         );
         Metrics { registry, ..m }
     }

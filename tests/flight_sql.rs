@@ -196,6 +196,15 @@ async fn flight_sql_answers_as_http_does_with_the_same_tokens_and_roles() {
     assert_eq!(deleted.num_rows(), 1, "the DELETE's count");
 }
 
+/// The server's `mkflow_flight_sessions` gauge.
+async fn flight_sessions(server: &Server) -> i64 {
+    let text = server.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("mkflow_flight_sessions "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no mkflow_flight_sessions in /metrics:\n{text}"))
+}
+
 /// One row of parameter values: `$1` = `value`.
 fn values(value: ArrayRef) -> RecordBatch {
     RecordBatch::try_from_iter([("$1", value)]).unwrap()
@@ -352,6 +361,18 @@ async fn prepared_statements_catalogs_and_sessions_over_flight_sql_and_adbc() {
         strings(&one_batch(&flight(&mut second, show).await.unwrap()), "value"),
         ["true"]
     );
+    // Each open connection holds a session (the reader's, the two admins'); closing one ends
+    // its session.
+    assert_eq!(flight_sessions(&server).await, 3);
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while flight_sessions(&server).await != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a closed connection's session stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The ADBC driver from Python, as a user's notebook would query.
     let python = std::env::var("MKFLOW_PYTHON").unwrap_or_else(|_| "python3".into());

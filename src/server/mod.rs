@@ -119,19 +119,18 @@ async fn serve_flight(
     )))
 }
 
-/// Serves Arrow Flight SQL on `listener` until `shutdown` resolves. Connections send without
-/// Nagle's delay: a Flight SQL call is a few small frames each way, and waiting for the peer's
-/// delayed acknowledgement would add ~40 ms to every call.
+/// Serves Arrow Flight SQL on `listener` until `shutdown` resolves (a session per connection,
+/// see [`flight::Connection`]).
 async fn serve_flight_on(
     listener: tokio::net::TcpListener,
     engine: Arc<OnceLock<Arc<Engine>>>,
     settings: Arc<ServerSettings>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let service = FlightServiceServer::new(flight::FlightSql::new(engine, settings));
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let service = flight::FlightSql::new(engine, settings);
+    let incoming = service.accept(listener);
     tonic::transport::Server::builder()
-        .add_service(service)
+        .add_service(FlightServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -8,7 +8,8 @@
 //! - Prepared statements: `CreatePreparedStatement` parses, checks and (for a query) plans
 //!   once; `DoPut` binds one row of values to `$1`, `$2`, … (a text or a vector for a search
 //!   function's query, any value elsewhere); `GetFlightInfo` runs it with them.
-//! - Each connection has a session of its own: its `SET`s stay for its later statements.
+//! - Each connection has a session of its own: its `SET`s stay for its later statements, and
+//!   it ends when the connection closes ([`connection`]).
 //! - Catalog metadata ([`catalog`]): `GetCatalogs`, `GetDbSchemas`, `GetTables` (with schemas),
 //!   `GetTableTypes`, `GetSqlInfo`.
 //!
@@ -16,9 +17,9 @@
 //! statements that write run as queries that return their count.
 
 mod catalog;
+mod connection;
 mod sessions;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -49,12 +50,13 @@ use crate::Engine;
 use crate::access::Role;
 use sessions::{Handles, MAX_PREPARED, Prepared, Sessions, Waiting, WaitingResults};
 
-pub use sessions::{MAX_SESSIONS, MAX_WAITING, MAX_WAITING_BYTES, SESSION_IDLE};
+pub use connection::{Connection, ConnectionInfo};
+pub use sessions::{MAX_SESSIONS, MAX_WAITING, MAX_WAITING_BYTES};
 
 /// The Flight SQL service.
 pub struct FlightSql {
     settings: Arc<ServerSettings>,
-    sessions: Sessions,
+    sessions: Arc<Sessions>,
     prepared: Handles<Arc<Prepared>>,
     waiting: WaitingResults,
 }
@@ -64,10 +66,15 @@ impl FlightSql {
     pub fn new(engine: Arc<OnceLock<Arc<Engine>>>, settings: Arc<ServerSettings>) -> Self {
         FlightSql {
             settings,
-            sessions: Sessions::new(engine),
+            sessions: Arc::new(Sessions::new(engine)),
             prepared: Handles::new(MAX_PREPARED),
             waiting: WaitingResults::default(),
         }
+    }
+
+    /// The connections `listener` accepts, for this service (see [`connection::accept`]).
+    pub fn accept(&self, listener: tokio::net::TcpListener) -> impl Stream<Item = std::io::Result<Connection>> + use<> {
+        connection::accept(listener, self.sessions.clone())
     }
 
     /// The caller's role, from its `authorization: Bearer <token>` metadata.
@@ -81,8 +88,8 @@ impl FlightSql {
     /// The caller's role and its connection's session.
     fn session<T>(&self, request: &Request<T>) -> Result<(Role, Arc<crate::engine::Session>), Status> {
         let role = self.role(request)?;
-        let peer: Option<SocketAddr> = request.remote_addr();
-        let session = self.sessions.of(peer, role).map_err(status_of)?;
+        let connection = request.extensions().get::<ConnectionInfo>().map(|c| c.id);
+        let session = self.sessions.of(connection, role).map_err(status_of)?;
         Ok((role, session))
     }
 

@@ -1,13 +1,12 @@
-//! What a Flight SQL connection keeps between its calls: a session of its own (its `SET`s
-//! stay, as in a database connection), the statements it prepared with the values bound to
-//! them, and the results waiting for their `DoGet`. Each store is bounded; the least recently
+//! What a Flight SQL connection keeps between its calls: a session of its own until it closes
+//! (its `SET`s stay, as in a database connection), the statements it prepared with the values
+//! bound to them, and the results waiting for their `DoGet`. Each store is bounded; the least recently
 //! used entry goes first.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -16,14 +15,12 @@ use datafusion::common::ScalarValue;
 use crate::Engine;
 use crate::access::Role;
 use crate::engine::{PreparedStatement, Session};
+use crate::metrics;
 use crate::server::query::{QueryFailure, loaded};
 
 /// Connections with a session of their own at most (a client past it gets a fresh session in
 /// the place of the least recently used one).
 pub const MAX_SESSIONS: usize = 1024;
-
-/// How long a connection's session outlives its last call.
-pub const SESSION_IDLE: Duration = Duration::from_secs(15 * 60);
 
 /// Prepared statements kept at most, over all connections.
 pub const MAX_PREPARED: usize = 4096;
@@ -52,10 +49,10 @@ pub fn new_handle() -> Vec<u8> {
 /// A connection's session, and when it was last used.
 type OpenSession = (Arc<Session>, Instant);
 
-/// One session per connection (its peer address) and role.
+/// One session per connection and role, from the connection's first call until it closes.
 pub struct Sessions {
     engine: Arc<OnceLock<Arc<Engine>>>,
-    open: Mutex<HashMap<(SocketAddr, Role), OpenSession>>,
+    open: Mutex<HashMap<(u64, Role), OpenSession>>,
 }
 
 impl Sessions {
@@ -72,9 +69,9 @@ impl Sessions {
         loaded(&self.engine)
     }
 
-    /// The session of the connection from `peer` for `role`, opened on its first call; a call
-    /// whose peer is unknown gets a session of its own.
-    pub fn of(&self, peer: Option<SocketAddr>, role: Role) -> Result<Arc<Session>, QueryFailure> {
+    /// The session of `connection` for `role`, opened on its first call; a call whose
+    /// connection is unknown gets a session of its own.
+    pub fn of(&self, connection: Option<u64>, role: Role) -> Result<Arc<Session>, QueryFailure> {
         let engine = self.engine()?;
         let open_new = || {
             engine
@@ -82,30 +79,31 @@ impl Sessions {
                 .map(Arc::new)
                 .map_err(QueryFailure::Session)
         };
-        let Some(peer) = peer else {
+        let Some(connection) = connection else {
             return open_new();
         };
         let now = Instant::now();
         let mut open = lock(&self.open);
-        if let Some((session, used)) = open.get_mut(&(peer, role)) {
+        if let Some((session, used)) = open.get_mut(&(connection, role)) {
             *used = now;
             return Ok(session.clone());
         }
-        open.retain(|_, (_, used)| now.duration_since(*used) < SESSION_IDLE);
         if open.len() >= MAX_SESSIONS
             && let Some(oldest) = open.iter().min_by_key(|(_, (_, used))| *used).map(|(key, _)| *key)
         {
             open.remove(&oldest);
         }
         let session = open_new()?;
-        open.insert((peer, role), (session.clone(), now));
+        open.insert((connection, role), (session.clone(), now));
+        metrics::global().flight_sessions.set(open.len() as i64);
         Ok(session)
     }
 
-    /// How many connections hold a session.
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        lock(&self.open).len()
+    /// Ends the sessions of `connection` (it closed).
+    pub fn close(&self, connection: u64) {
+        let mut open = lock(&self.open);
+        open.retain(|(id, _), _| *id != connection);
+        metrics::global().flight_sessions.set(open.len() as i64);
     }
 }
 
@@ -238,11 +236,7 @@ mod tests {
     #[test]
     fn no_session_opens_before_the_engine_is_loaded() {
         let sessions = Sessions::new(Arc::new(OnceLock::new()));
-        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        assert!(matches!(
-            sessions.of(Some(peer), Role::Read),
-            Err(QueryFailure::Loading)
-        ));
-        assert_eq!(sessions.len(), 0);
+        assert!(matches!(sessions.of(Some(7), Role::Read), Err(QueryFailure::Loading)));
+        assert!(lock(&sessions.open).is_empty());
     }
 }
