@@ -201,6 +201,8 @@ pub struct Metrics {
     pub query_seconds: Histograms<QueryLabels>,
     /// Flight SQL connections holding a session.
     pub flight_sessions: Gauge,
+    /// Flight SQL prepared statements open.
+    pub flight_prepared_statements: Gauge,
     /// Serialises scrapes (counters copied in are deltas against the last scrape).
     scrape: Mutex<()>,
 }
@@ -243,6 +245,7 @@ impl Metrics {
             queries: Family::default(),
             query_seconds: latency_family(),
             flight_sessions: Gauge::default(),
+            flight_prepared_statements: Gauge::default(),
             scrape: Mutex::new(()),
         };
         let r = &mut registry;
@@ -371,6 +374,11 @@ impl Metrics {
             "flight_sessions",
             "Flight SQL connections holding a session",
             m.flight_sessions.clone(),
+        );
+        r.register(
+            "flight_prepared_statements",
+            "Flight SQL prepared statements open (closed by the client, or with its connection)",
+            m.flight_prepared_statements.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -196,13 +196,13 @@ async fn flight_sql_answers_as_http_does_with_the_same_tokens_and_roles() {
     assert_eq!(deleted.num_rows(), 1, "the DELETE's count");
 }
 
-/// The server's `mkflow_flight_sessions` gauge.
-async fn flight_sessions(server: &Server) -> i64 {
+/// The server's gauge `name` (without labels).
+async fn gauge(server: &Server, name: &str) -> i64 {
     let text = server.get("/metrics").await.text().await.unwrap();
     text.lines()
-        .find_map(|line| line.strip_prefix("mkflow_flight_sessions "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no mkflow_flight_sessions in /metrics:\n{text}"))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
 /// One row of parameter values: `$1` = `value`.
@@ -362,14 +362,19 @@ async fn prepared_statements_catalogs_and_sessions_over_flight_sql_and_adbc() {
         ["true"]
     );
     // Each open connection holds a session (the reader's, the two admins'); closing one ends
-    // its session.
-    assert_eq!(flight_sessions(&server).await, 3);
-    drop(first);
+    // its session and the statements it prepared and left open.
+    assert_eq!(gauge(&server, "mkflow_flight_sessions").await, 3);
+    let open = gauge(&server, "mkflow_flight_prepared_statements").await;
+    let left_open = first.prepare("SELECT 1".to_string(), None).await.unwrap();
+    assert_eq!(gauge(&server, "mkflow_flight_prepared_statements").await, open + 1);
+    drop((left_open, first));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while flight_sessions(&server).await != 2 {
+    while gauge(&server, "mkflow_flight_sessions").await != 2
+        || gauge(&server, "mkflow_flight_prepared_statements").await != open
+    {
         assert!(
             std::time::Instant::now() < deadline,
-            "a closed connection's session stayed"
+            "a closed connection's session or prepared statement stayed"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

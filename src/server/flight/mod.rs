@@ -48,7 +48,7 @@ use super::config::ServerSettings;
 use super::query::{QueryFailure, metrics_label, role_of, run_in_session, run_prepared};
 use crate::Engine;
 use crate::access::Role;
-use sessions::{Handles, MAX_PREPARED, Prepared, Sessions, Waiting, WaitingResults};
+use sessions::{Prepared, Sessions, Waiting, WaitingResults};
 
 pub use connection::{Connection, ConnectionInfo};
 pub use sessions::{MAX_SESSIONS, MAX_WAITING, MAX_WAITING_BYTES};
@@ -57,7 +57,6 @@ pub use sessions::{MAX_SESSIONS, MAX_WAITING, MAX_WAITING_BYTES};
 pub struct FlightSql {
     settings: Arc<ServerSettings>,
     sessions: Arc<Sessions>,
-    prepared: Handles<Arc<Prepared>>,
     waiting: WaitingResults,
 }
 
@@ -67,7 +66,6 @@ impl FlightSql {
         FlightSql {
             settings,
             sessions: Arc::new(Sessions::new(engine)),
-            prepared: Handles::new(MAX_PREPARED),
             waiting: WaitingResults::default(),
         }
     }
@@ -88,8 +86,7 @@ impl FlightSql {
     /// The caller's role and its connection's session.
     fn session<T>(&self, request: &Request<T>) -> Result<(Role, Arc<crate::engine::Session>), Status> {
         let role = self.role(request)?;
-        let connection = request.extensions().get::<ConnectionInfo>().map(|c| c.id);
-        let session = self.sessions.of(connection, role).map_err(status_of)?;
+        let session = self.sessions.of(connection_of(request), role).map_err(status_of)?;
         Ok((role, session))
     }
 
@@ -107,7 +104,7 @@ impl FlightSql {
     /// The statement prepared under `handle`, if the caller's role prepared it.
     fn prepared_for<T>(&self, request: &Request<T>, handle: &[u8]) -> Result<Arc<Prepared>, Status> {
         let role = self.role(request)?;
-        let prepared = self.prepared.get(handle).ok_or_else(|| {
+        let prepared = self.sessions.prepared().get(handle).ok_or_else(|| {
             Status::not_found(
                 "no prepared statement has this handle (closed, or dropped past 4096 open ones); prepare it again",
             )
@@ -156,6 +153,11 @@ impl FlightSql {
         };
         Ok(info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()))))
     }
+}
+
+/// The id of the connection `request` came on.
+fn connection_of<T>(request: &Request<T>) -> Option<u64> {
+    request.extensions().get::<ConnectionInfo>().map(|c| c.id)
 }
 
 /// The Flight status that fits a failed query (the HTTP status `/v1/sql` would give, mapped).
@@ -270,7 +272,8 @@ impl FlightSqlService for FlightSql {
             .map(|id| Field::new(id, DataType::Null, true))
             .collect();
         let parameter_schema = schema_bytes(&Schema::new(parameters))?;
-        let handle = self.prepared.insert(Arc::new(Prepared {
+        let handle = self.sessions.prepared().insert(Arc::new(Prepared {
+            connection: connection_of(&request),
             role,
             session,
             label: metrics_label(&engine, &query.query),
@@ -290,7 +293,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Action>,
     ) -> Result<(), Status> {
         self.prepared_for(&request, &query.prepared_statement_handle)?;
-        self.prepared.remove(&query.prepared_statement_handle);
+        self.sessions.prepared().remove(&query.prepared_statement_handle);
         Ok(())
     }
 

@@ -11,6 +11,7 @@ use std::time::Instant;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::Engine;
 use crate::access::Role;
@@ -49,10 +50,12 @@ pub fn new_handle() -> Vec<u8> {
 /// A connection's session, and when it was last used.
 type OpenSession = (Arc<Session>, Instant);
 
-/// One session per connection and role, from the connection's first call until it closes.
+/// One session per connection and role, from the connection's first call until it closes, and
+/// the statements the connections prepared.
 pub struct Sessions {
     engine: Arc<OnceLock<Arc<Engine>>>,
     open: Mutex<HashMap<(u64, Role), OpenSession>>,
+    prepared: Handles<Arc<Prepared>>,
 }
 
 impl Sessions {
@@ -61,7 +64,13 @@ impl Sessions {
         Sessions {
             engine,
             open: Mutex::new(HashMap::new()),
+            prepared: Handles::counted(MAX_PREPARED, metrics::global().flight_prepared_statements.clone()),
         }
+    }
+
+    /// The statements prepared and not closed yet.
+    pub fn prepared(&self) -> &Handles<Arc<Prepared>> {
+        &self.prepared
     }
 
     /// The engine, once loaded.
@@ -99,16 +108,20 @@ impl Sessions {
         Ok(session)
     }
 
-    /// Ends the sessions of `connection` (it closed).
+    /// Ends the sessions of `connection` (it closed), and the statements it prepared.
     pub fn close(&self, connection: u64) {
         let mut open = lock(&self.open);
         open.retain(|(id, _), _| *id != connection);
         metrics::global().flight_sessions.set(open.len() as i64);
+        drop(open);
+        self.prepared.retain(|p| p.connection != Some(connection));
     }
 }
 
 /// A statement a connection prepared.
 pub struct Prepared {
+    /// The connection that prepared it (closing it closes the statement).
+    pub connection: Option<u64>,
     /// The role of the token that prepared it (only that role runs it).
     pub role: Role,
     /// The connection's session, where it runs.
@@ -124,6 +137,8 @@ pub struct Prepared {
 pub struct Handles<V> {
     entries: Mutex<VecDeque<(Vec<u8>, V)>>,
     most: usize,
+    /// Follows how many entries there are, when given.
+    gauge: Option<Gauge>,
 }
 
 impl<V: Clone> Handles<V> {
@@ -132,6 +147,21 @@ impl<V: Clone> Handles<V> {
         Handles {
             entries: Mutex::new(VecDeque::new()),
             most,
+            gauge: None,
+        }
+    }
+
+    /// At most `most` entries, counted by `gauge`.
+    pub fn counted(most: usize, gauge: Gauge) -> Self {
+        Handles {
+            gauge: Some(gauge),
+            ..Handles::new(most)
+        }
+    }
+
+    fn count(&self, entries: &VecDeque<(Vec<u8>, V)>) {
+        if let Some(gauge) = &self.gauge {
+            gauge.set(entries.len() as i64);
         }
     }
 
@@ -143,6 +173,7 @@ impl<V: Clone> Handles<V> {
             entries.pop_front();
         }
         entries.push_back((handle.clone(), value));
+        self.count(&entries);
         handle
     }
 
@@ -158,7 +189,16 @@ impl<V: Clone> Handles<V> {
     pub fn remove(&self, handle: &[u8]) -> Option<V> {
         let mut entries = lock(&self.entries);
         let at = entries.iter().position(|(h, _)| h == handle)?;
-        entries.remove(at).map(|(_, v)| v)
+        let removed = entries.remove(at).map(|(_, v)| v);
+        self.count(&entries);
+        removed
+    }
+
+    /// Keeps only the values for which `keep` is true.
+    pub fn retain(&self, keep: impl Fn(&V) -> bool) {
+        let mut entries = lock(&self.entries);
+        entries.retain(|(_, v)| keep(v));
+        self.count(&entries);
     }
 }
 
