@@ -5,6 +5,7 @@
 //! [`Access`] (see [`super::authorize`]); while a statement's result is gathered, it is held to
 //! `max_result_rows` and `max_result_bytes`.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -98,8 +99,7 @@ impl Session {
     /// is a parameter (it is planned when its values are bound).
     pub async fn prepare(&self, sql: &str) -> Result<PreparedStatement> {
         let access = self.access();
-        access.check_expression_depth(sql)?;
-        let mut statements = DFParser::parse_sql(sql)?;
+        let mut statements = self.parse(sql)?;
         if statements.len() != 1 {
             return Err(DataFusionError::Plan(format!(
                 "a prepared statement holds one statement, not {}; prepare each on its own",
@@ -107,27 +107,14 @@ impl Session {
             )));
         }
         let original = statements.pop_front().expect("one statement");
-        let mut statement = original.clone();
-        rewrite_call_args(&mut statement);
-        if let Some(role) = access.role() {
-            authorize(&statement, role, &access)?;
-            confine(&mut statement, &access, &self.shared.data_dir)?;
-        }
+        let statement = self.checked(&access, original.clone())?;
         let parameters = placeholders(&statement);
-        let kind = StatementKind::of(&statement);
-        let schema = match kind {
-            StatementKind::Query | StatementKind::Explain { .. } => {
-                match self.ctx.state().statement_to_plan(statement).await {
-                    Ok(plan) => {
-                        if let Some(role) = access.role() {
-                            super::authorize::authorize_plan(&plan, role)?;
-                        }
-                        Some(Arc::clone(plan.schema().inner()))
-                    }
-                    Err(e) if is_unbound_parameter(&e) => None,
-                    Err(e) => return Err(e),
-                }
-            }
+        let schema = match StatementKind::of(&statement) {
+            StatementKind::Query | StatementKind::Explain { .. } => match self.plan(&access, statement, None).await {
+                Ok((_, plan)) => Some(Arc::clone(plan.schema().inner())),
+                Err(e) if is_unbound_parameter(&e) => None,
+                Err(e) => return Err(e),
+            },
             _ => None,
         };
         Ok(PreparedStatement {
@@ -166,8 +153,7 @@ impl Session {
         script: &str,
         mut before: impl FnMut(&str),
     ) -> Result<Vec<StatementResult>> {
-        self.access().check_expression_depth(script)?;
-        let statements = DFParser::parse_sql(script)?;
+        let statements = self.parse(script)?;
         let mut results = Vec::with_capacity(statements.len());
         let count = statements.len();
         for (i, statement) in statements.into_iter().enumerate() {
@@ -218,21 +204,33 @@ impl Session {
         }
     }
 
-    /// Runs `statement` as `access` allows, with `values` for its parameters if it has any.
-    async fn execute_as(
-        &self,
-        access: &Access,
-        pipeline: &str,
-        mut statement: Statement,
-        values: Option<&ParamValues>,
-    ) -> Result<Vec<RecordBatch>> {
+    /// The statements of `sql`, refused before parsing when nested deeper than the session
+    /// allows.
+    fn parse(&self, sql: &str) -> Result<VecDeque<Statement>> {
+        self.access().check_expression_depth(sql)?;
+        DFParser::parse_sql(sql)
+    }
+
+    /// `statement` ready to plan for `access`: its named arguments rewritten and, for a network
+    /// client, authorised and its locations confined to the allowed directories.
+    fn checked(&self, access: &Access, mut statement: Statement) -> Result<Statement> {
         rewrite_call_args(&mut statement);
         if let Some(role) = access.role() {
             authorize(&statement, role, access)?;
             confine(&mut statement, access, &self.shared.data_dir)?;
         }
-        let sets_mk_option = StatementKind::of(&statement).sets_mkflow_option();
-        let previous = sets_mk_option.then(|| self.mk_options());
+        Ok(statement)
+    }
+
+    /// Plans a [`checked`](Session::checked) statement with `values` bound to its parameters
+    /// (in the state it returns, where table functions find them, and in the plan); a network
+    /// client's plan is authorised too.
+    async fn plan(
+        &self,
+        access: &Access,
+        statement: Statement,
+        values: Option<&ParamValues>,
+    ) -> Result<(SessionState, LogicalPlan)> {
         let mut state = self.ctx.state();
         if let Some(values) = values {
             BoundParameters::bind(state.config_mut(), values.clone());
@@ -244,6 +242,21 @@ impl Session {
         if let Some(role) = access.role() {
             super::authorize::authorize_plan(&plan, role)?;
         }
+        Ok((state, plan))
+    }
+
+    /// Runs `statement` as `access` allows, with `values` for its parameters if it has any.
+    async fn execute_as(
+        &self,
+        access: &Access,
+        pipeline: &str,
+        statement: Statement,
+        values: Option<&ParamValues>,
+    ) -> Result<Vec<RecordBatch>> {
+        let statement = self.checked(access, statement)?;
+        let sets_mk_option = StatementKind::of(&statement).sets_mkflow_option();
+        let previous = sets_mk_option.then(|| self.mk_options());
+        let (state, plan) = self.plan(access, statement, values).await?;
         if let Some(stream) = ContinuousInsert::find(&plan)? {
             let rows = stream.run(&self.ctx, pipeline, &self.shared.streams).await?;
             return Ok(vec![count_batch(rows)?]);

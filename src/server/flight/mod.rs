@@ -48,7 +48,7 @@ use super::config::ServerSettings;
 use super::query::{QueryFailure, metrics_label, role_of, run_in_session, run_prepared};
 use crate::Engine;
 use crate::access::Role;
-use sessions::{Prepared, Sessions, Waiting, WaitingResults};
+use sessions::{MAX_PREPARED, Prepared, Sessions, Waiting, WaitingResults};
 
 pub use connection::{Connection, ConnectionInfo};
 pub use sessions::{MAX_SESSIONS, MAX_WAITING, MAX_WAITING_BYTES};
@@ -105,9 +105,9 @@ impl FlightSql {
     fn prepared_for<T>(&self, request: &Request<T>, handle: &[u8]) -> Result<Arc<Prepared>, Status> {
         let role = self.role(request)?;
         let prepared = self.sessions.prepared().get(handle).ok_or_else(|| {
-            Status::not_found(
-                "no prepared statement has this handle (closed, or dropped past 4096 open ones); prepare it again",
-            )
+            Status::not_found(format!(
+                "no prepared statement has this handle (closed, or dropped past {MAX_PREPARED} open ones); prepare it again"
+            ))
         })?;
         if prepared.role != role {
             return Err(Status::permission_denied(
@@ -143,7 +143,7 @@ impl FlightSql {
         let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
         let info = FlightInfo::new()
             .try_with_schema(&schema)
-            .map_err(|e| Status::internal(format!("cannot encode the result's schema: {e}")))?
+            .map_err(internal_status("cannot encode the result's schema"))?
             .with_descriptor(descriptor)
             .with_total_records(rows as i64)
             .with_total_bytes(bytes as i64);
@@ -187,6 +187,13 @@ fn schema_bytes(schema: &Schema) -> Result<Vec<u8>, Status> {
 }
 
 type DataStream = Pin<Box<dyn Stream<Item = Result<arrow_flight::FlightData, Status>> + Send + 'static>>;
+
+/// The one batch a metadata command answers (built by arrow-flight's builders), as a `DoGet`
+/// stream; `what` names it in an error.
+fn metadata_stream(batch: Result<RecordBatch, FlightError>, what: &str) -> Result<Response<DataStream>, Status> {
+    let batch = batch.map_err(internal_status(what))?;
+    Ok(data_stream(batch.schema(), vec![batch]))
+}
 
 /// `batches` as a `DoGet` stream.
 fn data_stream(schema: SchemaRef, batches: Vec<RecordBatch>) -> Response<DataStream> {
@@ -356,8 +363,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let (_, session) = self.session(&request)?;
-        let batch = catalog::catalogs(session.context(), query.into_builder()).map_err(internal_status("catalogs"))?;
-        Ok(data_stream(batch.schema(), vec![batch]))
+        metadata_stream(catalog::catalogs(session.context(), query.into_builder()), "catalogs")
     }
 
     async fn get_flight_info_schemas(
@@ -375,8 +381,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let (_, session) = self.session(&request)?;
-        let batch = catalog::schemas(session.context(), query.into_builder()).map_err(internal_status("schemas"))?;
-        Ok(data_stream(batch.schema(), vec![batch]))
+        metadata_stream(catalog::schemas(session.context(), query.into_builder()), "schemas")
     }
 
     async fn get_flight_info_tables(
@@ -394,10 +399,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         let (_, session) = self.session(&request)?;
-        let batch = catalog::tables(session.context(), query.into_builder())
-            .await
-            .map_err(internal_status("tables"))?;
-        Ok(data_stream(batch.schema(), vec![batch]))
+        metadata_stream(catalog::tables(session.context(), query.into_builder()).await, "tables")
     }
 
     async fn get_flight_info_table_types(
@@ -419,8 +421,7 @@ impl FlightSqlService for FlightSql {
         for table_type in catalog::TABLE_TYPES {
             builder.append(table_type);
         }
-        let batch = builder.build().map_err(internal_status("table types"))?;
-        Ok(data_stream(batch.schema(), vec![batch]))
+        metadata_stream(builder.build(), "table types")
     }
 
     async fn get_flight_info_sql_info(
@@ -438,11 +439,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Ticket>,
     ) -> Result<Response<<Self as FlightService>::DoGetStream>, Status> {
         self.role(&request)?;
-        let batch = query
-            .into_builder(&catalog::SQL_INFO)
-            .build()
-            .map_err(internal_status("sql info"))?;
-        Ok(data_stream(batch.schema(), vec![batch]))
+        metadata_stream(query.into_builder(&catalog::SQL_INFO).build(), "sql info")
     }
 
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}

@@ -1,7 +1,7 @@
 //! What a Flight SQL connection keeps between its calls: a session of its own until it closes
 //! (its `SET`s stay, as in a database connection), the statements it prepared with the values
-//! bound to them, and the results waiting for their `DoGet`. Each store is bounded; the least recently
-//! used entry goes first.
+//! bound to them, and the results waiting for their `DoGet`. Each store is bounded: past the
+//! bound the least recently used session, or the oldest statement or result, goes first.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
