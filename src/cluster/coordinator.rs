@@ -49,6 +49,9 @@ pub const SHARDED_SEARCHES: &[&str] = &[
     "chunk_hybrid_search",
 ];
 
+/// The columns a search's answer is ranked by (`fused_score`: the hybrid searches).
+const SCORE_COLUMNS: &[&str] = &["score", "fused_score"];
+
 /// How long a coordinator waits to connect to a worker, and for its answer about a schema.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SCHEMA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -328,11 +331,14 @@ impl TableProvider for ShardedTable {
             self.schema.clone(),
             None,
         ));
-        let Ok(score) = self.schema.index_of("score") else {
+        let Some((column, score)) = SCORE_COLUMNS
+            .iter()
+            .find_map(|name| self.schema.index_of(name).ok().map(|i| (*name, i)))
+        else {
             return plan_err!("{function}: its answer has no score column to merge the shards by");
         };
         let by_score = PhysicalSortExpr::new(
-            Arc::new(Column::new("score", score)),
+            Arc::new(Column::new(column, score)),
             SortOptions {
                 descending: true,
                 nulls_first: false,

@@ -15,7 +15,6 @@ use datafusion::physical_expr::{EquivalenceProperties, Partitioning, PhysicalExp
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
-use datafusion_distributed::DistributedTaskContext;
 use futures::{StreamExt, TryStreamExt};
 use url::Url;
 
@@ -49,7 +48,7 @@ pub struct ShardCall {
 }
 
 /// The leaf over a sharded table: task *i* runs the calls of `tasks[i]` (the shards of one
-/// worker) on that worker and streams their rows, one call after another.
+/// worker) on that worker and streams their rows, one call after another, as partition *i*.
 #[derive(Debug, Clone)]
 pub struct ShardExec {
     tasks: Vec<Vec<ShardCall>>,
@@ -59,11 +58,13 @@ pub struct ShardExec {
 }
 
 impl ShardExec {
-    /// A leaf of `schema` running `tasks`, with `runner` on a worker.
+    /// A leaf of `schema` running `tasks`, with `runner` on a worker. It has a partition per
+    /// task, so the plan above it merges them (a coalesce, or a sorted merge): where the
+    /// distributed planner puts the network boundary.
     pub fn new(tasks: Vec<Vec<ShardCall>>, schema: SchemaRef, runner: Option<Arc<dyn ShardRunner>>) -> Self {
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(schema),
-            Partitioning::UnknownPartitioning(1),
+            Partitioning::UnknownPartitioning(tasks.len().max(1)),
             EmissionType::Incremental,
             Boundedness::Bounded,
         ));
@@ -126,7 +127,7 @@ impl ExecutionPlan for ShardExec {
         Ok(self)
     }
 
-    fn execute(&self, _partition: usize, context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
         let Some(runner) = self.runner.clone() else {
             let shards: Vec<&str> = self.calls().map(|c| c.shard.as_str()).collect();
             return exec_err!(
@@ -134,16 +135,9 @@ impl ExecutionPlan for ShardExec {
                 shards.join(", ")
             );
         };
-        // A variant holds its own task's calls only; a whole leaf, the calls of task i.
-        let task = match self.tasks.len() {
-            1 => &self.tasks[0],
-            _ => {
-                let index = DistributedTaskContext::from_ctx(&context).task_index;
-                match self.tasks.get(index) {
-                    Some(task) => task,
-                    None => return exec_err!("ShardExec: task {index} of {}", self.tasks.len()),
-                }
-            }
+        // A worker receives one task's variant; a whole leaf runs task i as its partition i.
+        let Some(task) = self.tasks.get(partition) else {
+            return exec_err!("ShardExec: partition {partition} of {}", self.tasks.len());
         };
         let schema = self.schema();
         let calls = task.clone();

@@ -5,7 +5,7 @@
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{TableFunctionArgs, TableProvider};
 use datafusion::common::{DataFusionError, Result, plan_err};
@@ -123,7 +123,9 @@ impl ShardRunner for EngineShards {
         let out = schema.clone();
         let batches = stream.and_then(move |batch| {
             let out = out.clone();
-            async move { Ok(RecordBatch::try_new(out, batch.columns().to_vec())?) }
+            // A projection of no columns (`count(*)`) still carries its row count.
+            let rows = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+            async move { Ok(RecordBatch::try_new_with_options(out, batch.columns().to_vec(), &rows)?) }
         });
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, batches)))
     }
