@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
-use datafusion::arrow::ipc::reader::StreamReader;
 use server::{Server, free_port, mkflow};
 
 const TOKEN: &str = "cluster-token";
@@ -61,26 +60,9 @@ async fn node(work: &Path, name: &str, docs: Option<&Path>, args: &[&str]) -> Se
     server
 }
 
-/// Runs `sql` through `POST /v1/sql` as an Arrow stream: the rows, or the status and message.
+/// Runs `sql` through `POST /v1/sql`: the rows in one batch, or the status and message.
 async fn query(server: &Server, sql: &str) -> Result<RecordBatch, String> {
-    let response = server
-        .client
-        .post(format!("{}/v1/sql", server.base))
-        .bearer_auth(TOKEN)
-        .header("accept", "application/vnd.apache.arrow.stream")
-        .body(sql.to_string())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let bytes = response.bytes().await.unwrap();
-    if !status.is_success() {
-        return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
-    }
-    let batches: Vec<RecordBatch> = StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let batches = server.sql_arrow(TOKEN, sql).await?;
     Ok(concat_batches(&batches[0].schema(), &batches).unwrap())
 }
 
