@@ -13,6 +13,7 @@ pub mod access;
 pub mod adapter;
 pub mod assets;
 pub mod chunks;
+pub mod cluster;
 pub mod engine;
 pub mod eval;
 pub mod laser;

@@ -130,6 +130,15 @@ enum Command {
         /// (overrides the file and MKFLOW_FLIGHT_LISTEN; not served unless set).
         #[arg(long)]
         flight_listen: Option<String>,
+        /// Also serve as a cluster worker on the Flight SQL address: a coordinator's queries
+        /// run on this server's indexes (its shards), as the role of the token it sends.
+        #[arg(long, env = "MKFLOW_WORKER", requires = "flight_listen")]
+        worker: bool,
+        /// Serve as a cluster coordinator: the tables of this shard map (TOML: [[shards]]
+        /// with table, worker = "host:port" and optional local_table, name; token_env) are
+        /// answered by their workers, merged here.
+        #[arg(long, env = "MKFLOW_COORDINATOR", value_name = "SHARD_MAP")]
+        coordinator: Option<PathBuf>,
         /// Extra pipeline files to run (named after the file).
         #[arg(long = "pipeline")]
         pipelines: Vec<PathBuf>,
@@ -433,6 +442,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         limits: mkflow::access::Limits::default(),
         mk_settings: Vec::new(),
         allowed_paths: Vec::new(),
+        shard_map: None,
     };
     match cli.command {
         Command::Models {
@@ -526,6 +536,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config: file,
             listen,
             flight_listen,
+            worker,
+            coordinator,
             pipelines,
         } => {
             let file = match &file {
@@ -544,9 +556,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.allowed_paths = file.server.allowed_paths.clone();
             let mut specs = file.pipeline_specs()?;
             specs.extend(pipelines.iter().map(|p| PipelineSpec::from_file(p)));
-            let server = file.server_settings(listen.as_deref(), flight_listen.as_deref(), |name| {
+            let mut server = file.server_settings(listen.as_deref(), flight_listen.as_deref(), |name| {
                 std::env::var(name).ok()
             })?;
+            server.worker = worker;
+            if let Some(path) = &coordinator {
+                config.shard_map = Some(mkflow::cluster::ShardMap::load(path, |name| std::env::var(name).ok())?);
+            }
             ensure_assets(&config.home)?;
             serve(ServeOptions {
                 engine: config,

@@ -15,7 +15,6 @@ use arrow_flight::{FlightInfo, IpcMessage};
 use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{Float32Type, Schema};
-use datafusion::arrow::ipc::reader::StreamReader;
 use futures::TryStreamExt;
 use server::{Server, free_port, mkflow};
 use tonic::Code;
@@ -85,21 +84,10 @@ fn status(error: arrow_flight::error::FlightError) -> tonic::Status {
 
 /// Runs `sql` through `POST /v1/sql`, asking for an Arrow stream.
 async fn http(server: &Server, token: &str, sql: &str) -> Vec<RecordBatch> {
-    let response = server
-        .client
-        .post(format!("{}/v1/sql", server.base))
-        .bearer_auth(token)
-        .header("accept", "application/vnd.apache.arrow.stream")
-        .body(sql.to_string())
-        .send()
+    server
+        .sql_arrow(token, sql)
         .await
-        .unwrap();
-    assert!(response.status().is_success(), "{sql}: {}", response.status());
-    let bytes = response.bytes().await.unwrap();
-    StreamReader::try_new(std::io::Cursor::new(bytes), None)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 fn one_batch(batches: &[RecordBatch]) -> RecordBatch {

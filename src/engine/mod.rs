@@ -31,6 +31,8 @@ use mkflow_udfs::{EmbedUdf, bounded};
 
 use crate::access::{Access, Limits};
 use crate::assets;
+use crate::cluster::planner::coordinator_state;
+use crate::cluster::{Cluster, ShardMap, ShardedFunction, ShardedTables};
 use crate::metrics::{self, EmbeddingTotals, GenerationTotals, IndexSize, ScrapeSources};
 use crate::mk::MkServices;
 use crate::models::ModelRegistry;
@@ -81,6 +83,9 @@ pub struct EngineConfig {
     pub mk_settings: Vec<(String, String)>,
     /// Directories besides the data directory that network clients' `LOCATION`s may name.
     pub allowed_paths: Vec<PathBuf>,
+    /// The shard map of a coordinator: its sharded tables are served from their workers
+    /// (see [`crate::cluster`]).
+    pub shard_map: Option<ShardMap>,
 }
 
 impl EngineConfig {
@@ -95,6 +100,7 @@ impl EngineConfig {
             limits: Limits::default(),
             mk_settings: Vec::new(),
             allowed_paths: Vec::new(),
+            shard_map: None,
         }
     }
 }
@@ -256,9 +262,17 @@ impl Engine {
             );
         }
         let searches = Arc::new(searches);
+        let cluster = config.shard_map.clone().map(|map| Arc::new(Cluster::new(map)));
+        if let Some(cluster) = &cluster {
+            kbs.set_remote(Arc::new(ShardedTables(cluster.clone())));
+        }
         // Each behind WithParameters: a prepared statement's `$1` may stand for any argument.
         for (name, function) in searches.iter() {
-            ctx.register_udtf(name, WithParameters::new(name, function.clone()));
+            let function = match &cluster {
+                Some(cluster) => Arc::new(ShardedFunction::new(name, function.clone(), cluster.clone())),
+                None => function.clone(),
+            };
+            ctx.register_udtf(name, WithParameters::new(name, function));
         }
         let rrf = Arc::new(RrfFunction::new(searches.clone()));
         ctx.register_udtf("rrf", WithParameters::new("rrf", rrf));
@@ -273,7 +287,10 @@ impl Engine {
         }
         ctx.add_analyzer_rule(Arc::new(AsyncCalls));
         session::register_mk_functions(&ctx, &mk_services)?;
-        let base = ctx.state();
+        let base = match &cluster {
+            Some(cluster) => coordinator_state(ctx.state(), cluster.map())?,
+            None => ctx.state(),
+        };
         let shared = Arc::new(Shared {
             mk_services,
             streams: StreamControl::new(config.until_caught_up),

@@ -160,6 +160,8 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     /// Longest a query may run.
     pub query_timeout: Duration,
+    /// Whether the Flight address also serves as a cluster worker (see [`crate::cluster`]).
+    pub worker: bool,
 }
 
 /// Default listen address.
@@ -306,6 +308,7 @@ impl ServeFile {
                 1 << 20,
             )? as usize,
             query_timeout: Duration::from_secs(number("MKFLOW_QUERY_TIMEOUT_SECS", server.query_timeout_secs, 30)?),
+            worker: false,
         })
     }
 }

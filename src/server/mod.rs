@@ -5,21 +5,25 @@
 //! - [`config`]: the TOML file and its environment overrides;
 //! - [`http`]: the routes;
 //! - [`flight`]: Arrow Flight SQL;
-//! - [`query`]: running one request's SQL, for either protocol.
+//! - [`query`]: running one request's SQL, for either protocol;
+//! - [`worker`]: serving as a cluster worker (`--worker`, see [`crate::cluster`]).
 
 pub mod config;
 pub mod flight;
 pub mod http;
 pub mod query;
+pub mod worker;
 
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use arrow_flight::flight_service_server::FlightServiceServer;
+use datafusion_distributed::Worker;
 
 use crate::streaming::PipelineState;
 use crate::{Engine, EngineConfig};
 use config::{PipelineSpec, ServerSettings};
+use worker::WorkerSessions;
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -108,8 +112,13 @@ async fn serve_flight(
         .await
         .with_context(|| format!("cannot listen on {address} for Flight SQL"))?;
     eprintln!(
-        "mkflow serving Arrow Flight SQL on grpc://{} (the same tokens and roles as /v1/sql)",
-        listener.local_addr()?
+        "mkflow serving Arrow Flight SQL on grpc://{} (the same tokens and roles as /v1/sql){}",
+        listener.local_addr()?,
+        if settings.worker {
+            ", and as a cluster worker"
+        } else {
+            ""
+        }
     );
     Ok(tokio::spawn(serve_flight_on(
         listener,
@@ -127,10 +136,14 @@ async fn serve_flight_on(
     settings: Arc<ServerSettings>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let worker = settings.worker.then(|| {
+        Worker::from_session_builder(WorkerSessions::new(engine.clone(), settings.clone())).into_worker_server()
+    });
     let service = flight::FlightSql::new(engine, settings);
     let incoming = service.accept(listener);
     tonic::transport::Server::builder()
         .add_service(FlightServiceServer::new(service))
+        .add_optional_service(worker)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

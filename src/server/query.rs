@@ -141,6 +141,9 @@ async fn guarded(
 /// allow is a 403, a result or memory use past its limit a 413; a failure of the server's own
 /// parts (disk, model, a panic) a 500.
 pub(super) fn status_of(error: &DataFusionError) -> StatusCode {
+    if unreachable_worker(error) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     match error.find_root() {
         DataFusionError::SQL(..)
         | DataFusionError::Plan(_)
@@ -165,6 +168,22 @@ pub(super) fn status_of(error: &DataFusionError) -> StatusCode {
     }
 }
 
+/// Whether `error` is a cluster worker that could not be reached (the query may succeed once
+/// it is back): a transport error anywhere in its chain.
+fn unreachable_worker(error: &DataFusionError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if e.is::<tonic::transport::Error>()
+            || e.to_string()
+                .contains("Error connecting to Distributed DataFusion worker")
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// A panic while running a statement (a bug some input reaches): that request fails with a 500,
 /// the server goes on.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +206,7 @@ fn external_status(error: &(dyn std::error::Error + Send + Sync + 'static)) -> S
     if error.downcast_ref::<mkflow_udfs::bounded::ValueTooLarge>().is_some() {
         return StatusCode::PAYLOAD_TOO_LARGE;
     }
+
     let failed = match error.downcast_ref::<IndexError>() {
         Some(e) => matches!(
             e,

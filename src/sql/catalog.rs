@@ -8,7 +8,7 @@
 //! their index up in the shared part ([`KbSchema::entry_or_error`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use async_trait::async_trait;
 use datafusion::catalog::{MemorySchemaProvider, SchemaProvider, TableProvider};
@@ -52,6 +52,17 @@ pub struct KbSchema {
     indexes: RwLock<HashMap<String, KbEntry>>,
     globals: MemorySchemaProvider,
     progress: Arc<IngestProgress>,
+    /// Tables served from elsewhere, found after the local ones.
+    remote: OnceLock<Arc<dyn RemoteTables>>,
+}
+
+/// Tables a schema serves from elsewhere (a coordinator's sharded tables).
+#[async_trait]
+pub trait RemoteTables: std::fmt::Debug + Send + Sync {
+    /// Their names.
+    fn names(&self) -> Vec<String>;
+    /// The table called `name`, if it is one of them.
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>>;
 }
 
 /// What a table name of the schema stands for.
@@ -75,7 +86,13 @@ impl KbSchema {
             indexes: RwLock::default(),
             globals: MemorySchemaProvider::new(),
             progress,
+            remote: OnceLock::new(),
         }
+    }
+
+    /// Serves `remote`'s tables too (once; later calls change nothing).
+    pub fn set_remote(&self, remote: Arc<dyn RemoteTables>) {
+        let _ = self.remote.set(remote);
     }
 
     /// Makes `table` visible to every session as `name` (the engine's own tables).
@@ -221,21 +238,32 @@ impl KbSchema {
                 names.push(format!("{name}{CHUNKS_SUFFIX}"));
             }
         }
+        if let Some(remote) = self.remote.get() {
+            names.extend(remote.names());
+        }
         names.extend(self.globals.table_names());
         names
     }
 
     /// The shared table called `name`, if any.
     async fn shared_table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
-        match self.named(name) {
-            Some(named) => Ok(Some(self.table_for(name, named))),
-            None => self.globals.table(name).await,
+        if let Some(named) = self.named(name) {
+            return Ok(Some(self.table_for(name, named)));
+        }
+        if let Some(table) = self.globals.table(name).await? {
+            return Ok(Some(table));
+        }
+        match self.remote.get() {
+            Some(remote) => remote.table(name).await,
+            None => Ok(None),
         }
     }
 
     /// Whether the shared part has a table called `name`.
     fn shares(&self, name: &str) -> bool {
-        self.named(name).is_some() || self.globals.table_exist(name)
+        self.named(name).is_some()
+            || self.globals.table_exist(name)
+            || self.remote.get().is_some_and(|r| r.names().iter().any(|n| n == name))
     }
 }
 

@@ -115,6 +115,35 @@ impl Server {
         request.send().await.unwrap()
     }
 
+    /// Runs `sql` through `POST /v1/sql` as `token`, asking for an Arrow stream: its batches,
+    /// or the status and message of the refusal.
+    pub async fn sql_arrow(
+        &self,
+        token: &str,
+        sql: &str,
+    ) -> Result<Vec<datafusion::arrow::array::RecordBatch>, String> {
+        let response = self
+            .client
+            .post(format!("{}/v1/sql", self.base))
+            .bearer_auth(token)
+            .header("accept", "application/vnd.apache.arrow.stream")
+            .body(sql.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.bytes().await.unwrap();
+        if !status.is_success() {
+            return Err(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+        }
+        Ok(
+            datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap(),
+        )
+    }
+
     /// Waits until `GET path` succeeds.
     pub async fn wait_for(&self, path: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

@@ -46,8 +46,11 @@ use tonic::{Request, Response, Status};
 
 use super::config::ServerSettings;
 use super::query::{QueryFailure, metrics_label, role_of, run_in_session, run_prepared};
+use super::worker::EngineShards;
 use crate::Engine;
 use crate::access::Role;
+use crate::cluster::codec::{decode_call, encode_schema};
+use crate::cluster::coordinator::SHARD_SCHEMA_ACTION;
 use sessions::{MAX_PREPARED, Prepared, Sessions, Waiting, WaitingResults};
 
 pub use connection::{Connection, ConnectionInfo};
@@ -254,6 +257,37 @@ impl FlightSqlService for FlightSql {
             Status::not_found("no result waits under this ticket (each is fetched once; run the statement again)")
         })?;
         Ok(data_stream(result.schema, result.batches))
+    }
+
+    /// The cluster's schema question ([`SHARD_SCHEMA_ACTION`]), on a worker: the columns a
+    /// shard call answers, without running it.
+    async fn do_action_fallback(
+        &self,
+        request: Request<Action>,
+    ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
+        let kind = request.get_ref().r#type.clone();
+        if kind != SHARD_SCHEMA_ACTION || !self.settings.worker {
+            return Err(Status::invalid_argument(format!(
+                "unknown action '{kind}'{}",
+                if kind == SHARD_SCHEMA_ACTION {
+                    " (this server is not a cluster worker: start it with --worker)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let role = self.role(&request)?;
+        let engine = self.sessions.engine().map_err(status_of)?;
+        let call = decode_call(&request.get_ref().body).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let schema = EngineShards::new(engine, role)
+            .schema(&call)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let body = encode_schema(&schema).map_err(|e| Status::internal(e.to_string()))?;
+        let answer = arrow_flight::Result { body: body.into() };
+        Ok(Response::new(Box::pin(futures::stream::once(
+            async move { Ok(answer) },
+        ))))
     }
 
     async fn do_action_create_prepared_statement(

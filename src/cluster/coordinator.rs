@@ -1,0 +1,414 @@
+//! The coordinator side of cluster mode: a sharded table's searches and scans become a
+//! [`ShardExec`] over its shards, merged here (searches: sorted by score, the first `k` kept).
+//!
+//! Per-shard top-k is enough for the global top-k: a row among the `k` best overall is among
+//! the `k` best of its own shard. The coordinator learns a call's columns by asking a worker
+//! (the [`SHARD_SCHEMA_ACTION`] Flight action, answered without running the call) and keeps
+//! them per function, table and named arguments.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arrow_flight::Action;
+use arrow_flight::flight_service_client::FlightServiceClient;
+use async_trait::async_trait;
+use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{DataFusionError, Result, plan_err};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::expressions::Column;
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use url::Url;
+
+use super::codec::{decode_schema, encode_call, encode_exprs};
+use super::exec::{ShardCall, ShardExec};
+use super::shard_map::{Shard, ShardMap};
+use crate::access::Access;
+use crate::sql::call_args::{int_arg, named_arg_name, table_arg};
+use crate::sql::catalog::RemoteTables;
+use crate::sql::vector_search::search_k;
+
+/// The Flight action a worker answers with the schema of a shard call (its body: the call).
+pub const SHARD_SCHEMA_ACTION: &str = "mkflow.shard_schema";
+
+/// The table functions whose calls over a sharded table run on every shard.
+pub const SHARDED_SEARCHES: &[&str] = &[
+    "vector_search",
+    "qa_search",
+    "chunk_search",
+    "text_search",
+    "qa_text_search",
+    "chunk_text_search",
+    "hybrid_search",
+    "qa_hybrid_search",
+    "chunk_hybrid_search",
+];
+
+/// The columns a search's answer is ranked by (`fused_score`: the hybrid searches).
+const SCORE_COLUMNS: &[&str] = &["score", "fused_score"];
+
+/// How long a coordinator waits to connect to a worker, and for its answer about a schema.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const SCHEMA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A coordinator's view of the cluster: the shard map and the call schemas learnt so far.
+#[derive(Debug)]
+pub struct Cluster {
+    map: ShardMap,
+    schemas: Mutex<HashMap<String, SchemaRef>>,
+}
+
+impl Cluster {
+    /// The cluster `map` describes.
+    pub fn new(map: ShardMap) -> Self {
+        Cluster {
+            map,
+            schemas: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The shard map.
+    pub fn map(&self) -> &ShardMap {
+        &self.map
+    }
+
+    /// The calls of one query over `table`, one per shard, grouped into one task per worker.
+    fn tasks(&self, table: &str, template: &ShardCall) -> Result<Vec<Vec<ShardCall>>> {
+        let shards = self.shards(table)?;
+        let mut tasks: Vec<Vec<ShardCall>> = Vec::new();
+        for shard in shards {
+            let call = for_shard(template, shard);
+            match tasks.iter_mut().find(|t| t[0].worker == shard.worker) {
+                Some(task) => task.push(call),
+                None => tasks.push(vec![call]),
+            }
+        }
+        Ok(tasks)
+    }
+
+    fn shards(&self, table: &str) -> Result<&[Shard]> {
+        self.map
+            .shards(table)
+            .ok_or_else(|| DataFusionError::Plan(format!("'{table}' is not a sharded table")))
+    }
+
+    /// The columns `template` answers over `table`, asked of its shards' workers in turn
+    /// (until one answers) unless known under `key`.
+    async fn schema(&self, key: String, table: &str, template: &ShardCall) -> Result<SchemaRef> {
+        if let Some(schema) = self.schemas.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(schema.clone());
+        }
+        let mut failures = Vec::new();
+        for shard in self.shards(table)? {
+            match ask_schema(&for_shard(template, shard), self.map.token()).await {
+                Ok(schema) => {
+                    self.schemas
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key, schema.clone());
+                    return Ok(schema);
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        Err(DataFusionError::Execution(format!(
+            "no worker of '{table}' answered: {}",
+            failures.join("; ")
+        )))
+    }
+
+    /// [`Cluster::schema`] from synchronous planning code: on a thread of its own, so the
+    /// caller's runtime (whatever its kind) is not blocked inside a task it drives.
+    fn schema_blocking(&self, key: String, table: &str, template: &ShardCall) -> Result<SchemaRef> {
+        if let Some(schema) = self.schemas.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(schema.clone());
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| DataFusionError::Execution(format!("cluster: cannot start a runtime: {e}")))?
+                        .block_on(self.schema(key, table, template))
+                })
+                .join()
+                .unwrap_or_else(|_| Err(DataFusionError::Execution("cluster: asking a worker panicked".into())))
+        })
+    }
+}
+
+/// `template` addressed to `shard`.
+fn for_shard(template: &ShardCall, shard: &Shard) -> ShardCall {
+    ShardCall {
+        shard: shard.name.clone(),
+        worker: shard.worker.clone(),
+        table: shard.local_table.clone(),
+        ..template.clone()
+    }
+}
+
+/// Asks `call`'s worker for the columns it answers.
+async fn ask_schema(call: &ShardCall, token: Option<&str>) -> Result<SchemaRef> {
+    let failed = |what: String| DataFusionError::Execution(format!("shard {} on {}: {what}", call.shard, call.worker));
+    let channel = tonic::transport::Endpoint::from_shared(call.worker.to_string())
+        .map_err(|e| failed(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(SCHEMA_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| {
+            failed(format!(
+                "cannot connect ({e}); is `mkflow serve --worker` running there?"
+            ))
+        })?;
+    let mut client = FlightServiceClient::new(channel);
+    let mut request = tonic::Request::new(Action {
+        r#type: SHARD_SCHEMA_ACTION.into(),
+        body: encode_call(call).into(),
+    });
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| failed("the cluster token is not a valid header value".into()))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut answers = client
+        .do_action(request)
+        .await
+        .map_err(|status| failed(status.message().to_string()))?
+        .into_inner();
+    let answer = answers
+        .message()
+        .await
+        .map_err(|status| failed(status.message().to_string()))?
+        .ok_or_else(|| failed("no schema in the answer".into()))?;
+    Ok(Arc::new(decode_schema(&answer.body)?))
+}
+
+/// The `k` a search call names: its last integer argument after the table and the query.
+fn call_k(exprs: &[Expr]) -> Option<usize> {
+    exprs
+        .iter()
+        .filter(|e| named_arg_name(e).is_none())
+        .skip(2)
+        .filter_map(int_arg)
+        .last()
+        .and_then(|k| usize::try_from(k).ok())
+}
+
+/// A search function that runs across the shards when its table is sharded, and as `inner`
+/// otherwise.
+#[derive(Debug)]
+pub struct ShardedFunction {
+    name: String,
+    inner: Arc<dyn TableFunctionImpl>,
+    cluster: Arc<Cluster>,
+}
+
+impl ShardedFunction {
+    /// `inner` (registered as `name`), sharded over `cluster`'s tables.
+    pub fn new(name: &str, inner: Arc<dyn TableFunctionImpl>, cluster: Arc<Cluster>) -> Self {
+        ShardedFunction {
+            name: name.to_string(),
+            inner,
+            cluster,
+        }
+    }
+}
+
+impl TableFunctionImpl for ShardedFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let exprs = args.exprs();
+        let Some(table) = exprs.first().and_then(table_arg) else {
+            return self.inner.call_with_args(args);
+        };
+        if self.cluster.map.shards(&table).is_none() {
+            return self.inner.call_with_args(args);
+        }
+        let name = self.name.as_str();
+        if !SHARDED_SEARCHES.contains(&name) {
+            return plan_err!(
+                "{name}: '{table}' is sharded, and {name} does not run across shards yet (sharded tables answer {} and scans)",
+                SHARDED_SEARCHES.join(", ")
+            );
+        }
+        let k = call_k(exprs)
+            .map(|k| Access::of(args.session().config()).check_k(name, k))
+            .transpose()?;
+        let template = ShardCall {
+            shard: String::new(),
+            worker: Url::parse("http://unassigned:0").expect("a URL"),
+            function: Some(self.name.clone()),
+            table: String::new(),
+            args: encode_exprs(&exprs[1..])?,
+            filters: encode_exprs(&[])?,
+            projection: None,
+            limit: None,
+        };
+        let named: Vec<&str> = exprs.iter().filter_map(named_arg_name).collect();
+        let key = format!("{name}\0{table}\0{}", named.join(","));
+        let schema = self.cluster.schema_blocking(key, &table, &template)?;
+        Ok(Arc::new(ShardedTable {
+            cluster: self.cluster.clone(),
+            table,
+            template,
+            schema,
+            k,
+        }))
+    }
+}
+
+/// A sharded table's rows, or a search's answer over it.
+#[derive(Debug)]
+struct ShardedTable {
+    cluster: Arc<Cluster>,
+    table: String,
+    /// The call each shard runs (`function: None`: a scan).
+    template: ShardCall,
+    schema: SchemaRef,
+    /// The call's own `k`, if it names one.
+    k: Option<usize>,
+}
+
+#[async_trait]
+impl TableProvider for ShardedTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        match self.template.function {
+            Some(_) => TableType::Temporary,
+            None => TableType::Base,
+        }
+    }
+
+    /// Every filter goes to the shards, and is applied again above the merged rows (a shard
+    /// applies those its table takes).
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let filters = encode_exprs(filters)?;
+        let Some(function) = &self.template.function else {
+            let template = ShardCall {
+                filters,
+                projection: projection.cloned(),
+                limit,
+                ..self.template.clone()
+            };
+            let schema = match projection {
+                Some(p) => Arc::new(self.schema.project(p)?),
+                None => self.schema.clone(),
+            };
+            return Ok(Arc::new(ShardExec::new(
+                self.cluster.tasks(&self.table, &template)?,
+                schema,
+                None,
+            )));
+        };
+        let k = search_k(state, function, self.k, limit)?;
+        let template = ShardCall {
+            filters,
+            limit,
+            ..self.template.clone()
+        };
+        let leaf = Arc::new(ShardExec::new(
+            self.cluster.tasks(&self.table, &template)?,
+            self.schema.clone(),
+            None,
+        ));
+        let Some((column, score)) = SCORE_COLUMNS
+            .iter()
+            .find_map(|name| self.schema.index_of(name).ok().map(|i| (*name, i)))
+        else {
+            return plan_err!("{function}: its answer has no score column to merge the shards by");
+        };
+        let by_score = PhysicalSortExpr::new(
+            Arc::new(Column::new(column, score)),
+            SortOptions {
+                descending: true,
+                nulls_first: false,
+            },
+        );
+        let ordering = LexOrdering::new(vec![by_score]).expect("one sort expression");
+        let merged: Arc<dyn ExecutionPlan> = Arc::new(SortExec::new(ordering, leaf).with_fetch(Some(k)));
+        Ok(match projection {
+            Some(columns) => {
+                let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = columns
+                    .iter()
+                    .map(|&i| {
+                        let name = self.schema.field(i).name().clone();
+                        (Arc::new(Column::new(&name, i)) as _, name)
+                    })
+                    .collect();
+                Arc::new(ProjectionExec::try_new(exprs, merged)?)
+            }
+            None => merged,
+        })
+    }
+}
+
+/// A coordinator's sharded tables, as tables of its catalog (scans of every shard).
+#[derive(Debug)]
+pub struct ShardedTables(pub Arc<Cluster>);
+
+#[async_trait]
+impl RemoteTables for ShardedTables {
+    fn names(&self) -> Vec<String> {
+        self.0.map.tables().map(str::to_string).collect()
+    }
+
+    async fn table(&self, name: &str) -> Result<Option<Arc<dyn TableProvider>>> {
+        if self.0.map.shards(name).is_none() {
+            return Ok(None);
+        }
+        let template = ShardCall {
+            shard: String::new(),
+            worker: Url::parse("http://unassigned:0").expect("a URL"),
+            function: None,
+            table: String::new(),
+            args: Vec::new(),
+            filters: Vec::new(),
+            projection: None,
+            limit: None,
+        };
+        let schema = self.0.schema(format!("\0{name}"), name, &template).await?;
+        Ok(Some(Arc::new(ShardedTable {
+            cluster: self.0.clone(),
+            table: name.to_string(),
+            template,
+            schema,
+            k: None,
+        })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::lit;
+
+    use super::*;
+
+    #[test]
+    fn the_k_of_a_call_is_its_last_integer_after_table_and_query() {
+        let table = Expr::Column("kb".into());
+        assert_eq!(call_k(&[table.clone(), lit("q"), lit(5i64)]), Some(5));
+        assert_eq!(call_k(&[table.clone(), lit("q"), lit("text"), lit(7i64)]), Some(7));
+        assert_eq!(call_k(&[table.clone(), lit("q")]), None);
+        assert_eq!(call_k(&[table, lit(3i64)]), None, "the query is not k");
+    }
+}
