@@ -132,14 +132,19 @@ async fn a_coordinator_over_three_workers_answers_as_one_node_holding_every_docu
     let text = format!("{plan:?}");
     assert!(text.contains("DistributedExec") && text.contains("ShardExec"), "{text}");
     assert!(text.contains("tasks=3"), "one task per worker: {text}");
-    // Text and hybrid searches run across the shards too (their scores are each shard's own).
+    // BM25 scores compare across shards: each shard scores with the statistics of all of them
+    // (a first round sums them), so the merged scores are one node's (rows tied on a score may
+    // come in another order).
     for sql in [
-        "SELECT doc_id, score FROM text_search(kb, 'cell', 6)",
-        "SELECT doc_id, fused_score FROM hybrid_search(kb, 'stem cells', 6)",
+        "SELECT score FROM text_search(kb, 'cell', 8)",
+        "SELECT score FROM text_search(kb, 'protein folding stem cells', 10)",
     ] {
-        let found = query(&coordinator, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-        assert_eq!(found.num_rows(), 6, "{sql}");
+        let merged = query(&coordinator, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(merged.columns(), query(&single, sql).await.unwrap().columns(), "{sql}");
     }
+    let sql = "SELECT doc_id, fused_score FROM hybrid_search(kb, 'stem cells', 6)";
+    let found = query(&coordinator, sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    assert_eq!(found.num_rows(), 6, "{sql}");
     // Functions that do not run across shards yet say so.
     let refused = query(&coordinator, "SELECT * FROM mk_search(kb, 'protein', 3)")
         .await

@@ -57,7 +57,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 pub use ann::{AnnIndex, Hit, Quantization};
 pub use backlog::MAX_BACKLOG;
 pub use error::IndexError;
-pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery};
+pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery, TextStatistics};
 pub use group::GroupCommit;
 pub use manifest::{MANIFEST_FILE, Manifest};
 pub use offsets::SourceOffsets;

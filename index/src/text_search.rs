@@ -10,7 +10,7 @@ use std::sync::Arc;
 use arrow::array::RecordBatch;
 
 use crate::fulltext::TextColumn;
-use crate::{IndexError, KnowledgeIndex, RowPredicate, TextQuery};
+use crate::{IndexError, KnowledgeIndex, RowPredicate, TextQuery, TextStatistics};
 
 impl KnowledgeIndex {
     /// The columns indexed for full-text search (empty: none).
@@ -46,18 +46,41 @@ impl KnowledgeIndex {
         k: usize,
         filter: Option<&RowPredicate<'_>>,
     ) -> Result<RecordBatch, IndexError> {
+        self.text_search_with(query, k, filter, None)
+    }
+
+    /// [`KnowledgeIndex::text_search`] scored with `statistics` in place of this index's own
+    /// where given: the statistics summed over the shards of one table (see
+    /// [`KnowledgeIndex::text_statistics`]), so every shard scores as one index would.
+    pub fn text_search_with(
+        &self,
+        query: &TextQuery,
+        k: usize,
+        filter: Option<&RowPredicate<'_>>,
+        statistics: Option<&TextStatistics>,
+    ) -> Result<RecordBatch, IndexError> {
         let state = self.current();
         let (Some(full_text), Some(view)) = (&self.full_text, &state.text) else {
             return Err(self.no_full_text());
         };
         let k = k.min(state.locations.len());
         let hits = match filter {
-            None => full_text.search(view, query, k, None::<fn(u64) -> bool>)?,
+            None => full_text.search(view, query, k, None::<fn(u64) -> bool>, statistics)?,
             Some(filter) => {
                 let allowed = Arc::new(self.allowed_keys(&state, filter, false)?);
-                full_text.search(view, query, k, Some(move |key| allowed.contains(key)))?
+                full_text.search(view, query, k, Some(move |key| allowed.contains(key)), statistics)?
             }
         };
         self.gather(&state, &hits)
+    }
+
+    /// The BM25 statistics of `query` in this index's published state: documents, tokens of
+    /// the fields it reads, documents holding each of its terms.
+    pub fn text_statistics(&self, query: &TextQuery) -> Result<TextStatistics, IndexError> {
+        let state = self.current();
+        let (Some(full_text), Some(view)) = (&self.full_text, &state.text) else {
+            return Err(self.no_full_text());
+        };
+        full_text.statistics(view, query)
     }
 }

@@ -437,3 +437,48 @@ fn a_background_compaction_leaves_the_text_index_as_it_is() {
     assert_eq!(text_commit(dir.path()), Some(manifest.generation.to_string()));
     assert_eq!(search(&reopened, "comet", 10), vec!["doc-0"]);
 }
+
+#[test]
+fn shards_scored_with_summed_statistics_score_as_one_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = [
+        ("a", "Cells", "Stem cells divide; the cells grow.", 1),
+        ("b", "Proteins", "Proteins fold into shapes.", 1),
+        ("c", "Cell walls", "Plant cells have walls and a cell membrane too.", 2),
+        ("d", "Weather", "Rain falls on plains in the spring.", 2),
+        ("e", "Dividing", "Cells dividing quickly under the microscope.", 1),
+    ];
+    let whole = create(&dir.path().join("whole"));
+    whole.upsert(&[rows(&whole, &docs)]).unwrap();
+    let shards = [create(&dir.path().join("s0")), create(&dir.path().join("s1"))];
+    shards[0].upsert(&[rows(&shards[0], &docs[..2])]).unwrap();
+    shards[1].upsert(&[rows(&shards[1], &docs[2..])]).unwrap();
+    let query = TextQuery::terms("dividing cells");
+    let mut summed = shards[0].text_statistics(&query).unwrap();
+    summed.add(&shards[1].text_statistics(&query).unwrap());
+    let sorted = |mut s: TextStatistics| {
+        s.tokens.sort();
+        s.term_documents.sort();
+        s
+    };
+    assert_eq!(summed.documents, 5);
+    assert_eq!(sorted(summed.clone()), sorted(whole.text_statistics(&query).unwrap()));
+
+    let expected = whole.text_search(&query, 10, None).unwrap();
+    let mut merged: Vec<(String, f32)> = shards
+        .iter()
+        .flat_map(|shard| {
+            let found = shard.text_search_with(&query, 10, None, Some(&summed)).unwrap();
+            ids(&found).into_iter().zip(scores(&found)).collect::<Vec<_>>()
+        })
+        .collect();
+    merged.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let merged_ids: Vec<String> = merged.iter().map(|(id, _)| id.clone()).collect();
+    let merged_scores: Vec<f32> = merged.iter().map(|(_, s)| *s).collect();
+    assert_eq!(merged_ids, ids(&expected));
+    assert_eq!(merged_scores, scores(&expected), "the same scores as one index");
+    // Each shard's own statistics score differently (the reason for summing them).
+    let local = shards[1].text_search(&query, 10, None).unwrap();
+    let global = shards[1].text_search_with(&query, 10, None, Some(&summed)).unwrap();
+    assert_ne!(scores(&local), scores(&global));
+}

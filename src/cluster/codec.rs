@@ -53,6 +53,8 @@ struct CallProto {
     projected: bool,
     #[prost(uint64, optional, tag = "9")]
     limit: Option<u64>,
+    #[prost(bytes = "vec", tag = "10")]
+    text_statistics: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -168,6 +170,7 @@ fn call_to_proto(call: &ShardCall) -> CallProto {
         projection: call.projection.iter().flatten().map(|&i| i as u64).collect(),
         projected: call.projection.is_some(),
         limit: call.limit.map(|l| l as u64),
+        text_statistics: call.text_statistics.clone(),
     }
 }
 
@@ -186,6 +189,7 @@ fn call_from_proto(proto: CallProto) -> Result<ShardCall> {
             .projected
             .then(|| proto.projection.iter().map(|&i| i as usize).collect()),
         limit: proto.limit.map(|l| l as usize),
+        text_statistics: proto.text_statistics,
     })
 }
 
@@ -210,6 +214,7 @@ mod tests {
             filters: encode_exprs(&[col("year").gt(lit(2020))]).unwrap(),
             projection: Some(vec![0]),
             limit: Some(3),
+            text_statistics: b"{}".to_vec(),
         };
         let exec: Arc<dyn ExecutionPlan> = Arc::new(ShardExec::new(vec![vec![call.clone()]], schema.clone(), None));
         let mut buf = Vec::new();

@@ -32,9 +32,14 @@ use crate::access::Access;
 use crate::sql::call_args::{int_arg, named_arg_name, table_arg};
 use crate::sql::catalog::RemoteTables;
 use crate::sql::vector_search::search_k;
+use mkflow_index::TextStatistics;
 
 /// The Flight action a worker answers with the schema of a shard call (its body: the call).
 pub const SHARD_SCHEMA_ACTION: &str = "mkflow.shard_schema";
+
+/// The Flight action a worker answers with the BM25 statistics of a shard call's text searches
+/// (JSON `TextStatistics`; its body: the call).
+pub const SHARD_TEXT_STATISTICS_ACTION: &str = "mkflow.shard_text_statistics";
 
 /// The table functions whose calls over a sharded table run on every shard.
 pub const SHARDED_SEARCHES: &[&str] = &[
@@ -52,9 +57,9 @@ pub const SHARDED_SEARCHES: &[&str] = &[
 /// The columns a search's answer is ranked by (`fused_score`: the hybrid searches).
 const SCORE_COLUMNS: &[&str] = &["score", "fused_score"];
 
-/// How long a coordinator waits to connect to a worker, and for its answer about a schema.
+/// How long a coordinator waits to connect to a worker, and for its answer to a question.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const SCHEMA_TIMEOUT: Duration = Duration::from_secs(30);
+const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A coordinator's view of the cluster: the shard map and the call schemas learnt so far.
 #[derive(Debug)]
@@ -105,7 +110,8 @@ impl Cluster {
         }
         let mut failures = Vec::new();
         for shard in self.shards(table)? {
-            match ask_schema(&for_shard(template, shard), self.map.token()).await {
+            let answer = ask(SHARD_SCHEMA_ACTION, &for_shard(template, shard), self.map.token()).await;
+            match answer.and_then(|body| decode_schema(&body)).map(Arc::new) {
                 Ok(schema) => {
                     self.schemas
                         .lock()
@@ -143,6 +149,27 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The BM25 statistics of `template`'s text searches summed over every shard of `table`
+    /// (JSON): the first of a text search's two rounds.
+    async fn text_statistics(&self, table: &str, template: &ShardCall) -> Result<Vec<u8>> {
+        let token = self.map.token();
+        let calls: Vec<ShardCall> = self
+            .shards(table)?
+            .iter()
+            .map(|shard| for_shard(template, shard))
+            .collect();
+        let asked = calls.iter().map(|call| ask(SHARD_TEXT_STATISTICS_ACTION, call, token));
+        let mut summed = TextStatistics::default();
+        for answer in futures::future::try_join_all(asked).await? {
+            let statistics: TextStatistics = serde_json::from_slice(&answer)
+                .map_err(|e| DataFusionError::Execution(format!("text statistics from a worker: {e}")))?;
+            summed.add(&statistics);
+        }
+        serde_json::to_vec(&summed).map_err(|e| DataFusionError::Execution(e.to_string()))
+    }
+}
+
 /// `template` addressed to `shard`.
 fn for_shard(template: &ShardCall, shard: &Shard) -> ShardCall {
     ShardCall {
@@ -153,13 +180,13 @@ fn for_shard(template: &ShardCall, shard: &Shard) -> ShardCall {
     }
 }
 
-/// Asks `call`'s worker for the columns it answers.
-async fn ask_schema(call: &ShardCall, token: Option<&str>) -> Result<SchemaRef> {
+/// Asks `call`'s worker the Flight action `action` about it; the answer's body.
+async fn ask(action: &str, call: &ShardCall, token: Option<&str>) -> Result<prost::bytes::Bytes> {
     let failed = |what: String| DataFusionError::Execution(format!("shard {} on {}: {what}", call.shard, call.worker));
     let channel = tonic::transport::Endpoint::from_shared(call.worker.to_string())
         .map_err(|e| failed(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(SCHEMA_TIMEOUT)
+        .timeout(ASK_TIMEOUT)
         .connect()
         .await
         .map_err(|e| {
@@ -169,7 +196,7 @@ async fn ask_schema(call: &ShardCall, token: Option<&str>) -> Result<SchemaRef> 
         })?;
     let mut client = FlightServiceClient::new(channel);
     let mut request = tonic::Request::new(Action {
-        r#type: SHARD_SCHEMA_ACTION.into(),
+        r#type: action.into(),
         body: encode_call(call).into(),
     });
     if let Some(token) = token {
@@ -187,8 +214,8 @@ async fn ask_schema(call: &ShardCall, token: Option<&str>) -> Result<SchemaRef> 
         .message()
         .await
         .map_err(|status| failed(status.message().to_string()))?
-        .ok_or_else(|| failed("no schema in the answer".into()))?;
-    Ok(Arc::new(decode_schema(&answer.body)?))
+        .ok_or_else(|| failed(format!("no answer to {action}")))?;
+    Ok(answer.body)
 }
 
 /// The `k` a search call names: its last integer argument after the table and the query.
@@ -250,6 +277,7 @@ impl TableFunctionImpl for ShardedFunction {
             filters: encode_exprs(&[])?,
             projection: None,
             limit: None,
+            text_statistics: Vec::new(),
         };
         let named: Vec<&str> = exprs.iter().filter_map(named_arg_name).collect();
         let key = format!("{name}\0{table}\0{}", named.join(","));
@@ -321,11 +349,14 @@ impl TableProvider for ShardedTable {
             )));
         };
         let k = search_k(state, function, self.k, limit)?;
-        let template = ShardCall {
+        let mut template = ShardCall {
             filters,
             limit,
             ..self.template.clone()
         };
+        if function.contains("text_search") || function.contains("hybrid_search") {
+            template.text_statistics = self.cluster.text_statistics(&self.table, &template).await?;
+        }
         let leaf = Arc::new(ShardExec::new(
             self.cluster.tasks(&self.table, &template)?,
             self.schema.clone(),
@@ -385,6 +416,7 @@ impl RemoteTables for ShardedTables {
             filters: Vec::new(),
             projection: None,
             limit: None,
+            text_statistics: Vec::new(),
         };
         let schema = self.0.schema(format!("\0{name}"), name, &template).await?;
         Ok(Some(Arc::new(ShardedTable {

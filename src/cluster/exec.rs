@@ -45,6 +45,9 @@ pub struct ShardCall {
     pub projection: Option<Vec<usize>>,
     /// The rows it returns at most.
     pub limit: Option<usize>,
+    /// BM25 statistics summed over every shard (JSON; empty: none), which the shard's text
+    /// searches score with so that scores compare across shards.
+    pub text_statistics: Vec<u8>,
 }
 
 /// The leaf over a sharded table: task *i* runs the calls of `tasks[i]` (the shards of one

@@ -10,6 +10,8 @@
 //!   (one call per shard) where a sharded table is read ([`coordinator`]); the distributed
 //!   planner ([`planner`]) runs the leaf as one task per worker, routed to the worker serving
 //!   those shards, and merges above it: a search sorts the shards' top-k by score and keeps k.
+//!   A text (or hybrid) search first asks every shard for its BM25 statistics of the query and
+//!   sends their sum with the call, so each shard scores as one index of all documents would.
 //! - The leaf crosses the network through [`codec`]; each call's arguments and filters travel
 //!   as DataFusion expressions and run on the worker as its own table function would run them.
 //!

@@ -2,7 +2,7 @@
 //! worker service beside Flight SQL, and runs the shard calls coordinators send it as the role
 //! of the token they present (the same tokens as `/v1/sql`).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
@@ -22,6 +22,8 @@ use crate::Engine;
 use crate::access::Role;
 use crate::cluster::codec::{ShardCodec, decode_exprs};
 use crate::cluster::{ShardCall, ShardRunner};
+use crate::sql::text_search::ShardStatistics;
+use mkflow_index::TextStatistics;
 
 /// Runs a worker's shard calls on its engine, as one role.
 pub struct EngineShards {
@@ -45,6 +47,22 @@ impl EngineShards {
 
     fn state(&self) -> Result<SessionState> {
         Ok(self.engine.network_session(self.role)?.context().state())
+    }
+
+    /// The BM25 statistics of `call`'s text searches over this shard (the coordinator sums
+    /// every shard's): the call runs with its text searches collecting them and answering no
+    /// rows.
+    pub async fn text_statistics(&self, call: &ShardCall) -> Result<TextStatistics> {
+        let mut state = self.state()?;
+        let sink = Arc::new(ShardStatistics::Collect(Mutex::new(TextStatistics::default())));
+        state.config_mut().set_extension(sink.clone());
+        let provider = self.provider(call, &state).await?;
+        let plan = provider.scan(&state, None, &[], call.limit).await?;
+        execute_stream(plan, state.task_ctx())?.try_collect::<Vec<_>>().await?;
+        match &*sink {
+            ShardStatistics::Collect(collected) => Ok(collected.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            ShardStatistics::Use(_) => unreachable!("the sink collects"),
+        }
     }
 
     /// The table a call reads: its function's answer, or the table itself.
@@ -88,7 +106,12 @@ impl ShardRunner for EngineShards {
     /// Runs `call`; its rows come back as `schema` (the coordinator's, learnt from
     /// [`EngineShards::schema`]).
     async fn run(&self, call: &ShardCall, schema: SchemaRef) -> Result<SendableRecordBatchStream> {
-        let state = self.state()?;
+        let mut state = self.state()?;
+        if !call.text_statistics.is_empty() {
+            let summed: TextStatistics = serde_json::from_slice(&call.text_statistics)
+                .map_err(|e| DataFusionError::Execution(format!("shard {}: text statistics: {e}", call.shard)))?;
+            state.config_mut().set_extension(Arc::new(ShardStatistics::Use(summed)));
+        }
         let provider = self.provider(call, &state).await?;
         // Only the filters the table takes are pushed; the coordinator applies every filter
         // again above the merged rows.

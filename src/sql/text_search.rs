@@ -15,9 +15,10 @@
 //! (BM25 over each chunk with its context) and returns that chunk (`best_chunk`, …); its
 //! `column` may name the chunked column or the context column.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{DataFusionError, Result, plan_err};
@@ -34,7 +35,18 @@ use crate::access::Access;
 use crate::chunks::{ChunkIndex, search::search_schema as chunked_schema};
 use crate::support::batch_table::deferred_scan;
 use crate::support::{index_error, tag_call};
-use mkflow_index::{KnowledgeIndex, QuerySyntax, RowPredicate, TextQuery};
+use mkflow_index::{KnowledgeIndex, QuerySyntax, RowPredicate, TextQuery, TextStatistics};
+
+/// The BM25 statistics a cluster worker gives the text searches of one shard call, as a
+/// session extension: the coordinator's first round collects each shard's, its second scores
+/// every shard with their sum, so scores compare across shards as within one index.
+#[derive(Debug)]
+pub enum ShardStatistics {
+    /// Add each text search's statistics here, and answer no rows.
+    Collect(Mutex<TextStatistics>),
+    /// Score with these.
+    Use(TextStatistics),
+}
 
 /// The `text_search` and `qa_text_search` table functions.
 #[derive(Debug)]
@@ -192,17 +204,30 @@ impl TableProvider for TextSearchTable {
         let filter = CompiledFilter::pushed(state, &self.index.schema(), filters)?;
         let (index, query) = (self.index.clone(), Arc::new(self.query.clone()));
         let chunks = self.chunks.clone();
+        let shard = state.config().get_extension::<ShardStatistics>();
+        let schema = self.schema();
         deferred_scan(self.schema(), projection, None, move |_| {
             let (index, query, filter, chunks) = (index.clone(), query.clone(), filter.clone(), chunks.clone());
+            let (shard, schema) = (shard.clone(), schema.clone());
             async move {
+                let statistics = match shard.as_deref() {
+                    Some(ShardStatistics::Collect(sink)) => {
+                        let searched = chunks.as_ref().map_or(&index, |c| c.chunks());
+                        let found = searched.text_statistics(&query).map_err(index_error)?;
+                        sink.lock().unwrap_or_else(|e| e.into_inner()).add(&found);
+                        return Ok(RecordBatch::new_empty(schema));
+                    }
+                    Some(ShardStatistics::Use(statistics)) => Some(statistics),
+                    None => None,
+                };
                 // CPU work over the published state, like an operator's: no thread hop.
                 let evaluate = filter.as_ref().map(|f| move |b: &_| f.evaluate(b));
                 let filter = evaluate.as_ref().map(|f| f as &RowPredicate<'_>);
                 match &chunks {
                     Some(chunks) => chunks.best_documents(&index, k, filter, &|depth, within| {
-                        chunks.chunks().text_search(&query, depth, within)
+                        chunks.chunks().text_search_with(&query, depth, within, statistics)
                     }),
-                    None => index.text_search(&query, k, filter),
+                    None => index.text_search_with(&query, k, filter, statistics),
                 }
                 .map_err(index_error)
             }

@@ -19,6 +19,7 @@
 
 mod analyzer;
 mod query;
+mod statistics;
 pub(crate) mod view;
 
 use std::collections::HashMap;
@@ -36,6 +37,8 @@ use tantivy::{Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Te
 
 pub use analyzer::{Analyzer, TextColumn};
 pub use query::{QuerySyntax, TextQuery};
+use statistics::GivenStatistics;
+pub use statistics::TextStatistics;
 use view::TextView;
 
 use crate::state::State;
@@ -445,25 +448,47 @@ impl FullText {
     /// through, when given), best first (BM25 scores). The view holds exactly the live rows of
     /// its generation (deletes are applied when the text index commits), so an unfiltered
     /// search checks nothing per matching document.
+    /// `query` as tantivy runs it.
+    fn tantivy_query(&self, query: &TextQuery) -> Result<Box<dyn tantivy::query::Query>, IndexError> {
+        let (field, analyzer) = self.field_of(query.column.as_deref())?;
+        query.build(&self.index, field, analyzer, &self.columns, self.fields.all)
+    }
+
+    /// The BM25 statistics `query` is scored with in `view` (see [`TextStatistics`]).
+    pub(crate) fn statistics(&self, view: &TextView, query: &TextQuery) -> Result<TextStatistics, IndexError> {
+        let tantivy_query = self.tantivy_query(query)?;
+        let mut terms = Vec::new();
+        tantivy_query.query_terms(&mut |term, _| terms.push(term.clone()));
+        TextStatistics::of(view.searcher(), &terms).map_err(|e| text_error("text statistics", e))
+    }
+
     pub(crate) fn search(
         &self,
         view: &TextView,
         query: &TextQuery,
         k: usize,
         accept: Option<impl Fn(u64) -> bool + Send + Sync + Clone + 'static>,
+        statistics: Option<&TextStatistics>,
     ) -> Result<Vec<Hit>, IndexError> {
         if k == 0 {
             return Ok(Vec::new());
         }
-        let (field, analyzer) = self.field_of(query.column.as_deref())?;
-        let tantivy_query = query.build(&self.index, field, analyzer, &self.columns, self.fields.all)?;
+        let tantivy_query = self.tantivy_query(query)?;
         let top_k = TopDocs::with_limit(k).order_by_score();
-        let top = match accept {
-            Some(accept) => view.searcher().search(
+        let searcher = view.searcher();
+        let given = statistics.map(|s| GivenStatistics::new(s, searcher));
+        let top = match (accept, &given) {
+            (Some(accept), None) => searcher.search(
                 tantivy_query.as_ref(),
                 &FilterCollector::new(KEY_FIELD.to_string(), accept, top_k),
             ),
-            None => view.searcher().search(tantivy_query.as_ref(), &top_k),
+            (Some(accept), Some(given)) => searcher.search_with_statistics_provider(
+                tantivy_query.as_ref(),
+                &FilterCollector::new(KEY_FIELD.to_string(), accept, top_k),
+                given,
+            ),
+            (None, None) => searcher.search(tantivy_query.as_ref(), &top_k),
+            (None, Some(given)) => searcher.search_with_statistics_provider(tantivy_query.as_ref(), &top_k, given),
         }
         .map_err(|e| text_error("text search", e))?;
         Ok(top

@@ -50,7 +50,7 @@ use super::worker::EngineShards;
 use crate::Engine;
 use crate::access::Role;
 use crate::cluster::codec::{decode_call, encode_schema};
-use crate::cluster::coordinator::SHARD_SCHEMA_ACTION;
+use crate::cluster::coordinator::{SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION};
 use sessions::{MAX_PREPARED, Prepared, Sessions, Waiting, WaitingResults};
 
 pub use connection::{Connection, ConnectionInfo};
@@ -259,17 +259,19 @@ impl FlightSqlService for FlightSql {
         Ok(data_stream(result.schema, result.batches))
     }
 
-    /// The cluster's schema question ([`SHARD_SCHEMA_ACTION`]), on a worker: the columns a
-    /// shard call answers, without running it.
+    /// The cluster's questions, on a worker: the columns a shard call answers, without running
+    /// it ([`SHARD_SCHEMA_ACTION`]); the BM25 statistics of its text searches over this shard
+    /// ([`SHARD_TEXT_STATISTICS_ACTION`]).
     async fn do_action_fallback(
         &self,
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
         let kind = request.get_ref().r#type.clone();
-        if kind != SHARD_SCHEMA_ACTION || !self.settings.worker {
+        let cluster_action = kind == SHARD_SCHEMA_ACTION || kind == SHARD_TEXT_STATISTICS_ACTION;
+        if !cluster_action || !self.settings.worker {
             return Err(Status::invalid_argument(format!(
                 "unknown action '{kind}'{}",
-                if kind == SHARD_SCHEMA_ACTION {
+                if cluster_action {
                     " (this server is not a cluster worker: start it with --worker)"
                 } else {
                     ""
@@ -279,11 +281,15 @@ impl FlightSqlService for FlightSql {
         let role = self.role(&request)?;
         let engine = self.sessions.engine().map_err(status_of)?;
         let call = decode_call(&request.get_ref().body).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let schema = EngineShards::new(engine, role)
-            .schema(&call)
-            .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let body = encode_schema(&schema).map_err(|e| Status::internal(e.to_string()))?;
+        let shards = EngineShards::new(engine, role);
+        let refused = |e: datafusion::error::DataFusionError| Status::invalid_argument(e.to_string());
+        let body = if kind == SHARD_SCHEMA_ACTION {
+            encode_schema(shards.schema(&call).await.map_err(refused)?.as_ref())
+                .map_err(|e| Status::internal(e.to_string()))?
+        } else {
+            let statistics = shards.text_statistics(&call).await.map_err(refused)?;
+            serde_json::to_vec(&statistics).map_err(|e| Status::internal(e.to_string()))?
+        };
         let answer = arrow_flight::Result { body: body.into() };
         Ok(Response::new(Box::pin(futures::stream::once(
             async move { Ok(answer) },
