@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
-use server::{Server, free_port, mkflow};
+use server::{Server, free_port, mkflow, write_title_pipeline};
 
 const TOKEN: &str = "cluster-token";
 
@@ -38,16 +38,7 @@ async fn node(work: &Path, name: &str, docs: Option<&Path>, args: &[&str]) -> Se
     let mut serve_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     if let Some(docs) = docs {
         let pipeline = dir.join("load.sql");
-        std::fs::write(
-            &pipeline,
-            format!(
-                "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS JSONL LOCATION '{}';
-                 CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS KB LOCATION 'kb';
-                 INSERT INTO kb SELECT doc_id, title, embed(title) FROM docs;",
-                docs.display()
-            ),
-        )
-        .unwrap();
+        write_title_pipeline(&pipeline, docs);
         serve_args.extend(["--pipeline".to_string(), pipeline.display().to_string()]);
     }
     let mut command = mkflow(&dir.join("data"));

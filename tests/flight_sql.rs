@@ -16,7 +16,7 @@ use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{Float32Type, Schema};
 use futures::TryStreamExt;
-use server::{Server, free_port, mkflow};
+use server::{Server, free_port, mkflow, write_title_pipeline};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -101,16 +101,7 @@ async fn start(work: &std::path::Path) -> (Server, String) {
     let docs = work.join("docs.jsonl");
     std::fs::copy(common::sample_corpus(), &docs).unwrap();
     let pipeline = work.join("load.sql");
-    std::fs::write(
-        &pipeline,
-        format!(
-            "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS JSONL LOCATION '{}';
-             CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS KB LOCATION 'kb';
-             INSERT INTO kb SELECT doc_id, title, embed(title) FROM docs;",
-            docs.display()
-        ),
-    )
-    .unwrap();
+    write_title_pipeline(&pipeline, &docs);
     let address = format!("127.0.0.1:{}", free_port());
     let mut command = mkflow(&data);
     command

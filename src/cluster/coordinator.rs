@@ -23,7 +23,6 @@ use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
-use url::Url;
 
 use super::codec::{decode_schema, encode_call, encode_exprs};
 use super::exec::{ShardCall, ShardExec};
@@ -147,9 +146,7 @@ impl Cluster {
                 .unwrap_or_else(|_| Err(DataFusionError::Execution("cluster: asking a worker panicked".into())))
         })
     }
-}
 
-impl Cluster {
     /// The BM25 statistics of `template`'s text searches summed over every shard of `table`
     /// (JSON): the first of a text search's two rounds.
     async fn text_statistics(&self, table: &str, template: &ShardCall) -> Result<Vec<u8>> {
@@ -268,17 +265,7 @@ impl TableFunctionImpl for ShardedFunction {
         let k = call_k(exprs)
             .map(|k| Access::of(args.session().config()).check_k(name, k))
             .transpose()?;
-        let template = ShardCall {
-            shard: String::new(),
-            worker: Url::parse("http://unassigned:0").expect("a URL"),
-            function: Some(self.name.clone()),
-            table: String::new(),
-            args: encode_exprs(&exprs[1..])?,
-            filters: encode_exprs(&[])?,
-            projection: None,
-            limit: None,
-            text_statistics: Vec::new(),
-        };
+        let template = ShardCall::template(Some(self.name.clone()), encode_exprs(&exprs[1..])?);
         let named: Vec<&str> = exprs.iter().filter_map(named_arg_name).collect();
         let key = format!("{name}\0{table}\0{}", named.join(","));
         let schema = self.cluster.schema_blocking(key, &table, &template)?;
@@ -407,17 +394,7 @@ impl RemoteTables for ShardedTables {
         if self.0.map.shards(name).is_none() {
             return Ok(None);
         }
-        let template = ShardCall {
-            shard: String::new(),
-            worker: Url::parse("http://unassigned:0").expect("a URL"),
-            function: None,
-            table: String::new(),
-            args: Vec::new(),
-            filters: Vec::new(),
-            projection: None,
-            limit: None,
-            text_statistics: Vec::new(),
-        };
+        let template = ShardCall::template(None, Vec::new());
         let schema = self.0.schema(format!("\0{name}"), name, &template).await?;
         Ok(Some(Arc::new(ShardedTable {
             cluster: self.0.clone(),

@@ -50,6 +50,24 @@ pub struct ShardCall {
     pub text_statistics: Vec<u8>,
 }
 
+impl ShardCall {
+    /// A call of `function` (`None`: a scan) with `args`, not yet addressed to a shard: the
+    /// template a query's calls are made from, one per shard.
+    pub fn template(function: Option<String>, args: Vec<u8>) -> Self {
+        ShardCall {
+            shard: String::new(),
+            worker: Url::parse("http://unaddressed:0").expect("a valid URL"),
+            function,
+            table: String::new(),
+            args,
+            filters: Vec::new(),
+            projection: None,
+            limit: None,
+            text_statistics: Vec::new(),
+        }
+    }
+}
+
 /// The leaf over a sharded table: task *i* runs the calls of `tasks[i]` (the shards of one
 /// worker) on that worker and streams their rows, one call after another, as partition *i*.
 #[derive(Debug, Clone)]

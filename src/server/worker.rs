@@ -54,15 +54,14 @@ impl EngineShards {
     /// rows.
     pub async fn text_statistics(&self, call: &ShardCall) -> Result<TextStatistics> {
         let mut state = self.state()?;
-        let sink = Arc::new(ShardStatistics::Collect(Mutex::new(TextStatistics::default())));
-        state.config_mut().set_extension(sink.clone());
+        let collected = Arc::new(Mutex::new(TextStatistics::default()));
+        state
+            .config_mut()
+            .set_extension(Arc::new(ShardStatistics::Collect(collected.clone())));
         let provider = self.provider(call, &state).await?;
         let plan = provider.scan(&state, None, &[], call.limit).await?;
         execute_stream(plan, state.task_ctx())?.try_collect::<Vec<_>>().await?;
-        match &*sink {
-            ShardStatistics::Collect(collected) => Ok(collected.lock().unwrap_or_else(|e| e.into_inner()).clone()),
-            ShardStatistics::Use(_) => unreachable!("the sink collects"),
-        }
+        Ok(collected.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
     /// The table a call reads: its function's answer, or the table itself.

@@ -43,7 +43,7 @@ use mkflow_index::{KnowledgeIndex, QuerySyntax, RowPredicate, TextQuery, TextSta
 #[derive(Debug)]
 pub enum ShardStatistics {
     /// Add each text search's statistics here, and answer no rows.
-    Collect(Mutex<TextStatistics>),
+    Collect(Arc<Mutex<TextStatistics>>),
     /// Score with these.
     Use(TextStatistics),
 }

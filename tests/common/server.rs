@@ -39,6 +39,21 @@ pub fn kill_when(mut child: Child, delay: Duration, ready: impl Fn() -> bool) ->
     }
 }
 
+/// Writes to `pipeline` a script loading the JSON Lines `docs` (`doc_id`, `title`) into index
+/// `kb`, each title embedded: what `mkflow serve --pipeline` runs in the server tests.
+pub fn write_title_pipeline(pipeline: &Path, docs: &Path) {
+    std::fs::write(
+        pipeline,
+        format!(
+            "CREATE EXTERNAL TABLE docs (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS JSONL LOCATION '{}';
+             CREATE EXTERNAL TABLE IF NOT EXISTS kb (doc_id VARCHAR NOT NULL, title VARCHAR) STORED AS KB LOCATION 'kb';
+             INSERT INTO kb SELECT doc_id, title, embed(title) FROM docs;",
+            docs.display()
+        ),
+    )
+    .unwrap();
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
