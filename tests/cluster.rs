@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::concat_batches;
+use futures::TryStreamExt;
 use server::{Server, free_port, mkflow, write_title_pipeline};
 
 const TOKEN: &str = "cluster-token";
@@ -86,7 +87,19 @@ async fn a_coordinator_over_three_workers_answers_as_one_node_holding_every_docu
         .map(|a| format!("[[shards]]\ntable = \"kb\"\nworker = \"{a}\"\n"))
         .collect();
     std::fs::write(&map, format!("token_env = \"MKFLOW_CLUSTER_TOKEN\"\n{shards}")).unwrap();
-    let coordinator = node(work, "coordinator", None, &["--coordinator", map.to_str().unwrap()]).await;
+    let coordinator_flight = format!("127.0.0.1:{}", free_port());
+    let coordinator = node(
+        work,
+        "coordinator",
+        None,
+        &[
+            "--coordinator",
+            map.to_str().unwrap(),
+            "--flight-listen",
+            &coordinator_flight,
+        ],
+    )
+    .await;
 
     // The same rows, in the same order, with the same scores (each shard searches exactly at
     // this size; the coordinator keeps the best k of the shards' top-k).
@@ -160,8 +173,41 @@ async fn a_coordinator_over_three_workers_answers_as_one_node_holding_every_docu
         .unwrap_err();
     assert!(error.contains("token"), "{error}");
 
-    // A worker gone: 503, naming its address.
+    // A worker gone: 503, naming its shard and address.
     drop(workers.remove(1));
     let error = query(&coordinator, "SELECT count(*) FROM kb").await.unwrap_err();
-    assert!(error.starts_with("503") && error.contains(&addresses[1]), "{error}");
+    assert!(
+        error.starts_with("503") && error.contains("shard kb-1 of kb") && error.contains(&addresses[1]),
+        "{error}"
+    );
+    // Over Flight SQL, a client that allows a partial answer gets the other shards' rows, and
+    // the info's app metadata names the shard left out.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{coordinator_flight}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut flight = arrow_flight::sql::client::FlightSqlServiceClient::new(channel);
+    flight.set_token(TOKEN.to_string());
+    let refused = flight.execute("SELECT count(*) AS n FROM kb".into(), None).await;
+    assert!(
+        refused.unwrap_err().to_string().contains("kb-1"),
+        "no partial answer unless asked"
+    );
+    flight.set_header("mkflow-allow-partial", "true");
+    let info = flight
+        .execute("SELECT count(*) AS n FROM kb".into(), None)
+        .await
+        .unwrap();
+    let metadata: serde_json::Value = serde_json::from_slice(&info.app_metadata).unwrap();
+    assert_eq!(metadata["partial"]["missing_shards"][0]["shard"], "kb-1", "{metadata}");
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let batches: Vec<RecordBatch> = flight.do_get(ticket).await.unwrap().try_collect().await.unwrap();
+    let n = batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::Int64Array>()
+        .unwrap()
+        .value(0);
+    assert_eq!(n as usize, total - total / 3, "the rows of the two shards left");
 }

@@ -32,31 +32,6 @@ const MALFORMED: [&str; 4] = [
     "[1, 2, 3]",
 ];
 
-/// `(doc_id, title)` of `n` documents: the sample corpus's, then copies of them with new ids
-/// (`<id>-<round>`) when `n` exceeds it.
-fn sample_docs(n: usize) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(common::sample_corpus()).unwrap();
-    let sample: Vec<(String, String)> = text
-        .lines()
-        .map(|line| {
-            let v: Value = serde_json::from_str(line).unwrap();
-            (
-                v["doc_id"].as_str().unwrap().to_string(),
-                v["title"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    (0..n)
-        .map(|i| {
-            let (id, title) = &sample[i % sample.len()];
-            match i / sample.len() {
-                0 => (id.clone(), title.clone()),
-                round => (format!("{id}-{round}"), format!("{title} ({round})")),
-            }
-        })
-        .collect()
-}
-
 /// The documents as `(partition, key, value)` records round-robin over `partitions`, with the
 /// malformed records (and one oversized record) spread among them; and how many were bad.
 fn doc_records(partitions: i32, docs: &[(String, String)]) -> (Vec<(i32, String, Vec<u8>)>, usize) {
@@ -127,7 +102,7 @@ fn env_count(name: &str, default: usize) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_ingestion_is_exactly_once_across_sigkill_restarts() {
     let kills_wanted = env_count("MKFLOW_SOAK_KILLS", 6);
-    let docs = sample_docs(env_count("MKFLOW_SOAK_DOCS", 300));
+    let docs = common::sample_docs(env_count("MKFLOW_SOAK_DOCS", 300));
     let broker = Broker::mock();
     broker.create_topic("papers", 3).await;
     // An ordinary batching producer: a restart resumes inside a producer batch.
@@ -267,7 +242,7 @@ async fn wait_for_state(server: &Server, name: &str, prefix: &str) -> (u16, Stri
 async fn a_partition_that_stops_delivering_is_reported_not_waited_on() {
     let broker = Broker::mock();
     broker.create_topic("stuck", 1).await;
-    let docs = sample_docs(30);
+    let docs = common::sample_docs(30);
     produce_to_one_partition(&broker, "stuck", &docs[..20]).await;
     broker.fail_fetches();
     let work = tempfile::tempdir().unwrap();
@@ -349,7 +324,7 @@ async fn serve_streams_kafka_and_answers_sql_with_metrics() {
     server.wait_for("/readyz", Duration::from_secs(60)).await;
 
     // Documents produced while the service runs become queryable.
-    let docs = sample_docs(50);
+    let docs = common::sample_docs(50);
     let bad = produce_docs(&broker, "live", 2, &docs).await;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
@@ -555,7 +530,7 @@ fn ensure_promtool() {
 async fn shipped_kafka_pipeline_runs_until_caught_up() {
     let broker = Broker::start();
     broker.create_topic("papers", 2).await;
-    let docs = sample_docs(30);
+    let docs = common::sample_docs(30);
     let producer = broker.producer();
     for (i, (id, title)) in docs.iter().enumerate() {
         let value = serde_json::json!({ "doc_id": id, "title": title, "body": "" }).to_string();

@@ -23,9 +23,12 @@ use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
+use tonic::transport::{Channel, Endpoint};
+use url::Url;
 
 use super::codec::{decode_schema, encode_call, encode_exprs};
 use super::exec::{ShardCall, ShardExec};
+use super::partial::{MissingShard, PartialAnswers};
 use super::shard_map::{Shard, ShardMap};
 use crate::access::Access;
 use crate::sql::call_args::{int_arg, named_arg_name, table_arg};
@@ -56,15 +59,24 @@ pub const SHARDED_SEARCHES: &[&str] = &[
 /// The columns a search's answer is ranked by (`fused_score`: the hybrid searches).
 const SCORE_COLUMNS: &[&str] = &["score", "fused_score"];
 
+/// The Flight action a worker answers (with an empty body) when it can run calls on a shard:
+/// it is started, accepts the token and has the shard's table (its body: a scan call).
+pub const SHARD_READY_ACTION: &str = "mkflow.shard_ready";
+
 /// How long a coordinator waits to connect to a worker, and for its answer to a question.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const ASK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a request that allows partial answers waits for a shard to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A coordinator's view of the cluster: the shard map and the call schemas learnt so far.
+/// A coordinator's view of the cluster: the shard map, the call schemas learnt so far, and a
+/// connection to each worker it has asked something.
 #[derive(Debug)]
 pub struct Cluster {
     map: ShardMap,
     schemas: Mutex<HashMap<String, SchemaRef>>,
+    /// One gRPC channel per worker (it reconnects by itself once a worker is back).
+    channels: Mutex<HashMap<Url, Channel>>,
 }
 
 impl Cluster {
@@ -73,6 +85,7 @@ impl Cluster {
         Cluster {
             map,
             schemas: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -81,9 +94,82 @@ impl Cluster {
         &self.map
     }
 
-    /// The calls of one query over `table`, one per shard, grouped into one task per worker.
-    fn tasks(&self, table: &str, template: &ShardCall) -> Result<Vec<Vec<ShardCall>>> {
+    /// What a failure to reach a worker means for the user: the shards on every worker whose
+    /// address `error` names, e.g. "shard kb-1 of kb (http://10.0.0.2:50051/)".
+    pub fn shards_named_in(&self, error: &str) -> Vec<String> {
+        self.map
+            .all_shards()
+            .filter(|(_, shard)| {
+                let address = shard.worker.as_str().trim_end_matches('/');
+                let host_port = address.trim_start_matches("http://");
+                error.contains(address) || error.contains(host_port)
+            })
+            .map(|(table, shard)| format!("shard {} of {table} ({})", shard.name, shard.worker))
+            .collect()
+    }
+
+    /// The shards that do not say they are ready now (each asked, at most [`READY_TIMEOUT`]),
+    /// as [`Cluster::shards_named_in`] names them: after a query lost a worker's connection
+    /// without the error saying which.
+    pub async fn shards_down(&self) -> Vec<String> {
+        let template = ShardCall::template(None, Vec::new());
+        let template = &template;
+        let asked = self.map.all_shards().map(|(table, shard)| async move {
+            let call = for_shard(template, shard);
+            let ready = tokio::time::timeout(READY_TIMEOUT, self.ask(SHARD_READY_ACTION, &call)).await;
+            match ready {
+                Ok(Ok(_)) => None,
+                _ => Some(format!("shard {} of {table} ({})", shard.name, shard.worker)),
+            }
+        });
+        futures::future::join_all(asked).await.into_iter().flatten().collect()
+    }
+
+    /// The shards of `table` a query reads. All of them, unless the request allows partial
+    /// answers (`partial`): then each is asked whether it is ready, and those that do not say
+    /// so in time are left out (and recorded in `partial`); none ready is an error.
+    async fn reachable(&self, table: &str, partial: Option<&PartialAnswers>) -> Result<Vec<Shard>> {
         let shards = self.shards(table)?;
+        let Some(partial) = partial else {
+            return Ok(shards.to_vec());
+        };
+        let template = ShardCall::template(None, Vec::new());
+        let template = &template;
+        let asked = shards.iter().map(|shard| async move {
+            let call = for_shard(template, shard);
+            match tokio::time::timeout(READY_TIMEOUT, self.ask(SHARD_READY_ACTION, &call)).await {
+                Ok(Ok(_)) => Ok(shard.clone()),
+                Ok(Err(e)) => Err((shard, e.to_string())),
+                Err(_) => Err((shard, format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
+            }
+        });
+        let mut ready = Vec::new();
+        let mut failures = Vec::new();
+        for answer in futures::future::join_all(asked).await {
+            match answer {
+                Ok(shard) => ready.push(shard),
+                Err((shard, error)) => {
+                    failures.push(error.clone());
+                    partial.leave_out(MissingShard {
+                        shard: shard.name.clone(),
+                        table: table.to_string(),
+                        worker: shard.worker.to_string(),
+                        error,
+                    });
+                }
+            }
+        }
+        if ready.is_empty() {
+            return Err(DataFusionError::Execution(format!(
+                "no shard of '{table}' is reachable: {}",
+                failures.join("; ")
+            )));
+        }
+        Ok(ready)
+    }
+
+    /// The calls of one query over `shards`, one per shard, grouped into one task per worker.
+    fn tasks(shards: &[Shard], template: &ShardCall) -> Vec<Vec<ShardCall>> {
         let mut tasks: Vec<Vec<ShardCall>> = Vec::new();
         for shard in shards {
             let call = for_shard(template, shard);
@@ -92,7 +178,7 @@ impl Cluster {
                 None => tasks.push(vec![call]),
             }
         }
-        Ok(tasks)
+        tasks
     }
 
     fn shards(&self, table: &str) -> Result<&[Shard]> {
@@ -102,14 +188,22 @@ impl Cluster {
     }
 
     /// The columns `template` answers over `table`, asked of its shards' workers in turn
-    /// (until one answers) unless known under `key`.
-    async fn schema(&self, key: String, table: &str, template: &ShardCall) -> Result<SchemaRef> {
+    /// (until one answers, over `connection`) unless known under `key`.
+    async fn schema(
+        &self,
+        connection: Connection,
+        key: String,
+        table: &str,
+        template: &ShardCall,
+    ) -> Result<SchemaRef> {
         if let Some(schema) = self.schemas.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(schema.clone());
         }
         let mut failures = Vec::new();
         for shard in self.shards(table)? {
-            let answer = ask(SHARD_SCHEMA_ACTION, &for_shard(template, shard), self.map.token()).await;
+            let answer = self
+                .ask_over(connection, SHARD_SCHEMA_ACTION, &for_shard(template, shard))
+                .await;
             match answer.and_then(|body| decode_schema(&body)).map(Arc::new) {
                 Ok(schema) => {
                     self.schemas
@@ -140,23 +234,18 @@ impl Cluster {
                         .enable_all()
                         .build()
                         .map_err(|e| DataFusionError::Execution(format!("cluster: cannot start a runtime: {e}")))?
-                        .block_on(self.schema(key, table, template))
+                        .block_on(self.schema(Connection::Fresh, key, table, template))
                 })
                 .join()
                 .unwrap_or_else(|_| Err(DataFusionError::Execution("cluster: asking a worker panicked".into())))
         })
     }
 
-    /// The BM25 statistics of `template`'s text searches summed over every shard of `table`
-    /// (JSON): the first of a text search's two rounds.
-    async fn text_statistics(&self, table: &str, template: &ShardCall) -> Result<Vec<u8>> {
-        let token = self.map.token();
-        let calls: Vec<ShardCall> = self
-            .shards(table)?
-            .iter()
-            .map(|shard| for_shard(template, shard))
-            .collect();
-        let asked = calls.iter().map(|call| ask(SHARD_TEXT_STATISTICS_ACTION, call, token));
+    /// The BM25 statistics of `template`'s text searches summed over `shards` (JSON): the
+    /// first of a text search's two rounds.
+    async fn text_statistics(&self, shards: &[Shard], template: &ShardCall) -> Result<Vec<u8>> {
+        let calls: Vec<ShardCall> = shards.iter().map(|shard| for_shard(template, shard)).collect();
+        let asked = calls.iter().map(|call| self.ask(SHARD_TEXT_STATISTICS_ACTION, call));
         let mut summed = TextStatistics::default();
         for answer in futures::future::try_join_all(asked).await? {
             let statistics: TextStatistics = serde_json::from_slice(&answer)
@@ -165,6 +254,89 @@ impl Cluster {
         }
         serde_json::to_vec(&summed).map_err(|e| DataFusionError::Execution(e.to_string()))
     }
+
+    /// The channel to `worker`: the one kept for it (opened on first use) when `connection`
+    /// is [`Connection::Kept`]. A channel's background task lives on the runtime that opened
+    /// it, so only the server's runtime keeps one.
+    fn channel(&self, worker: &Url, connection: Connection) -> Result<Channel> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if connection == Connection::Kept
+            && let Some(channel) = channels.get(worker)
+        {
+            return Ok(channel.clone());
+        }
+        let channel = Endpoint::from_shared(worker.to_string())
+            .map_err(|e| DataFusionError::Configuration(format!("worker {worker}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(ASK_TIMEOUT)
+            .connect_lazy();
+        if connection == Connection::Kept {
+            channels.insert(worker.clone(), channel.clone());
+        }
+        Ok(channel)
+    }
+
+    /// Asks `call`'s worker the Flight action `action` about it; the answer's body.
+    async fn ask(&self, action: &str, call: &ShardCall) -> Result<prost::bytes::Bytes> {
+        self.ask_over(Connection::Kept, action, call).await
+    }
+
+    /// [`Cluster::ask`] over `connection`.
+    async fn ask_over(&self, connection: Connection, action: &str, call: &ShardCall) -> Result<prost::bytes::Bytes> {
+        let failed =
+            |what: String| DataFusionError::Execution(format!("shard {} on {}: {what}", call.shard, call.worker));
+        let mut client = FlightServiceClient::new(self.channel(&call.worker, connection)?);
+        let mut request = tonic::Request::new(Action {
+            r#type: action.into(),
+            body: encode_call(call).into(),
+        });
+        if let Some(token) = self.map.token() {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| failed("the cluster token is not a valid header value".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let unreachable = |status: tonic::Status| {
+            if status.code() == tonic::Code::Unavailable {
+                DataFusionError::External(Box::new(WorkerUnreachable {
+                    shard: call.shard.clone(),
+                    worker: call.worker.to_string(),
+                    message: status.message().to_string(),
+                }))
+            } else {
+                failed(status.message().to_string())
+            }
+        };
+        let mut answers = client.do_action(request).await.map_err(unreachable)?.into_inner();
+        let answer = answers
+            .message()
+            .await
+            .map_err(unreachable)?
+            .ok_or_else(|| failed(format!("no answer to {action}")))?;
+        Ok(answer.body)
+    }
+}
+
+/// A worker that did not answer a question about one of its shards (it is down, or not
+/// listening there).
+#[derive(Debug, thiserror::Error)]
+#[error("shard {shard} on {worker}: cannot reach the worker ({message}); is `mkflow serve --worker` running there?")]
+pub struct WorkerUnreachable {
+    /// The shard asked about.
+    pub shard: String,
+    /// The worker's address.
+    pub worker: String,
+    /// What the connection said.
+    pub message: String,
+}
+
+/// Which connection a question to a worker goes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Connection {
+    /// The channel the cluster keeps for the worker.
+    Kept,
+    /// A channel of its own (a question asked on a runtime of its own).
+    Fresh,
 }
 
 /// `template` addressed to `shard`.
@@ -175,44 +347,6 @@ fn for_shard(template: &ShardCall, shard: &Shard) -> ShardCall {
         table: shard.local_table.clone(),
         ..template.clone()
     }
-}
-
-/// Asks `call`'s worker the Flight action `action` about it; the answer's body.
-async fn ask(action: &str, call: &ShardCall, token: Option<&str>) -> Result<prost::bytes::Bytes> {
-    let failed = |what: String| DataFusionError::Execution(format!("shard {} on {}: {what}", call.shard, call.worker));
-    let channel = tonic::transport::Endpoint::from_shared(call.worker.to_string())
-        .map_err(|e| failed(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(ASK_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|e| {
-            failed(format!(
-                "cannot connect ({e}); is `mkflow serve --worker` running there?"
-            ))
-        })?;
-    let mut client = FlightServiceClient::new(channel);
-    let mut request = tonic::Request::new(Action {
-        r#type: action.into(),
-        body: encode_call(call).into(),
-    });
-    if let Some(token) = token {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| failed("the cluster token is not a valid header value".into()))?;
-        request.metadata_mut().insert("authorization", value);
-    }
-    let mut answers = client
-        .do_action(request)
-        .await
-        .map_err(|status| failed(status.message().to_string()))?
-        .into_inner();
-    let answer = answers
-        .message()
-        .await
-        .map_err(|status| failed(status.message().to_string()))?
-        .ok_or_else(|| failed(format!("no answer to {action}")))?;
-    Ok(answer.body)
 }
 
 /// The `k` a search call names: its last integer argument after the table and the query.
@@ -318,6 +452,8 @@ impl TableProvider for ShardedTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let filters = encode_exprs(filters)?;
+        let partial = PartialAnswers::allowed_in(state.config());
+        let shards = self.cluster.reachable(&self.table, partial.as_deref()).await?;
         let Some(function) = &self.template.function else {
             let template = ShardCall {
                 filters,
@@ -330,7 +466,7 @@ impl TableProvider for ShardedTable {
                 None => self.schema.clone(),
             };
             return Ok(Arc::new(ShardExec::new(
-                self.cluster.tasks(&self.table, &template)?,
+                Cluster::tasks(&shards, &template),
                 schema,
                 None,
             )));
@@ -342,10 +478,10 @@ impl TableProvider for ShardedTable {
             ..self.template.clone()
         };
         if function.contains("text_search") || function.contains("hybrid_search") {
-            template.text_statistics = self.cluster.text_statistics(&self.table, &template).await?;
+            template.text_statistics = self.cluster.text_statistics(&shards, &template).await?;
         }
         let leaf = Arc::new(ShardExec::new(
-            self.cluster.tasks(&self.table, &template)?,
+            Cluster::tasks(&shards, &template),
             self.schema.clone(),
             None,
         ));
@@ -395,7 +531,10 @@ impl RemoteTables for ShardedTables {
             return Ok(None);
         }
         let template = ShardCall::template(None, Vec::new());
-        let schema = self.0.schema(format!("\0{name}"), name, &template).await?;
+        let schema = self
+            .0
+            .schema(Connection::Kept, format!("\0{name}"), name, &template)
+            .await?;
         Ok(Some(Arc::new(ShardedTable {
             cluster: self.0.clone(),
             table: name.to_string(),

@@ -15,14 +15,20 @@
 //! - The leaf crosses the network through [`codec`]; each call's arguments and filters travel
 //!   as DataFusion expressions and run on the worker as its own table function would run them.
 //!
+//! - A shard that cannot be reached fails the query (503, naming the shard), unless the request
+//!   allows partial answers ([`partial`]): then the shards that say they are ready answer, and
+//!   the answer names those left out.
+//!
 //! Requests to workers carry the shard map's token; a worker runs them as that token's role.
 
 pub mod codec;
 pub mod coordinator;
 pub mod exec;
+pub mod partial;
 pub mod planner;
 pub mod shard_map;
 
 pub use coordinator::{Cluster, ShardedFunction, ShardedTables};
 pub use exec::{ShardCall, ShardExec, ShardRunner};
+pub use partial::{MissingShard, PartialAnswers};
 pub use shard_map::{Shard, ShardMap};

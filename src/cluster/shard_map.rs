@@ -3,6 +3,8 @@
 //!
 //! ```toml
 //! token_env = "MKFLOW_CLUSTER_TOKEN"   # variable holding the token sent to workers (optional)
+//! allow_partial = false                # answer from the reachable shards when one is not
+//!                                      # (flagged partial; a request may say otherwise)
 //!
 //! [[shards]]
 //! table = "kb"                         # the table the coordinator serves
@@ -25,6 +27,8 @@ use url::Url;
 #[serde(deny_unknown_fields)]
 struct ShardMapFile {
     token_env: Option<String>,
+    #[serde(default)]
+    allow_partial: bool,
     #[serde(default)]
     shards: Vec<ShardFile>,
 }
@@ -54,6 +58,7 @@ pub struct Shard {
 pub struct ShardMap {
     tables: BTreeMap<String, Vec<Shard>>,
     token: Option<String>,
+    allow_partial: bool,
 }
 
 impl ShardMap {
@@ -99,7 +104,11 @@ impl ShardMap {
                 worker,
             });
         }
-        Ok(ShardMap { tables, token })
+        Ok(ShardMap {
+            tables,
+            token,
+            allow_partial: file.allow_partial,
+        })
     }
 
     /// The shards of `table`, if it is sharded.
@@ -116,6 +125,19 @@ impl ShardMap {
     pub fn workers(&self) -> Vec<Url> {
         let workers: BTreeSet<&Url> = self.tables.values().flatten().map(|s| &s.worker).collect();
         workers.into_iter().cloned().collect()
+    }
+
+    /// Whether a query whose request says nothing about it answers from the reachable shards
+    /// when some are not (flagged partial), rather than failing.
+    pub fn allow_partial(&self) -> bool {
+        self.allow_partial
+    }
+
+    /// The worker serving each shard of every table, as `(table, shard)`.
+    pub fn all_shards(&self) -> impl Iterator<Item = (&str, &Shard)> {
+        self.tables
+            .iter()
+            .flat_map(|(table, shards)| shards.iter().map(move |s| (table.as_str(), s)))
     }
 
     /// The token the coordinator sends to workers (`authorization: Bearer …`), if any.
@@ -172,6 +194,12 @@ mod tests {
         assert_eq!(map.shards("other").unwrap()[0].name, "o");
         assert_eq!(map.workers().len(), 2);
         assert_eq!(map.token(), Some("secret"));
+        assert!(!map.allow_partial());
+        let partial = ShardMap::parse(
+            "allow_partial = true\n[[shards]]\ntable = \"kb\"\nworker = \"h:1\"",
+            |_| None,
+        );
+        assert!(partial.unwrap().allow_partial());
         assert!(map.shards("missing").is_none());
 
         let unset = ShardMap::parse(

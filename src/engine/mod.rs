@@ -134,6 +134,8 @@ pub struct Engine {
     network_paths: Vec<PathBuf>,
     /// The engine's own local session ([`Engine::sql`]).
     session: Session,
+    /// The cluster a coordinator serves (`EngineConfig::shard_map`).
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// Subdirectory of the data directory where LLM answers are cached.
@@ -314,9 +316,15 @@ impl Engine {
             network_paths,
             session,
             config,
+            cluster,
         };
         engine.register_data_dir().await?;
         Ok(engine)
+    }
+
+    /// The cluster this engine coordinates, if it is a coordinator.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// A new local session (a pipeline's): trusted, with the engine's limits.

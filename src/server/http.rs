@@ -3,7 +3,11 @@
 //!   last statement as JSON, or as an Arrow IPC stream when `Accept:
 //!   application/vnd.apache.arrow.stream`. Errors are JSON `{"error": {"message", "status"}}`
 //!   with 400 for a bad query, 401 without the bearer token, 408 past the time limit, 413 for an
-//!   oversized body, 503 while starting, 500 for failures of the engine itself.
+//!   oversized body, 503 while starting (or, on a cluster coordinator, when a shard cannot be
+//!   reached), 500 for failures of the engine itself. On a coordinator, `"allow_partial": true`
+//!   in the JSON body (or the header `Mkflow-Allow-Partial: true`) answers from the shards that
+//!   are reachable: the JSON result then has `"partial": {"missing_shards": [...]}` and the
+//!   response the header `Mkflow-Partial` naming them.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /healthz`: the process is up. `GET /readyz`: indexes loaded and every pipeline
 //!   consuming (or done).
@@ -24,7 +28,7 @@ use datafusion::arrow::json::writer::{JsonArray, WriterBuilder};
 use serde_json::json;
 
 use super::config::ServerSettings;
-use super::query::{role_of, run_query};
+use super::query::{Answer, role_of, run_query};
 use crate::Engine;
 use crate::metrics;
 use crate::streaming::PipelineState;
@@ -61,16 +65,41 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// The SQL text of a request body: JSON `{"sql": "…"}` when the content type says JSON, else
-/// the body itself; otherwise the message of a 400.
-fn sql_text(headers: &HeaderMap, body: &[u8]) -> Result<String, String> {
+/// The request header that allows (`true`) or refuses (`false`) a partial answer from a
+/// cluster coordinator.
+pub const ALLOW_PARTIAL_HEADER: &str = "mkflow-allow-partial";
+
+/// The response header naming the shards a partial answer leaves out.
+pub const PARTIAL_HEADER: &str = "mkflow-partial";
+
+/// What a request asks: its SQL, and whether it allows a partial answer (`None`: as the
+/// server's shard map says).
+struct SqlRequest {
+    sql: String,
+    allow_partial: Option<bool>,
+}
+
+/// The request a body makes: JSON `{"sql": "…", "allow_partial": bool}` when the content type
+/// says JSON, else the body itself is the SQL; otherwise the message of a 400.
+fn sql_request(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, String> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
+    let mut allow_partial = match headers.get(ALLOW_PARTIAL_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) if v.eq_ignore_ascii_case("true") => Some(true),
+        Some(Ok(v)) if v.eq_ignore_ascii_case("false") => Some(false),
+        Some(_) => return Err(format!("header {ALLOW_PARTIAL_HEADER} must be true or false")),
+    };
     let sql = if is_json {
         let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
+        match value.get("allow_partial") {
+            None => {}
+            Some(serde_json::Value::Bool(allowed)) => allow_partial = Some(*allowed),
+            Some(_) => return Err("\"allow_partial\" must be true or false".into()),
+        }
         value
             .get("sql")
             .and_then(|s| s.as_str())
@@ -82,7 +111,7 @@ fn sql_text(headers: &HeaderMap, body: &[u8]) -> Result<String, String> {
     if sql.trim().is_empty() {
         return Err("empty query: send SQL in the body, e.g. SELECT count(*) FROM kb".into());
     }
-    Ok(sql)
+    Ok(SqlRequest { sql, allow_partial })
 }
 
 async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
@@ -112,12 +141,20 @@ async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Byt
             return error(status, message);
         }
     };
-    let sql = match sql_text(&headers, &body) {
-        Ok(sql) => sql,
+    let request = match sql_request(&headers, &body) {
+        Ok(request) => request,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    let (batches, elapsed) = match run_query(&state.engine, &state.settings, role, &sql).await {
-        Ok(ran) => ran,
+    let answer = match run_query(
+        &state.engine,
+        &state.settings,
+        role,
+        &request.sql,
+        request.allow_partial,
+    )
+    .await
+    {
+        Ok(answer) => answer,
         Err(failure) => return error(failure.status(), failure.to_string()),
     };
     let wants_arrow = headers
@@ -125,21 +162,31 @@ async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Byt
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains(ARROW_STREAM));
     let encoded = if wants_arrow {
-        arrow_stream(&batches).map(|bytes| ([(header::CONTENT_TYPE, ARROW_STREAM)], bytes).into_response())
+        arrow_stream(&answer.batches).map(|bytes| ([(header::CONTENT_TYPE, ARROW_STREAM)], bytes).into_response())
     } else {
-        json_result(&batches, elapsed.as_secs_f64() * 1e3)
-            .map(|text| ([(header::CONTENT_TYPE, "application/json")], text).into_response())
+        json_result(&answer).map(|text| ([(header::CONTENT_TYPE, "application/json")], text).into_response())
     };
-    encoded.unwrap_or_else(|e| {
+    let mut response = encoded.unwrap_or_else(|e| {
         error(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot encode the result: {e}"),
         )
-    })
+    });
+    if !answer.missing_shards.is_empty() {
+        let names: Vec<&str> = answer.missing_shards.iter().map(|m| m.shard.as_str()).collect();
+        if let Ok(value) = HeaderValue::from_str(&names.join(",")) {
+            response.headers_mut().insert(PARTIAL_HEADER, value);
+        }
+    }
+    response
 }
 
-/// `{"columns": [{"name", "type"}], "rows": [{…}], "row_count": n, "elapsed_ms": t}`.
-fn json_result(batches: &[RecordBatch], elapsed_ms: f64) -> Result<String, ArrowError> {
+/// `{"columns": [{"name", "type"}], "rows": [{…}], "row_count": n, "elapsed_ms": t}`, and
+/// `"partial": {"missing_shards": [{"shard", "table", "worker", "error"}]}` when the answer
+/// leaves shards out.
+fn json_result(answer: &Answer) -> Result<String, ArrowError> {
+    let batches = &answer.batches;
+    let elapsed_ms = answer.elapsed.as_secs_f64() * 1e3;
     let columns: Vec<serde_json::Value> = batches
         .first()
         .map(|b| {
@@ -164,8 +211,12 @@ fn json_result(batches: &[RecordBatch], elapsed_ms: f64) -> Result<String, Arrow
         rows.extend_from_slice(b"[]");
     }
     let rows = String::from_utf8(rows).map_err(|e| ArrowError::JsonError(e.to_string()))?;
+    let partial = match answer.missing_shards.is_empty() {
+        true => String::new(),
+        false => format!(",\"partial\":{}", json!({ "missing_shards": answer.missing_shards })),
+    };
     Ok(format!(
-        "{{\"columns\":{},\"rows\":{rows},\"row_count\":{row_count},\"elapsed_ms\":{elapsed_ms:.3}}}",
+        "{{\"columns\":{},\"rows\":{rows},\"row_count\":{row_count},\"elapsed_ms\":{elapsed_ms:.3}{partial}}}",
         serde_json::Value::Array(columns)
     ))
 }
@@ -243,13 +294,54 @@ mod tests {
             ],
         )
         .unwrap();
-        let text = json_result(&[batch], 1.5).unwrap();
+        let answer = |batches: Vec<RecordBatch>| Answer {
+            batches,
+            elapsed: std::time::Duration::from_micros(1500),
+            missing_shards: Vec::new(),
+        };
+        let text = json_result(&answer(vec![batch.clone()])).unwrap();
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["row_count"], 2);
         assert_eq!(value["columns"][0]["name"], "doc_id");
         assert_eq!(value["rows"][1]["doc_id"], "b");
         assert!(value["rows"][1]["n"].is_null());
-        let empty: serde_json::Value = serde_json::from_str(&json_result(&[], 0.0).unwrap()).unwrap();
+        let empty: serde_json::Value = serde_json::from_str(&json_result(&answer(Vec::new())).unwrap()).unwrap();
         assert_eq!(empty["rows"], json!([]));
+        assert!(value.get("partial").is_none(), "a whole answer is not flagged");
+
+        let mut partial = answer(vec![batch]);
+        partial.missing_shards.push(crate::cluster::MissingShard {
+            shard: "kb-1".into(),
+            table: "kb".into(),
+            worker: "http://127.0.0.1:7001/".into(),
+            error: "cannot reach the worker".into(),
+        });
+        let flagged: serde_json::Value = serde_json::from_str(&json_result(&partial).unwrap()).unwrap();
+        assert_eq!(flagged["partial"]["missing_shards"][0]["shard"], "kb-1");
+        assert_eq!(flagged["row_count"], 2);
+    }
+
+    #[test]
+    fn a_request_allows_partial_answers_by_header_or_json_field() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(sql_request(&headers, b"SELECT 1").unwrap().allow_partial, None);
+        headers.insert(ALLOW_PARTIAL_HEADER, HeaderValue::from_static("TRUE"));
+        assert_eq!(sql_request(&headers, b"SELECT 1").unwrap().allow_partial, Some(true));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let body = br#"{"sql": "SELECT 1", "allow_partial": false}"#;
+        assert_eq!(
+            sql_request(&headers, body).unwrap().allow_partial,
+            Some(false),
+            "the body wins"
+        );
+        let wrong = sql_request(&headers, br#"{"sql": "SELECT 1", "allow_partial": "yes"}"#);
+        assert!(wrong.err().unwrap().contains("allow_partial"));
+        headers.insert(ALLOW_PARTIAL_HEADER, HeaderValue::from_static("maybe"));
+        assert!(
+            sql_request(&headers, b"x")
+                .err()
+                .unwrap()
+                .contains(ALLOW_PARTIAL_HEADER)
+        );
     }
 }

@@ -15,6 +15,8 @@ use futures::FutureExt;
 use super::config::ServerSettings;
 use crate::Engine;
 use crate::access::{Refusal, Role};
+use crate::cluster::coordinator::WorkerUnreachable;
+use crate::cluster::{MissingShard, PartialAnswers};
 use crate::engine::{PreparedStatement, Session};
 use crate::metrics;
 use crate::statement::{StatementKind, search_function};
@@ -34,6 +36,14 @@ pub enum QueryFailure {
     /// The statement failed.
     #[error("{0}")]
     Failed(DataFusionError),
+    /// A cluster worker could not be reached; `shards` names what it serves.
+    #[error("{} cannot be reached: {error} (hint: retry once the worker is back, or allow a partial answer: allow_partial)", shards.join(", "))]
+    ShardsDown {
+        /// The shards of the worker, e.g. "shard kb-1 of kb (http://10.0.0.2:50051/)".
+        shards: Vec<String>,
+        /// What failed.
+        error: DataFusionError,
+    },
 }
 
 impl QueryFailure {
@@ -44,8 +54,27 @@ impl QueryFailure {
             QueryFailure::Session(_) => StatusCode::INTERNAL_SERVER_ERROR,
             QueryFailure::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             QueryFailure::Failed(e) => status_of(e),
+            QueryFailure::ShardsDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
+}
+
+/// A statement's result.
+#[derive(Debug)]
+pub struct Answer {
+    /// Its rows.
+    pub batches: Vec<RecordBatch>,
+    /// How long it took.
+    pub elapsed: Duration,
+    /// The shards of a cluster it leaves out: only when the request allowed a partial answer
+    /// and some shard could not be reached.
+    pub missing_shards: Vec<MissingShard>,
+}
+
+/// Whether a request allows a partial answer: as it says (`requested`), else as the shard map
+/// says.
+fn allows_partial(engine: &Engine, requested: Option<bool>) -> bool {
+    requested.unwrap_or_else(|| engine.cluster().is_some_and(|c| c.map().allow_partial()))
 }
 
 /// The engine, once it has loaded its indexes.
@@ -56,15 +85,19 @@ pub fn loaded(engine: &OnceLock<Arc<Engine>>) -> Result<Arc<Engine>, QueryFailur
 /// Runs `sql` for `role` in a session of its own (its `SET`s and tables end with it), within
 /// the settings' time limit, and records it in the query metrics; returns the last statement's
 /// result and how long it took.
+///
+/// On a coordinator, `allow_partial` (else the shard map's `allow_partial`) says whether shards
+/// that cannot be reached are left out of the answer rather than failing it.
 pub async fn run_query(
     engine: &OnceLock<Arc<Engine>>,
     settings: &ServerSettings,
     role: Role,
     sql: &str,
-) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
+    allow_partial: Option<bool>,
+) -> Result<Answer, QueryFailure> {
     let engine = loaded(engine)?;
     let session = engine.network_session(role).map_err(QueryFailure::Session)?;
-    run_in_session(&engine, &session, settings, sql).await
+    run_in_session(&engine, &session, settings, sql, allow_partial).await
 }
 
 /// Runs `sql` in `session` (a connection's: its `SET`s stay), as [`run_query`] does.
@@ -73,21 +106,71 @@ pub async fn run_in_session(
     session: &Session,
     settings: &ServerSettings,
     sql: &str,
-) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
+    allow_partial: Option<bool>,
+) -> Result<Answer, QueryFailure> {
     let function = metrics_label(engine, sql);
-    guarded(session.sql(sql), function, settings.query_timeout).await
+    let partial = install_partial(engine, session, allow_partial);
+    let ran = guarded(session.sql(sql), function, settings.query_timeout).await;
+    answer(engine, ran, partial).await
 }
 
 /// Runs a statement `session` prepared, with `values` for its parameters, as [`run_query`]
 /// runs SQL; `function` labels its metrics (the [`metrics_label`] of its SQL).
 pub async fn run_prepared(
+    engine: &Engine,
     session: &Session,
     settings: &ServerSettings,
     prepared: &PreparedStatement,
     values: Vec<ScalarValue>,
     function: &'static str,
-) -> Result<(Vec<RecordBatch>, Duration), QueryFailure> {
-    guarded(session.run_prepared(prepared, values), function, settings.query_timeout).await
+    allow_partial: Option<bool>,
+) -> Result<Answer, QueryFailure> {
+    let partial = install_partial(engine, session, allow_partial);
+    let ran = guarded(session.run_prepared(prepared, values), function, settings.query_timeout).await;
+    answer(engine, ran, partial).await
+}
+
+/// On a coordinator, gives `session` a fresh partial-answer policy for its next statement.
+fn install_partial(engine: &Engine, session: &Session, allow_partial: Option<bool>) -> Option<Arc<PartialAnswers>> {
+    engine.cluster()?;
+    let partial = Arc::new(PartialAnswers::new(allows_partial(engine, allow_partial)));
+    session
+        .context()
+        .state_ref()
+        .write()
+        .config_mut()
+        .set_extension(partial.clone());
+    Some(partial)
+}
+
+/// The answer of a statement that `ran`, with the shards it left out; a failure to reach a
+/// worker names that worker's shards (those the error names, else those not ready now).
+async fn answer(
+    engine: &Engine,
+    ran: Result<(Vec<RecordBatch>, Duration), QueryFailure>,
+    partial: Option<Arc<PartialAnswers>>,
+) -> Result<Answer, QueryFailure> {
+    match ran {
+        Ok((batches, elapsed)) => Ok(Answer {
+            batches,
+            elapsed,
+            missing_shards: partial.map(|p| p.missing()).unwrap_or_default(),
+        }),
+        Err(QueryFailure::Failed(error)) if unreachable_worker(&error) => {
+            let Some(cluster) = engine.cluster() else {
+                return Err(QueryFailure::Failed(error));
+            };
+            let mut shards = cluster.shards_named_in(&error.to_string());
+            if shards.is_empty() {
+                shards = cluster.shards_down().await;
+            }
+            Err(match shards.is_empty() {
+                true => QueryFailure::Failed(error),
+                false => QueryFailure::ShardsDown { shards, error },
+            })
+        }
+        Err(failure) => Err(failure),
+    }
 }
 
 /// The metrics label of `sql` (see [`query_function`]): `invalid` for a statement nested too
@@ -168,14 +251,28 @@ pub(super) fn status_of(error: &DataFusionError) -> StatusCode {
     }
 }
 
-/// Whether `error` is a cluster worker that could not be reached (the query may succeed once
-/// it is back): a transport error anywhere in its chain.
+/// Whether `error` is a cluster worker that could not be reached, or whose connection broke
+/// (the query may succeed once it is back): a transport error, or a connection that was
+/// refused, reset or cut, anywhere in its chain.
 fn unreachable_worker(error: &DataFusionError) -> bool {
+    use std::io::ErrorKind;
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = cause {
-        if e.is::<tonic::transport::Error>()
-            || e.to_string()
-                .contains("Error connecting to Distributed DataFusion worker")
+        let connection_lost = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+            )
+        });
+        if connection_lost
+            || e.is::<tonic::transport::Error>()
+            || e.is::<WorkerUnreachable>()
+            || ["Error connecting to Distributed DataFusion worker", "h2 protocol error"]
+                .iter()
+                .any(|sign| e.to_string().contains(sign))
         {
             return true;
         }

@@ -89,6 +89,15 @@ impl EngineShards {
         function.create_table_provider_with_args(TableFunctionArgs::new(&args, state))
     }
 
+    /// Whether this worker can run calls on `call`'s shard: it has the shard's table.
+    pub async fn ready(&self, call: &ShardCall) -> Result<()> {
+        let scan = ShardCall {
+            function: None,
+            ..call.clone()
+        };
+        self.provider(&scan, &self.state()?).await.map(|_| ())
+    }
+
     /// The schema of what `call` returns, without running it.
     pub async fn schema(&self, call: &ShardCall) -> Result<SchemaRef> {
         let state = self.state()?;

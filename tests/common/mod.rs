@@ -35,6 +35,31 @@ pub fn sample_corpus() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/scifact-sample.jsonl")
 }
 
+/// `(doc_id, title)` of `n` documents: the sample corpus's, then copies of them with new ids
+/// (`<id>-<round>`) when `n` exceeds it.
+pub fn sample_docs(n: usize) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(sample_corpus()).unwrap();
+    let sample: Vec<(String, String)> = text
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                v["doc_id"].as_str().unwrap().to_string(),
+                v["title"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (0..n)
+        .map(|i| {
+            let (id, title) = &sample[i % sample.len()];
+            match i / sample.len() {
+                0 => (id.clone(), title.clone()),
+                round => (format!("{id}-{round}"), format!("{title} ({round})")),
+            }
+        })
+        .collect()
+}
+
 /// Creates table `docs` over `corpus` and knowledge index `kb`, and ingests every document.
 pub async fn ingest(engine: &Engine, corpus: &Path) {
     let script = format!(

@@ -45,12 +45,13 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::config::ServerSettings;
-use super::query::{QueryFailure, metrics_label, role_of, run_in_session, run_prepared};
+use super::http::{ALLOW_PARTIAL_HEADER, PARTIAL_HEADER};
+use super::query::{Answer, QueryFailure, metrics_label, role_of, run_in_session, run_prepared};
 use super::worker::EngineShards;
 use crate::Engine;
 use crate::access::Role;
 use crate::cluster::codec::{decode_call, encode_schema};
-use crate::cluster::coordinator::{SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION};
+use crate::cluster::coordinator::{SHARD_READY_ACTION, SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION};
 use sessions::{MAX_PREPARED, Prepared, Sessions, Waiting, WaitingResults};
 
 pub use connection::{Connection, ConnectionInfo};
@@ -138,7 +139,8 @@ impl FlightSql {
     }
 
     /// Keeps `batches` for their `DoGet`; the flight info that names them.
-    fn result_info(&self, batches: Vec<RecordBatch>, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
+    fn result_info(&self, answer: Answer, descriptor: FlightDescriptor) -> Result<Response<FlightInfo>, Status> {
+        let batches = answer.batches;
         let schema = batches
             .first()
             .map_or_else(|| Arc::new(Schema::empty()), RecordBatch::schema);
@@ -154,7 +156,34 @@ impl FlightSql {
         let ticket = TicketStatementQuery {
             statement_handle: handle.into(),
         };
-        Ok(info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec()))))
+        let mut info =
+            info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())));
+        if answer.missing_shards.is_empty() {
+            return Ok(Response::new(info));
+        }
+        // A partial answer (cluster): the shards left out, in the info's app metadata and a
+        // response header.
+        let partial = serde_json::json!({ "partial": { "missing_shards": answer.missing_shards } });
+        info = info.with_app_metadata(partial.to_string().into_bytes());
+        let names: Vec<&str> = answer.missing_shards.iter().map(|m| m.shard.as_str()).collect();
+        let mut response = Response::new(info);
+        if let Ok(value) = names.join(",").parse() {
+            response.metadata_mut().insert(PARTIAL_HEADER, value);
+        }
+        Ok(response)
+    }
+
+    /// Whether the caller allows a partial answer (its `mkflow-allow-partial` metadata; `None`:
+    /// as the shard map says).
+    fn allow_partial<T>(&self, request: &Request<T>) -> Result<Option<bool>, Status> {
+        match request.metadata().get(ALLOW_PARTIAL_HEADER).map(|v| v.to_str()) {
+            None => Ok(None),
+            Some(Ok(v)) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
+            Some(Ok(v)) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
+            Some(_) => Err(Status::invalid_argument(format!(
+                "{ALLOW_PARTIAL_HEADER} must be true or false"
+            ))),
+        }
     }
 }
 
@@ -241,10 +270,11 @@ impl FlightSqlService for FlightSql {
         let (_, session) = self.session(&request)?;
         self.check_size(&query.query)?;
         let engine = self.sessions.engine().map_err(status_of)?;
-        let (batches, _) = run_in_session(&engine, &session, &self.settings, &query.query)
+        let allow_partial = self.allow_partial(&request)?;
+        let answer = run_in_session(&engine, &session, &self.settings, &query.query, allow_partial)
             .await
             .map_err(status_of)?;
-        Ok(Response::new(self.result_info(batches, request.into_inner())?))
+        self.result_info(answer, request.into_inner())
     }
 
     async fn do_get_statement(
@@ -267,7 +297,8 @@ impl FlightSqlService for FlightSql {
         request: Request<Action>,
     ) -> Result<Response<<Self as FlightService>::DoActionStream>, Status> {
         let kind = request.get_ref().r#type.clone();
-        let cluster_action = kind == SHARD_SCHEMA_ACTION || kind == SHARD_TEXT_STATISTICS_ACTION;
+        let cluster_action =
+            [SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION, SHARD_READY_ACTION].contains(&kind.as_str());
         if !cluster_action || !self.settings.worker {
             return Err(Status::invalid_argument(format!(
                 "unknown action '{kind}'{}",
@@ -286,6 +317,9 @@ impl FlightSqlService for FlightSql {
         let body = if kind == SHARD_SCHEMA_ACTION {
             encode_schema(shards.schema(&call).await.map_err(refused)?.as_ref())
                 .map_err(|e| Status::internal(e.to_string()))?
+        } else if kind == SHARD_READY_ACTION {
+            shards.ready(&call).await.map_err(refused)?;
+            Vec::new()
         } else {
             let statistics = shards.text_statistics(&call).await.map_err(refused)?;
             serde_json::to_vec(&statistics).map_err(|e| Status::internal(e.to_string()))?
@@ -376,16 +410,20 @@ impl FlightSqlService for FlightSql {
     ) -> Result<Response<FlightInfo>, Status> {
         let prepared = self.prepared_for(&request, &query.prepared_statement_handle)?;
         let values = prepared.values.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let (batches, _) = run_prepared(
+        let engine = self.sessions.engine().map_err(status_of)?;
+        let allow_partial = self.allow_partial(&request)?;
+        let answer = run_prepared(
+            &engine,
             &prepared.session,
             &self.settings,
             &prepared.statement,
             values,
             prepared.label,
+            allow_partial,
         )
         .await
         .map_err(status_of)?;
-        Ok(Response::new(self.result_info(batches, request.into_inner())?))
+        self.result_info(answer, request.into_inner())
     }
 
     async fn get_flight_info_catalogs(
