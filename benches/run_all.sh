@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark suite, one command: every comparison runs its baseline in the same run.
-#   benches/run_all.sh            (about 30 minutes on 2 cores)
+#   benches/run_all.sh            (about 35 minutes on 2 cores)
 # 1. embed() through SQL vs a bare ort loop; token-budget vs fixed-size batching
 # 2. vector_search through SQL vs bare usearch on 100k vectors (p50/p99), plus filtered search,
 #    commit cost, and search p99 while full commits run vs idle
@@ -12,7 +12,9 @@
 # 6. serve: text-query vector_search over HTTP, 1 vs 16 concurrent clients (QPS, p50/p99)
 # 7. text_search through SQL vs bare tantivy on 100k documents; ingest with the text index on/off
 # 8. chunked vs unchunked ingest of long documents (model tokens/s, share of the text embedded)
-# 9. Meta-Knowledge prepare on the local LLM (Qwen2.5-0.5B, constrained decoding): valid answers,
+# 9. cluster: fan-out query latency over 3 workers vs one node (recall@10); ingest docs/s with
+#    1, 2, 3 workers on a 6-partition topic
+# 10. Meta-Knowledge prepare on the local LLM (Qwen2.5-0.5B, constrained decoding): valid answers,
 #    docs/s and tokens/s, batch 4 vs batch 1 (12 documents here, ~8 min; the README's figures are
 #    MKFLOW_BENCH_DOCS=50, ~30 min)
 set -euo pipefail
@@ -28,4 +30,6 @@ cargo bench --profile dev --bench decoder
 cargo bench --profile dev --bench serve
 cargo bench --profile dev --bench text_search
 cargo bench --profile dev --bench chunking
+cargo bench --profile dev --bench cluster
+cargo bench --profile dev --bench cluster_ingest
 MKFLOW_BENCH_DOCS=12 MKFLOW_BENCH_BASELINE_DOCS=4 cargo bench --profile dev --bench local_prepare
