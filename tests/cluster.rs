@@ -154,6 +154,16 @@ async fn a_coordinator_over_three_workers_answers_as_one_node_holding_every_docu
         .await
         .unwrap_err();
     assert!(refused.contains("is sharded"), "{refused}");
+    let refused = query(
+        &coordinator,
+        "SELECT * FROM rrf(vector_search(kb, 'protein', 5), text_search(kb, 'protein', 5))",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        refused.starts_with("400") && refused.contains("'kb' is sharded") && refused.contains("rrf"),
+        "{refused}"
+    );
 
     // A coordinator whose token the workers do not accept is refused, and says why.
     std::fs::write(

@@ -367,6 +367,8 @@ pub struct ShardedFunction {
     name: String,
     inner: Arc<dyn TableFunctionImpl>,
     cluster: Arc<Cluster>,
+    /// The function whose argument this call is (e.g. `rrf`), where sharded tables are refused.
+    nested_in: Option<&'static str>,
 }
 
 impl ShardedFunction {
@@ -376,6 +378,21 @@ impl ShardedFunction {
             name: name.to_string(),
             inner,
             cluster,
+            nested_in: None,
+        }
+    }
+
+    /// `inner` as called inside `outer(…)`, which does not run across shards: a sharded table
+    /// is refused, naming it.
+    pub fn refusing_in(
+        outer: &'static str,
+        name: &str,
+        inner: Arc<dyn TableFunctionImpl>,
+        cluster: Arc<Cluster>,
+    ) -> Self {
+        ShardedFunction {
+            nested_in: Some(outer),
+            ..ShardedFunction::new(name, inner, cluster)
         }
     }
 }
@@ -390,6 +407,11 @@ impl TableFunctionImpl for ShardedFunction {
             return self.inner.call_with_args(args);
         }
         let name = self.name.as_str();
+        if let Some(outer) = self.nested_in {
+            return plan_err!(
+                "{outer}({name}(…)): '{table}' is sharded, and {outer} does not run across shards yet (call {name} on its own, or hybrid_search)"
+            );
+        }
         if !SHARDED_SEARCHES.contains(&name) {
             return plan_err!(
                 "{name}: '{table}' is sharded, and {name} does not run across shards yet (sharded tables answer {} and scans)",

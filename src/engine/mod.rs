@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::catalog::{CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList};
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList, TableFunctionImpl,
+};
 use datafusion::common::{DataFusionError, Result};
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::{SessionContext, SessionState};
@@ -276,6 +278,20 @@ impl Engine {
             };
             ctx.register_udtf(name, WithParameters::new(name, function));
         }
+        // On a coordinator, rrf's searches refuse sharded tables (they would run here, where
+        // the shards are not).
+        let searches: Arc<SearchFunctions> = match &cluster {
+            Some(cluster) => Arc::new(
+                searches
+                    .iter()
+                    .map(|(name, function)| {
+                        let refusing = ShardedFunction::refusing_in("rrf", name, function.clone(), cluster.clone());
+                        (*name, Arc::new(refusing) as Arc<dyn TableFunctionImpl>)
+                    })
+                    .collect(),
+            ),
+            None => searches,
+        };
         let rrf = Arc::new(RrfFunction::new(searches.clone()));
         ctx.register_udtf("rrf", WithParameters::new("rrf", rrf));
         // Not a ranking (one answer row), so not among the searches rrf fuses.
