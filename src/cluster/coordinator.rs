@@ -10,8 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use arrow_flight::Action;
-use arrow_flight::flight_service_client::FlightServiceClient;
 use async_trait::async_trait;
 use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -23,10 +21,9 @@ use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
-use tonic::transport::{Channel, Endpoint};
-use url::Url;
 
-use super::codec::{decode_schema, encode_call, encode_exprs};
+use super::client::{Connection, SHARD_READY_ACTION, SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION, WorkerClient};
+use super::codec::{decode_schema, encode_exprs};
 use super::exec::{ShardCall, ShardExec};
 use super::partial::{MissingShard, PartialAnswers};
 use super::shard_map::{Shard, ShardMap};
@@ -35,13 +32,6 @@ use crate::sql::call_args::{int_arg, named_arg_name, table_arg};
 use crate::sql::catalog::RemoteTables;
 use crate::sql::vector_search::search_k;
 use mkflow_index::TextStatistics;
-
-/// The Flight action a worker answers with the schema of a shard call (its body: the call).
-pub const SHARD_SCHEMA_ACTION: &str = "mkflow.shard_schema";
-
-/// The Flight action a worker answers with the BM25 statistics of a shard call's text searches
-/// (JSON `TextStatistics`; its body: the call).
-pub const SHARD_TEXT_STATISTICS_ACTION: &str = "mkflow.shard_text_statistics";
 
 /// The table functions whose calls over a sharded table run on every shard.
 pub const SHARDED_SEARCHES: &[&str] = &[
@@ -59,13 +49,6 @@ pub const SHARDED_SEARCHES: &[&str] = &[
 /// The columns a search's answer is ranked by (`fused_score`: the hybrid searches).
 const SCORE_COLUMNS: &[&str] = &["score", "fused_score"];
 
-/// The Flight action a worker answers (with an empty body) when it can run calls on a shard:
-/// it is started, accepts the token and has the shard's table (its body: a scan call).
-pub const SHARD_READY_ACTION: &str = "mkflow.shard_ready";
-
-/// How long a coordinator waits to connect to a worker, and for its answer to a question.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request that allows partial answers waits for a shard to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -75,17 +58,17 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Cluster {
     map: ShardMap,
     schemas: Mutex<HashMap<String, SchemaRef>>,
-    /// One gRPC channel per worker (it reconnects by itself once a worker is back).
-    channels: Mutex<HashMap<Url, Channel>>,
+    /// Asks workers questions.
+    client: WorkerClient,
 }
 
 impl Cluster {
     /// The cluster `map` describes.
     pub fn new(map: ShardMap) -> Self {
         Cluster {
+            client: WorkerClient::new(map.token().map(str::to_string)),
             map,
             schemas: Mutex::new(HashMap::new()),
-            channels: Mutex::new(HashMap::new()),
         }
     }
 
@@ -104,7 +87,7 @@ impl Cluster {
                 let host_port = address.trim_start_matches("http://");
                 error.contains(address) || error.contains(host_port)
             })
-            .map(|(table, shard)| format!("shard {} of {table} ({})", shard.name, shard.worker))
+            .map(|(table, shard)| described(table, shard))
             .collect()
     }
 
@@ -116,10 +99,10 @@ impl Cluster {
         let template = &template;
         let asked = self.map.all_shards().map(|(table, shard)| async move {
             let call = for_shard(template, shard);
-            let ready = tokio::time::timeout(READY_TIMEOUT, self.ask(SHARD_READY_ACTION, &call)).await;
+            let ready = tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await;
             match ready {
                 Ok(Ok(_)) => None,
-                _ => Some(format!("shard {} of {table} ({})", shard.name, shard.worker)),
+                _ => Some(described(table, shard)),
             }
         });
         futures::future::join_all(asked).await.into_iter().flatten().collect()
@@ -137,7 +120,7 @@ impl Cluster {
         let template = &template;
         let asked = shards.iter().map(|shard| async move {
             let call = for_shard(template, shard);
-            match tokio::time::timeout(READY_TIMEOUT, self.ask(SHARD_READY_ACTION, &call)).await {
+            match tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await {
                 Ok(Ok(_)) => Ok(shard.clone()),
                 Ok(Err(e)) => Err((shard, e.to_string())),
                 Err(_) => Err((shard, format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
@@ -202,6 +185,7 @@ impl Cluster {
         let mut failures = Vec::new();
         for shard in self.shards(table)? {
             let answer = self
+                .client
                 .ask_over(connection, SHARD_SCHEMA_ACTION, &for_shard(template, shard))
                 .await;
             match answer.and_then(|body| decode_schema(&body)).map(Arc::new) {
@@ -245,7 +229,9 @@ impl Cluster {
     /// first of a text search's two rounds.
     async fn text_statistics(&self, shards: &[Shard], template: &ShardCall) -> Result<Vec<u8>> {
         let calls: Vec<ShardCall> = shards.iter().map(|shard| for_shard(template, shard)).collect();
-        let asked = calls.iter().map(|call| self.ask(SHARD_TEXT_STATISTICS_ACTION, call));
+        let asked = calls
+            .iter()
+            .map(|call| self.client.ask(SHARD_TEXT_STATISTICS_ACTION, call));
         let mut summed = TextStatistics::default();
         for answer in futures::future::try_join_all(asked).await? {
             let statistics: TextStatistics = serde_json::from_slice(&answer)
@@ -254,89 +240,11 @@ impl Cluster {
         }
         serde_json::to_vec(&summed).map_err(|e| DataFusionError::Execution(e.to_string()))
     }
-
-    /// The channel to `worker`: the one kept for it (opened on first use) when `connection`
-    /// is [`Connection::Kept`]. A channel's background task lives on the runtime that opened
-    /// it, so only the server's runtime keeps one.
-    fn channel(&self, worker: &Url, connection: Connection) -> Result<Channel> {
-        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if connection == Connection::Kept
-            && let Some(channel) = channels.get(worker)
-        {
-            return Ok(channel.clone());
-        }
-        let channel = Endpoint::from_shared(worker.to_string())
-            .map_err(|e| DataFusionError::Configuration(format!("worker {worker}: {e}")))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(ASK_TIMEOUT)
-            .connect_lazy();
-        if connection == Connection::Kept {
-            channels.insert(worker.clone(), channel.clone());
-        }
-        Ok(channel)
-    }
-
-    /// Asks `call`'s worker the Flight action `action` about it; the answer's body.
-    async fn ask(&self, action: &str, call: &ShardCall) -> Result<prost::bytes::Bytes> {
-        self.ask_over(Connection::Kept, action, call).await
-    }
-
-    /// [`Cluster::ask`] over `connection`.
-    async fn ask_over(&self, connection: Connection, action: &str, call: &ShardCall) -> Result<prost::bytes::Bytes> {
-        let failed =
-            |what: String| DataFusionError::Execution(format!("shard {} on {}: {what}", call.shard, call.worker));
-        let mut client = FlightServiceClient::new(self.channel(&call.worker, connection)?);
-        let mut request = tonic::Request::new(Action {
-            r#type: action.into(),
-            body: encode_call(call).into(),
-        });
-        if let Some(token) = self.map.token() {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| failed("the cluster token is not a valid header value".into()))?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        let unreachable = |status: tonic::Status| {
-            if status.code() == tonic::Code::Unavailable {
-                DataFusionError::External(Box::new(WorkerUnreachable {
-                    shard: call.shard.clone(),
-                    worker: call.worker.to_string(),
-                    message: status.message().to_string(),
-                }))
-            } else {
-                failed(status.message().to_string())
-            }
-        };
-        let mut answers = client.do_action(request).await.map_err(unreachable)?.into_inner();
-        let answer = answers
-            .message()
-            .await
-            .map_err(unreachable)?
-            .ok_or_else(|| failed(format!("no answer to {action}")))?;
-        Ok(answer.body)
-    }
 }
 
-/// A worker that did not answer a question about one of its shards (it is down, or not
-/// listening there).
-#[derive(Debug, thiserror::Error)]
-#[error("shard {shard} on {worker}: cannot reach the worker ({message}); is `mkflow serve --worker` running there?")]
-pub struct WorkerUnreachable {
-    /// The shard asked about.
-    pub shard: String,
-    /// The worker's address.
-    pub worker: String,
-    /// What the connection said.
-    pub message: String,
-}
-
-/// Which connection a question to a worker goes over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Connection {
-    /// The channel the cluster keeps for the worker.
-    Kept,
-    /// A channel of its own (a question asked on a runtime of its own).
-    Fresh,
+/// `shard` of `table` as errors name it: "shard kb-1 of kb (http://10.0.0.2:50051/)".
+fn described(table: &str, shard: &Shard) -> String {
+    format!("shard {} of {table} ({})", shard.name, shard.worker)
 }
 
 /// `template` addressed to `shard`.

@@ -21,6 +21,7 @@
 //!
 //! Requests to workers carry the shard map's token; a worker runs them as that token's role.
 
+pub mod client;
 pub mod codec;
 pub mod coordinator;
 pub mod exec;

@@ -15,7 +15,7 @@ use futures::FutureExt;
 use super::config::ServerSettings;
 use crate::Engine;
 use crate::access::{Refusal, Role};
-use crate::cluster::coordinator::WorkerUnreachable;
+use crate::cluster::client::WorkerUnreachable;
 use crate::cluster::{MissingShard, PartialAnswers};
 use crate::engine::{PreparedStatement, Session};
 use crate::metrics;

@@ -50,8 +50,8 @@ use super::query::{Answer, QueryFailure, metrics_label, role_of, run_in_session,
 use super::worker::EngineShards;
 use crate::Engine;
 use crate::access::Role;
+use crate::cluster::client::{SHARD_READY_ACTION, SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION};
 use crate::cluster::codec::{decode_call, encode_schema};
-use crate::cluster::coordinator::{SHARD_READY_ACTION, SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION};
 use sessions::{MAX_PREPARED, Prepared, Sessions, Waiting, WaitingResults};
 
 pub use connection::{Connection, ConnectionInfo};
