@@ -220,4 +220,19 @@ async fn a_coordinator_over_three_workers_answers_as_one_node_holding_every_docu
         .unwrap()
         .value(0);
     assert_eq!(n as usize, total - total / 3, "the rows of the two shards left");
+
+    // No shard left: even a request that allows a partial answer gets a 503 saying so.
+    workers.clear();
+    let response = coordinator
+        .client
+        .post(format!("{}/v1/sql", coordinator.base))
+        .bearer_auth(TOKEN)
+        .header("mkflow-allow-partial", "true")
+        .body("SELECT doc_id FROM vector_search(kb, 'protein', 3)")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    assert!(status == 503 && text.contains("no shard of 'kb' is reachable"), "{status}: {text}");
 }

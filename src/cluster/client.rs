@@ -127,6 +127,17 @@ pub struct WorkerUnreachable {
     pub message: String,
 }
 
+/// No shard of a table could be reached (each one's failure is a [`WorkerUnreachable`] or a
+/// timeout).
+#[derive(Debug, thiserror::Error)]
+#[error("no shard of '{table}' is reachable: {}", failures.join("; "))]
+pub struct TableUnreachable {
+    /// The sharded table.
+    pub table: String,
+    /// Why each shard could not be reached.
+    pub failures: Vec<String>,
+}
+
 /// Which connection a question to a worker goes over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Connection {

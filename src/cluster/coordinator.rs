@@ -22,7 +22,10 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::sorts::sort::SortExec;
 
-use super::client::{Connection, SHARD_READY_ACTION, SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION, WorkerClient};
+use super::client::{
+    Connection, SHARD_READY_ACTION, SHARD_SCHEMA_ACTION, SHARD_TEXT_STATISTICS_ACTION, TableUnreachable, WorkerClient,
+    WorkerUnreachable,
+};
 use super::codec::{decode_schema, encode_exprs};
 use super::exec::{ShardCall, ShardExec};
 use super::partial::{MissingShard, PartialAnswers};
@@ -122,8 +125,8 @@ impl Cluster {
             let call = for_shard(template, shard);
             match tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await {
                 Ok(Ok(_)) => Ok(shard.clone()),
-                Ok(Err(e)) => Err((shard, e.to_string())),
-                Err(_) => Err((shard, format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
+                Ok(Err(e)) => Err((shard, is_unreachable(&e), e.to_string())),
+                Err(_) => Err((shard, true, format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
             }
         });
         let mut ready = Vec::new();
@@ -131,8 +134,8 @@ impl Cluster {
         for answer in futures::future::join_all(asked).await {
             match answer {
                 Ok(shard) => ready.push(shard),
-                Err((shard, error)) => {
-                    failures.push(error.clone());
+                Err((shard, unreachable, error)) => {
+                    failures.push((unreachable, error.clone()));
                     partial.leave_out(MissingShard {
                         shard: shard.name.clone(),
                         table: table.to_string(),
@@ -143,10 +146,7 @@ impl Cluster {
             }
         }
         if ready.is_empty() {
-            return Err(DataFusionError::Execution(format!(
-                "no shard of '{table}' is reachable: {}",
-                failures.join("; ")
-            )));
+            return Err(none_answered(table, failures));
         }
         Ok(ready)
     }
@@ -196,13 +196,10 @@ impl Cluster {
                         .insert(key, schema.clone());
                     return Ok(schema);
                 }
-                Err(e) => failures.push(e.to_string()),
+                Err(e) => failures.push((is_unreachable(&e), e.to_string())),
             }
         }
-        Err(DataFusionError::Execution(format!(
-            "no worker of '{table}' answered: {}",
-            failures.join("; ")
-        )))
+        Err(none_answered(table, failures))
     }
 
     /// [`Cluster::schema`] from synchronous planning code: on a thread of its own, so the
@@ -240,6 +237,26 @@ impl Cluster {
         }
         serde_json::to_vec(&summed).map_err(|e| DataFusionError::Execution(e.to_string()))
     }
+}
+
+/// Whether `error` is a worker that could not be reached.
+fn is_unreachable(error: &DataFusionError) -> bool {
+    matches!(error, DataFusionError::External(e) if e.is::<WorkerUnreachable>())
+}
+
+/// The error when no shard of `table` answered, given each one's `(unreachable, error)`: a
+/// [`TableUnreachable`] when none could be reached (the query may succeed once they are back),
+/// else the workers' answers (a shard missing its table, say: a mistake to fix).
+fn none_answered(table: &str, failures: Vec<(bool, String)>) -> DataFusionError {
+    let all_unreachable = failures.iter().all(|(unreachable, _)| *unreachable);
+    let failures: Vec<String> = failures.into_iter().map(|(_, error)| error).collect();
+    if all_unreachable {
+        return DataFusionError::External(Box::new(TableUnreachable {
+            table: table.to_string(),
+            failures,
+        }));
+    }
+    DataFusionError::Execution(format!("no shard of '{table}' answered: {}", failures.join("; ")))
 }
 
 /// `shard` of `table` as errors name it: "shard kb-1 of kb (http://10.0.0.2:50051/)".
@@ -480,6 +497,18 @@ mod tests {
     use datafusion::prelude::lit;
 
     use super::*;
+
+    #[test]
+    fn no_shard_answering_is_unreachable_only_when_none_could_be_reached() {
+        let down = none_answered("kb", vec![(true, "a".into()), (true, "b".into())]);
+        assert!(matches!(&down, DataFusionError::External(e) if e.is::<TableUnreachable>()));
+        assert!(
+            down.to_string().contains("no shard of 'kb' is reachable: a; b"),
+            "{down}"
+        );
+        let mistaken = none_answered("kb", vec![(true, "a".into()), (false, "no table 'kb'".into())]);
+        assert!(matches!(mistaken, DataFusionError::Execution(_)));
+    }
 
     #[test]
     fn the_k_of_a_call_is_its_last_integer_after_table_and_query() {

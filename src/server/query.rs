@@ -15,7 +15,7 @@ use futures::FutureExt;
 use super::config::ServerSettings;
 use crate::Engine;
 use crate::access::{Refusal, Role};
-use crate::cluster::client::WorkerUnreachable;
+use crate::cluster::client::{TableUnreachable, WorkerUnreachable};
 use crate::cluster::{MissingShard, PartialAnswers};
 use crate::engine::{PreparedStatement, Session};
 use crate::metrics;
@@ -270,6 +270,7 @@ fn unreachable_worker(error: &DataFusionError) -> bool {
         if connection_lost
             || e.is::<tonic::transport::Error>()
             || e.is::<WorkerUnreachable>()
+            || e.is::<TableUnreachable>()
             || ["Error connecting to Distributed DataFusion worker", "h2 protocol error"]
                 .iter()
                 .any(|sign| e.to_string().contains(sign))
@@ -418,6 +419,20 @@ mod tests {
         assert_eq!(
             status_of(&DataFusionError::Internal("size to usize".into())),
             StatusCode::BAD_REQUEST
+        );
+        let worker_down = DataFusionError::External(Box::new(WorkerUnreachable {
+            shard: "kb-1".into(),
+            worker: "http://127.0.0.1:1/".into(),
+            message: "connection refused".into(),
+        }));
+        assert_eq!(status_of(&worker_down), StatusCode::SERVICE_UNAVAILABLE);
+        let table_down = DataFusionError::External(Box::new(TableUnreachable {
+            table: "kb".into(),
+            failures: vec!["connection refused".into()],
+        }));
+        assert_eq!(
+            status_of(&table_down.context("planning")),
+            StatusCode::SERVICE_UNAVAILABLE
         );
         let panic = DataFusionError::External(Box::new(EnginePanic("capacity overflow".into())));
         assert_eq!(status_of(&panic), StatusCode::INTERNAL_SERVER_ERROR);
