@@ -234,5 +234,8 @@ async fn a_coordinator_over_three_workers_answers_as_one_node_holding_every_docu
         .unwrap();
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
-    assert!(status == 503 && text.contains("no shard of 'kb' is reachable"), "{status}: {text}");
+    assert!(
+        status == 503 && text.contains("no shard of 'kb' is reachable"),
+        "{status}: {text}"
+    );
 }
