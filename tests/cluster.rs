@@ -190,6 +190,16 @@ async fn a_coordinator_over_three_workers_answers_as_one_node_holding_every_docu
         error.starts_with("503") && error.contains("shard kb-1 of kb") && error.contains(&addresses[1]),
         "{error}"
     );
+    // The coordinator's /readyz tells each shard's state, and stays ready.
+    let response = coordinator.get("/readyz").await;
+    assert_eq!(response.status().as_u16(), 200);
+    let ready: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(ready["shards"]["kb-0"], "ready", "{ready}");
+    let gone = ready["shards"]["kb-1"].as_str().unwrap_or_default();
+    assert!(
+        gone.starts_with("unreachable") && gone.contains(&addresses[1]),
+        "{ready}"
+    );
     // Over Flight SQL, a client that allows a partial answer gets the other shards' rows, and
     // the info's app metadata names the shard left out.
     let channel = tonic::transport::Channel::from_shared(format!("http://{coordinator_flight}"))

@@ -94,21 +94,32 @@ impl Cluster {
             .collect()
     }
 
-    /// The shards that do not say they are ready now (each asked, at most [`READY_TIMEOUT`]),
-    /// as [`Cluster::shards_named_in`] names them: after a query lost a worker's connection
-    /// without the error saying which.
-    pub async fn shards_down(&self) -> Vec<String> {
+    /// Whether each shard says it is ready now (each asked, at most [`READY_TIMEOUT`]): its
+    /// table, the shard, and why not.
+    pub async fn shard_states(&self) -> Vec<(&str, &Shard, Result<(), String>)> {
         let template = ShardCall::template(None, Vec::new());
         let template = &template;
         let asked = self.map.all_shards().map(|(table, shard)| async move {
             let call = for_shard(template, shard);
-            let ready = tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await;
-            match ready {
-                Ok(Ok(_)) => None,
-                _ => Some(described(table, shard)),
-            }
+            let ready = match tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("not ready within {} s", READY_TIMEOUT.as_secs())),
+            };
+            (table, shard, ready)
         });
-        futures::future::join_all(asked).await.into_iter().flatten().collect()
+        futures::future::join_all(asked).await
+    }
+
+    /// The shards that do not say they are ready now, as [`Cluster::shards_named_in`] names
+    /// them: after a query lost a worker's connection without the error saying which.
+    pub async fn shards_down(&self) -> Vec<String> {
+        self.shard_states()
+            .await
+            .into_iter()
+            .filter(|(_, _, ready)| ready.is_err())
+            .map(|(table, shard, _)| described(table, shard))
+            .collect()
     }
 
     /// The shards of `table` a query reads. All of them, unless the request allows partial

@@ -10,7 +10,7 @@
 //!   response the header `Mkflow-Partial` naming them.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /healthz`: the process is up. `GET /readyz`: indexes loaded and every pipeline
-//!   consuming (or done).
+//!   consuming (or done); on a coordinator, also each shard's state (not part of readiness).
 
 use std::sync::{Arc, OnceLock};
 
@@ -271,7 +271,22 @@ async fn ready(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(json!({ "ready": ready, "pipelines": pipelines }))).into_response()
+    let mut body = json!({ "ready": ready, "pipelines": pipelines });
+    // A coordinator tells how its shards are, without depending on them (a request may allow a
+    // partial answer).
+    if let Some(cluster) = engine.cluster() {
+        let shards: serde_json::Map<String, serde_json::Value> = cluster
+            .shard_states()
+            .await
+            .into_iter()
+            .map(|(_, shard, state)| {
+                let text = state.map_or_else(|why| format!("unreachable: {why}"), |()| "ready".to_string());
+                (shard.name.clone(), json!(text))
+            })
+            .collect();
+        body["shards"] = serde_json::Value::Object(shards);
+    }
+    (status, axum::Json(body)).into_response()
 }
 
 #[cfg(test)]
