@@ -73,7 +73,7 @@ impl WorkerClient {
         self.ask_over(Connection::Kept, action, call).await
     }
 
-    /// [`Cluster::ask`] over `connection`.
+    /// [`WorkerClient::ask`] over `connection`.
     pub async fn ask_over(
         &self,
         connection: Connection,

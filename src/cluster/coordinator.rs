@@ -56,7 +56,7 @@ const SCORE_COLUMNS: &[&str] = &["score", "fused_score"];
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A coordinator's view of the cluster: the shard map, the call schemas learnt so far, and a
-/// connection to each worker it has asked something.
+/// client of its workers.
 #[derive(Debug)]
 pub struct Cluster {
     map: ShardMap,
@@ -94,18 +94,22 @@ impl Cluster {
             .collect()
     }
 
-    /// Whether each shard says it is ready now (each asked, at most [`READY_TIMEOUT`]): its
+    /// Whether `shard` says it is ready now (asked, at most [`READY_TIMEOUT`]); if not, whether
+    /// it could not be reached at all (or did not answer in time), and why.
+    async fn shard_ready(&self, shard: &Shard) -> std::result::Result<(), (bool, String)> {
+        let call = for_shard(&ShardCall::template(None, Vec::new()), shard);
+        match tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err((is_unreachable(&e), e.to_string())),
+            Err(_) => Err((true, format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
+        }
+    }
+
+    /// Whether each shard says it is ready now ([`Cluster::shard_ready`], all at once): its
     /// table, the shard, and why not.
     pub async fn shard_states(&self) -> Vec<(&str, &Shard, Result<(), String>)> {
-        let template = ShardCall::template(None, Vec::new());
-        let template = &template;
         let asked = self.map.all_shards().map(|(table, shard)| async move {
-            let call = for_shard(template, shard);
-            let ready = match tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("not ready within {} s", READY_TIMEOUT.as_secs())),
-            };
+            let ready = self.shard_ready(shard).await.map_err(|(_, why)| why);
             (table, shard, ready)
         });
         futures::future::join_all(asked).await
@@ -130,22 +134,13 @@ impl Cluster {
         let Some(partial) = partial else {
             return Ok(shards.to_vec());
         };
-        let template = ShardCall::template(None, Vec::new());
-        let template = &template;
-        let asked = shards.iter().map(|shard| async move {
-            let call = for_shard(template, shard);
-            match tokio::time::timeout(READY_TIMEOUT, self.client.ask(SHARD_READY_ACTION, &call)).await {
-                Ok(Ok(_)) => Ok(shard.clone()),
-                Ok(Err(e)) => Err((shard, is_unreachable(&e), e.to_string())),
-                Err(_) => Err((shard, true, format!("not ready within {} s", READY_TIMEOUT.as_secs()))),
-            }
-        });
+        let answers = futures::future::join_all(shards.iter().map(|shard| self.shard_ready(shard))).await;
         let mut ready = Vec::new();
         let mut failures = Vec::new();
-        for answer in futures::future::join_all(asked).await {
+        for (shard, answer) in shards.iter().zip(answers) {
             match answer {
-                Ok(shard) => ready.push(shard),
-                Err((shard, unreachable, error)) => {
+                Ok(()) => ready.push(shard.clone()),
+                Err((unreachable, error)) => {
                     failures.push((unreachable, error.clone()));
                     partial.leave_out(MissingShard {
                         shard: shard.name.clone(),

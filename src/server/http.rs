@@ -28,7 +28,7 @@ use datafusion::arrow::json::writer::{JsonArray, WriterBuilder};
 use serde_json::json;
 
 use super::config::ServerSettings;
-use super::query::{Answer, role_of, run_query};
+use super::query::{ALLOW_PARTIAL_HEADER, Answer, PARTIAL_HEADER, allow_partial_flag, role_of, run_query};
 use crate::Engine;
 use crate::metrics;
 use crate::streaming::PipelineState;
@@ -65,13 +65,6 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// The request header that allows (`true`) or refuses (`false`) a partial answer from a
-/// cluster coordinator.
-pub const ALLOW_PARTIAL_HEADER: &str = "mkflow-allow-partial";
-
-/// The response header naming the shards a partial answer leaves out.
-pub const PARTIAL_HEADER: &str = "mkflow-partial";
-
 /// What a request asks: its SQL, and whether it allows a partial answer (`None`: as the
 /// server's shard map says).
 struct SqlRequest {
@@ -86,12 +79,8 @@ fn sql_request(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, String> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let mut allow_partial = match headers.get(ALLOW_PARTIAL_HEADER).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(v)) if v.eq_ignore_ascii_case("true") => Some(true),
-        Some(Ok(v)) if v.eq_ignore_ascii_case("false") => Some(false),
-        Some(_) => return Err(format!("header {ALLOW_PARTIAL_HEADER} must be true or false")),
-    };
+    let mut allow_partial = allow_partial_flag(headers.get(ALLOW_PARTIAL_HEADER).map(HeaderValue::as_bytes))
+        .map_err(|e| format!("header {e}"))?;
     let sql = if is_json {
         let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
@@ -172,11 +161,8 @@ async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Byt
             format!("cannot encode the result: {e}"),
         )
     });
-    if !answer.missing_shards.is_empty() {
-        let names: Vec<&str> = answer.missing_shards.iter().map(|m| m.shard.as_str()).collect();
-        if let Ok(value) = HeaderValue::from_str(&names.join(",")) {
-            response.headers_mut().insert(PARTIAL_HEADER, value);
-        }
+    if let Some(Ok(value)) = answer.missing_shard_names().map(|names| HeaderValue::from_str(&names)) {
+        response.headers_mut().insert(PARTIAL_HEADER, value);
     }
     response
 }

@@ -71,6 +71,33 @@ pub struct Answer {
     pub missing_shards: Vec<MissingShard>,
 }
 
+impl Answer {
+    /// The names of the shards the answer leaves out, comma-separated (the `mkflow-partial`
+    /// header), if it leaves any out.
+    pub fn missing_shard_names(&self) -> Option<String> {
+        let names: Vec<&str> = self.missing_shards.iter().map(|m| m.shard.as_str()).collect();
+        (!names.is_empty()).then(|| names.join(","))
+    }
+}
+
+/// The request header (HTTP) or metadata (Flight) that allows (`true`) or refuses (`false`) a
+/// partial answer from a cluster coordinator.
+pub const ALLOW_PARTIAL_HEADER: &str = "mkflow-allow-partial";
+
+/// The response header (HTTP) or metadata (Flight) naming the shards a partial answer leaves out.
+pub const PARTIAL_HEADER: &str = "mkflow-partial";
+
+/// What the [`ALLOW_PARTIAL_HEADER`] value of a request says (`None`: it has none); otherwise
+/// the message of a refusal.
+pub fn allow_partial_flag(value: Option<&[u8]>) -> Result<Option<bool>, String> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case(b"true") => Ok(Some(true)),
+        Some(v) if v.eq_ignore_ascii_case(b"false") => Ok(Some(false)),
+        Some(_) => Err(format!("{ALLOW_PARTIAL_HEADER} must be true or false")),
+    }
+}
+
 /// Whether a request allows a partial answer: as it says (`requested`), else as the shard map
 /// says.
 fn allows_partial(engine: &Engine, requested: Option<bool>) -> bool {

@@ -45,8 +45,10 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::config::ServerSettings;
-use super::http::{ALLOW_PARTIAL_HEADER, PARTIAL_HEADER};
-use super::query::{Answer, QueryFailure, metrics_label, role_of, run_in_session, run_prepared};
+use super::query::{
+    ALLOW_PARTIAL_HEADER, Answer, PARTIAL_HEADER, QueryFailure, allow_partial_flag, metrics_label, role_of,
+    run_in_session, run_prepared,
+};
 use super::worker::EngineShards;
 use crate::Engine;
 use crate::access::Role;
@@ -138,8 +140,10 @@ impl FlightSql {
         Ok(Response::new(info))
     }
 
-    /// Keeps `batches` for their `DoGet`; the flight info that names them.
+    /// Keeps the answer's batches for their `DoGet`; the flight info that names them (and the
+    /// shards a partial answer leaves out).
     fn result_info(&self, answer: Answer, descriptor: FlightDescriptor) -> Result<Response<FlightInfo>, Status> {
+        let missing = answer.missing_shard_names();
         let batches = answer.batches;
         let schema = batches
             .first()
@@ -156,18 +160,15 @@ impl FlightSql {
         let ticket = TicketStatementQuery {
             statement_handle: handle.into(),
         };
-        let mut info =
-            info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())));
-        if answer.missing_shards.is_empty() {
+        let info = info.with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket.as_any().encode_to_vec())));
+        let Some(names) = missing else {
             return Ok(Response::new(info));
-        }
+        };
         // A partial answer (cluster): the shards left out, in the info's app metadata and a
         // response header.
         let partial = serde_json::json!({ "partial": { "missing_shards": answer.missing_shards } });
-        info = info.with_app_metadata(partial.to_string().into_bytes());
-        let names: Vec<&str> = answer.missing_shards.iter().map(|m| m.shard.as_str()).collect();
-        let mut response = Response::new(info);
-        if let Ok(value) = names.join(",").parse() {
+        let mut response = Response::new(info.with_app_metadata(partial.to_string().into_bytes()));
+        if let Ok(value) = names.parse() {
             response.metadata_mut().insert(PARTIAL_HEADER, value);
         }
         Ok(response)
@@ -176,14 +177,8 @@ impl FlightSql {
     /// Whether the caller allows a partial answer (its `mkflow-allow-partial` metadata; `None`:
     /// as the shard map says).
     fn allow_partial<T>(&self, request: &Request<T>) -> Result<Option<bool>, Status> {
-        match request.metadata().get(ALLOW_PARTIAL_HEADER).map(|v| v.to_str()) {
-            None => Ok(None),
-            Some(Ok(v)) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
-            Some(Ok(v)) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
-            Some(_) => Err(Status::invalid_argument(format!(
-                "{ALLOW_PARTIAL_HEADER} must be true or false"
-            ))),
-        }
+        allow_partial_flag(request.metadata().get(ALLOW_PARTIAL_HEADER).map(|v| v.as_bytes()))
+            .map_err(Status::invalid_argument)
     }
 }
 
