@@ -1,7 +1,7 @@
 //! Search latency: `vector_search` through SQL against a bare usearch index on the same
 //! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count),
 //! and through Flight SQL (a prepared statement with the query vector bound, and the statement
-//! with a vector literal);
+//! with a vector literal), one search at a time and with every core busy (QPS);
 //! commit cost (delta vs full); micro-batch commit latency with inline vs background
 //! compaction; and search latency while full commits run vs idle (searches
 //! read the published state, so a commit must not make them wait).
@@ -220,6 +220,75 @@ async fn flight_latencies(
     (in_process_us, prepared, literal_us)
 }
 
+/// Searches per second of bare usearch with every core searching (one thread per core, each
+/// through the queries from its own place) for `run`.
+fn bare_throughput(bare: &usearch::Index, queries: &[Vec<f32>], threads: usize, run: Duration) -> f64 {
+    let started = Instant::now();
+    let searched: usize = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut done = 0;
+                    while started.elapsed() < run {
+                        let q = &queries[(t * queries.len() / threads + done) % queries.len()];
+                        assert_eq!(bare.search(q, 10).unwrap().keys.len(), 10);
+                        done += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    searched as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Searches per second through Flight SQL with `clients` connections at once (each its own
+/// session and prepared `vector_search`, each binding the query vectors from its own place)
+/// against the server at `address` for `run`.
+async fn flight_throughput(address: &str, queries: &[Vec<f32>], clients: usize, run: Duration) -> f64 {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+    use datafusion::arrow::array::ListArray;
+    use datafusion::arrow::datatypes::Float32Type;
+
+    let queries = Arc::new(queries.to_vec());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (address, queries) = (address.to_string(), queries.clone());
+            tokio::spawn(async move {
+                let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let mut client = FlightSqlServiceClient::new(channel);
+                let mut statement = client
+                    .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)".into(), None)
+                    .await
+                    .unwrap();
+                let mut done = 0;
+                while started.elapsed() < run {
+                    let q = &queries[(c * queries.len() / clients + done) % queries.len()];
+                    let vector =
+                        ListArray::from_iter_primitive::<Float32Type, _, _>([Some(q.iter().map(|x| Some(*x)))]);
+                    let values = RecordBatch::try_from_iter([("$1", Arc::new(vector) as ArrayRef)]).unwrap();
+                    statement.set_parameters(values).unwrap();
+                    let info = statement.execute().await.unwrap();
+                    assert_eq!(fetch_rows(&mut client, info).await, 10);
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut searched = 0;
+    for task in tasks {
+        searched += task.await.unwrap();
+    }
+    searched as f64 / started.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
     let count: usize = std::env::var("MKFLOW_BENCH_VECTORS")
@@ -379,6 +448,17 @@ async fn main() {
         bare50 / prepared50,
         bare_mean / statement_mean,
         bare50 / statement50
+    );
+    // The same with every core busy (QPS as a server sees it): one bare search thread per core,
+    // against two Flight SQL clients per core (the clients here share the cores with the server).
+    let run = Duration::from_secs(10);
+    let bare_qps = bare_throughput(&bare, &queries, threads, run);
+    let clients = 2 * threads;
+    let flight_qps = flight_throughput(&address, &queries, clients, run).await;
+    println!(
+        "throughput, every core busy: bare usearch {bare_qps:.0} QPS ({threads} threads), Flight SQL prepared \
+         {flight_qps:.0} QPS ({clients} clients): {:.2} of bare; target >= 0.5",
+        flight_qps / bare_qps
     );
 
     // Commit cost in the same index: a streaming-sized upsert of 10 rows is committed as a
