@@ -21,9 +21,9 @@ pub const CALL_TAG: &str = "mkflow.call";
 pub fn tag_call(schema: &SchemaRef, function: &str, args: &[Expr]) -> SchemaRef {
     let mut hasher = DefaultHasher::new();
     function.hash(&mut hasher);
-    for arg in args {
-        arg.to_string().hash(&mut hasher);
-    }
+    // Hashed as expressions, not as their text: a bound query vector would be written out as
+    // hundreds of floats on every run of a prepared search.
+    args.hash(&mut hasher);
     let mut metadata: HashMap<String, String> = schema.metadata().clone();
     metadata.insert(CALL_TAG.to_string(), format!("{function}#{:016x}", hasher.finish()));
     Arc::new(Schema::new_with_metadata(schema.fields().clone(), metadata))
