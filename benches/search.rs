@@ -17,8 +17,10 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Int64Array, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::array::{
+    ArrayRef, FixedSizeListArray, Float32Array, Int64Array, ListArray, RecordBatch, StringArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Float32Type, Schema};
 use mkflow::{Engine, EngineConfig, assets};
 use mkflow_index::{IndexSettings, KnowledgeIndex, Quantization};
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
@@ -147,6 +149,16 @@ fn serve_copy(index_dir: &std::path::Path) -> (Killed, tempfile::TempDir, String
     (Killed(child), data, flight)
 }
 
+/// Query vector `q` as the one-element list a prepared `vector_search` binds to `$1`.
+fn vector_list(q: &[f32]) -> ListArray {
+    ListArray::from_iter_primitive::<Float32Type, _, _>([Some(q.iter().map(|x| Some(*x)))])
+}
+
+/// Query vector `q` as the parameter batch a Flight SQL client binds to `$1`.
+fn vector_parameter(q: &[f32]) -> RecordBatch {
+    RecordBatch::try_from_iter([("$1", Arc::new(vector_list(q)) as ArrayRef)]).unwrap()
+}
+
 /// Per-search latencies (µs) of a prepared `vector_search` run with each query vector bound in
 /// this process (no network), then through Flight SQL against the server at `address` (another
 /// process, on loopback), and of the statement with the vector as a `literal` through Flight SQL.
@@ -157,8 +169,6 @@ async fn flight_latencies(
     literal: &dyn Fn(&[f32]) -> String,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     use arrow_flight::sql::client::FlightSqlServiceClient;
-    use datafusion::arrow::array::ListArray;
-    use datafusion::arrow::datatypes::Float32Type;
     use datafusion::common::ScalarValue;
 
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -191,20 +201,17 @@ async fn flight_latencies(
         .unwrap();
     let mut in_process_us = Vec::new();
     for q in queries {
-        let vector = ListArray::from_iter_primitive::<Float32Type, _, _>([Some(q.iter().map(|x| Some(*x)))]);
         let started = Instant::now();
         session
-            .run_prepared(&in_process, vec![ScalarValue::List(Arc::new(vector))])
+            .run_prepared(&in_process, vec![ScalarValue::List(Arc::new(vector_list(q)))])
             .await
             .unwrap();
         in_process_us.push(started.elapsed().as_secs_f64() * 1e6);
     }
 
     for q in queries {
-        let vector = ListArray::from_iter_primitive::<Float32Type, _, _>([Some(q.iter().map(|x| Some(*x)))]);
-        let values = RecordBatch::try_from_iter([("$1", Arc::new(vector) as ArrayRef)]).unwrap();
         let started = Instant::now();
-        statement.set_parameters(values).unwrap();
+        statement.set_parameters(vector_parameter(q)).unwrap();
         let info = statement.execute().await.unwrap();
         let rows = fetch_rows(&mut client, info).await;
         prepared.push(started.elapsed().as_secs_f64() * 1e6);
@@ -248,8 +255,6 @@ fn bare_throughput(bare: &usearch::Index, queries: &[Vec<f32>], threads: usize, 
 /// against the server at `address` for `run`.
 async fn flight_throughput(address: &str, queries: &[Vec<f32>], clients: usize, run: Duration) -> f64 {
     use arrow_flight::sql::client::FlightSqlServiceClient;
-    use datafusion::arrow::array::ListArray;
-    use datafusion::arrow::datatypes::Float32Type;
 
     let queries = Arc::new(queries.to_vec());
     let started = Instant::now();
@@ -270,10 +275,7 @@ async fn flight_throughput(address: &str, queries: &[Vec<f32>], clients: usize, 
                 let mut done = 0;
                 while started.elapsed() < run {
                     let q = &queries[(c * queries.len() / clients + done) % queries.len()];
-                    let vector =
-                        ListArray::from_iter_primitive::<Float32Type, _, _>([Some(q.iter().map(|x| Some(*x)))]);
-                    let values = RecordBatch::try_from_iter([("$1", Arc::new(vector) as ArrayRef)]).unwrap();
-                    statement.set_parameters(values).unwrap();
+                    statement.set_parameters(vector_parameter(q)).unwrap();
                     let info = statement.execute().await.unwrap();
                     assert_eq!(fetch_rows(&mut client, info).await, 10);
                     done += 1;
