@@ -503,13 +503,16 @@ async fn main() {
     let stream = |background: bool, first: usize, rng: &mut Rng| {
         index.set_background_compaction(background);
         index.set_background_indexing(background);
-        // What the engine does after each commit: insert the vectors it left out of the graph.
+        // What the engine does after each commit: insert the vectors it left out of the graph,
+        // and make room in the commit log.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let indexer = background.then(|| {
             let (index, stop) = (index.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if index.backlog_due() {
+                    if index.log_upkeep_due() {
+                        index.upkeep_log().unwrap();
+                    } else if index.backlog_due() {
                         index.index_backlog().unwrap();
                     } else {
                         std::thread::sleep(Duration::from_millis(2));

@@ -12,6 +12,7 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, UInt64Type};
 use mkflow::Engine;
+use mkflow_index::{LOG_FILE, MANIFEST_FILE, Manifest};
 use mkflow_udfs::mk::MetadataSchema;
 
 /// Writes the first `skip..skip + take` sample documents to a JSON Lines file.
@@ -871,17 +872,13 @@ async fn documents_and_their_questions_commit_as_one() {
     let second = corpus_slice(dir.path(), "second.jsonl", 40, 2);
     let data = dir.path().join("data");
     let kb = data.join("scifact_mk");
-    let generation = |path: PathBuf| -> (u64, serde_json::Value) {
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        (manifest["generation"].as_u64().unwrap(), manifest)
-    };
+    // The last committed manifests, as opening would find them (the checkpoint in
+    // manifest.json and the commit log after it).
+    let latest = |dir: PathBuf| Manifest::read_latest(&dir).unwrap().unwrap();
     let named_matches_questions = || {
-        let (_, documents) = generation(kb.join("manifest.json"));
-        let (questions, _) = generation(kb.join("questions").join("manifest.json"));
-        assert_eq!(
-            documents["companions"]["questions"]["generation"].as_u64(),
-            Some(questions)
-        );
+        let documents = latest(kb.clone());
+        let questions = latest(kb.join("questions"));
+        assert_eq!(documents.companions["questions"].generation, questions.generation);
     };
     let engine = engine(&data).await;
     ingest_slice(&engine, &first).await;
@@ -905,14 +902,17 @@ async fn documents_and_their_questions_commit_as_one() {
         first_questions
     );
 
-    let before_second = std::fs::read(kb.join("manifest.json")).unwrap();
+    let committed_files = [MANIFEST_FILE, LOG_FILE];
+    let before_second = committed_files.map(|f| std::fs::read(kb.join(f)).unwrap());
     ingest_slice(&engine, &second).await;
     named_matches_questions();
     let all_questions = count(&engine, "SELECT count(*) FROM scifact_mk_questions").await;
     assert!(all_questions > first_questions);
     drop(engine);
 
-    std::fs::write(kb.join("manifest.json"), before_second).unwrap();
+    for (file, bytes) in committed_files.iter().zip(&before_second) {
+        std::fs::write(kb.join(file), bytes).unwrap();
+    }
     let engine = common::engine(&data).await;
     assert_eq!(count(&engine, "SELECT count(*) FROM scifact_mk").await, 40);
     assert_eq!(

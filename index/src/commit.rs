@@ -4,13 +4,16 @@
 //!
 //! A commit works on the next [`State`], not the published one: searches keep reading the
 //! published state while the files are written and flushed, and see the next one only once
-//! its manifest is on disk. The text index commits between the row files and the manifest.
+//! its manifest is durable — in the commit log for a delta, which leaves its delta file
+//! unflushed (see [`crate::commit_log`]). The text index commits between the row files and the
+//! manifest.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
+use crate::commit_log::Durability;
 use crate::faults::{self, Stage};
-use crate::files::{Pace, fsync_file, write_rows};
+use crate::files::{Pace, fsync_file, write_rows_unflushed};
 use crate::layered::LayeredMap;
 use crate::rewrite::{MAX_DEFERRED_DELTAS, deltas_grown, locations_of, write_compacted};
 use crate::state::State;
@@ -31,17 +34,22 @@ impl KnowledgeIndex {
         }
         let generation = manifest.generation + 1;
         let delta_file = format!("delta-{generation}.arrow");
-        let mapped = write_rows(&self.dir.join(&delta_file), &self.schema, &state.segments[first_new..])?;
+        let mapped = write_rows_unflushed(&self.dir.join(&delta_file), &self.schema, &state.segments[first_new..])?;
         state.segments.truncate(first_new);
         state.segments.extend(mapped);
         let mut manifest = state.manifest.clone();
         manifest.generation = generation;
         manifest.text_generation = None; // committed with this generation, below
         manifest.rows = state.locations.len();
-        manifest.deltas.push(delta_file);
+        manifest.deltas.push(delta_file.clone());
         manifest.delta_rows += new_rows;
         self.commit_text(state, generation)?;
-        self.write_manifest(&mut manifest)?;
+        self.write_manifest(
+            &mut manifest,
+            Durability::Logged {
+                delta: Some(&delta_file),
+            },
+        )?;
         state.manifest = manifest;
         Ok(())
     }
@@ -71,7 +79,7 @@ impl KnowledgeIndex {
         manifest.deltas.clear();
         manifest.delta_rows = 0;
         self.commit_text(state, generation)?;
-        self.write_manifest(&mut manifest)?;
+        self.write_manifest(&mut manifest, Durability::Checkpoint)?;
         state.manifest = manifest;
         // Rebuild the in-memory maps around the compacted segments: fresh bases, no changes.
         state.locations = LayeredMap::from(locations_of(&compacted));

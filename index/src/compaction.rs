@@ -24,6 +24,7 @@ use std::fs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::commit_log::Durability;
 use crate::files::{Pace, write_paced};
 use crate::layered::LayeredMap;
 use crate::mapped::MappedFile;
@@ -59,6 +60,7 @@ impl KnowledgeIndex {
     /// Returns whether it compacted: `false` when nothing was due, another compaction is
     /// running, or a delete or full commit came first.
     pub fn compact(&self) -> Result<bool, IndexError> {
+        self.check_writer()?;
         if self.compacting.swap(true, Ordering::SeqCst) {
             return Ok(false);
         }
@@ -156,7 +158,7 @@ impl KnowledgeIndex {
         next.locations = LayeredMap::from(locations);
         // The text index is left as it is: the rows moved between files, no text changed.
         manifest.text_generation = Some(current.manifest.text_generation());
-        let committed = self.write_manifest(&mut manifest);
+        let committed = self.write_manifest(&mut manifest, Durability::Logged { delta: None });
         if let Err(e) = committed {
             remove_files();
             self.recover();

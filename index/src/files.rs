@@ -192,7 +192,16 @@ impl RowWriter {
 
     /// Flushes the file to disk and moves it into place; returns its segments, read back from
     /// it (from then on they live in its pages, memory-mapped, instead of the heap).
-    pub(crate) fn finish(mut self) -> Result<Vec<Segment>, IndexError> {
+    pub(crate) fn finish(self) -> Result<Vec<Segment>, IndexError> {
+        self.finish_with(true)
+    }
+
+    /// [`RowWriter::finish`] without the flush: for a file whose bytes the commit log holds.
+    fn finish_unflushed(self) -> Result<Vec<Segment>, IndexError> {
+        self.finish_with(false)
+    }
+
+    fn finish_with(mut self, flush: bool) -> Result<Vec<Segment>, IndexError> {
         self.writer.finish()?;
         let file = self
             .writer
@@ -200,9 +209,11 @@ impl RowWriter {
             .into_inner()
             .map_err(|e| IndexError::io(&self.tmp.0, e.into_error()))?
             .file;
-        faults::check(&self.path, Stage::Sync)
-            .and_then(|_| file.sync_all())
-            .map_err(|e| IndexError::io(&self.tmp.0, e))?;
+        if flush {
+            faults::check(&self.path, Stage::Sync)
+                .and_then(|_| file.sync_all())
+                .map_err(|e| IndexError::io(&self.tmp.0, e))?;
+        }
         self.tmp.rename_to(&self.path)?;
         let (_, mapped) = read_rows(&self.path, Check::WrittenHere)?;
         if mapped.len() != self.segments {
@@ -321,13 +332,18 @@ pub(crate) fn write_paced(path: &Path, bytes: &[u8], pace: Pace) -> Result<(), I
     fsync_file(path)
 }
 
-/// Writes `segments` to the row file `path` (see [`RowWriter`]); returns them read back from it.
-pub(crate) fn write_rows(path: &Path, schema: &SchemaRef, segments: &[Segment]) -> Result<Vec<Segment>, IndexError> {
+/// Writes `segments` to the row file `path` (see [`RowWriter`]) without flushing it (a delta,
+/// made durable by the commit log); returns them read back from it.
+pub(crate) fn write_rows_unflushed(
+    path: &Path,
+    schema: &SchemaRef,
+    segments: &[Segment],
+) -> Result<Vec<Segment>, IndexError> {
     let mut writer = RowWriter::create(path, schema, Pace::AtOnce)?;
     for segment in segments {
         writer.write(segment)?;
     }
-    writer.finish()
+    writer.finish_unflushed()
 }
 
 /// Flushes a file and its directory entry to disk.

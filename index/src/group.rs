@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use arrow::array::RecordBatch;
 use arrow::datatypes::Schema;
 
+use crate::commit_log::{self, Durability};
 use crate::files::remove_files_of;
 use crate::search::RowPredicate;
 use crate::{IndexError, IndexSettings, KnowledgeIndex, MANIFEST_FILE, Manifest, SourceOffsets, UpsertStats};
@@ -121,14 +122,15 @@ impl KnowledgeIndex {
         }
     }
 
-    /// Writes `manifest` as this index's manifest, naming the companions' current generations,
-    /// then lets the companions delete the files only older generations named.
-    pub(crate) fn write_manifest(&self, manifest: &mut Manifest) -> Result<(), IndexError> {
+    /// Commits `manifest` as this index's manifest (made durable as `durability` says), naming
+    /// the companions' current generations, then lets the companions delete the files only
+    /// older generations named.
+    pub(crate) fn write_manifest(&self, manifest: &mut Manifest, durability: Durability<'_>) -> Result<(), IndexError> {
         let members = self.companions.members();
         for (name, companion) in &members {
             manifest.companions.insert(name.clone(), companion.manifest());
         }
-        manifest.write_atomic(&self.dir)?;
+        self.make_durable(manifest, durability)?;
         for (name, companion) in &members {
             companion
                 .retained
@@ -140,7 +142,19 @@ impl KnowledgeIndex {
 
 /// Rewrites the manifest in `dir` as `pinned` when it names another generation.
 fn restore(dir: &Path, pinned: &Manifest) -> Result<(), IndexError> {
-    let on_disk = Manifest::read(dir)?;
+    // The companion's own log is replayed first — or another process writes the companion, and
+    // it is left as that process has it.
+    let log = match dir.join(MANIFEST_FILE).is_file() {
+        true => Some(commit_log::attach(dir)?),
+        false => None,
+    };
+    if log
+        .as_ref()
+        .is_some_and(|log| !log.lock().unwrap_or_else(|e| e.into_inner()).is_writer())
+    {
+        return Ok(());
+    }
+    let on_disk = Manifest::read_latest(dir)?;
     if on_disk.as_ref().map(|m| m.generation) == Some(pinned.generation) {
         return Ok(());
     }
@@ -159,7 +173,10 @@ fn restore(dir: &Path, pinned: &Manifest) -> Result<(), IndexError> {
         on_disk.map_or("none".into(), |m| m.generation.to_string()),
         pinned.generation
     );
-    pinned.write_atomic(dir)
+    match &log {
+        Some(log) => commit_log::roll_back(log, dir, pinned),
+        None => pinned.write_atomic(dir),
+    }
 }
 
 /// A group commit in progress: holds the parent's writer lock (no other commit of the parent
@@ -198,11 +215,13 @@ impl GroupCommit<'_> {
     /// Commits a generation that changes no row, naming the companions' current generations
     /// (after a companion changed on its own: its chunks rebuilt, say).
     pub fn commit(&self) -> Result<(), IndexError> {
+        self.index.check_writer()?;
         let mut next = (*self.index.current()).clone();
         let mut manifest = next.manifest.clone();
         manifest.generation += 1;
         manifest.text_generation = Some(next.manifest.text_generation());
-        self.index.write_manifest(&mut manifest)?;
+        self.index
+            .write_manifest(&mut manifest, Durability::Logged { delta: None })?;
         next.manifest = manifest;
         self.index.publish(next);
         Ok(())

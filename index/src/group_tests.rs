@@ -80,7 +80,7 @@ fn reopening_rolls_a_companion_back_to_the_generation_its_parent_names() {
     );
 }
 
-/// A group whose parent commit fails (a full disk on its manifest) returns the error; the
+/// A group whose parent commit fails (a full disk on its commit log) returns the error; the
 /// companion keeps the files the parent's last generation names until a parent commit names a
 /// later one, which then deletes them; a restart before that rolls the companion back.
 #[test]
@@ -92,13 +92,13 @@ fn a_failed_parent_commit_keeps_the_generation_it_names_whole() {
 
     let group = parent.lock_group();
     companion.delete(&category_filter(2)).unwrap(); // a full rewrite: new rows and graph files
-    armed::arm(Stage::Write, "manifest");
+    armed::arm(Stage::Write, crate::LOG_FILE);
     let err = group
         .upsert_from_source(&[batch(&parent, 100..101, |_| 0, 0)], &SourceOffsets::new())
-        .expect_err("the parent's manifest cannot be written")
+        .expect_err("the parent's commit cannot be logged")
         .to_string();
     drop(group);
-    assert!(err.contains("manifest.json") && err.contains("No space left"), "{err}");
+    assert!(err.contains(crate::LOG_FILE) && err.contains("No space left"), "{err}");
     assert_eq!(parent.manifest().companions["questions"].generation, named);
     assert!(old_files.is_subset(&data_files(&dir.path().join("questions"))));
 

@@ -6,6 +6,9 @@
 //! - `rows-G.arrow`: every live row (Arrow IPC file) with its `u64` key in column `_key`;
 //! - `ann-G.usearch`: the HNSW graph with the vectors of those keys;
 //! - `delta-G.arrow`: rows upserted by a later commit `G` (same format), replayed on open;
+//! - `commit.log`: the manifests (and delta files' bytes) of the small commits since
+//!   `manifest.json` was last written, each durable after one flush of this preallocated file;
+//!   opening replays it into the files (see [`commit_log`]);
 //! - `fulltext/`: the tantivy BM25 index over the text columns, committed with generation `G`
 //!   as its payload just before the manifest (see [`fulltext`]).
 //!
@@ -27,6 +30,7 @@
 mod ann;
 mod backlog;
 mod commit;
+mod commit_log;
 mod compaction;
 mod error;
 mod faults;
@@ -56,6 +60,7 @@ use arrow::datatypes::{Field, Schema, SchemaRef};
 
 pub use ann::{AnnIndex, Hit, Quantization};
 pub use backlog::MAX_BACKLOG;
+pub use commit_log::LOG_FILE;
 pub use error::IndexError;
 pub use fulltext::{Analyzer, QuerySyntax, TextColumn, TextQuery, TextStatistics};
 pub use group::GroupCommit;
@@ -68,12 +73,15 @@ pub use vector::{vector_type, vector_values, vectors_to_array};
 #[cfg(test)]
 mod backlog_tests;
 #[cfg(test)]
+mod commit_log_tests;
+#[cfg(test)]
 mod group_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod text_tests;
 
+use commit_log::{Durability, SharedLog, not_the_writer};
 use files::{KEY_FIELD, remove_stray_files};
 use fulltext::{FullText, default_text_columns};
 use group::{Companions, Retained};
@@ -142,20 +150,31 @@ pub struct KnowledgeIndex {
     companions: Companions,
     /// Replaced files kept for the generation a parent index names (companions only).
     retained: Retained,
+    /// Where small commits become durable (taken under the writer lock), shared by this
+    /// process's handles on the directory.
+    log: SharedLog,
+    /// Set while [`KnowledgeIndex::upkeep_log`] runs (one at a time).
+    log_upkeep: AtomicBool,
 }
 
 impl KnowledgeIndex {
     /// Opens the index in `dir`; errors when there is none.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, IndexError> {
         let dir = dir.as_ref();
-        let manifest = Manifest::read(dir)?.ok_or_else(|| {
+        let no_index = || {
             IndexError::Invalid(format!(
                 "{} holds no knowledge index ({MANIFEST_FILE} missing)",
                 dir.display()
             ))
-        })?;
+        };
+        Manifest::read(dir)?.ok_or_else(no_index)?;
+        let log = commit_log::attach(dir)?;
+        let writer = log.lock().unwrap_or_else(|e| e.into_inner()).is_writer();
+        let manifest = Manifest::read_latest(dir)?.ok_or_else(no_index)?;
         let (schema, mut state) = load_state(dir, manifest)?;
-        remove_stray_files(dir, &state.manifest, &Default::default());
+        if writer {
+            remove_stray_files(dir, &state.manifest, &Default::default());
+        }
         let columns = match &state.manifest.text_columns {
             Some(columns) => columns.clone(),
             None => default_text_columns(&schema, &state.manifest.key_column),
@@ -165,7 +184,7 @@ impl KnowledgeIndex {
         if let Some(full_text) = &full_text {
             state.text = Some(full_text.sync(&state)?);
         }
-        Self::from_parts(dir, schema, state, full_text)
+        Self::from_parts(dir, schema, state, full_text, log)
     }
 
     /// Opens the index in `dir`, or creates it with `columns` (the vector column is appended)
@@ -177,10 +196,15 @@ impl KnowledgeIndex {
         settings: &IndexSettings,
     ) -> Result<Self, IndexError> {
         let dir = dir.as_ref();
-        if let Some(mut manifest) = Manifest::read(dir)? {
+        if Manifest::read(dir)?.is_some() {
+            let log = commit_log::attach(dir)?;
+            let mut manifest = Manifest::read_latest(dir)?.expect("the manifest was just read");
             if let Some(wanted) = &settings.text_columns
                 && manifest.text_columns.as_ref() != Some(wanted)
             {
+                if !log.lock().unwrap_or_else(|e| e.into_inner()).is_writer() {
+                    return Err(not_the_writer(dir));
+                }
                 let schema = files::read_schema(&dir.join(&manifest.rows_file))?;
                 fulltext::check_text_columns(&schema, wanted)?;
                 log::info!(
@@ -200,6 +224,7 @@ impl KnowledgeIndex {
             return Ok(index);
         }
         fs::create_dir_all(dir).map_err(|e| IndexError::io(dir, e))?;
+        let log = commit_log::attach(dir)?;
         let schema = table_schema(columns, settings)?;
         let text_columns = match &settings.text_columns {
             Some(columns) => columns.clone(),
@@ -226,6 +251,7 @@ impl KnowledgeIndex {
             ann_missing: Vec::new(),
             ann_removed: Vec::new(),
             companions: Default::default(),
+            log_epoch: 0,
         };
         let state = State {
             ann: Arc::new(AnnIndex::new(settings.dimensions, settings.quantization)?),
@@ -237,8 +263,9 @@ impl KnowledgeIndex {
             text: None,
             backlog: Default::default(),
         };
-        let index = Self::from_parts(dir, schema, state, full_text)?;
+        let index = Self::from_parts(dir, schema, state, full_text, log)?;
         {
+            index.check_writer()?;
             let _writer = index.lock_writer();
             let mut next = (*index.current()).clone();
             index.persist(&mut next)?;
@@ -252,6 +279,7 @@ impl KnowledgeIndex {
         schema: SchemaRef,
         state: State,
         full_text: Option<Arc<FullText>>,
+        log: SharedLog,
     ) -> Result<Self, IndexError> {
         let position = |name: &str| {
             schema
@@ -277,6 +305,8 @@ impl KnowledgeIndex {
             background_indexing: AtomicBool::new(false),
             companions: Companions::default(),
             retained: Retained::default(),
+            log,
+            log_upkeep: AtomicBool::new(false),
         })
     }
 
@@ -419,6 +449,7 @@ impl KnowledgeIndex {
 
     /// [`KnowledgeIndex::upsert_from_source`] for a caller holding the writer lock.
     fn upsert_locked(&self, batches: &[RecordBatch], offsets: &SourceOffsets) -> Result<UpsertStats, IndexError> {
+        self.check_writer()?;
         // Validate and convert everything before touching the index: an error leaves it as is.
         let prepared = self.prepare_all(batches)?;
         let mut stats = UpsertStats::default();
@@ -429,7 +460,7 @@ impl KnowledgeIndex {
         if prepared.is_empty() {
             let mut manifest = next.manifest.clone();
             manifest.source_offsets.merge(offsets);
-            self.write_manifest(&mut manifest)?;
+            self.write_manifest(&mut manifest, Durability::Logged { delta: None })?;
             next.manifest = manifest;
             self.publish(next);
             return Ok(stats);
@@ -495,6 +526,7 @@ impl KnowledgeIndex {
         values: &std::collections::HashSet<String>,
         batches: &[RecordBatch],
     ) -> Result<RecordBatch, IndexError> {
+        self.check_writer()?;
         let position = self.schema.index_of(column)?;
         let prepared = self.prepare_all(batches)?;
         let upserted: std::collections::HashSet<String> =
@@ -587,6 +619,7 @@ impl KnowledgeIndex {
         predicate: &RowPredicate<'_>,
         gather: bool,
     ) -> Result<(Vec<String>, Option<RecordBatch>), IndexError> {
+        self.check_writer()?;
         let mut next = (*self.current()).clone();
         let doomed = self.matching_rows(&next, predicate)?;
         if doomed.is_empty() {
@@ -655,17 +688,16 @@ impl KnowledgeIndex {
     }
 
     /// After a failed commit (its caller holds the writer lock): publishes the last committed
-    /// generation as read back from disk, since the failed commit may have changed the shared
-    /// graph. Should even that fail, the published state stays: its searches drop the graph's
-    /// hits it does not hold and fill in exactly, so they stay correct.
+    /// generation as read back from the files its manifest names, since the failed commit may
+    /// have changed the shared graph. Should even that fail, the published state stays: its
+    /// searches drop the graph's hits it does not hold and fill in exactly, so they stay correct.
     fn recover(&self) {
-        let committed = self.current().manifest.generation;
+        let manifest = self.current().manifest.clone();
+        let committed = manifest.generation;
         if let Some(full_text) = &self.full_text {
             full_text.rollback();
         }
-        match Manifest::read(&self.dir).and_then(|m| {
-            let manifest = m.ok_or_else(|| IndexError::Invalid("manifest vanished".into()))?;
-            let (schema, mut state) = load_state(&self.dir, manifest)?;
+        match load_state(&self.dir, manifest).and_then(|(schema, mut state)| {
             remove_stray_files(&self.dir, &state.manifest, &self.retained.files());
             state.manifest.text_columns = self.current().manifest.text_columns.clone();
             if let Some(full_text) = &self.full_text {

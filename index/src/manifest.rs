@@ -1,9 +1,11 @@
 //! `manifest.json`: the one file that says which generation of a knowledge index is current.
 //!
 //! A commit writes its files under a fresh generation number — all live rows and the ANN graph
-//! (a full commit), or only the rows it upserted (a delta) — then replaces the manifest
-//! atomically (write to a temporary file, fsync, rename). A crash at any moment leaves either
-//! the old or the new manifest, each naming complete files.
+//! (a full commit), or only the rows it upserted (a delta). A full commit then replaces the
+//! manifest atomically (write to a temporary file, fsync, rename); a small one appends its
+//! manifest to the commit log instead, and opening replays the log into this file (see
+//! [`crate::commit_log`]). A crash at any moment leaves either the old or the new generation,
+//! each naming complete files.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,8 +21,11 @@ use crate::{IndexError, Quantization, SourceOffsets, TextColumn};
 /// The manifest's file name inside an index directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
-/// Current on-disk format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current on-disk format version: 2 reads the commit log (`commit.log`) on open.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest format version this mkflow opens (version 1: no commit log).
+const OLDEST_FORMAT_VERSION: u32 = 1;
 
 /// The persisted description of a knowledge index.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +88,10 @@ pub struct Manifest {
     /// [`KnowledgeIndex::open_companion`](crate::KnowledgeIndex::open_companion)).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub companions: BTreeMap<String, Manifest>,
+    /// The epoch of the commit log that continues this manifest: the log's records of this
+    /// epoch are the commits made since it was written (see [`crate::commit_log`]).
+    #[serde(default)]
+    pub log_epoch: u64,
 }
 
 impl Manifest {
@@ -101,14 +110,21 @@ impl Manifest {
                     path.display()
                 ))
             })?;
-        if manifest.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&manifest.format_version) {
             return Err(IndexError::Invalid(format!(
-                "{} has format version {}, this mkflow reads version {FORMAT_VERSION}",
+                "{} has format version {}, this mkflow reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
                 path.display(),
                 manifest.format_version
             )));
         }
         Ok(Some(manifest))
+    }
+
+    /// The manifest of the last commit in `dir`, as opening the index would find it:
+    /// `manifest.json` (the last checkpoint), or the last of the commits the commit log holds
+    /// since. Reads only; `Ok(None)` when the directory holds no index.
+    pub fn read_latest(dir: &Path) -> Result<Option<Manifest>, IndexError> {
+        crate::commit_log::latest_manifest(dir)
     }
 
     /// The generation the text index must have committed for this manifest's rows (see

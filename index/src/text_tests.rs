@@ -282,15 +282,18 @@ fn a_text_index_ahead_of_the_rows_is_rebuilt_on_open() {
     let base_rows: Vec<(&str, &str, &str, i64)> =
         base.iter().map(|(id, i)| (id.as_str(), "comet", "tail", *i)).collect();
     index.upsert(&[rows(&index, &base_rows)]).unwrap();
-    // A crash after the text index committed a generation and before the manifest named it:
-    // the manifest of the generation before, the text index one ahead.
-    let manifest_before = std::fs::read(dir.path().join(MANIFEST_FILE)).unwrap();
+    // A crash after the text index committed a generation and before the manifest named it
+    // (in the commit log): the manifest and log of the generation before, the text index one
+    // ahead.
+    let committed_before = [MANIFEST_FILE, LOG_FILE].map(|f| std::fs::read(dir.path().join(f)).unwrap());
     index
         .upsert(&[rows(&index, &[("doc-99", "asteroid", "belt", 1)])])
         .unwrap();
     assert_eq!(search(&index, "asteroid", 10), vec!["doc-99"]);
     drop(index);
-    std::fs::write(dir.path().join(MANIFEST_FILE), &manifest_before).unwrap();
+    for (file, bytes) in [MANIFEST_FILE, LOG_FILE].iter().zip(&committed_before) {
+        std::fs::write(dir.path().join(file), bytes).unwrap();
+    }
     let reopened = KnowledgeIndex::open(dir.path()).unwrap();
     assert!(
         search(&reopened, "asteroid", 10).is_empty(),

@@ -1,7 +1,8 @@
 //! Background upkeep of the knowledge indexes the engine writes: after each commit, the
-//! vectors a small commit left out of the ANN graph are inserted, and an index whose deltas
-//! have grown is compacted, both on tokio's blocking pool, so micro-batches and searches never
-//! wait for graph inserts or a full rewrite (see `mkflow_index`'s `backlog` and `compaction`
+//! vectors a small commit left out of the ANN graph are inserted, a commit log more than half
+//! full is made larger or checkpointed, and an index whose deltas have grown is compacted, all
+//! on tokio's blocking pool, so micro-batches and searches never wait for graph inserts, a
+//! full log or a full rewrite (see `mkflow_index`'s `backlog`, `commit_log` and `compaction`
 //! modules).
 
 use std::sync::Arc;
@@ -21,6 +22,17 @@ pub fn after_commit(index: &Arc<KnowledgeIndex>) {
             if let Err(e) = index.index_backlog() {
                 log::warn!(
                     "{}: inserting vectors into the graph failed ({e}); searches score them exactly until a later commit tries again",
+                    index.dir().display()
+                );
+            }
+        });
+    }
+    if index.log_upkeep_due() {
+        let index = index.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = index.upkeep_log() {
+                log::warn!(
+                    "{}: making room in the commit log failed ({e}); a commit that finds it full writes the manifest in full",
                     index.dir().display()
                 );
             }
