@@ -94,7 +94,11 @@ fn ingest(work: &Path, servers: &str, workers: usize, threads: &str) -> (f64, us
     let seconds = started.elapsed().as_secs_f64();
     let rows = dirs
         .iter()
-        .map(|dir| Manifest::read(&dir.join("data/kb")).unwrap().map_or(0, |m| m.rows))
+        .map(|dir| {
+            Manifest::read_latest(&dir.join("data/kb"))
+                .unwrap()
+                .map_or(0, |m| m.rows)
+        })
         .sum();
     (seconds, rows)
 }

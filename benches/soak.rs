@@ -164,7 +164,7 @@ fn load_base(work: &Path, data: &Path, count: usize, rng: &mut Rng) {
 /// at `dir` or the indexes inside it (its questions).
 fn compacting(dir: &Path) -> bool {
     let in_one = |dir: &Path| -> bool {
-        let Ok(Some(manifest)) = Manifest::read(dir) else {
+        let Ok(Some(manifest)) = Manifest::read_latest(dir) else {
             return false;
         };
         std::fs::read_dir(dir).into_iter().flatten().flatten().any(|entry| {
@@ -182,7 +182,7 @@ fn compacting(dir: &Path) -> bool {
 
 /// Documents in the index at `dir`, and row keys it has handed out.
 fn committed(dir: &Path) -> (usize, u64) {
-    Manifest::read(dir)
+    Manifest::read_latest(dir)
         .ok()
         .flatten()
         .map_or((0, 0), |m| (m.rows, m.next_key))

@@ -82,7 +82,7 @@ async fn worker(dir: &Path, address: &str) -> Server {
 
 /// Rows committed to the index in `dir` (0 before the first commit).
 fn committed(dir: &Path) -> usize {
-    Manifest::read(&dir.join("data/kb"))
+    Manifest::read_latest(&dir.join("data/kb"))
         .ok()
         .flatten()
         .map_or(0, |m| m.rows)
@@ -296,7 +296,7 @@ async fn a_kafka_fed_cluster_survives_killed_workers_exactly_once() {
         .value(0);
     assert_eq!(distinct as usize, docs.len(), "no document twice");
     for (shard, dir) in dirs.iter().enumerate() {
-        let manifest = Manifest::read(&dir.join("data/kb")).unwrap().unwrap();
+        let manifest = Manifest::read_latest(&dir.join("data/kb")).unwrap().unwrap();
         // Row keys are never reused: a record written twice would push next_key past the rows.
         assert_eq!(
             manifest.next_key as usize, manifest.rows,

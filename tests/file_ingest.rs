@@ -67,7 +67,9 @@ async fn run(data: &Path, script: &str) -> i64 {
 }
 
 fn manifest(data: &Path) -> Manifest {
-    Manifest::read(&data.join("kb")).unwrap().expect("the index exists")
+    Manifest::read_latest(&data.join("kb"))
+        .unwrap()
+        .expect("the index exists")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +214,12 @@ fn run_binary(data: &Path, pipeline: &Path) -> Child {
 /// SIGKILLed a varying moment after the index holds a further share of the rows; returns how
 /// many kills landed before a run finished.
 fn kill_repeatedly(data: &Path, pipeline: &Path, total: usize, kills: usize) -> usize {
-    let rows = || Manifest::read(&data.join("kb")).ok().flatten().map_or(0, |m| m.rows);
+    let rows = || {
+        Manifest::read_latest(&data.join("kb"))
+            .ok()
+            .flatten()
+            .map_or(0, |m| m.rows)
+    };
     (1..=kills)
         .filter(|k| {
             let threshold = (total * k / (kills + 1)).max(rows() + 1);
@@ -323,7 +330,7 @@ fn directory_ingestion_is_exactly_once_across_sigkill_restarts() {
         4,
         "every kill happened before the directory was read to its end"
     );
-    let stored = Manifest::read(&data.join("kb")).unwrap().unwrap().source_offsets;
+    let stored = Manifest::read_latest(&data.join("kb")).unwrap().unwrap().source_offsets;
     let done = stored
         .iter()
         .find(|(key, _)| key.starts_with("dir:") && !key.contains('#'));

@@ -88,7 +88,7 @@ fn pipeline(dir: &Path, servers: &str, topic: &str) -> PathBuf {
 
 /// Rows committed to the index in `dir`, as its manifest says (0 before the first commit).
 fn committed_rows(dir: &Path) -> usize {
-    Manifest::read(dir).ok().flatten().map(|m| m.rows).unwrap_or(0)
+    Manifest::read_latest(dir).ok().flatten().map(|m| m.rows).unwrap_or(0)
 }
 
 /// A positive integer from the environment, else `default`.
