@@ -34,6 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use crate::faults::{self, Stage};
 use crate::files::sync_dir;
@@ -57,6 +58,10 @@ const RECORD_HEADER: usize = 16;
 const CAPACITY: u64 = 8 << 20;
 #[cfg(test)]
 const CAPACITY: u64 = 1 << 20;
+/// How long opening waits for the log's lock before it reads as another process's reader: a
+/// lock this process has just let go of can linger a moment in a child it is spawning (between
+/// fork and exec the child holds a copy of every descriptor, and with it the lock).
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
 /// A new log's zeros are written and flushed this many bytes at a time, so another index's
 /// commit waits behind one piece at most.
 const FILL_PIECE: usize = 1 << 20;
@@ -128,10 +133,16 @@ impl CommitLog {
             .truncate(false)
             .open(&path)
             .map_err(|e| IndexError::io(&path, e))?;
-        let writer = match file.try_lock() {
-            Ok(()) => true,
-            Err(fs::TryLockError::WouldBlock) => false,
-            Err(fs::TryLockError::Error(e)) => return Err(IndexError::io(&path, e)),
+        let asked = Instant::now();
+        let writer = loop {
+            match file.try_lock() {
+                Ok(()) => break true,
+                Err(fs::TryLockError::WouldBlock) if asked.elapsed() < LOCK_PATIENCE => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(fs::TryLockError::WouldBlock) => break false,
+                Err(fs::TryLockError::Error(e)) => return Err(IndexError::io(&path, e)),
+            }
         };
         let mut log = CommitLog {
             path,
@@ -453,14 +464,17 @@ impl CommitLog {
     }
 }
 
-/// The manifest of the last commit in `dir`: `manifest.json`, or the last record of the log
-/// that continues it. Reads only.
-pub(crate) fn latest_manifest(dir: &Path) -> Result<Option<Manifest>, IndexError> {
-    let Some(manifest) = Manifest::read(dir)? else {
-        return Ok(None);
-    };
-    let mut records = logged_since(dir, &manifest)?;
-    Ok(Some(records.pop().map_or(manifest, |r| r.manifest)))
+impl Manifest {
+    /// The manifest of the last commit in `dir`, as opening the index would find it:
+    /// `manifest.json` (the last checkpoint), or the last of the commits the commit log holds
+    /// since. Reads only; `Ok(None)` when the directory holds no index.
+    pub fn read_latest(dir: &Path) -> Result<Option<Manifest>, IndexError> {
+        let Some(manifest) = Manifest::read(dir)? else {
+            return Ok(None);
+        };
+        let mut records = logged_since(dir, &manifest)?;
+        Ok(Some(records.pop().map_or(manifest, |r| r.manifest)))
+    }
 }
 
 /// The commits the log of `dir` holds since `manifest` (its checkpoint), oldest first: none

@@ -26,6 +26,13 @@ fn assert_all_found(index: &KnowledgeIndex, count: u64) {
     }
 }
 
+/// The index takes the next commit (documents `count..count + 10`) and reopens with all of them.
+fn assert_goes_on(index: KnowledgeIndex, dir: &Path, count: u64) {
+    index.upsert(&[batch(&index, count..count + 10, |_| 9, 0)]).unwrap();
+    drop(index);
+    assert_all_found(&KnowledgeIndex::open(dir).unwrap(), count + 10);
+}
+
 /// The offsets of the records in the log file's bytes (for tests that damage one).
 fn record_offsets(log: &[u8]) -> Vec<usize> {
     let mut offsets = Vec::new();
@@ -98,9 +105,7 @@ fn a_damaged_last_record_drops_only_that_commit() {
     let reopened = KnowledgeIndex::open(dir.path()).unwrap();
     assert_all_found(&reopened, 440);
     assert_eq!(reopened.manifest().generation, generation - 1);
-    reopened.upsert(&[batch(&reopened, 440..450, |_| 9, 0)]).unwrap();
-    drop(reopened);
-    assert_all_found(&KnowledgeIndex::open(dir.path()).unwrap(), 450);
+    assert_goes_on(reopened, dir.path(), 440);
 }
 
 /// A crash after a full commit wrote `manifest.json` but before it started the log over leaves
@@ -126,9 +131,7 @@ fn a_log_superseded_by_a_full_commit_is_ignored() {
         0
     );
     // The log and the manifest agree again after the next commit.
-    reopened.upsert(&[batch(&reopened, 400..410, |_| 1, 0)]).unwrap();
-    drop(reopened);
-    assert_all_found(&KnowledgeIndex::open(dir.path()).unwrap(), 410);
+    assert_goes_on(reopened, dir.path(), 400);
 }
 
 /// A log too full for the next record makes that commit a checkpoint (flushing the delta files

@@ -1,11 +1,13 @@
-//! `manifest.json`: the one file that says which generation of a knowledge index is current.
+//! `manifest.json`: the file that says which generation of a knowledge index is current, as of
+//! its last checkpoint.
 //!
 //! A commit writes its files under a fresh generation number — all live rows and the ANN graph
 //! (a full commit), or only the rows it upserted (a delta). A full commit then replaces the
 //! manifest atomically (write to a temporary file, fsync, rename); a small one appends its
 //! manifest to the commit log instead, and opening replays the log into this file (see
-//! [`crate::commit_log`]). A crash at any moment leaves either the old or the new generation,
-//! each naming complete files.
+//! [`crate::commit_log`], where `Manifest::read_latest` reads the last commit without opening).
+//! A crash at any moment leaves either the old or the new generation, each naming complete
+//! files.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -118,13 +120,6 @@ impl Manifest {
             )));
         }
         Ok(Some(manifest))
-    }
-
-    /// The manifest of the last commit in `dir`, as opening the index would find it:
-    /// `manifest.json` (the last checkpoint), or the last of the commits the commit log holds
-    /// since. Reads only; `Ok(None)` when the directory holds no index.
-    pub fn read_latest(dir: &Path) -> Result<Option<Manifest>, IndexError> {
-        crate::commit_log::latest_manifest(dir)
     }
 
     /// The generation the text index must have committed for this manifest's rows (see

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use mkflow_index::KnowledgeIndex;
+use mkflow_index::{IndexError, KnowledgeIndex};
 
 /// Leaves `index`'s graph inserts and full rewrites to the background from now on, and starts
 /// them when due (at most one compaction runs per index; a failed one leaves the deltas, and a
@@ -17,25 +17,19 @@ pub fn after_commit(index: &Arc<KnowledgeIndex>) {
     index.set_background_compaction(true);
     index.set_background_indexing(true);
     if index.backlog_due() {
-        let index = index.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = index.index_backlog() {
-                log::warn!(
-                    "{}: inserting vectors into the graph failed ({e}); searches score them exactly until a later commit tries again",
-                    index.dir().display()
-                );
-            }
+        in_background(index, KnowledgeIndex::index_backlog, |index, e| {
+            log::warn!(
+                "{}: inserting vectors into the graph failed ({e}); searches score them exactly until a later commit tries again",
+                index.dir().display()
+            )
         });
     }
     if index.log_upkeep_due() {
-        let index = index.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = index.upkeep_log() {
-                log::warn!(
-                    "{}: making room in the commit log failed ({e}); a commit that finds it full writes the manifest in full",
-                    index.dir().display()
-                );
-            }
+        in_background(index, KnowledgeIndex::upkeep_log, |index, e| {
+            log::warn!(
+                "{}: checkpointing the commit log failed ({e}); a commit that finds it full writes the manifest in full",
+                index.dir().display()
+            )
         });
     }
     if !index.compaction_due() {
@@ -56,6 +50,20 @@ pub fn after_commit(index: &Arc<KnowledgeIndex>) {
                 "{}: background compaction failed ({e}); the deltas stay, and a later commit tries again",
                 index.dir().display()
             ),
+        }
+    });
+}
+
+/// Runs `job` on `index` on the blocking pool; `failed` reports its error.
+fn in_background<T: 'static>(
+    index: &Arc<KnowledgeIndex>,
+    job: fn(&KnowledgeIndex) -> Result<T, IndexError>,
+    failed: fn(&KnowledgeIndex, IndexError),
+) {
+    let index = index.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = job(&index) {
+            failed(&index, e);
         }
     });
 }
