@@ -441,8 +441,13 @@ impl CommitLog {
             self.stale = false;
             return Ok(());
         };
+        // The deltas the last commit names, and any other still on disk (a companion keeps
+        // replaced files for the generation its parent names); those a compaction deleted stay
+        // deleted.
         for record in &records {
-            if let Some((name, data)) = &record.delta {
+            if let Some((name, data)) = &record.delta
+                && (last.manifest.deltas.contains(name) || dir.join(name).exists())
+            {
                 restore_file(&dir.join(name), data)?;
             }
         }
@@ -545,7 +550,10 @@ fn parse_payload(payload: &[u8]) -> Option<Record> {
 fn restore_file(path: &Path, data: &[u8]) -> Result<(), IndexError> {
     let intact = fs::read(path).is_ok_and(|on_disk| on_disk == data);
     if !intact {
-        log::warn!("{}: lost in a crash; rewritten from {LOG_FILE}", path.display());
+        log::warn!(
+            "{}: not as committed (cut short or lost in a crash); rewritten from {LOG_FILE}",
+            path.display()
+        );
         fs::write(path, data).map_err(|e| IndexError::io(path, e))?;
     }
     fs::File::open(path)
