@@ -435,8 +435,11 @@ impl CommitLog {
     /// Replays the records since `manifest` (the checkpoint, whose epoch is the log's) into
     /// the files — see the module documentation — and starts the log over.
     fn recover(&mut self, dir: &Path, manifest: &Manifest) -> Result<(), IndexError> {
-        let bytes = fs::read(&self.path).map_err(|e| IndexError::io(&self.path, e))?;
-        let records = records_of(&bytes, manifest.log_epoch, &self.path)?;
+        let mut records = Vec::new();
+        logged(dir, manifest, |at, payload| {
+            records.push(parse(&payload, at, &self.path)?);
+            Ok(())
+        })?;
         let Some(last) = records.last() else {
             self.stale = false;
             return Ok(());
@@ -472,62 +475,97 @@ impl CommitLog {
 impl Manifest {
     /// The manifest of the last commit in `dir`, as opening the index would find it:
     /// `manifest.json` (the last checkpoint), or the last of the commits the commit log holds
-    /// since. Reads only; `Ok(None)` when the directory holds no index.
+    /// since. Reads only (the log's records, not its zeros; one record's manifest is parsed);
+    /// `Ok(None)` when the directory holds no index.
     pub fn read_latest(dir: &Path) -> Result<Option<Manifest>, IndexError> {
         let Some(manifest) = Manifest::read(dir)? else {
             return Ok(None);
         };
-        let mut records = logged_since(dir, &manifest)?;
-        Ok(Some(records.pop().map_or(manifest, |r| r.manifest)))
+        let mut last = None;
+        logged(dir, &manifest, |at, payload| {
+            last = Some((at, payload));
+            Ok(())
+        })?;
+        match last {
+            Some((at, payload)) => Ok(Some(parse(&payload, at, &dir.join(LOG_FILE))?.manifest)),
+            None => Ok(Some(manifest)),
+        }
     }
 }
 
-/// The commits the log of `dir` holds since `manifest` (its checkpoint), oldest first: none
-/// when there is no log or it continues another checkpoint.
-fn logged_since(dir: &Path, manifest: &Manifest) -> Result<Vec<Record>, IndexError> {
+/// Hands `each` the payload of every commit the log of `dir` holds since `manifest` (its
+/// checkpoint), oldest first, with its offset in the log: none when there is no log or it
+/// continues another checkpoint. Reading stops at the first record cut short, damaged (its
+/// checksum fails), or of another epoch: the zeros after the last record are never read.
+fn logged(
+    dir: &Path,
+    manifest: &Manifest,
+    mut each: impl FnMut(u64, Vec<u8>) -> Result<(), IndexError>,
+) -> Result<(), IndexError> {
     let path = dir.join(LOG_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+    let file = match fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(IndexError::io(&path, e)),
     };
-    match epoch_of(&bytes) {
-        Some(epoch) if epoch == manifest.log_epoch => records_of(&bytes, epoch, &path),
-        Some(_) => Ok(Vec::new()), // superseded by the manifest's checkpoint
+    let io = |e| IndexError::io(&path, e);
+    let size = file.metadata().map_err(io)?.len();
+    let mut log = std::io::BufReader::new(file);
+    let mut header = [0u8; HEADER as usize];
+    let epoch = match read_fully(&mut log, &mut header).map_err(io)? {
+        true => epoch_of(&header),
+        false => None,
+    };
+    let epoch = match epoch {
+        Some(epoch) if epoch == manifest.log_epoch => epoch,
+        Some(_) => return Ok(()), // superseded by the manifest's checkpoint
         None => {
             log::warn!(
                 "{}: not a commit log (its header is damaged); starting a new one",
                 path.display()
             );
-            Ok(Vec::new())
+            return Ok(());
         }
+    };
+    let mut at = HEADER;
+    loop {
+        let mut head = [0u8; RECORD_HEADER];
+        if !read_fully(&mut log, &mut head).map_err(io)? {
+            return Ok(());
+        }
+        let length = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as u64;
+        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+        let record_epoch = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        let payload_at = at + RECORD_HEADER as u64;
+        if length == 0 || record_epoch != epoch || payload_at + length > size {
+            return Ok(());
+        }
+        let mut payload = vec![0u8; length as usize];
+        if !read_fully(&mut log, &mut payload).map_err(io)? || checksum(epoch, &payload) != crc {
+            return Ok(());
+        }
+        each(at, payload)?;
+        at = payload_at + length;
     }
 }
 
-/// The records of `epoch` at the start of `bytes` (after the header), up to the first one cut
-/// short, damaged, or of another epoch.
-fn records_of(bytes: &[u8], epoch: u64, path: &Path) -> Result<Vec<Record>, IndexError> {
-    let mut records = Vec::new();
-    let mut at = HEADER as usize;
-    while let Some(head) = bytes.get(at..at + RECORD_HEADER) {
-        let length = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
-        let record_epoch = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
-        let Some(payload) = bytes.get(at + RECORD_HEADER..at + RECORD_HEADER + length) else {
-            break;
-        };
-        if length == 0 || record_epoch != epoch || checksum(epoch, payload) != crc {
-            break;
-        }
-        records.push(parse_payload(payload).ok_or_else(|| {
-            IndexError::Invalid(format!(
-                "{}: the record at byte {at} passes its checksum but does not parse (hint: restore the index directory from a backup)",
-                path.display()
-            ))
-        })?);
-        at += RECORD_HEADER + length;
+/// Fills `buf` from `reader`: `Ok(false)` when the file ends first.
+fn read_fully(reader: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
-    Ok(records)
+}
+
+/// The record whose payload passed its checksum at byte `at` of the log at `path`.
+fn parse(payload: &[u8], at: u64, path: &Path) -> Result<Record, IndexError> {
+    parse_payload(payload).ok_or_else(|| {
+        IndexError::Invalid(format!(
+            "{}: the record at byte {at} passes its checksum but does not parse (hint: restore the index directory from a backup)",
+            path.display()
+        ))
+    })
 }
 
 /// Splits a record's payload (see [`record_payload`]).

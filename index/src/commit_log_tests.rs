@@ -108,6 +108,27 @@ fn a_damaged_last_record_drops_only_that_commit() {
     assert_goes_on(reopened, dir.path(), 440);
 }
 
+/// A record whose header was torn into a length past the log's end is cut short: reading the
+/// log from outside and opening it both stop before it (and nothing that size is allocated).
+#[test]
+fn a_record_claiming_more_bytes_than_the_log_holds_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = index_with_deltas(dir.path());
+    let generation = index.manifest().generation;
+    drop(index);
+    let path = dir.path().join(LOG_FILE);
+    let mut log = std::fs::read(&path).unwrap();
+    let last = *record_offsets(&log).last().unwrap();
+    log[last..last + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    std::fs::write(&path, &log).unwrap();
+
+    let latest = Manifest::read_latest(dir.path()).unwrap().unwrap();
+    assert_eq!(latest.generation, generation - 1);
+    let reopened = KnowledgeIndex::open(dir.path()).unwrap();
+    assert_all_found(&reopened, 440);
+    assert_goes_on(reopened, dir.path(), 440);
+}
+
 /// A crash after a full commit wrote `manifest.json` but before it started the log over leaves
 /// the log of the epoch before: its records are older than the manifest, and are ignored (were
 /// they replayed, the deleted rows would come back).
