@@ -262,6 +262,8 @@ fn kill_phase(data: &Path, pipeline: &Path, kills_wanted: usize, rng: &mut Rng) 
 
 /// One query: when it started and ended (seconds since the load began).
 struct Sample {
+    /// The search function the query called.
+    function: &'static str,
     start: f64,
     end: f64,
 }
@@ -271,11 +273,33 @@ impl Sample {
         (self.end - self.start) * 1e3
     }
 
-    /// Whether a compaction was seen running (`compacting`: sorted times it was) meanwhile.
-    fn during_compaction(&self, compacting: &[f64]) -> bool {
-        let first = compacting.partition_point(|&t| t < self.start);
-        compacting.get(first).is_some_and(|&t| t <= self.end)
+    /// Whether the query overlaps a compaction (`spans`: sorted, from [`compaction_spans`]).
+    fn during_compaction(&self, spans: &[(f64, f64)]) -> bool {
+        let first = spans.partition_point(|&(_, last)| last < self.start);
+        spans.get(first).is_some_and(|&(first_seen, _)| first_seen <= self.end)
     }
+}
+
+/// The search functions the query clients call, in turn.
+const SEARCHES: [&str; 4] = ["vector_search", "text_search", "hybrid_search", "mk_search"];
+
+/// How often the monitor looks for a running compaction.
+const COMPACTION_SAMPLING: Duration = Duration::from_millis(50);
+
+/// The compactions seen, as (first seen, last seen) spans, from the sorted times one was seen
+/// running: samples less than two sampling periods apart belong to one compaction. A query is
+/// "during a compaction" when it overlaps a span — not when a sample happens to fall inside it,
+/// which would count slow queries far more often than fast ones.
+fn compaction_spans(seen: &[f64]) -> Vec<(f64, f64)> {
+    let gap = 2.0 * COMPACTION_SAMPLING.as_secs_f64();
+    let mut spans: Vec<(f64, f64)> = Vec::new();
+    for &t in seen {
+        match spans.last_mut() {
+            Some((_, last)) if t - *last <= gap => *last = t,
+            _ => spans.push((t, t)),
+        }
+    }
+    spans
 }
 
 fn main() {
@@ -368,7 +392,7 @@ async fn soak() {
                         committed(&kb).0
                     ));
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(COMPACTION_SAMPLING);
             }
             std::fs::write(&csv, lines.join("\n") + "\n").unwrap();
             (lines, compaction_times)
@@ -403,12 +427,8 @@ async fn soak() {
             let mut i = client;
             while !stop.load(Ordering::SeqCst) {
                 let query = &titles[(i * 7919) % titles.len()];
-                let sql = match i % 4 {
-                    0 => format!("SELECT doc_id FROM vector_search(kb, '{query}', 10)"),
-                    1 => format!("SELECT doc_id FROM text_search(kb, '{query}', 10)"),
-                    2 => format!("SELECT doc_id FROM hybrid_search(kb, '{query}', 10)"),
-                    _ => format!("SELECT doc_id FROM mk_search(kb, '{query}', 10)"),
-                };
+                let function = SEARCHES[i % SEARCHES.len()];
+                let sql = format!("SELECT doc_id FROM {function}(kb, '{query}', 10)");
                 let start = load_started.elapsed().as_secs_f64();
                 let response = server.sql(None, &sql).await;
                 let end = load_started.elapsed().as_secs_f64();
@@ -416,7 +436,7 @@ async fn soak() {
                     let message = response.text().await.unwrap_or_default();
                     failures.lock().unwrap().push(message);
                 }
-                samples.lock().unwrap().push(Sample { start, end });
+                samples.lock().unwrap().push(Sample { function, start, end });
                 i += clients;
             }
         }));
@@ -439,8 +459,27 @@ async fn soak() {
     drop(server); // SIGKILL; everything above was committed
 
     let samples = std::mem::take(&mut *samples.lock().unwrap());
-    let (during, idle): (Vec<&Sample>, Vec<&Sample>) =
-        samples.iter().partition(|s| s.during_compaction(&compaction_times));
+    let spans = compaction_spans(&compaction_times);
+    let (during, idle): (Vec<&Sample>, Vec<&Sample>) = samples.iter().partition(|s| s.during_compaction(&spans));
+    let p99_of = |samples: &[&Sample], function: &str| {
+        let mut ms: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.function == function)
+            .map(|s| s.latency_ms())
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        percentile(&ms, 0.99)
+    };
+    let by_function: Vec<String> = SEARCHES
+        .iter()
+        .map(|f| format!("{f} {:.1}/{:.1}", p99_of(&idle, f), p99_of(&during, f)))
+        .collect();
+    println!(
+        "soak phase 2: {} compactions ({:.1} s in all); query p99 idle/during compactions (ms): {}",
+        spans.len(),
+        spans.iter().map(|(first, last)| last - first).sum::<f64>(),
+        by_function.join(", ")
+    );
     let mut during: Vec<f64> = during.iter().map(|s| s.latency_ms()).collect();
     let mut idle: Vec<f64> = idle.iter().map(|s| s.latency_ms()).collect();
     during.sort_by(f64::total_cmp);
