@@ -1,7 +1,8 @@
 //! Search latency: `vector_search` through SQL against a bare usearch index on the same
 //! 100k vectors (run: `cargo bench --bench search`; `MKFLOW_BENCH_VECTORS` changes the count),
 //! and through Flight SQL (a prepared statement with the query vector bound, and the statement
-//! with a vector literal), one search at a time and with every core busy (QPS);
+//! with a vector literal) and HTTP (the vector bound by the request's `params`, and as a
+//! literal), one search at a time, and through Flight SQL with every core busy (QPS);
 //! commit cost (delta vs full); micro-batch commit latency with inline vs background
 //! compaction; and search latency while full commits run vs idle (searches
 //! read the published state, so a commit must not make them wait).
@@ -26,6 +27,8 @@ use mkflow_index::{IndexSettings, KnowledgeIndex, Quantization};
 use usearch::ffi::{IndexOptions, MetricKind, ScalarKind};
 
 const DIMS: usize = 384;
+/// The search every client runs, its query vector bound to `$1`.
+const SEARCH_BOUND: &str = "SELECT doc_id, score FROM vector_search(bench, $1, 10)";
 
 struct Rng(u64);
 
@@ -129,16 +132,16 @@ fn free_address() -> String {
 }
 
 /// `mkflow serve` with Flight SQL on, in a process of its own (as a client finds it), over a
-/// copy of the index at `index_dir` named `bench`; returns the server, its data directory and
-/// its Flight SQL address.
-fn serve_copy(index_dir: &std::path::Path) -> (Killed, tempfile::TempDir, String) {
+/// copy of the index at `index_dir` named `bench`; returns the server, its data directory, its
+/// Flight SQL address and its HTTP address.
+fn serve_copy(index_dir: &std::path::Path) -> (Killed, tempfile::TempDir, String, String) {
     let data = tempfile::tempdir().unwrap();
     copy_dir(index_dir, &data.path().join("bench"));
-    let flight = free_address();
+    let (flight, http) = (free_address(), free_address());
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_mkflow"))
         .arg("--data-dir")
         .arg(data.path())
-        .args(["serve", "--listen", &free_address(), "--flight-listen", &flight])
+        .args(["serve", "--listen", &http, "--flight-listen", &flight])
         .env("MKFLOW_HOME", assets::home_dir())
         .env_remove("MKFLOW_AUTH_TOKEN")
         .env_remove("MKFLOW_ADMIN_TOKEN")
@@ -146,7 +149,7 @@ fn serve_copy(index_dir: &std::path::Path) -> (Killed, tempfile::TempDir, String
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    (Killed(child), data, flight)
+    (Killed(child), data, flight, http)
 }
 
 /// Query vector `q` as the one-element list a prepared `vector_search` binds to `$1`.
@@ -183,10 +186,7 @@ async fn flight_latencies(
     let mut client = FlightSqlServiceClient::new(channel);
     // Prepared once the server has loaded its index (until then it answers Unavailable).
     let mut statement = loop {
-        match client
-            .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)".into(), None)
-            .await
-        {
+        match client.prepare(SEARCH_BOUND.into(), None).await {
             Ok(statement) => break statement,
             Err(e) => assert!(Instant::now() < deadline, "mkflow serve did not load: {e}"),
         }
@@ -195,10 +195,7 @@ async fn flight_latencies(
     let (mut prepared, mut literal_us) = (Vec::new(), Vec::new());
     // The same prepared statement run in this process: the SQL engine's share of the time.
     let session = engine.network_session(mkflow::access::Role::Read).unwrap();
-    let in_process = session
-        .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)")
-        .await
-        .unwrap();
+    let in_process = session.prepare(SEARCH_BOUND).await.unwrap();
     let mut in_process_us = Vec::new();
     for q in queries {
         let started = Instant::now();
@@ -208,6 +205,14 @@ async fn flight_latencies(
             .unwrap();
         in_process_us.push(started.elapsed().as_secs_f64() * 1e6);
     }
+    // What an HTTP request adds before its statement runs: a session of its own.
+    let mut sessions_us = Vec::new();
+    for _ in queries {
+        let started = Instant::now();
+        drop(engine.network_session(mkflow::access::Role::Read).unwrap());
+        sessions_us.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    summary("a new network session (each HTTP request's)", sessions_us);
 
     for q in queries {
         let started = Instant::now();
@@ -225,6 +230,38 @@ async fn flight_latencies(
         assert_eq!(rows, 10);
     }
     (in_process_us, prepared, literal_us)
+}
+
+/// One search over HTTP (`sql`, with `vector` bound to `$1` by the request's `params` when
+/// given): its latency in µs, building the request and reading the answer included.
+async fn http_search(client: &reqwest::Client, url: &str, sql: &str, vector: Option<&[f32]>) -> f64 {
+    let started = Instant::now();
+    let body = match vector {
+        Some(q) => serde_json::json!({ "sql": sql, "params": [q] }),
+        None => serde_json::json!({ "sql": sql }),
+    };
+    let answer: serde_json::Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+    assert_eq!(answer["row_count"], 10, "{answer}");
+    started.elapsed().as_secs_f64() * 1e6
+}
+
+/// Per-search latencies (µs) over HTTP (`POST /v1/sql`, JSON in and out) against the server at
+/// `address`: the search with the query vector bound by the request's `params`, and with the
+/// vector as a `literal` in the SQL.
+async fn http_latencies(
+    address: &str,
+    queries: &[Vec<f32>],
+    literal: &dyn Fn(&[f32]) -> String,
+) -> (Vec<f64>, Vec<f64>) {
+    let client = reqwest::Client::new();
+    let url = format!("http://{address}/v1/sql");
+    let (mut bound, mut inline) = (Vec::new(), Vec::new());
+    for q in queries {
+        bound.push(http_search(&client, &url, SEARCH_BOUND, Some(q)).await);
+        let sql = format!("SELECT doc_id, score FROM vector_search(bench, {}, 10)", literal(q));
+        inline.push(http_search(&client, &url, &sql, None).await);
+    }
+    (bound, inline)
 }
 
 /// Searches per second of bare usearch with every core searching (one thread per core, each
@@ -268,16 +305,41 @@ async fn flight_throughput(address: &str, queries: &[Vec<f32>], clients: usize, 
                     .await
                     .unwrap();
                 let mut client = FlightSqlServiceClient::new(channel);
-                let mut statement = client
-                    .prepare("SELECT doc_id, score FROM vector_search(bench, $1, 10)".into(), None)
-                    .await
-                    .unwrap();
+                let mut statement = client.prepare(SEARCH_BOUND.into(), None).await.unwrap();
                 let mut done = 0;
                 while started.elapsed() < run {
                     let q = &queries[(c * queries.len() / clients + done) % queries.len()];
                     statement.set_parameters(vector_parameter(q)).unwrap();
                     let info = statement.execute().await.unwrap();
                     assert_eq!(fetch_rows(&mut client, info).await, 10);
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut searched = 0;
+    for task in tasks {
+        searched += task.await.unwrap();
+    }
+    searched as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Searches per second over HTTP with `clients` connections at once (each its own client),
+/// the query vector bound by the request's `params`, for `run`.
+async fn http_throughput(address: &str, queries: &[Vec<f32>], clients: usize, run: Duration) -> f64 {
+    let queries = Arc::new(queries.to_vec());
+    let url = format!("http://{address}/v1/sql");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (url, queries) = (url.clone(), queries.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut done = 0;
+                while started.elapsed() < run {
+                    let q = &queries[(c * queries.len() / clients + done) % queries.len()];
+                    http_search(&client, &url, SEARCH_BOUND, Some(q)).await;
                     done += 1;
                 }
                 done
@@ -437,7 +499,7 @@ async fn main() {
     // What a Flight SQL client pays per search: a prepared vector_search with the query vector
     // bound (DoPut, GetFlightInfo, DoGet over gRPC on loopback to a server process over a copy
     // of the index), vs the statement with the vector written as a literal. QPS ratios are of mean latencies, one client at a time.
-    let (_server, _served, address) = serve_copy(&data.path().join("bench"));
+    let (_server, _served, address, http_address) = serve_copy(&data.path().join("bench"));
     let (in_process_us, prepared_us, statement_us) = flight_latencies(&engine, &address, &queries, &literal).await;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (bare_mean, prepared_mean, statement_mean) = (mean(&bare_us), mean(&prepared_us), mean(&statement_us));
@@ -451,16 +513,31 @@ async fn main() {
         bare_mean / statement_mean,
         bare50 / statement50
     );
+    // The same over HTTP: one request per search, the vector bound by "params" (JSON).
+    let (http_bound_us, http_literal_us) = http_latencies(&http_address, &queries, &literal).await;
+    let (http_bound_mean, http_literal_mean) = (mean(&http_bound_us), mean(&http_literal_us));
+    let (http_bound50, _) = summary("HTTP, vector bound by params", http_bound_us);
+    let (http_literal50, _) = summary("HTTP, vector literal", http_literal_us);
+    println!(
+        "HTTP SQL QPS / bare usearch QPS: vector bound {:.2} (p50 {:.2}), literal {:.2} (p50 {:.2}); target >= 0.5",
+        bare_mean / http_bound_mean,
+        bare50 / http_bound50,
+        bare_mean / http_literal_mean,
+        bare50 / http_literal50
+    );
     // The same with every core busy (QPS as a server sees it): one bare search thread per core,
     // against two Flight SQL clients per core (the clients here share the cores with the server).
     let run = Duration::from_secs(10);
     let bare_qps = bare_throughput(&bare, &queries, threads, run);
     let clients = 2 * threads;
     let flight_qps = flight_throughput(&address, &queries, clients, run).await;
+    let http_qps = http_throughput(&http_address, &queries, clients, run).await;
     println!(
         "throughput, every core busy: bare usearch {bare_qps:.0} QPS ({threads} threads), Flight SQL prepared \
-         {flight_qps:.0} QPS ({clients} clients): {:.2} of bare; target >= 0.5",
-        flight_qps / bare_qps
+         {flight_qps:.0} QPS ({clients} clients): {:.2} of bare, HTTP with the vector bound {http_qps:.0} QPS: {:.2}; \
+         target >= 0.5",
+        flight_qps / bare_qps,
+        http_qps / bare_qps
     );
 
     // Commit cost in the same index: a streaming-sized upsert of 10 rows is committed as a

@@ -271,6 +271,31 @@ async fn prepared_statements_catalogs_and_sessions_over_flight_sql_and_adbc() {
     );
     assert_eq!(by_vector.columns(), by_literal.columns());
 
+    // The same two searches over HTTP, their values bound by the request's "params".
+    let vector_json: Vec<f32> = vector.as_primitive::<Float32Type>().values().to_vec();
+    let over_http = |params: serde_json::Value| {
+        let (server, body) = (&server, serde_json::json!({ "sql": search, "params": params }));
+        async move { server.sql_json_arrow(READER, &body).await }
+    };
+    let http_vector = one_batch(&over_http(serde_json::json!([vector_json])).await.unwrap());
+    assert_eq!(http_vector.columns(), by_vector.columns());
+    let http_text = one_batch(
+        &over_http(serde_json::json!(["protein folding in cells"]))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(http_text.columns(), inline.columns());
+    let unbound_http = over_http(serde_json::json!([])).await.unwrap_err();
+    assert!(
+        unbound_http.starts_with("400") && unbound_http.contains("1 parameter(s) ($1), 0 value(s) are bound"),
+        "{unbound_http}"
+    );
+    let object = over_http(serde_json::json!([{ "v": 1 }])).await.unwrap_err();
+    assert!(
+        object.starts_with("400") && object.contains("params[0] (bound to $1): an object cannot be bound"),
+        "{object}"
+    );
+
     // A parameter anywhere else, as DataFusion binds it.
     let one = one_batch(
         &prepared(

@@ -99,14 +99,7 @@ impl Session {
     /// is a parameter (it is planned when its values are bound).
     pub async fn prepare(&self, sql: &str) -> Result<PreparedStatement> {
         let access = self.access();
-        let mut statements = self.parse(sql)?;
-        if statements.len() != 1 {
-            return Err(DataFusionError::Plan(format!(
-                "a prepared statement holds one statement, not {}; prepare each on its own",
-                statements.len()
-            )));
-        }
-        let original = statements.pop_front().expect("one statement");
+        let original = self.parse_one(sql, "a prepared statement")?;
         let statement = self.checked(&access, original.clone())?;
         let parameters = placeholders(&statement);
         let schema = match StatementKind::of(&statement) {
@@ -131,16 +124,19 @@ impl Session {
         prepared: &PreparedStatement,
         values: Vec<ScalarValue>,
     ) -> Result<Vec<RecordBatch>> {
-        if values.len() != prepared.parameters.len() {
-            return Err(DataFusionError::Plan(format!(
-                "the statement has {} parameter(s) ({}), {} value(s) are bound",
-                prepared.parameters.len(),
-                prepared.parameters.join(", "),
-                values.len()
-            )));
-        }
+        check_bound(&prepared.parameters, &values)?;
         let values = (!values.is_empty()).then(|| ParamValues::from(values));
         self.execute("sql", prepared.statement.clone(), values.as_ref()).await
+    }
+
+    /// Runs the one statement `sql` holds with `values` for its parameters (in order: `$1`,
+    /// `$2`, …), planned once: what an HTTP request with `"params"` runs. A search's query
+    /// vector bound this way is never parsed as hundreds of float literals.
+    pub async fn sql_with_params(&self, sql: &str, values: Vec<ScalarValue>) -> Result<Vec<RecordBatch>> {
+        let statement = self.parse_one(sql, "a statement with parameters")?;
+        check_bound(&placeholders(&statement), &values)?;
+        let values = (!values.is_empty()).then(|| ParamValues::from(values));
+        self.execute("sql", statement, values.as_ref()).await
     }
 
     /// Runs a script statement by statement; `before` is told each statement before it runs.
@@ -209,6 +205,17 @@ impl Session {
     fn parse(&self, sql: &str) -> Result<VecDeque<Statement>> {
         self.access().check_expression_depth(sql)?;
         DFParser::parse_sql(sql)
+    }
+
+    /// The one statement of `sql`, which `what` (a prepared statement, …) must be.
+    fn parse_one(&self, sql: &str, what: &str) -> Result<Statement> {
+        let mut statements = self.parse(sql)?;
+        match statements.len() {
+            1 => Ok(statements.pop_front().expect("one statement")),
+            n => Err(DataFusionError::Plan(format!(
+                "{what} holds one statement, not {n}; send each on its own"
+            ))),
+        }
     }
 
     /// `statement` ready to plan for `access`: its named arguments rewritten and, for a network
@@ -355,4 +362,21 @@ async fn collect_bounded(
 
 fn too_large(message: String) -> DataFusionError {
     Refusal::TooLarge(message).into_error()
+}
+
+/// Refuses `values` that are not one per parameter of a statement whose parameters are
+/// `parameters`.
+fn check_bound(parameters: &[String], values: &[ScalarValue]) -> Result<()> {
+    if values.len() == parameters.len() {
+        return Ok(());
+    }
+    let named = match parameters.is_empty() {
+        true => "none".to_string(),
+        false => parameters.join(", "),
+    };
+    Err(DataFusionError::Plan(format!(
+        "the statement has {} parameter(s) ({named}), {} value(s) are bound",
+        parameters.len(),
+        values.len()
+    )))
 }

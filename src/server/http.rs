@@ -1,5 +1,6 @@
 //! The HTTP API of `mkflow serve`:
-//! - `POST /v1/sql`: SQL in the body (plain text, or JSON `{"sql": "…"}`); the result of the
+//! - `POST /v1/sql`: SQL in the body (plain text, or JSON `{"sql": "…"}`, with `"params": […]`
+//!   binding one statement's `$1`, `$2`, … as [`super::params`] says); the result of the
 //!   last statement as JSON, or as an Arrow IPC stream when `Accept:
 //!   application/vnd.apache.arrow.stream`. Errors are JSON `{"error": {"message", "status"}}`
 //!   with 400 for a bad query, 401 without the bearer token, 408 past the time limit, 413 for an
@@ -25,9 +26,11 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::json::writer::{JsonArray, WriterBuilder};
+use datafusion::common::ScalarValue;
 use serde_json::json;
 
 use super::config::ServerSettings;
+use super::params::bound_values;
 use super::query::{ALLOW_PARTIAL_HEADER, Answer, PARTIAL_HEADER, allow_partial_flag, role_of, run_query};
 use crate::Engine;
 use crate::metrics;
@@ -65,15 +68,16 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// What a request asks: its SQL, and whether it allows a partial answer (`None`: as the
-/// server's shard map says).
+/// What a request asks: its SQL, the values bound to its parameters, and whether it allows a
+/// partial answer (`None`: as the server's shard map says).
 struct SqlRequest {
     sql: String,
+    params: Option<Vec<ScalarValue>>,
     allow_partial: Option<bool>,
 }
 
-/// The request a body makes: JSON `{"sql": "…", "allow_partial": bool}` when the content type
-/// says JSON, else the body itself is the SQL; otherwise the message of a 400.
+/// The request a body makes: JSON `{"sql": "…", "params": […], "allow_partial": bool}` when the
+/// content type says JSON, else the body itself is the SQL; otherwise the message of a 400.
 fn sql_request(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, String> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -81,6 +85,7 @@ fn sql_request(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, String> {
         .is_some_and(|v| v.starts_with("application/json"));
     let mut allow_partial = allow_partial_flag(headers.get(ALLOW_PARTIAL_HEADER).map(HeaderValue::as_bytes))
         .map_err(|e| format!("header {e}"))?;
+    let mut params = None;
     let sql = if is_json {
         let value: serde_json::Value =
             serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
@@ -88,6 +93,9 @@ fn sql_request(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, String> {
             None => {}
             Some(serde_json::Value::Bool(allowed)) => allow_partial = Some(*allowed),
             Some(_) => return Err("\"allow_partial\" must be true or false".into()),
+        }
+        if let Some(values) = value.get("params").filter(|v| !v.is_null()) {
+            params = Some(bound_values(values)?);
         }
         value
             .get("sql")
@@ -100,7 +108,11 @@ fn sql_request(headers: &HeaderMap, body: &[u8]) -> Result<SqlRequest, String> {
     if sql.trim().is_empty() {
         return Err("empty query: send SQL in the body, e.g. SELECT count(*) FROM kb".into());
     }
-    Ok(SqlRequest { sql, allow_partial })
+    Ok(SqlRequest {
+        sql,
+        params,
+        allow_partial,
+    })
 }
 
 async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
@@ -139,6 +151,7 @@ async fn sql(State(state): State<AppState>, headers: HeaderMap, body: Result<Byt
         &state.settings,
         role,
         &request.sql,
+        request.params,
         request.allow_partial,
     )
     .await
@@ -344,5 +357,21 @@ mod tests {
                 .unwrap()
                 .contains(ALLOW_PARTIAL_HEADER)
         );
+    }
+
+    #[test]
+    fn a_json_request_binds_its_params_and_a_plain_one_binds_none() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(sql_request(&headers, b"SELECT $1").unwrap().params, None);
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let bound = sql_request(&headers, br#"{"sql": "SELECT $1, $2", "params": ["x", 2]}"#).unwrap();
+        assert_eq!(
+            bound.params,
+            Some(vec![ScalarValue::Utf8(Some("x".into())), ScalarValue::Int64(Some(2))])
+        );
+        let null = sql_request(&headers, br#"{"sql": "SELECT 1", "params": null}"#).unwrap();
+        assert_eq!(null.params, None, "null is no params");
+        let wrong = sql_request(&headers, br#"{"sql": "SELECT $1", "params": "x"}"#);
+        assert!(wrong.err().unwrap().contains("\"params\" must be an array"));
     }
 }

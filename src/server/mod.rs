@@ -11,6 +11,7 @@
 pub mod config;
 pub mod flight;
 pub mod http;
+pub mod params;
 pub mod query;
 pub mod worker;
 

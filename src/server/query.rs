@@ -113,6 +113,9 @@ pub fn loaded(engine: &OnceLock<Arc<Engine>>) -> Result<Arc<Engine>, QueryFailur
 /// the settings' time limit, and records it in the query metrics; returns the last statement's
 /// result and how long it took.
 ///
+/// With `params`, `sql` is one statement and they are the values of its `$1`, `$2`, … (see
+/// [`Session::sql_with_params`]).
+///
 /// On a coordinator, `allow_partial` (else the shard map's `allow_partial`) says whether shards
 /// that cannot be reached are left out of the answer rather than failing it.
 pub async fn run_query(
@@ -120,11 +123,18 @@ pub async fn run_query(
     settings: &ServerSettings,
     role: Role,
     sql: &str,
+    params: Option<Vec<ScalarValue>>,
     allow_partial: Option<bool>,
 ) -> Result<Answer, QueryFailure> {
     let engine = loaded(engine)?;
     let session = engine.network_session(role).map_err(QueryFailure::Session)?;
-    run_in_session(&engine, &session, settings, sql, allow_partial).await
+    let Some(values) = params else {
+        return run_in_session(&engine, &session, settings, sql, allow_partial).await;
+    };
+    let function = metrics_label(&engine, sql);
+    let partial = install_partial(&engine, &session, allow_partial);
+    let ran = guarded(session.sql_with_params(sql, values), function, settings.query_timeout).await;
+    answer(&engine, ran, partial).await
 }
 
 /// Runs `sql` in `session` (a connection's: its `SET`s stay), as [`run_query`] does.

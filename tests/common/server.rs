@@ -137,12 +137,34 @@ impl Server {
         token: &str,
         sql: &str,
     ) -> Result<Vec<datafusion::arrow::array::RecordBatch>, String> {
-        let response = self
-            .client
-            .post(format!("{}/v1/sql", self.base))
+        self.arrow_answer(
+            self.client.post(format!("{}/v1/sql", self.base)).body(sql.to_string()),
+            token,
+        )
+        .await
+    }
+
+    /// Runs the JSON request `body` (`{"sql": …, "params": […]}`) through `POST /v1/sql` as
+    /// `token`, asking for an Arrow stream, as [`Server::sql_arrow`] does.
+    pub async fn sql_json_arrow(
+        &self,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> Result<Vec<datafusion::arrow::array::RecordBatch>, String> {
+        self.arrow_answer(self.client.post(format!("{}/v1/sql", self.base)).json(body), token)
+            .await
+    }
+
+    /// Sends `request` as `token`, asking for an Arrow stream: its batches, or the status and
+    /// message of the refusal.
+    async fn arrow_answer(
+        &self,
+        request: reqwest::RequestBuilder,
+        token: &str,
+    ) -> Result<Vec<datafusion::arrow::array::RecordBatch>, String> {
+        let response = request
             .bearer_auth(token)
             .header("accept", "application/vnd.apache.arrow.stream")
-            .body(sql.to_string())
             .send()
             .await
             .unwrap();
