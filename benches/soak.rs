@@ -427,7 +427,10 @@ async fn soak() {
             let mut i = client;
             while !stop.load(Ordering::SeqCst) {
                 let query = &titles[(i * 7919) % titles.len()];
-                let function = SEARCHES[i % SEARCHES.len()];
+                // Each client calls every function in turn (with 8 clients stepping by 8, `i`
+                // alone would pin each client to one function, and the fast ones would then
+                // make most of the samples).
+                let function = SEARCHES[(i / clients) % SEARCHES.len()];
                 let sql = format!("SELECT doc_id FROM {function}(kb, '{query}', 10)");
                 let start = load_started.elapsed().as_secs_f64();
                 let response = server.sql(None, &sql).await;
