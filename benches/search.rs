@@ -287,37 +287,14 @@ fn bare_throughput(bare: &usearch::Index, queries: &[Vec<f32>], threads: usize, 
     searched as f64 / started.elapsed().as_secs_f64()
 }
 
-/// Searches per second through Flight SQL with `clients` connections at once (each its own
-/// session and prepared `vector_search`, each binding the query vectors from its own place)
-/// against the server at `address` for `run`.
-async fn flight_throughput(address: &str, queries: &[Vec<f32>], clients: usize, run: Duration) -> f64 {
-    use arrow_flight::sql::client::FlightSqlServiceClient;
-
-    let queries = Arc::new(queries.to_vec());
+/// Searches per second of `clients` tasks at once: `client(c)` runs client `c`'s searches until
+/// `deadline` and returns how many it ran.
+async fn searches_per_second<F>(clients: usize, client: impl Fn(usize) -> F) -> f64
+where
+    F: Future<Output = usize> + Send + 'static,
+{
     let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let (address, queries) = (address.to_string(), queries.clone());
-            tokio::spawn(async move {
-                let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap();
-                let mut client = FlightSqlServiceClient::new(channel);
-                let mut statement = client.prepare(SEARCH_BOUND.into(), None).await.unwrap();
-                let mut done = 0;
-                while started.elapsed() < run {
-                    let q = &queries[(c * queries.len() / clients + done) % queries.len()];
-                    statement.set_parameters(vector_parameter(q)).unwrap();
-                    let info = statement.execute().await.unwrap();
-                    assert_eq!(fetch_rows(&mut client, info).await, 10);
-                    done += 1;
-                }
-                done
-            })
-        })
-        .collect();
+    let tasks: Vec<_> = (0..clients).map(|c| tokio::spawn(client(c))).collect();
     let mut searched = 0;
     for task in tasks {
         searched += task.await.unwrap();
@@ -325,32 +302,62 @@ async fn flight_throughput(address: &str, queries: &[Vec<f32>], clients: usize, 
     searched as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The query vector client `c` of `clients` searches for its `done`-th search: each goes through
+/// the queries from its own place.
+fn query_of(queries: &[Vec<f32>], c: usize, clients: usize, done: usize) -> &[f32] {
+    &queries[(c * queries.len() / clients + done) % queries.len()]
+}
+
+/// Searches per second through Flight SQL with `clients` connections at once (each its own
+/// session and prepared `vector_search`, each binding the query vectors from its own place)
+/// against the server at `address` for `run`.
+async fn flight_throughput(address: &str, queries: &[Vec<f32>], clients: usize, run: Duration) -> f64 {
+    use arrow_flight::sql::client::FlightSqlServiceClient;
+
+    let (queries, deadline) = (Arc::new(queries.to_vec()), Instant::now() + run);
+    searches_per_second(clients, |c| {
+        let (address, queries) = (address.to_string(), queries.clone());
+        async move {
+            let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut client = FlightSqlServiceClient::new(channel);
+            let mut statement = client.prepare(SEARCH_BOUND.into(), None).await.unwrap();
+            let mut done = 0;
+            while Instant::now() < deadline {
+                statement
+                    .set_parameters(vector_parameter(query_of(&queries, c, clients, done)))
+                    .unwrap();
+                let info = statement.execute().await.unwrap();
+                assert_eq!(fetch_rows(&mut client, info).await, 10);
+                done += 1;
+            }
+            done
+        }
+    })
+    .await
+}
+
 /// Searches per second over HTTP with `clients` connections at once (each its own client),
 /// the query vector bound by the request's `params`, for `run`.
 async fn http_throughput(address: &str, queries: &[Vec<f32>], clients: usize, run: Duration) -> f64 {
-    let queries = Arc::new(queries.to_vec());
+    let (queries, deadline) = (Arc::new(queries.to_vec()), Instant::now() + run);
     let url = format!("http://{address}/v1/sql");
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let (url, queries) = (url.clone(), queries.clone());
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut done = 0;
-                while started.elapsed() < run {
-                    let q = &queries[(c * queries.len() / clients + done) % queries.len()];
-                    http_search(&client, &url, SEARCH_BOUND, Some(q)).await;
-                    done += 1;
-                }
-                done
-            })
-        })
-        .collect();
-    let mut searched = 0;
-    for task in tasks {
-        searched += task.await.unwrap();
-    }
-    searched as f64 / started.elapsed().as_secs_f64()
+    searches_per_second(clients, |c| {
+        let (url, queries) = (url.clone(), queries.clone());
+        async move {
+            let client = reqwest::Client::new();
+            let mut done = 0;
+            while Instant::now() < deadline {
+                http_search(&client, &url, SEARCH_BOUND, Some(query_of(&queries, c, clients, done))).await;
+                done += 1;
+            }
+            done
+        }
+    })
+    .await
 }
 
 #[tokio::main]

@@ -47,6 +47,18 @@ fn record_offsets(log: &[u8]) -> Vec<usize> {
     }
 }
 
+/// Makes [`index_with_deltas`] in `dir`, closes it, and lets `damage` change its log's last
+/// record (its bytes from its header on); returns the generation of that record's commit.
+fn damage_last_record(dir: &Path, damage: impl FnOnce(&mut [u8])) -> u64 {
+    let generation = index_with_deltas(dir).manifest().generation;
+    let path = dir.join(LOG_FILE);
+    let mut log = std::fs::read(&path).unwrap();
+    let last = *record_offsets(&log).last().unwrap();
+    damage(&mut log[last..]);
+    std::fs::write(&path, &log).unwrap();
+    generation
+}
+
 /// A delta commit writes neither `manifest.json` nor a flushed delta file: its manifest and
 /// rows are in the log. A crash that loses the unflushed delta files (here: deleted, cut short,
 /// overwritten) loses nothing: opening rewrites them from the log, and `manifest.json` then
@@ -93,14 +105,7 @@ fn small_commits_live_in_the_log_and_opening_replays_them() {
 #[test]
 fn a_damaged_last_record_drops_only_that_commit() {
     let dir = tempfile::tempdir().unwrap();
-    let index = index_with_deltas(dir.path());
-    let generation = index.manifest().generation;
-    drop(index);
-    let path = dir.path().join(LOG_FILE);
-    let mut log = std::fs::read(&path).unwrap();
-    let last = *record_offsets(&log).last().unwrap();
-    log[last + 100] ^= 0xff;
-    std::fs::write(&path, &log).unwrap();
+    let generation = damage_last_record(dir.path(), |record| record[100] ^= 0xff);
 
     let reopened = KnowledgeIndex::open(dir.path()).unwrap();
     assert_all_found(&reopened, 440);
@@ -113,14 +118,9 @@ fn a_damaged_last_record_drops_only_that_commit() {
 #[test]
 fn a_record_claiming_more_bytes_than_the_log_holds_ends_it() {
     let dir = tempfile::tempdir().unwrap();
-    let index = index_with_deltas(dir.path());
-    let generation = index.manifest().generation;
-    drop(index);
-    let path = dir.path().join(LOG_FILE);
-    let mut log = std::fs::read(&path).unwrap();
-    let last = *record_offsets(&log).last().unwrap();
-    log[last..last + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-    std::fs::write(&path, &log).unwrap();
+    let generation = damage_last_record(dir.path(), |record| {
+        record[..4].copy_from_slice(&u32::MAX.to_le_bytes())
+    });
 
     let latest = Manifest::read_latest(dir.path()).unwrap().unwrap();
     assert_eq!(latest.generation, generation - 1);
