@@ -124,17 +124,27 @@ impl Session {
         prepared: &PreparedStatement,
         values: Vec<ScalarValue>,
     ) -> Result<Vec<RecordBatch>> {
-        check_bound(&prepared.parameters, &values)?;
-        let values = (!values.is_empty()).then(|| ParamValues::from(values));
-        self.execute("sql", prepared.statement.clone(), values.as_ref()).await
+        self.run_bound(prepared.statement.clone(), &prepared.parameters, values)
+            .await
     }
 
     /// Runs the one statement `sql` holds with `values` for its parameters (in order: `$1`,
-    /// `$2`, …), planned once: what an HTTP request with `"params"` runs. A search's query
-    /// vector bound this way is never parsed as hundreds of float literals.
+    /// `$2`, …), without preparing it first: what an HTTP request with `"params"` runs. A
+    /// search's query vector bound this way is never parsed as hundreds of float literals.
     pub async fn sql_with_params(&self, sql: &str, values: Vec<ScalarValue>) -> Result<Vec<RecordBatch>> {
         let statement = self.parse_one(sql, "a statement with parameters")?;
-        check_bound(&placeholders(&statement), &values)?;
+        let parameters = placeholders(&statement);
+        self.run_bound(statement, &parameters, values).await
+    }
+
+    /// Runs `statement`, whose parameters are `parameters`, with `values` bound to them.
+    async fn run_bound(
+        &self,
+        statement: Statement,
+        parameters: &[String],
+        values: Vec<ScalarValue>,
+    ) -> Result<Vec<RecordBatch>> {
+        check_bound(parameters, &values)?;
         let values = (!values.is_empty()).then(|| ParamValues::from(values));
         self.execute("sql", statement, values.as_ref()).await
     }

@@ -14,10 +14,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ListArray, StringArray};
-use datafusion::arrow::buffer::OffsetBuffer;
-use datafusion::arrow::datatypes::{DataType, Field, Float32Type};
+use datafusion::arrow::array::{ArrayRef, Float32Array, StringArray};
 use datafusion::common::ScalarValue;
+use datafusion::common::utils::SingleRowListArrayBuilder;
 use serde_json::Value;
 
 /// The values a request's `params` (a JSON array) binds, in order; else the message of a 400
@@ -52,33 +51,28 @@ fn scalar(value: &Value) -> Result<ScalarValue, String> {
 
 /// An array of numbers as a float list (a query vector), or of strings as a text list.
 fn list(items: &[Value]) -> Result<ScalarValue, String> {
-    if items.iter().all(Value::is_string) && !items.is_empty() {
-        let texts: StringArray = items.iter().map(Value::as_str).collect();
-        let field = Arc::new(Field::new_list_field(DataType::Utf8, true));
-        let offsets = OffsetBuffer::from_lengths([items.len()]);
-        let list = ListArray::new(field, offsets, Arc::new(texts), None);
-        return Ok(ScalarValue::List(Arc::new(list)));
-    }
-    let floats = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            item.as_f64().map(|x| Some(x as f32)).ok_or_else(|| {
-                format!("item {i} of the array is {item}: a list must hold only numbers (a vector) or only strings")
+    let values: ArrayRef = if items.iter().all(Value::is_string) && !items.is_empty() {
+        Arc::new(items.iter().map(Value::as_str).collect::<StringArray>())
+    } else {
+        let floats = items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                item.as_f64().map(|x| x as f32).ok_or_else(|| {
+                    format!("item {i} of the array is {item}: a list must hold only numbers (a vector) or only strings")
+                })
             })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    Ok(ScalarValue::List(Arc::new(ListArray::from_iter_primitive::<
-        Float32Type,
-        _,
-        _,
-    >([Some(floats)]))))
+            .collect::<Result<Float32Array, String>>()?;
+        Arc::new(floats)
+    };
+    Ok(SingleRowListArrayBuilder::new(values).build_list_scalar())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::datatypes::Float32Type;
     use serde_json::json;
 
     #[test]

@@ -128,13 +128,7 @@ pub async fn run_query(
 ) -> Result<Answer, QueryFailure> {
     let engine = loaded(engine)?;
     let session = engine.network_session(role).map_err(QueryFailure::Session)?;
-    let Some(values) = params else {
-        return run_in_session(&engine, &session, settings, sql, allow_partial).await;
-    };
-    let function = metrics_label(&engine, sql);
-    let partial = install_partial(&engine, &session, allow_partial);
-    let ran = guarded(session.sql_with_params(sql, values), function, settings.query_timeout).await;
-    answer(&engine, ran, partial).await
+    run_in_session(&engine, &session, settings, sql, params, allow_partial).await
 }
 
 /// Runs `sql` in `session` (a connection's: its `SET`s stay), as [`run_query`] does.
@@ -143,11 +137,15 @@ pub async fn run_in_session(
     session: &Session,
     settings: &ServerSettings,
     sql: &str,
+    params: Option<Vec<ScalarValue>>,
     allow_partial: Option<bool>,
 ) -> Result<Answer, QueryFailure> {
     let function = metrics_label(engine, sql);
     let partial = install_partial(engine, session, allow_partial);
-    let ran = guarded(session.sql(sql), function, settings.query_timeout).await;
+    let ran = match params {
+        Some(values) => guarded(session.sql_with_params(sql, values), function, settings.query_timeout).await,
+        None => guarded(session.sql(sql), function, settings.query_timeout).await,
+    };
     answer(engine, ran, partial).await
 }
 

@@ -266,7 +266,7 @@ impl FlightSqlService for FlightSql {
         self.check_size(&query.query)?;
         let engine = self.sessions.engine().map_err(status_of)?;
         let allow_partial = self.allow_partial(&request)?;
-        let answer = run_in_session(&engine, &session, &self.settings, &query.query, allow_partial)
+        let answer = run_in_session(&engine, &session, &self.settings, &query.query, None, allow_partial)
             .await
             .map_err(status_of)?;
         self.result_info(answer, request.into_inner())
